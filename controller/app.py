@@ -1,0 +1,90 @@
+"""The FastAPI app: wiring, background loops, and the one place errors become HTTP."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from controller import fleet, images
+from controller.context import Controller, read_install_id
+from controller.db import make_engine, migrate
+from controller.errors import ShopfloorError
+from controller.providers.docker import DockerProvider
+from controller.routes import machines, system
+from controller.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def build_controller(settings: Settings) -> Controller:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.sqlalchemy_url)
+    provider = DockerProvider(settings.docker_host)
+    default_image = settings.runner_image or images.runner_image_tag(images.default_extra_ca())
+    return Controller(
+        settings=settings,
+        db=make_engine(settings.sqlalchemy_url),
+        provider=provider,
+        install_id=read_install_id(settings.data_dir),
+        default_image=default_image,
+    )
+
+
+def start_loops(ctl: Controller) -> None:
+    fleet.fail_interrupted(db=ctl.db, provider=ctl.provider)
+    ctl.every(
+        ctl.settings.reconcile_interval_s,
+        "reconcile",
+        lambda: fleet.reconcile(
+            db=ctl.db,
+            provider=ctl.provider,
+            install_id=ctl.install_id,
+            grace_s=ctl.settings.orphan_grace_s,
+        ),
+    )
+
+
+def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctl = build_controller(settings)
+        app.state.controller = ctl
+        if background:
+            start_loops(ctl)
+        try:
+            yield
+        finally:
+            ctl.close()
+
+    app = FastAPI(
+        title="Shopfloor",
+        version="0.1.0",
+        description="Machines for agent-native software factories.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ShopfloorError)
+    async def shopfloor_error(_: Request, exc: ShopfloorError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"] if p != "body"), "problem": err["msg"]}
+            for err in exc.errors()
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        return JSONResponse(
+            {"error": "invalid_input", "detail": summary, "problems": problems}, status_code=422
+        )
+
+    app.include_router(system.router)
+    app.include_router(machines.router, prefix="/api/v1")
+    return app

@@ -1,0 +1,215 @@
+"""The ``shopfloor`` command: serve the controller, make tokens and images, drive machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from controller.models import Role
+from controller.settings import get_settings
+
+app = typer.Typer(
+    no_args_is_help=True, help="Shopfloor: machines for agent-native software factories."
+)
+token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
+image_app = typer.Typer(no_args_is_help=True, help="The runner image.")
+machines_app = typer.Typer(no_args_is_help=True, help="Machines (talks to a running controller).")
+app.add_typer(token_app, name="token")
+app.add_typer(image_app, name="image")
+app.add_typer(machines_app, name="machines")
+
+console = Console()
+err_console = Console(stderr=True)
+
+UrlOpt = Annotated[str, typer.Option(envvar="SHOPFLOOR_URL", help="Controller URL.")]
+TokenOpt = Annotated[str, typer.Option(envvar="SHOPFLOOR_TOKEN", help="Bearer token.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    log_level: str = "info",
+) -> None:
+    """Serve the API (data dir: SHOPFLOOR_DATA_DIR)."""
+    import uvicorn
+
+    from controller.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[Role, typer.Option(help="ops, agent or reviewer.")],
+    name: Annotated[str, typer.Option(help="What the token is for.")] = "",
+) -> None:
+    """Make a token; it is printed once, as the last word of the output."""
+    from controller import auth
+    from controller.db import make_engine, migrate, session_scope
+
+    settings = get_settings()
+    migrate(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url)
+    with session_scope(engine) as session:
+        token = auth.create_token(session=session, role=role, name=name)
+    engine.dispose()
+    print(f"created {role.value} token: {token}")  # noqa: T201 - the token is the output
+
+
+@image_app.command("build")
+def image_build(
+    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
+) -> None:
+    """Build the runner image (tagged by a hash of runner_image/)."""
+    from controller import images
+    from controller.providers.docker import DockerProvider
+
+    provider = DockerProvider(get_settings().docker_host)
+    with console.status("building the runner image") as status:
+        tag = images.ensure_runner_image(
+            provider, force=force, progress=lambda msg: status.update(msg)
+        )
+    console.print(f"runner image: [bold]{tag}[/bold]")
+
+
+# ---------------------------------------------------------------- machines, over HTTP
+
+
+def _fail(message: str) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = httpx.request(
+            method,
+            f"{url.rstrip('/')}/api/v1{path}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=kwargs.pop("timeout", 900),
+            **kwargs,
+        )
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the controller at {url}: {exc}")
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        _fail(f"{response.status_code}: {detail}")
+    return response.json()
+
+
+def _machine_table(machines: list[dict[str, Any]]) -> Table:
+    table = Table("id", "state", "repo", "ref", "pool", "cpus", "memory", "reason")
+    for m in machines:
+        table.add_row(
+            m["id"],
+            m["state"],
+            m.get("repo") or "-",
+            (m.get("commit") or m.get("ref") or "-")[:12],
+            m.get("pool") or "-",
+            str(m["cpus"]),
+            f"{m['memory_mb']}M",
+            (m.get("reason") or "")[:60],
+        )
+    return table
+
+
+@machines_app.command("create")
+def machines_create(
+    repo: Annotated[str | None, typer.Option(help="URL or absolute local path.")] = None,
+    ref: str | None = None,
+    image: str | None = None,
+    cpus: float = 1.0,
+    memory_mb: int = 1024,
+    network: str = "none",
+    setup: Annotated[list[str] | None, typer.Option(help="Setup command (repeatable).")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    wait: bool = True,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Provision a machine."""
+    labels = dict(item.partition("=")[::2] for item in (label or []))
+    body = {
+        "repo": repo,
+        "ref": ref,
+        "image": image,
+        "cpus": cpus,
+        "memory_mb": memory_mb,
+        "network": network,
+        "setup": setup or [],
+        "labels": labels,
+    }
+    with console.status("provisioning (clone and setup run inside the machine)"):
+        machine = _call(url, token, "POST", f"/machines?wait={str(wait).lower()}", json=body)
+    console.print(_machine_table([machine]))
+    if machine["state"] == "failed":
+        raise typer.Exit(1)
+
+
+@machines_app.command("ls")
+def machines_ls(
+    state: str | None = None,
+    pool: str | None = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """List machines."""
+    params = {k: v for k, v in {"state": state, "pool": pool}.items() if v}
+    console.print(_machine_table(_call(url, token, "GET", "/machines", params=params)["data"]))
+
+
+@machines_app.command("show")
+def machines_show(machine_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Show one machine as JSON."""
+    console.print_json(json.dumps(_call(url, token, "GET", f"/machines/{machine_id}")))
+
+
+@machines_app.command("exec")
+def machines_exec(
+    machine_id: str,
+    cmd: Annotated[list[str], typer.Argument(help="Command (joined with spaces, run by bash).")],
+    cwd: str | None = None,
+    timeout_s: float = 600,
+    lease_token: Annotated[int | None, typer.Option(envvar="SHOPFLOOR_LEASE_TOKEN")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Run a command; its exit code becomes ours."""
+    headers = {"X-Lease-Token": str(lease_token)} if lease_token is not None else {}
+    body = {"cmd": " ".join(cmd), "cwd": cwd, "timeout_s": timeout_s}
+    result = _call(url, token, "POST", f"/machines/{machine_id}/exec", json=body, headers=headers)
+    sys.stdout.write(result["stdout"])
+    sys.stderr.write(result["stderr"])
+    raise typer.Exit(result["exit_code"] if result["exit_code"] is not None else 1)
+
+
+def _lifecycle(action: str, method: str = "POST") -> Any:
+    def command(machine_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+        path = f"/machines/{machine_id}" + ("" if method == "DELETE" else f"/{action}")
+        with console.status(f"{action} {machine_id}"):
+            machine = _call(url, token, method, path)
+        console.print(f"{machine['id']}: {machine['state']}")
+
+    command.__doc__ = f"{action.capitalize()} a machine."
+    return command
+
+
+machines_app.command("stop")(_lifecycle("stop"))
+machines_app.command("start")(_lifecycle("start"))
+machines_app.command("reset")(_lifecycle("reset"))
+machines_app.command("rm")(_lifecycle("destroy", "DELETE"))
+
+if os.environ.get("SHOPFLOOR_CLI_DEBUG"):
+    app.pretty_exceptions_enable = True

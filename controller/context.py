@@ -1,0 +1,63 @@
+"""What a running controller holds: settings, database, engine and its background workers."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from controller.providers.base import Provider
+from controller.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def read_install_id(data_dir: Path) -> str:
+    """A random id per data dir: the label that says which containers are ours."""
+    path = data_dir / "install-id"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(8))
+    return path.read_text().strip()
+
+
+@dataclass
+class Controller:
+    settings: Settings
+    db: Engine
+    provider: Provider
+    install_id: str
+    default_image: str
+    workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="shopfloor")
+    )
+    stopping: threading.Event = field(default_factory=threading.Event)
+    loops: list[threading.Thread] = field(default_factory=list)
+
+    def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
+        """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""
+
+        def loop() -> None:
+            while not self.stopping.is_set():
+                try:
+                    tick()
+                except Exception:
+                    log.exception("%s loop failed; retrying in %.1fs", name, interval_s)
+                self.stopping.wait(interval_s)
+
+        thread = threading.Thread(target=loop, name=f"shopfloor-{name}", daemon=True)
+        thread.start()
+        self.loops.append(thread)
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self.loops:
+            thread.join(timeout=10)
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.db.dispose()

@@ -1,0 +1,83 @@
+"""One error hierarchy for the whole controller, mapped to HTTP in ``app.py``.
+
+ShopfloorError                      500
+├── InvalidInput (ValueError)       422  the request is wrong; the message says how
+├── Unauthorized                    401  no or unknown token
+├── Forbidden (PermissionError)     403  token lacks the role
+├── NotFound (LookupError)          404
+├── Conflict                        409  the object is in a state that forbids it
+│   └── StaleLease                  409  a fencing token older than the machine's
+├── TooLarge                        413
+├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
+└── EngineError                     502  the container engine failed or is unreachable
+    └── ImageNotFound (InvalidInput)    an image the engine does not have: 422
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShopfloorError(Exception):
+    status_code = 500
+    code = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "detail": self.message}
+        if self.details:
+            body.update(self.details)
+        return body
+
+
+class InvalidInput(ShopfloorError, ValueError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class Unauthorized(ShopfloorError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(ShopfloorError, PermissionError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(ShopfloorError, LookupError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(ShopfloorError):
+    status_code = 409
+    code = "conflict"
+
+
+class StaleLease(Conflict):
+    code = "stale_lease"
+
+
+class TooLarge(ShopfloorError):
+    status_code = 413
+    code = "too_large"
+
+
+class WaitTimeout(ShopfloorError, TimeoutError):
+    status_code = 408
+    code = "wait_timeout"
+
+
+class EngineError(ShopfloorError):
+    status_code = 502
+    code = "engine_error"
+
+
+class ImageNotFound(EngineError, InvalidInput):
+    status_code = 422
+    code = "image_not_found"

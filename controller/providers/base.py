@@ -1,0 +1,115 @@
+"""The one interface between Shopfloor and wherever machines live.
+
+Everything the controller asks of an engine goes through :class:`Provider`; nothing else
+imports the engine's SDK. Specs and answers are plain dataclasses so fakes are easy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+NetworkPolicy = Literal["none", "egress"]
+StreamName = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class Bind:
+    host_path: str
+    container_path: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    labels: dict[str, str]
+    workspace_volume: str
+    binds: list[Bind] = field(default_factory=list)
+    cpus: float = 1.0
+    memory_mb: int = 1024
+    pids_limit: int = 512
+    network: NetworkPolicy = "none"
+    cap_add: list[str] = field(default_factory=list)
+    publish_ports: list[int] = field(default_factory=list)
+    """Container ports to publish on 127.0.0.1 at an engine-chosen host port."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    labels: dict[str, str]
+    status: str
+    """Engine words: created, running, paused, restarting, exited, dead."""
+    created_at: datetime
+    ports: dict[int, int] = field(default_factory=dict)
+    """Container port -> host port on 127.0.0.1."""
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    labels: dict[str, str]
+    created_at: datetime | None
+
+
+class ExecHandle(Protocol):
+    """A started command: iterate its output, then ask for its exit code."""
+
+    def __iter__(self) -> Iterator[tuple[StreamName, bytes]]: ...
+
+    def exit_code(self) -> int | None: ...
+
+
+class Provider(Protocol):
+    def ping(self) -> None: ...
+
+    # images
+    def image_exists(self, ref: str) -> bool: ...
+
+    def pull_image(self, ref: str) -> bool: ...
+
+    def build_image(self, context: Path, tag: str, buildargs: dict[str, str]) -> None: ...
+
+    def import_image(self, tarball: Path, tag: str) -> None: ...
+
+    # volumes
+    def create_volume(self, name: str, labels: dict[str, str]) -> None: ...
+
+    def remove_volume(self, name: str) -> None: ...
+
+    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]: ...
+
+    # containers
+    def run_container(self, spec: ContainerSpec) -> ContainerInfo: ...
+
+    def inspect_container(self, name_or_id: str) -> ContainerInfo | None: ...
+
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]: ...
+
+    def start_container(self, name_or_id: str) -> None: ...
+
+    def stop_container(self, name_or_id: str, timeout_s: int = 5) -> None: ...
+
+    def remove_container(self, name_or_id: str) -> None: ...
+
+    # commands
+    def exec(
+        self,
+        name_or_id: str,
+        argv: list[str],
+        *,
+        user: str = "runner",
+        workdir: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> ExecHandle: ...

@@ -1,0 +1,241 @@
+"""The Docker engine behind the :class:`Provider` interface (docker SDK; local or ssh:// hosts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+from docker.types import Mount
+
+from controller.errors import EngineError, ImageNotFound
+from controller.providers.base import (
+    ContainerInfo,
+    ContainerSpec,
+    StreamName,
+    VolumeInfo,
+)
+
+
+def _parse_time(value: str | None) -> datetime:
+    if not value:
+        return datetime.now(UTC)
+    # Docker gives RFC 3339 with nanoseconds; Python takes microseconds.
+    head, _, rest = value.partition(".")
+    frac = "".join(ch for ch in rest if ch.isdigit())[:6]
+    text = f"{head}.{frac or '0'}+00:00" if value.endswith("Z") or "+" not in rest else value
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.now(UTC)
+
+
+def _label_filters(labels: dict[str, str]) -> list[str]:
+    return [f"{k}={v}" if v else k for k, v in labels.items()]
+
+
+class DockerExec:
+    """A started ``docker exec``: yields demultiplexed output, then its exit code."""
+
+    def __init__(self, api: Any, exec_id: str) -> None:
+        self._api = api
+        self._exec_id = exec_id
+
+    def __iter__(self) -> Iterator[tuple[StreamName, bytes]]:
+        for out, err in self._api.exec_start(self._exec_id, stream=True, demux=True):
+            if out:
+                yield "stdout", out
+            if err:
+                yield "stderr", err
+
+    def exit_code(self) -> int | None:
+        code = self._api.exec_inspect(self._exec_id).get("ExitCode")
+        return int(code) if code is not None else None
+
+
+class DockerProvider:
+    def __init__(self, base_url: str | None = None) -> None:
+        try:
+            if base_url:
+                self.client = docker.DockerClient(base_url=base_url, timeout=120)
+            else:
+                self.client = docker.from_env(timeout=120)
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
+        self.api = self.client.api
+
+    def close(self) -> None:
+        self.client.close()
+
+    def ping(self) -> None:
+        with _engine_errors("ping the engine"):
+            self.client.ping()
+
+    # images
+    def image_exists(self, ref: str) -> bool:
+        try:
+            self.client.images.get(ref)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot look up image {ref}: {exc}") from exc
+
+    def pull_image(self, ref: str) -> bool:
+        try:
+            self.client.images.pull(ref)
+            return True
+        except docker.errors.DockerException:
+            return False
+
+    def build_image(self, context: Path, tag: str, buildargs: dict[str, str]) -> None:
+        try:
+            self.client.images.build(path=str(context), tag=tag, buildargs=buildargs, rm=True)
+        except docker.errors.BuildError as exc:
+            tail = "".join(str(line.get("stream", "")) for line in exc.build_log)[-2000:]
+            raise EngineError(f"image build failed: {exc.msg}\n{tail}") from exc
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"image build failed: {exc}") from exc
+
+    def import_image(self, tarball: Path, tag: str) -> None:
+        repo, _, version = tag.partition(":")
+        with _engine_errors("import image"), tarball.open("rb") as fh:
+            self.api.import_image_from_data(fh.read(), repository=repo, tag=version or "latest")
+
+    # volumes
+    def create_volume(self, name: str, labels: dict[str, str]) -> None:
+        with _engine_errors(f"create volume {name}"):
+            self.client.volumes.create(name=name, labels=labels)
+
+    def remove_volume(self, name: str) -> None:
+        try:
+            self.client.volumes.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot remove volume {name}: {exc}") from exc
+
+    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
+        with _engine_errors("list volumes"):
+            volumes = self.client.volumes.list(filters={"label": _label_filters(labels)})
+        return [
+            VolumeInfo(
+                name=v.name,
+                labels=v.attrs.get("Labels") or {},
+                created_at=_parse_time(v.attrs.get("CreatedAt")),
+            )
+            for v in volumes
+        ]
+
+    # containers
+    def run_container(self, spec: ContainerSpec) -> ContainerInfo:
+        mounts = [Mount(target="/workspace", source=spec.workspace_volume, type="volume")]
+        mounts += [
+            Mount(target=b.container_path, source=b.host_path, type="bind", read_only=b.read_only)
+            for b in spec.binds
+        ]
+        kwargs: dict[str, Any] = {
+            "name": spec.name,
+            "labels": spec.labels,
+            "mounts": mounts,
+            "detach": True,
+            "init": True,
+            "cap_drop": ["ALL"],
+            "cap_add": spec.cap_add,
+            "security_opt": ["no-new-privileges:true"],
+            "pids_limit": spec.pids_limit,
+            "mem_limit": f"{spec.memory_mb}m",
+            "memswap_limit": f"{spec.memory_mb}m",
+            "nano_cpus": int(spec.cpus * 1e9),
+            "restart_policy": {"Name": "unless-stopped"},
+            "environment": spec.env,
+            "hostname": spec.name[:63],
+        }
+        if spec.network == "none" and not spec.publish_ports:
+            kwargs["network_mode"] = "none"
+        else:
+            kwargs["ports"] = {f"{p}/tcp": ("127.0.0.1", None) for p in spec.publish_ports}
+        try:
+            container = self.client.containers.run(spec.image, **kwargs)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageNotFound(f"unknown image {spec.image!r}: build or pull it first") from exc
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot start container {spec.name}: {exc}") from exc
+        container.reload()
+        return self._info(container)
+
+    def inspect_container(self, name_or_id: str) -> ContainerInfo | None:
+        try:
+            return self._info(self.client.containers.get(name_or_id))
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot inspect {name_or_id}: {exc}") from exc
+
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        with _engine_errors("list containers"):
+            found = self.client.containers.list(
+                all=True, filters={"label": _label_filters(labels)}, sparse=False
+            )
+        return [self._info(c) for c in found]
+
+    def start_container(self, name_or_id: str) -> None:
+        with _engine_errors(f"start {name_or_id}"):
+            self.client.containers.get(name_or_id).start()
+
+    def stop_container(self, name_or_id: str, timeout_s: int = 5) -> None:
+        with _engine_errors(f"stop {name_or_id}"):
+            self.client.containers.get(name_or_id).stop(timeout=timeout_s)
+
+    def remove_container(self, name_or_id: str) -> None:
+        try:
+            self.client.containers.get(name_or_id).remove(force=True, v=False)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot remove {name_or_id}: {exc}") from exc
+
+    def exec(
+        self,
+        name_or_id: str,
+        argv: list[str],
+        *,
+        user: str = "runner",
+        workdir: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> DockerExec:
+        with _engine_errors(f"exec in {name_or_id}"):
+            created = self.api.exec_create(
+                name_or_id, argv, user=user, workdir=workdir, environment=env or None
+            )
+        return DockerExec(self.api, created["Id"])
+
+    @staticmethod
+    def _info(container: Container) -> ContainerInfo:
+        attrs = container.attrs
+        ports: dict[int, int] = {}
+        for key, bindings in (attrs.get("NetworkSettings", {}).get("Ports") or {}).items():
+            if bindings:
+                ports[int(key.split("/")[0])] = int(bindings[0]["HostPort"])
+        return ContainerInfo(
+            id=container.id or "",
+            name=container.name or "",
+            labels=attrs.get("Config", {}).get("Labels") or {},
+            status=attrs.get("State", {}).get("Status", "unknown"),
+            created_at=_parse_time(attrs.get("Created")),
+            ports=ports,
+        )
+
+
+@contextmanager
+def _engine_errors(doing: str) -> Iterator[None]:
+    """Turn any SDK error into :class:`EngineError` naming what we were doing."""
+    try:
+        yield
+    except docker.errors.DockerException as exc:
+        raise EngineError(f"cannot {doing}: {exc}") from exc
