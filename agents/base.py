@@ -1,0 +1,98 @@
+"""The one small protocol every stage agent speaks.
+
+An agent gets a :class:`StageContext` (the run, the task, a handle on the machine, the
+context folder, its ``with`` parameters) and returns a :class:`StageResult`. Agents never
+talk to the engine or the database: the run driver gives them a :class:`MachineHandle`
+and stores what they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+CONTEXT_DIR = "/workspace/.shopfloor"
+ArtifactKind = Literal["log", "junit", "screenshot", "diff", "plan", "file"]
+StageStatus = Literal["passed", "failed"]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration_ms: float
+    truncated: bool = False
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class MachineHandle(Protocol):
+    """What an agent may do to the machine it runs on."""
+
+    machine_id: str
+    workdir: str
+    """The checkout, e.g. /workspace/sample-app."""
+
+    def run(
+        self,
+        cmd: str,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 600,
+    ) -> CommandResult: ...
+
+    def read_file(self, path: str) -> bytes: ...
+
+    def write_file(self, path: str, data: bytes) -> None: ...
+
+    def forward(self, port: int) -> str:
+        """A URL on the controller host that reaches ``port`` inside the machine."""
+        ...
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: ArtifactKind
+    name: str
+    data: bytes
+    content_type: str = "application/octet-stream"
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Kind-specific facts, e.g. ``{"page": "/about"}`` for a screenshot."""
+
+
+@dataclass(frozen=True)
+class StageContext:
+    run_id: str
+    task: str
+    repo: str
+    ref: str
+    stage: str
+    attempt: int
+    params: dict[str, Any]
+    """The stage's ``with`` block, merged over the repo's ``.shopfloor.toml``."""
+    machine: MachineHandle
+    timeout_s: float
+    context_dir: str = CONTEXT_DIR
+    log: Callable[[str], None] = lambda _line: None
+    """Progress lines; the driver keeps them as the stage's log."""
+
+
+@dataclass
+class StageResult:
+    status: StageStatus
+    summary: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """Small JSON facts for run.json and the next stages (paths, counts, exit codes)."""
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+class Agent(Protocol):
+    name: str
+
+    def run(self, ctx: StageContext) -> StageResult: ...
