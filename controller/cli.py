@@ -90,11 +90,12 @@ def _fail(message: str) -> NoReturn:
 
 
 def _call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
     try:
         response = httpx.request(
             method,
             f"{url.rstrip('/')}/api/v1{path}",
-            headers={"Authorization": f"Bearer {token}"},
+            headers=headers,
             timeout=kwargs.pop("timeout", 900),
             **kwargs,
         )
@@ -110,7 +111,11 @@ def _call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
 
 
 def _machine_table(machines: list[dict[str, Any]]) -> Table:
-    table = Table("id", "state", "repo", "ref", "pool", "cpus", "memory", "reason")
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for name in ("repo", "commit", "pool", "cpus", "memory", "reason"):
+        table.add_column(name, overflow="fold")
     for m in machines:
         table.add_row(
             m["id"],
@@ -120,7 +125,7 @@ def _machine_table(machines: list[dict[str, Any]]) -> Table:
             m.get("pool") or "-",
             str(m["cpus"]),
             f"{m['memory_mb']}M",
-            (m.get("reason") or "")[:60],
+            (m.get("reason") or "")[:80],
         )
     return table
 

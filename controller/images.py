@@ -21,15 +21,15 @@ from controller.providers.base import Provider
 RUNNER_IMAGE_DIR: Path = Path(__file__).resolve().parent.parent / "runner_image"
 """Build context of the runner image (Dockerfile, entrypoint, sshd config, base bootstrap)."""
 
-RUNNER_CAPABILITIES: list[str] = ["CHOWN", "KILL", "SETGID", "SETUID", "SYS_CHROOT"]
-"""Capabilities a machine keeps after ``cap_drop=ALL``; checked against a real container.
+RUNNER_CAPABILITIES: list[str] = ["AUDIT_WRITE", "CHOWN", "SETGID", "SETUID", "SYS_CHROOT"]
+"""Capabilities a machine keeps after ``cap_drop=ALL``; each one checked on a real container.
 
-sshd needs SYS_CHROOT (privilege separation chroots to /run/sshd), SETUID and SETGID
-(to become ``runner``), CHOWN (to hand a pty to the user, and for the entrypoint to
-fix a /workspace owned by someone else) and KILL (root's sshd monitor signals the
-session processes, which run as ``runner``). Port 22 needs no NET_BIND_SERVICE because
-the engine sets ``net.ipv4.ip_unprivileged_port_start=0`` in container namespaces, and
-with ``UsePAM no`` sshd writes no audit records (no AUDIT_WRITE).
+sshd needs SYS_CHROOT (privilege separation chroots to /run/sshd), SETGID and SETUID
+(to become ``runner``), CHOWN (to hand a pty to the user; also lets the entrypoint fix a
+/workspace owned by someone else) and AUDIT_WRITE (Debian's sshd writes a Linux audit
+record for every pty login and drops the session if it cannot). Without any one of them
+key logins or pty sessions fail. Port 22 needs no NET_BIND_SERVICE: the engine sets
+``net.ipv4.ip_unprivileged_port_start=0`` in container network namespaces.
 """
 
 PUBLIC_BASE = "debian:bookworm-slim"

@@ -58,6 +58,74 @@ class DockerExec:
         return int(code) if code is not None else None
 
 
+class DemuxedStream:
+    """The hijacked connection of a ``docker exec`` without a tty, as a socket of stdout.
+
+    Without a tty the engine frames output: an 8-byte header (stream, 0, 0, 0, big-endian
+    length) before each chunk; stdin goes up unframed. ``recv`` hands out stdout bytes only
+    and keeps the last stderr bytes for error messages. One thread reads; writers are
+    serialised by the caller (paramiko's packetizer holds its own lock).
+    """
+
+    STDERR_KEEP = 8192
+
+    def __init__(self, raw: Any, keepalive: Any = None) -> None:
+        self._raw = raw
+        self._sock = getattr(raw, "_sock", raw)  # SocketIO wraps the real socket
+        self._keepalive = keepalive
+        self._buf = bytearray()
+        self._stream = 1
+        self._left = 0
+        self._stderr = bytearray()
+        self._closed = False
+
+    def send(self, data: bytes) -> int:
+        sent: int = self._sock.send(data)
+        return sent
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            if self._left == 0 and len(self._buf) >= 8:
+                self._stream = self._buf[0]
+                self._left = int.from_bytes(self._buf[4:8], "big")
+                del self._buf[:8]
+                continue
+            if self._left and self._buf:
+                take = min(n, self._left, len(self._buf))
+                chunk = bytes(self._buf[:take])
+                del self._buf[:take]
+                self._left -= take
+                if self._stream == 1:
+                    return chunk
+                self._keep_stderr(chunk)
+                continue
+            more = self._sock.recv(65536)  # a timeout leaves the state intact
+            if not more:
+                return b""
+            self._buf += more
+
+    def _keep_stderr(self, chunk: bytes) -> None:
+        self._stderr += chunk
+        del self._stderr[: -self.STDERR_KEEP]
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def stderr_tail(self) -> bytes:
+        return bytes(self._stderr)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for closing in (self._sock, self._raw, self._keepalive):
+            try:
+                if closing is not None:
+                    closing.close()
+            except Exception:  # noqa: BLE001, S110 - closing a dead connection may fail
+                pass
+
+
 class DockerProvider:
     def __init__(self, base_url: str | None = None) -> None:
         try:
@@ -95,7 +163,9 @@ class DockerProvider:
 
     def build_image(self, context: Path, tag: str, buildargs: dict[str, str]) -> None:
         try:
-            self.client.images.build(path=str(context), tag=tag, buildargs=buildargs, rm=True)
+            self.client.images.build(
+                path=str(context), tag=tag, buildargs=buildargs, rm=True, forcerm=True, timeout=1800
+            )
         except docker.errors.BuildError as exc:
             tail = "".join(str(line.get("stream", "")) for line in exc.build_log)[-2000:]
             raise EngineError(f"image build failed: {exc.msg}\n{tail}") from exc
@@ -214,6 +284,21 @@ class DockerProvider:
                 name_or_id, argv, user=user, workdir=workdir, environment=env or None
             )
         return DockerExec(self.api, created["Id"])
+
+    def open_stream(
+        self,
+        name_or_id: str,
+        argv: list[str],
+        *,
+        user: str = "root",
+        env: dict[str, str] | None = None,
+    ) -> DemuxedStream:
+        with _engine_errors(f"open a stream into {name_or_id}"):
+            created = self.api.exec_create(
+                name_or_id, argv, user=user, environment=env or None, stdin=True, tty=False
+            )
+            raw = self.api.exec_start(created["Id"], socket=True)
+        return DemuxedStream(raw, getattr(raw, "_response", None))
 
     @staticmethod
     def _info(container: Container) -> ContainerInfo:

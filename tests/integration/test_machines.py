@@ -62,7 +62,7 @@ def test_destroy_removes_container_and_volume(
 
     assert client.delete(f"/api/v1/machines/{machine_id}").json()["state"] == "destroyed"
     assert provider.inspect_container(f"shopfloor-{machine_id}") is None
-    assert not [v for v in provider.list_volumes({"shopfloor.machine": machine_id})]
+    assert provider.list_volumes({"shopfloor.machine": machine_id}) == []
     assert client.get(f"/api/v1/machines/{machine_id}").status_code == 404
     gone = client.post(f"/api/v1/machines/{machine_id}/exec", json={"cmd": "true"})
     assert gone.status_code == 404
@@ -81,7 +81,11 @@ def test_machine_is_sandboxed(client: TestClient, provider: DockerProvider) -> N
     assert host["NetworkMode"] == "none"
     assert not any("docker.sock" in (m.get("Source") or "") for m in attrs["Mounts"])
     assert host["RestartPolicy"]["Name"] == "unless-stopped"
-    no_net = run(client, machine_id, "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 80), 2)'")
+    no_net = run(
+        client,
+        machine_id,
+        "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 80), 2)'",
+    )
     assert no_net["exit_code"] != 0
 
 

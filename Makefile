@@ -1,0 +1,63 @@
+# Shopfloor: `make demo` runs the main job end to end, `make test` passes the suite.
+# Both install what they need on a fresh Debian host (virtualenv, Python packages,
+# docker.io, debootstrap, chromium, postgresql) and start the Docker daemon if none answers.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup engine image browser postgres demo stop test test-unit bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || bash scripts/ensure-packages.sh python3-venv python3-pip
+	@command -v git >/dev/null || bash scripts/ensure-packages.sh git
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+engine:
+	@bash scripts/ensure-engine.sh
+
+image: setup engine
+	@bash scripts/ensure-packages.sh debootstrap
+	$(BIN)/shopfloor image build
+
+browser:
+	@bash scripts/ensure-packages.sh chromium
+
+postgres:
+	@bash scripts/ensure-packages.sh postgresql
+
+demo: setup engine browser image
+	$(BIN)/python scripts/demo.py
+
+stop:
+	$(BIN)/python scripts/demo.py --stop
+
+test: setup engine browser postgres image
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/pytest -q tests/unit
+
+bench: setup engine browser image
+	@set -e; for bench in bench/*.py; do \
+		case $$bench in */_*) continue;; esac; \
+		echo "== $$bench"; $(BIN)/python $$bench; done
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy controller agents evidence
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean: stop
+	rm -rf .demo

@@ -1,0 +1,82 @@
+"""A real controller for benchmarks: `shopfloor serve` on a free port with a temporary data dir."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOPFLOOR = str(ROOT / ".venv" / "bin" / "shopfloor")
+BENCH_LABEL = "shopfloor.bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def token(env: dict[str, str], role: str) -> str:
+    out = subprocess.run(
+        [SHOPFLOOR, "token", "create", "--role", role],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.split()[-1]
+
+
+@contextmanager
+def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[httpx.Client, str]]:
+    """Yields an API client with a token of ``role`` and the runner image tag."""
+    image = subprocess.run(
+        [SHOPFLOOR, "image", "build"], check=True, capture_output=True, text=True
+    ).stdout.split()[-1]
+    env = {
+        **os.environ,
+        "SHOPFLOOR_DATA_DIR": str(data_dir),
+        "SHOPFLOOR_EXTRA_LABELS": f"{BENCH_LABEL}=1",
+        "SHOPFLOOR_RUNNER_IMAGE": image,
+    }
+    port = free_port()
+    server = subprocess.Popen(
+        [SHOPFLOOR, "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("controller did not start") from None
+                time.sleep(0.2)
+        headers = {"Authorization": f"Bearer {token(env, role)}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+            yield client, image
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        _remove_leftovers()
+
+
+def _remove_leftovers() -> None:
+    import docker
+
+    engine = docker.from_env()
+    for container in engine.containers.list(all=True, filters={"label": BENCH_LABEL}):
+        container.remove(force=True)
+    for volume in engine.volumes.list(filters={"label": BENCH_LABEL}):
+        volume.remove(force=True)

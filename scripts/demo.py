@@ -1,0 +1,143 @@
+"""`make demo`: a controller on the embedded defaults, a machine from the sample repo, a command.
+
+Everything lives in .demo/ (SQLite database, keys, evidence, the sample repo, the log);
+the controller keeps running after the demo so you can use the API, the docs and the
+gallery. `make stop` stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+from make_repo import make_sample_repo  # noqa: E402
+
+DEMO = ROOT / ".demo"
+DATA = DEMO / "data"
+PIDFILE = DEMO / "controller.pid"
+LOG = DEMO / "controller.log"
+PORT = int(os.environ.get("SHOPFLOOR_DEMO_PORT", "8765"))
+URL = f"http://127.0.0.1:{PORT}"
+console = Console()
+
+
+def stop() -> None:
+    if not PIDFILE.exists():
+        return
+    pid = int(PIDFILE.read_text())
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    except ProcessLookupError:
+        pass
+    PIDFILE.unlink(missing_ok=True)
+    console.print(f"stopped the demo controller (pid {pid})")
+
+
+def shopfloor(*args: str) -> str:
+    env = {**os.environ, "SHOPFLOOR_DATA_DIR": str(DATA)}
+    done = subprocess.run(
+        [str(ROOT / ".venv/bin/shopfloor"), *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout
+
+
+def start_controller() -> None:
+    DEMO.mkdir(exist_ok=True)
+    env = {**os.environ, "SHOPFLOOR_DATA_DIR": str(DATA)}
+    with LOG.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                str(ROOT / ".venv/bin/shopfloor"),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(PORT),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    PIDFILE.write_text(str(process.pid))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the controller exited; see {LOG}")
+        try:
+            if httpx.get(f"{URL}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"the controller did not answer in 60 s; see {LOG}")
+
+
+def api(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    response = client.request(method, f"/api/v1{path}", **kwargs)
+    if response.status_code >= 400:
+        raise SystemExit(f"{method} {path}: {response.status_code} {response.text}")
+    return response.json()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stop", action="store_true", help="stop the demo controller")
+    if parser.parse_args().stop:
+        stop()
+        return
+    stop()
+    repo = make_sample_repo(DEMO / "sample-app")
+    token = shopfloor("token", "create", "--role", "ops", "--name", "demo").split()[-1]
+    with console.status("starting the controller"):
+        start_controller()
+    console.print(f"controller up at {URL} (log: {LOG})")
+
+    client = httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+    body = {"repo": str(repo), "setup": ["python3 -m compileall -q ."], "labels": {"demo": "yes"}}
+    with console.status("provisioning a machine from examples/sample-app"):
+        machine = api(client, "POST", "/machines?wait=true", json=body)
+    if machine["state"] != "ready":
+        raise SystemExit(f"machine {machine['id']} failed: {machine['reason']}")
+    console.print(f"machine [bold]{machine['id']}[/bold] ready at commit {machine['commit'][:12]}")
+
+    result = api(
+        client,
+        "POST",
+        f"/machines/{machine['id']}/exec",
+        json={"cmd": "git log --oneline -1 && python3 -m unittest -v 2>&1"},
+    )
+    console.print(
+        f"$ python3 -m unittest -v   (exit {result['exit_code']}, {result['duration_ms']:.0f} ms)"
+    )
+    console.print(result["stdout"].rstrip(), markup=False)
+
+    console.rule("Shopfloor is running")
+    console.print(f"API:      {URL}/api/v1   (token: {token})")
+    console.print(f"API docs: {URL}/docs")
+    console.print(
+        f"CLI:      SHOPFLOOR_URL={URL} SHOPFLOOR_TOKEN={token} .venv/bin/shopfloor machines ls"
+    )
+    console.print("Stop it:  make stop")
+
+
+if __name__ == "__main__":
+    main()

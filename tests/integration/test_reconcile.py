@@ -1,0 +1,126 @@
+"""Database and engine brought together: restarts, vanished containers, orphans."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from controller import fleet
+from controller.app import create_app
+from controller.context import Controller
+from controller.models import Role
+from controller.providers.base import ContainerSpec
+from controller.providers.docker import DockerProvider
+from controller.settings import Settings
+from tests.integration.conftest import issue_token, wait_state
+
+
+def controller_of(client: TestClient) -> Controller:
+    ctl: Controller = client.app.state.controller  # type: ignore[attr-defined]
+    return ctl
+
+
+def test_restarted_controller_finds_its_machines(settings: Settings, sample_repo: Path) -> None:
+    with TestClient(create_app(settings)) as first:
+        first.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        machine = first.post("/api/v1/machines?wait=true", json={"repo": str(sample_repo)}).json()
+        first.post(f"/api/v1/machines/{machine['id']}/exec", json={"cmd": "echo mine > kept.txt"})
+
+    with TestClient(create_app(settings)) as second:
+        second.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        again = second.get(f"/api/v1/machines/{machine['id']}").json()
+        assert again["state"] == "ready"
+        result = second.post(f"/api/v1/machines/{machine['id']}/exec", json={"cmd": "cat kept.txt"})
+        assert result.json()["stdout"] == "mine\n"
+
+
+def test_container_removed_behind_our_back_becomes_lost(
+    client: TestClient, provider: DockerProvider
+) -> None:
+    machine = client.post("/api/v1/machines?wait=true", json={}).json()
+    provider.remove_container(f"shopfloor-{machine['id']}")
+    ctl = controller_of(client)
+    report = fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    assert machine["id"] in report.lost
+    lost = client.get(f"/api/v1/machines/{machine['id']}").json()
+    assert lost["state"] == "lost"
+    assert "vanished" in lost["reason"]
+    # and its now-orphaned volume is collected
+    assert not provider.list_volumes({"shopfloor.machine": machine["id"]})
+
+
+def test_background_loop_marks_lost(
+    make_settings: Callable[..., Settings], provider: DockerProvider
+) -> None:
+    settings = make_settings(reconcile_interval_s=0.3)
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        machine = client.post("/api/v1/machines?wait=true", json={}).json()
+        provider.remove_container(f"shopfloor-{machine['id']}")
+        assert wait_state(client, machine["id"], {"lost"}, timeout_s=30)["state"] == "lost"
+
+
+def test_orphan_container_and_volume_are_removed(
+    client: TestClient, provider: DockerProvider, settings: Settings, runner_image: str
+) -> None:
+    ctl = controller_of(client)
+    labels = {
+        **settings.extra_label_map,
+        fleet.LABEL_CONTROLLER: ctl.install_id,
+        fleet.LABEL_MACHINE: "m-orphan0001",
+    }
+    provider.create_volume("shopfloor-ws-m-orphan0001", labels)
+    provider.run_container(
+        ContainerSpec(
+            name="shopfloor-m-orphan0001",
+            image=runner_image,
+            labels=labels,
+            workspace_volume="shopfloor-ws-m-orphan0001",
+        )
+    )
+    young = fleet.reconcile(
+        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=3600
+    )
+    assert young.removed_containers == []  # inside the grace period: left alone
+    report = fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    assert report.removed_volumes == ["shopfloor-ws-m-orphan0001"]
+    assert provider.inspect_container("shopfloor-m-orphan0001") is None
+
+
+def test_other_controllers_containers_are_not_touched(
+    client: TestClient, provider: DockerProvider, settings: Settings, runner_image: str
+) -> None:
+    labels = {
+        **settings.extra_label_map,
+        fleet.LABEL_CONTROLLER: "someone-else",
+        fleet.LABEL_MACHINE: "m-foreign0001",
+    }
+    provider.create_volume("shopfloor-ws-m-foreign0001", labels)
+    provider.run_container(
+        ContainerSpec(
+            name="shopfloor-m-foreign0001",
+            image=runner_image,
+            labels=labels,
+            workspace_volume="shopfloor-ws-m-foreign0001",
+        )
+    )
+    ctl = controller_of(client)
+    fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    assert provider.inspect_container("shopfloor-m-foreign0001") is not None
+
+
+def test_stopped_engine_side_container_of_ready_machine_is_restarted(
+    client: TestClient, provider: DockerProvider
+) -> None:
+    machine = client.post("/api/v1/machines?wait=true", json={}).json()
+    provider.stop_container(f"shopfloor-{machine['id']}", timeout_s=1)
+    ctl = controller_of(client)
+    report = fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    assert report.restarted == [machine["id"]]
+    deadline = time.monotonic() + 30
+    while not provider.inspect_container(f"shopfloor-{machine['id']}").running:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

@@ -1,0 +1,144 @@
+"""The reconcile rules on a fake engine: pure logic, no Docker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from controller import fleet
+from controller.db import make_engine, migrate, session_scope
+from controller.errors import EngineError
+from controller.models import Machine, MachineState
+from controller.providers.base import ContainerInfo, VolumeInfo
+
+OLD = datetime.now(UTC) - timedelta(hours=1)
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.containers: dict[str, ContainerInfo] = {}
+        self.volumes: dict[str, VolumeInfo] = {}
+        self.fail = False
+
+    def add(self, machine_id: str, status: str = "running", created: datetime = OLD) -> None:
+        labels = {fleet.LABEL_CONTROLLER: "me", fleet.LABEL_MACHINE: machine_id}
+        name = fleet.container_name(machine_id)
+        self.containers[name] = ContainerInfo(name, name, labels, status, created)
+        vol = fleet.volume_name(machine_id)
+        self.volumes[vol] = VolumeInfo(vol, labels, created)
+
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        if self.fail:
+            raise EngineError("engine down")
+        return list(self.containers.values())
+
+    def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
+        if self.fail:
+            raise EngineError("engine down")
+        return list(self.volumes.values())
+
+    def remove_container(self, name: str) -> None:
+        del self.containers[name]
+
+    def remove_volume(self, name: str) -> None:
+        del self.volumes[name]
+
+    def start_container(self, name: str) -> None:
+        info = self.containers[name]
+        self.containers[name] = ContainerInfo(
+            info.id, info.name, info.labels, "running", info.created_at
+        )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Engine:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    return make_engine(url)
+
+
+def add_machine(db: Engine, machine_id: str, state: MachineState) -> None:
+    with session_scope(db) as session:
+        session.add(
+            Machine(
+                id=machine_id,
+                state=state,
+                image="img",
+                cpus=1,
+                memory_mb=64,
+                container_name=fleet.container_name(machine_id),
+                volume_name=fleet.volume_name(machine_id),
+            )
+        )
+
+
+def reconcile(db: Engine, engine: FakeEngine) -> fleet.ReconcileReport:
+    return fleet.reconcile(db=db, provider=engine, install_id="me", grace_s=60)  # type: ignore[arg-type]
+
+
+def state_of(db: Engine, machine_id: str) -> MachineState:
+    with session_scope(db) as session:
+        machine = session.get(Machine, machine_id)
+        assert machine
+        return machine.state
+
+
+def test_vanished_container_makes_machine_lost(db: Engine) -> None:
+    add_machine(db, "m-1", MachineState.ready)
+    report = reconcile(db, FakeEngine())
+    assert report.lost == ["m-1"]
+    assert state_of(db, "m-1") == MachineState.lost
+
+
+def test_provisioning_machine_without_container_is_left_to_its_worker(db: Engine) -> None:
+    add_machine(db, "m-1", MachineState.provisioning)
+    assert reconcile(db, FakeEngine()).lost == []
+
+
+def test_orphans_older_than_grace_are_removed_young_ones_kept(db: Engine) -> None:
+    engine = FakeEngine()
+    engine.add("m-old")
+    engine.add("m-young", created=datetime.now(UTC))
+    report = reconcile(db, engine)
+    assert report.removed_containers == ["shopfloor-m-old"]
+    assert report.removed_volumes == ["shopfloor-ws-m-old"]
+    assert "shopfloor-m-young" in engine.containers
+
+
+def test_containers_of_failed_or_destroyed_machines_are_orphans(db: Engine) -> None:
+    engine = FakeEngine()
+    for machine_id, state in (("m-f", MachineState.failed), ("m-d", MachineState.destroyed)):
+        add_machine(db, machine_id, state)
+        engine.add(machine_id)
+    reconcile(db, engine)
+    assert engine.containers == {}
+    assert engine.volumes == {}
+
+
+def test_engine_error_removes_nothing_and_marks_nothing(db: Engine) -> None:
+    add_machine(db, "m-1", MachineState.ready)
+    engine = FakeEngine()
+    engine.add("m-orphan")
+    engine.fail = True
+    report = reconcile(db, engine)
+    assert report.engine_error == "engine down"
+    assert state_of(db, "m-1") == MachineState.ready
+    assert "shopfloor-m-orphan" in engine.containers
+
+
+def test_exited_container_of_ready_machine_is_started(db: Engine) -> None:
+    add_machine(db, "m-1", MachineState.ready)
+    engine = FakeEngine()
+    engine.add("m-1", status="exited")
+    assert reconcile(db, engine).restarted == ["m-1"]
+    assert engine.containers["shopfloor-m-1"].status == "running"
+
+
+def test_stopped_machine_is_not_restarted(db: Engine) -> None:
+    add_machine(db, "m-1", MachineState.stopped)
+    engine = FakeEngine()
+    engine.add("m-1", status="exited")
+    assert reconcile(db, engine).restarted == []
