@@ -96,4 +96,5 @@ def test_machines_through_the_cli(served: tuple[str, dict[str, str]], sample_rep
     assert "stopped" in refused.stderr
     assert "ready" in cli(env, "machines", "start", machine_id).stdout
     assert "destroyed" in cli(env, "machines", "rm", machine_id).stdout
-    assert "404" in cli(env, "machines", "show", machine_id).stderr
+    assert '"destroyed"' in cli(env, "machines", "show", machine_id).stdout
+    assert "404" in cli(env, "machines", "show", "m-missing").stderr

@@ -63,9 +63,13 @@ def test_destroy_removes_container_and_volume(
     assert client.delete(f"/api/v1/machines/{machine_id}").json()["state"] == "destroyed"
     assert provider.inspect_container(f"shopfloor-{machine_id}") is None
     assert provider.list_volumes({"shopfloor.machine": machine_id}) == []
-    assert client.get(f"/api/v1/machines/{machine_id}").status_code == 404
+    assert client.get(f"/api/v1/machines/{machine_id}").json()["state"] == "destroyed"
+    assert client.get("/api/v1/machines").json()["count"] == 0
     gone = client.post(f"/api/v1/machines/{machine_id}/exec", json={"cmd": "true"})
-    assert gone.status_code == 404
+    assert gone.status_code == 409
+    assert gone.json()["state"] == "destroyed"
+    assert client.post(f"/api/v1/machines/{machine_id}/start").status_code == 409
+    assert client.delete(f"/api/v1/machines/{machine_id}").json()["state"] == "destroyed"
 
 
 def test_machine_is_sandboxed(client: TestClient, provider: DockerProvider) -> None:
