@@ -6,10 +6,20 @@ from collections.abc import Callable
 
 from agents.base import Agent
 from agents.command import CommandAgent
+from agents.external import ExternalAgent
+from agents.planner import PlannerAgent
+from agents.qa import QaAgent
+from agents.reviewer import ReviewerAgent
+from agents.tester import TesterAgent
 from controller.errors import InvalidInput
 
 AGENTS: dict[str, Callable[[], Agent]] = {
     "command": CommandAgent,
+    "external": ExternalAgent,
+    "planner": PlannerAgent,
+    "tester": TesterAgent,
+    "reviewer": ReviewerAgent,
+    "qa": QaAgent,
 }
 
 

@@ -9,14 +9,26 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
-from controller import fleet, images
+from controller import fleet, images, leases, pools, runs
 from controller.context import Controller, read_install_id
 from controller.db import make_engine, migrate
 from controller.errors import ShopfloorError
 from controller.providers.docker import DockerProvider
-from controller.routes import machines, system
+from controller.routes import artifacts as artifacts_routes
+from controller.routes import events as events_routes
+from controller.routes import files as files_routes
+from controller.routes import flow as flow_routes
+from controller.routes import leases as leases_routes
+from controller.routes import machines, metrics, system
+from controller.routes import pools as pools_routes
+from controller.routes import ports as ports_routes
+from controller.routes import runs as runs_routes
+from controller.routes import sessions as sessions_routes
+from controller.routes import verdicts as verdicts_routes
 from controller.settings import Settings, get_settings
+from evidence import gallery, retention
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,14 @@ def start_loops(ctl: Controller) -> None:
             install_id=ctl.install_id,
             grace_s=ctl.settings.orphan_grace_s,
         ),
+    )
+    ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", lambda: leases.reap(ctl=ctl))
+    ctl.every(ctl.settings.pool_interval_s, "pools", lambda: pools.fill(ctl=ctl))
+    ctl.every(ctl.settings.run_poll_interval_s, "runs", lambda: runs.driver_tick(ctl=ctl))
+    ctl.every(
+        ctl.settings.retention_interval_s,
+        "retention",
+        lambda: retention.retention_tick(db=ctl.db, settings=ctl.settings),
     )
 
 
@@ -87,4 +107,19 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     app.include_router(system.router)
     app.include_router(machines.router, prefix="/api/v1")
+    for channel_router in (sessions_routes.router, files_routes.router, ports_routes.router):
+        app.include_router(channel_router, prefix="/api/v1")
+    app.include_router(metrics.router)
+    for router in (
+        pools_routes.router,
+        leases_routes.router,
+        runs_routes.router,
+        events_routes.router,
+        flow_routes.router,
+    ):
+        app.include_router(router, prefix="/api/v1")
+    for evidence_router in (artifacts_routes.router, verdicts_routes.router):
+        app.include_router(evidence_router, prefix="/api/v1")
+    app.include_router(gallery.router)
+    app.mount("/gallery/static", StaticFiles(directory=gallery.STATIC_DIR), name="gallery-static")
     return app

@@ -14,6 +14,9 @@ from sqlalchemy.engine import Engine
 
 from controller.providers.base import Provider
 from controller.settings import Settings
+from controller.transport.forward import ForwardRegistry
+from controller.transport.sessions import SessionRegistry
+from controller.transport.ssh import SshPool
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,16 @@ class Controller:
     )
     stopping: threading.Event = field(default_factory=threading.Event)
     loops: list[threading.Thread] = field(default_factory=list)
+    sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    ssh: SshPool = field(init=False)
+    """One SSH connection per machine (through the engine): sessions, files, ports."""
+    forwards: ForwardRegistry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ssh = SshPool(
+            self.provider, self.settings.data_dir, timeout_s=self.settings.ssh_connect_timeout_s
+        )
+        self.forwards = ForwardRegistry(self.ssh)
 
     def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
         """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""
@@ -60,4 +73,7 @@ class Controller:
         for thread in self.loops:
             thread.join(timeout=10)
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.forwards.close()
+        self.sessions.close()
+        self.ssh.close()
         self.db.dispose()

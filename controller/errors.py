@@ -8,8 +8,10 @@ ShopfloorError                      500
 ├── Conflict                        409  the object is in a state that forbids it
 │   └── StaleLease                  409  a fencing token older than the machine's
 ├── TooLarge                        413
+├── SessionLost                     410  a shell session's shell or connection is gone
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
 └── EngineError                     502  the container engine failed or is unreachable
+    ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
     └── ImageNotFound (InvalidInput)    an image the engine does not have: 422
 """
 
@@ -68,6 +70,11 @@ class TooLarge(ShopfloorError):
     code = "too_large"
 
 
+class SessionLost(ShopfloorError):
+    status_code = 410
+    code = "session_lost"
+
+
 class WaitTimeout(ShopfloorError, TimeoutError):
     status_code = 408
     code = "wait_timeout"
@@ -76,6 +83,10 @@ class WaitTimeout(ShopfloorError, TimeoutError):
 class EngineError(ShopfloorError):
     status_code = 502
     code = "engine_error"
+
+
+class TransportError(EngineError):
+    code = "transport_error"
 
 
 class ImageNotFound(EngineError, InvalidInput):

@@ -107,8 +107,9 @@ def ownership_labels(settings: Settings, install_id: str, machine: Machine) -> d
 
 
 def get_machine(session: Session, machine_id: str) -> Machine:
+    """Destroyed machines stay readable (a tombstone with their history); commands get 409."""
     machine = session.get(Machine, machine_id)
-    if machine is None or machine.state == MachineState.destroyed:
+    if machine is None:
         raise NotFound(f"no machine {machine_id}")
     return machine
 
@@ -170,11 +171,13 @@ def provision(
         _remove_resources(provider, machine)
         with session_scope(db) as session:
             current = get_machine(session, machine_id)
-            set_state(session, current, MachineState.failed, reason)
+            if current.state == MachineState.provisioning:
+                set_state(session, current, MachineState.failed, reason)
             return current
     with session_scope(db) as session:
         current = get_machine(session, machine_id)
         if current.state != MachineState.provisioning:  # destroyed or failed meanwhile
+            _remove_resources(provider, machine)
             return current
         current.commit, current.branch = machine.commit, machine.branch
         set_state(session, current, MachineState.ready)
@@ -326,10 +329,15 @@ def reset_machine(
         return machine
 
 
-def destroy_machine(*, db: Engine, provider: Provider, machine_id: str) -> Machine:
+def destroy_machine(
+    *, db: Engine, provider: Provider, machine_id: str, even_if_leased: bool = False
+) -> Machine:
+    """``even_if_leased``: the lease layer recreating a machine whose lease just ended."""
     with session_scope(db) as session:
         machine = get_machine(session, machine_id)
-        if machine.state == MachineState.leased:
+        if machine.state == MachineState.destroyed:
+            return machine
+        if machine.state == MachineState.leased and not even_if_leased:
             raise Conflict(
                 f"machine {machine_id} is leased: release the lease first", state="leased"
             )

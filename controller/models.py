@@ -123,3 +123,189 @@ class Event(SQLModel, table=True):
     kind: str = Field(index=True)
     subject_id: str = Field(index=True)
     data: dict[str, Any] = json_field({})
+
+
+# --- evidence (issue 5) -------------------------------------------------------------------
+
+
+class ArtifactKind(StrEnum):
+    log = "log"
+    junit = "junit"
+    screenshot = "screenshot"
+    diff = "diff"
+    plan = "plan"
+    file = "file"
+
+
+class Artifact(SQLModel, table=True):
+    """One piece of evidence: a content-addressed blob linked to run, stage, machine, commit.
+
+    ``facts`` holds what the store derived on save (JUnit counts, image size, thumbnail,
+    comparison with the baseline), so pages never re-parse blobs to list them.
+    """
+
+    __tablename__ = "artifacts"
+
+    id: str = Field(default_factory=lambda: new_id("a"), primary_key=True)
+    run_id: str = Field(index=True)
+    stage: str
+    attempt: int = 1
+    machine_id: str | None = None
+    commit: str | None = None
+    kind: ArtifactKind
+    name: str
+    sha256: str = Field(index=True)
+    size: int
+    content_type: str
+    meta: dict[str, Any] = json_field({})
+    facts: dict[str, Any] = json_field({})
+    created_at: datetime = ts_field(index=True)
+
+
+class Verdict(SQLModel, table=True):
+    """A reviewer's one decision on a run; the unique run_id makes a second one a conflict."""
+
+    __tablename__ = "verdicts"
+
+    id: str = Field(default_factory=lambda: new_id("v"), primary_key=True)
+    run_id: str = Field(index=True, unique=True)
+    decision: str
+    comment: str = ""
+    reviewer_token_id: str
+    reviewer_name: str = ""
+    created_at: datetime = ts_field()
+
+
+class Baseline(SQLModel, table=True):
+    """The last approved screenshot of one page of one repo; only approvals write here."""
+
+    __tablename__ = "baselines"
+
+    repo: str = Field(primary_key=True)
+    page: str = Field(primary_key=True)
+    artifact_id: str
+    run_id: str
+    sha256: str
+    approved_at: datetime = ts_field()
+
+
+class RunPin(SQLModel, table=True):
+    """A run whose evidence retention must keep."""
+
+    __tablename__ = "run_pins"
+
+    run_id: str = Field(primary_key=True)
+    pinned_at: datetime = ts_field()
+
+
+# ---------------------------------------------------------------- pools, leases, runs (issue 3)
+
+
+class LeaseState(StrEnum):
+    active = "active"
+    released = "released"
+    expired = "expired"
+
+
+class RunStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    passed = "passed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINISHED_RUN_STATUSES = (RunStatus.passed, RunStatus.failed, RunStatus.cancelled)
+
+
+class StageStatus(StrEnum):
+    pending = "pending"
+    running = "running"
+    passed = "passed"
+    failed = "failed"
+    cancelled = "cancelled"
+    skipped = "skipped"
+
+
+class Pool(SQLModel, table=True):
+    """A machine template plus how many ``ready`` machines to keep warm."""
+
+    __tablename__ = "pools"
+
+    name: str = Field(primary_key=True)
+    template: dict[str, Any] = json_field({})
+    min_ready: int = 0
+    max_machines: int = 1
+    reset: str = "clean"
+    """What happens to a machine when its lease ends: keep | clean | recreate."""
+    reason: str | None = None
+    """Why the pool cannot fill, when its last provisioning failed."""
+    created_at: datetime = ts_field()
+    updated_at: datetime = ts_field()
+
+
+class Lease(SQLModel, table=True):
+    """One holder's exclusive, time-bounded right to a machine; ``token`` is the fence."""
+
+    __tablename__ = "leases"
+
+    id: str = Field(default_factory=lambda: new_id("l"), primary_key=True)
+    machine_id: str = Field(index=True)
+    pool: str | None = Field(default=None, index=True)
+    holder: str
+    owner_token_id: str | None = None
+    """The API token that took the lease; only it (or ops) may renew or release."""
+    token: int
+    state: LeaseState = Field(default=LeaseState.active, index=True)
+    ttl_s: float
+    wait_ms: float = 0.0
+    requested_at: datetime = ts_field()
+    acquired_at: datetime = ts_field(index=True)
+    expires_at: datetime = ts_field(index=True)
+    ended_at: datetime | None = ts_field(nullable=True)
+
+
+class Run(SQLModel, table=True):
+    """One change going through the factory's stages on one machine."""
+
+    __tablename__ = "runs"
+
+    id: str = Field(default_factory=lambda: new_id("r"), primary_key=True)
+    task: str
+    repo: str
+    ref: str = "HEAD"
+    pool: str | None = None
+    status: RunStatus = Field(default=RunStatus.queued, index=True)
+    reason: str | None = None
+    machine_id: str | None = None
+    lease_id: str | None = None
+    context_recreations: int = 0
+    """How many times the run had to move to a fresh machine (its context was rebuilt)."""
+    cancel_requested: bool = False
+    created_by: str | None = None
+    created_at: datetime = ts_field(index=True)
+    started_at: datetime | None = ts_field(nullable=True)
+    finished_at: datetime | None = ts_field(nullable=True, index=True)
+
+
+class Stage(SQLModel, table=True):
+    """One step of a run; ``history`` keeps one entry per attempt."""
+
+    __tablename__ = "stages"
+
+    id: str = Field(default_factory=lambda: new_id("s"), primary_key=True)
+    run_id: str = Field(index=True)
+    position: int
+    name: str
+    agent: str
+    params: dict[str, Any] = json_field({})
+    timeout_s: float = 600.0
+    retries: int = 0
+    status: StageStatus = StageStatus.pending
+    attempts: int = 0
+    summary: str | None = None
+    outputs: dict[str, Any] = json_field({})
+    history: list[dict[str, Any]] = json_field([])
+    machine_id: str | None = None
+    started_at: datetime | None = ts_field(nullable=True)
+    finished_at: datetime | None = ts_field(nullable=True)

@@ -44,6 +44,44 @@ class Settings(BaseSettings):
     exec_default_timeout_s: float = 600.0
     provision_timeout_s: float = 600.0
 
+    # pools, leases, runs (issue 3)
+    pool_interval_s: float = 2.0
+    """How often the pool loop tops pools up to ``min_ready``."""
+    lease_reap_interval_s: float = 1.0
+    """How often expired leases are reaped; a dead holder's machine returns within TTL + this."""
+    max_lease_ttl_s: float = 86400.0
+    max_lease_wait_s: float = 600.0
+    run_poll_interval_s: float = 0.5
+    """How often the run driver looks for queued runs and cancellations."""
+    run_lease_ttl_s: float = 60.0
+    """TTL of the lease a run holds; the driver renews it while the run lives."""
+    run_machine_wait_s: float = 600.0
+    """How long a run waits for a machine from its pool before it fails."""
+    stage_kill_grace_s: float = 2.0
+    pool_failure_backoff: int = 3
+    """Failed provisionings in a row after which a pool stops trying until its template changes."""
+
+    # evidence (issue 5)
+    artifact_cap_bytes: int = 50 * 1024 * 1024
+    """Largest artifact the store accepts; bigger uploads get 413."""
+    junit_cap_bytes: int = 20 * 1024 * 1024
+    """Largest JUnit XML that is parsed; bigger reports are refused."""
+    image_max_pixels: int = 40_000_000
+    """Largest screenshot (width x height) decoded for thumbnails and comparisons."""
+    retention_days: float = 30.0
+    """Artifacts of unpinned runs older than this are deleted; 0 keeps them forever."""
+    retention_max_bytes: int = 20 * 1024 * 1024 * 1024
+    """Total blob size above which the oldest unpinned runs lose their evidence; 0: no limit."""
+    retention_interval_s: float = 3600.0
+
+    # ssh transport: sessions, files, ports (issue 4)
+    ssh_connect_timeout_s: float = 30.0
+    """How long opening the SSH connection into a machine (through the engine) may take."""
+    session_output_cap: int = 1024 * 1024
+    """Bytes of output a session command keeps (head and tail); the rest is counted, dropped."""
+    file_cap_bytes: int = 64 * 1024 * 1024
+    """Largest file the files API moves in or out of a machine; bigger gets 413."""
+
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'shopfloor.db'}"

@@ -71,6 +71,28 @@ class ExecHandle(Protocol):
     def exit_code(self) -> int | None: ...
 
 
+class DuplexStream(Protocol):
+    """stdin/stdout of a process in the machine, shaped like a socket (what paramiko needs).
+
+    ``recv`` returns b"" at end of stream and raises ``TimeoutError`` (``socket.timeout``)
+    when a timeout set by ``settimeout`` passes; ``_closed`` says whether it was closed.
+    """
+
+    _closed: bool
+
+    def send(self, data: bytes) -> int: ...
+
+    def recv(self, n: int) -> bytes: ...
+
+    def settimeout(self, timeout: float | None) -> None: ...
+
+    def close(self) -> None: ...
+
+    def stderr_tail(self) -> bytes:
+        """The last bytes the process wrote to stderr (for error messages)."""
+        ...
+
+
 class Provider(Protocol):
     def ping(self) -> None: ...
 
@@ -113,3 +135,18 @@ class Provider(Protocol):
         workdir: str | None = None,
         env: dict[str, str] | None = None,
     ) -> ExecHandle: ...
+
+    def open_stream(
+        self,
+        name_or_id: str,
+        argv: list[str],
+        *,
+        user: str = "root",
+        env: dict[str, str] | None = None,
+    ) -> DuplexStream:
+        """Start ``argv`` in the machine with stdin attached; talk to it like a socket.
+
+        The SSH transport runs ``sshd -i`` this way, so it reaches every machine through
+        the engine, whatever its network (``none`` included).
+        """
+        ...

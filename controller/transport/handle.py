@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import shlex
+from typing import TYPE_CHECKING
 
-from agents.base import CommandResult
+from agents.base import CommandResult, MachineHandle
 from controller.errors import ShopfloorError
 from controller.models import Machine
 from controller.providers.base import Provider
 from controller.transport import exec as commands
+
+if TYPE_CHECKING:
+    from controller.context import Controller
 
 
 class ExecMachineHandle:
@@ -54,3 +58,14 @@ class ExecMachineHandle:
 
     def forward(self, port: int) -> str:
         raise ShopfloorError("port forwarding needs the SSH transport")
+
+
+def handle_for(ctl: Controller, machine: Machine) -> MachineHandle:
+    """The one place the run driver gets a handle on a machine (swap the transport here).
+
+    Commands go through the engine's exec; files and forwards over the machine's pooled
+    SSH connection (:mod:`controller.transport.ssh_handle`).
+    """
+    from controller.transport.ssh_handle import SshMachineHandle  # imports the context
+
+    return SshMachineHandle(ctl, machine)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from make_repo import make_sample_repo
 
 from controller import images
 from controller.app import create_app
@@ -23,7 +24,6 @@ from controller.db import make_engine, session_scope
 from controller.models import Role
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
-from make_repo import make_sample_repo
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 
 
@@ -89,7 +89,9 @@ def sample_repo(tmp_path: Path) -> Path:
     return make_sample_repo(tmp_path / "sample-app")
 
 
-def wait_state(client: TestClient | httpx.Client, machine_id: str, states: set[str], timeout_s: float = 60) -> dict[str, Any]:
+def wait_state(
+    client: TestClient | httpx.Client, machine_id: str, states: set[str], timeout_s: float = 60
+) -> dict[str, Any]:
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -98,3 +100,118 @@ def wait_state(client: TestClient | httpx.Client, machine_id: str, states: set[s
         if machine["state"] in states or time.monotonic() > deadline:
             return machine
         time.sleep(0.2)
+
+
+@pytest.fixture
+def live_client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    """Like ``client`` but with the background loops on (pools, lease reaper, run driver).
+
+    Same data dir as ``settings``, so ``issue_token(settings, ...)`` makes tokens for it.
+    """
+    settings = make_settings(
+        pool_interval_s=0.3, lease_reap_interval_s=0.3, run_poll_interval_s=0.2
+    )
+    with TestClient(create_app(settings, background=True)) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def module_settings(tmp_path_factory: pytest.TempPathFactory, runner_image: str) -> Settings:
+    """Settings shared by one test module, so it can keep one machine for all its tests."""
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("module") / "data",
+        extra_labels=f"{TEST_LABEL}={TEST_RUN_ID}",
+        runner_image=runner_image,
+        reconcile_interval_s=0.5,
+        orphan_grace_s=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def module_client(module_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(module_settings, background=False)) as test_client:
+        token = issue_token(module_settings, Role.ops)
+        test_client.headers["Authorization"] = f"Bearer {token}"
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def module_machine(module_client: TestClient) -> str:
+    """One ready machine (no repo) for the tests of a module; removed with the module."""
+    response = module_client.post("/api/v1/machines?wait=true", json={})
+    assert response.json()["state"] == "ready", response.text
+    return str(response.json()["id"])
+
+
+class ControllerProcess:
+    """A real ``shopfloor serve`` subprocess on a free loopback port (crash and load tests)."""
+
+    def __init__(self, data_dir: Path, runner_image: str, **env: str) -> None:
+        self.data_dir = data_dir
+        self.env = {
+            **os.environ,
+            "SHOPFLOOR_DATA_DIR": str(data_dir),
+            "SHOPFLOOR_RUNNER_IMAGE": runner_image,
+            "SHOPFLOOR_EXTRA_LABELS": f"{TEST_LABEL}={TEST_RUN_ID}",
+            "SHOPFLOOR_ORPHAN_GRACE_S": "0",
+            **env,
+        }
+        self.process: Any = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 60) -> ControllerProcess:
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        log = (self.data_dir.parent / f"serve-{port}.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "shopfloor"),
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"controller exited; see {log.name}"
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"controller did not answer within {timeout_s}s; see {log.name}")
+
+    def token(self, role: Role) -> str:
+        settings = Settings(
+            data_dir=self.data_dir, database_url=self.env.get("SHOPFLOOR_DATABASE_URL")
+        )
+        return issue_token(settings, role)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks run, as in a crash."""
+        import signal
+
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - escalate to SIGKILL
+                self.kill()

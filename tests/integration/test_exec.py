@@ -22,7 +22,9 @@ def exec_(client: TestClient, machine_id: str, **body: object) -> dict[str, obje
 
 
 def test_huge_output_keeps_head_and_tail(client: TestClient, machine_id: str) -> None:
-    result = exec_(client, machine_id, cmd="echo START; head -c 50M /dev/zero | tr '\\0' x; echo; echo END")
+    result = exec_(
+        client, machine_id, cmd="echo START; head -c 50M /dev/zero | tr '\\0' x; echo; echo END"
+    )
     assert result["exit_code"] == 0
     assert result["truncated"] is True
     stdout = str(result["stdout"])
@@ -48,14 +50,17 @@ def test_timeout_kills_the_command_and_says_so(client: TestClient, machine_id: s
 
 
 def test_cwd_env_and_exit_code(client: TestClient, machine_id: str) -> None:
-    result = exec_(client, machine_id, cmd="pwd; echo $GREETING; exit 7", cwd="/tmp", env={"GREETING": "hi"})
+    result = exec_(
+        client, machine_id, cmd="pwd; echo $GREETING; exit 7", cwd="/tmp", env={"GREETING": "hi"}
+    )
     assert result["stdout"] == "/tmp\nhi\n"
     assert result["exit_code"] == 7
 
 
 def test_stream_gives_ndjson_lines(client: TestClient, machine_id: str) -> None:
     with client.stream(
-        "POST", f"/api/v1/machines/{machine_id}/exec?stream=true",
+        "POST",
+        f"/api/v1/machines/{machine_id}/exec?stream=true",
         json={"cmd": "echo one; sleep 0.2; echo two >&2; printf '\\376'"},
     ) as response:
         lines = [json.loads(line) for line in response.iter_lines() if line]
@@ -66,8 +71,12 @@ def test_stream_gives_ndjson_lines(client: TestClient, machine_id: str) -> None:
 
 
 def test_bad_exec_input_is_422(client: TestClient, machine_id: str) -> None:
-    for body in ({"cmd": ""}, {"cmd": "true", "cwd": "relative"}, {"cmd": "true", "env": {"1BAD": "x"}},
-                 {"cmd": "true", "timeout_s": 0}):
+    for body in (
+        {"cmd": ""},
+        {"cmd": "true", "cwd": "relative"},
+        {"cmd": "true", "env": {"1BAD": "x"}},
+        {"cmd": "true", "timeout_s": 0},
+    ):
         response = client.post(f"/api/v1/machines/{machine_id}/exec", json=body)
         assert response.status_code == 422, body
         assert response.json()["detail"]

@@ -1,0 +1,90 @@
+"""``external``: a coding-agent CLI (Claude Code, Codex, Aider...) run inside the machine.
+
+The command template names placeholders that are replaced by shell-quoted values, so a
+task with quotes, ``$`` or newlines reaches the CLI as one argument and runs nothing:
+``{task}``, ``{context_dir}``, ``{workdir}``, ``{plan}`` (the plan file's path).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from agents import config
+from agents.base import Artifact, StageContext, StageResult
+from agents.reviewer import TEXT, diff_base, git_diff
+
+NOT_FOUND = 127
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """``template`` with each ``{name}`` replaced by the quoted value; other braces stay."""
+    command = template
+    for name, value in values.items():
+        command = command.replace("{" + name + "}", shlex.quote(value))
+    return command
+
+
+def program(template: str) -> str:
+    try:
+        words = shlex.split(template)
+    except ValueError:
+        return template.split()[0] if template.split() else ""
+    while words and "=" in words[0] and not words[0].startswith("="):
+        words.pop(0)  # leading VAR=value assignments
+    return words[0] if words else ""
+
+
+class ExternalAgent:
+    name = "external"
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = config.load(ctx.machine.read_file, ctx.machine.workdir, ctx.params)
+        template = str(ctx.params.get("command") or cfg.agent or "")
+        if not template.strip():
+            return StageResult(
+                "failed",
+                "external agent needs a command template: 'command' in its 'with' block "
+                "or 'agent' in .shopfloor.toml (e.g. \"claude -p {task}\")",
+            )
+        return run_external(ctx, template, prompt=ctx.task, name="external")
+
+
+def run_external(ctx: StageContext, template: str, *, prompt: str, name: str) -> StageResult:
+    """Shared with the planner: run the CLI, keep its transcript, record the diff it made."""
+    exe = program(template)
+    check = ctx.machine.run(f"command -v -- {shlex.quote(exe)}", timeout_s=30)
+    if not check.ok:
+        return StageResult(
+            "failed",
+            f"the external agent command {exe!r} is not installed in the machine "
+            "(install it in the template's setup or the image)",
+            outputs={"exit_code": NOT_FOUND, "command": exe},
+        )
+    values = {
+        "task": prompt,
+        "context_dir": ctx.context_dir,
+        "workdir": ctx.machine.workdir,
+        "plan": f"{ctx.context_dir}/plan.md",
+    }
+    command = render(template, values)
+    base = diff_base(ctx.machine, ctx.ref)
+    ctx.log(f"$ {command}")
+    result = ctx.machine.run(
+        command, env={"SHOPFLOOR_CONTEXT_DIR": ctx.context_dir}, timeout_s=ctx.timeout_s
+    )
+    transcript = f"$ {command}\n{result.stdout}{result.stderr}"
+    patch = git_diff(ctx.machine, base)
+    artifacts = [
+        Artifact("log", f"{name}-transcript.log", transcript.encode(), TEXT, {"cmd": template}),
+        Artifact("diff", f"{name}.patch", patch.encode(), "text/x-diff", {"base": base}),
+    ]
+    outputs = {"exit_code": result.exit_code, "base": base, "diff_bytes": len(patch)}
+    if result.exit_code == NOT_FOUND:
+        return StageResult(
+            "failed", f"{exe!r} or a command it runs was not found (exit 127)", outputs, artifacts
+        )
+    if not result.ok:
+        reason = "timed out" if result.timed_out else f"exit {result.exit_code}"
+        return StageResult("failed", f"{exe} failed ({reason})", outputs, artifacts)
+    changed = "changed files" if patch.strip() else "made no changes"
+    return StageResult("passed", f"{exe} finished and {changed}", outputs, artifacts)

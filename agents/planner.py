@@ -1,0 +1,72 @@
+"""``planner``: leaves ``plan.md`` in the context folder for the stages after it.
+
+With an external agent configured it asks that agent to write the plan; without one it
+writes a plan skeleton from the task and the repo's layout, so the next stage always finds
+a plan file and knows what it is working on.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from agents import config
+from agents.base import Artifact, StageContext, StageResult
+from agents.external import run_external
+
+MARKDOWN = "text/markdown; charset=utf-8"
+MAX_FILES = 200
+
+PROMPT = (
+    "Write an implementation plan (markdown) for this task into {plan_path}, "
+    "without changing any other file.\n\nTask:\n{task}"
+)
+
+
+def template_plan(task: str, files: list[str]) -> str:
+    listed = files[:MAX_FILES]
+    more = f"\n- ... and {len(files) - MAX_FILES} more" if len(files) > MAX_FILES else ""
+    layout = "\n".join(f"- `{name}`" for name in listed) or "- (no tracked files)"
+    return (
+        "# Plan\n\n## Task\n\n"
+        f"{task.strip()}\n\n"
+        f"## Repository layout ({len(files)} tracked files)\n\n{layout}{more}\n\n"
+        "## Steps\n\n"
+        "1. Read the files the task touches.\n"
+        "2. Make the change and add or update tests for it.\n"
+        "3. Run the test command; the tester stage runs it again and keeps the results.\n"
+    )
+
+
+class PlannerAgent:
+    name = "planner"
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = config.load(ctx.machine.read_file, ctx.machine.workdir, ctx.params)
+        plan_path = posixpath.join(ctx.context_dir, "plan.md")
+        template = str(ctx.params.get("command") or cfg.agent or "")
+        if template.strip():
+            prompt = PROMPT.format(plan_path=plan_path, task=ctx.task)
+            result = run_external(ctx, template, prompt=prompt, name="planner")
+            if result.status != "passed":
+                return result
+            try:
+                plan = ctx.machine.read_file(plan_path)
+            except Exception:  # noqa: BLE001 - the agent printed its plan instead of saving it
+                transcript = next(a for a in result.artifacts if a.kind == "log").data
+                plan = transcript
+                ctx.machine.write_file(plan_path, plan)
+            result.artifacts.append(Artifact("plan", "plan.md", plan, MARKDOWN))
+            result.outputs["plan"] = plan_path
+            result.summary = f"plan written by {template.split()[0]} to {plan_path}"
+            return result
+        listing = ctx.machine.run("git ls-files", timeout_s=60)
+        files = listing.stdout.splitlines() if listing.ok else []
+        plan_text = template_plan(ctx.task, files).encode()
+        ctx.machine.write_file(plan_path, plan_text)
+        ctx.log(f"wrote {plan_path} from the template ({len(files)} files listed)")
+        return StageResult(
+            "passed",
+            f"plan written to {plan_path} (template; no external agent configured)",
+            outputs={"plan": plan_path, "files": len(files)},
+            artifacts=[Artifact("plan", "plan.md", plan_text, MARKDOWN)],
+        )

@@ -1,0 +1,154 @@
+"""Port forwards: a 127.0.0.1 listener on the controller host per (machine, port).
+
+Each accepted connection opens a ``direct-tcpip`` channel to 127.0.0.1:<port> inside the
+machine over its pooled SSH connection, so forwards work with network ``none``. When
+nothing listens there, the client gets an HTTP 502 that says so (most forwarded ports
+serve HTTP; a raw TCP client sees the connection close).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import paramiko
+
+from controller.errors import ShopfloorError
+from controller.transport.ssh import SshPool
+
+log = logging.getLogger(__name__)
+
+_BUFFER = 65536
+
+
+def refusal(machine_id: str, port: int, why: str) -> bytes:
+    body = f"shopfloor: cannot reach port {port} in machine {machine_id}: {why}\n".encode()
+    head = (
+        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+@dataclass
+class Forward:
+    machine_id: str
+    container: str
+    port: int
+    listener: socket.socket
+    pool: SshPool
+    closed: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def local_port(self) -> int:
+        return int(self.listener.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.local_port}"
+
+    def serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._relay, args=(client,), name=f"fwd-{self.port}", daemon=True
+            ).start()
+
+    def open_channel(self) -> paramiko.Channel:
+        """A channel to the port inside the machine; raises when nothing listens there."""
+        transport = self.pool.transport(self.container)
+        try:
+            return transport.open_channel(
+                "direct-tcpip", ("127.0.0.1", self.port), ("127.0.0.1", 0), timeout=30
+            )
+        except paramiko.ChannelException as exc:
+            raise ShopfloorError(f"nothing listens on port {self.port} ({exc.text})") from exc
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            try:
+                channel = self.open_channel()
+            except ShopfloorError as exc:
+                client.sendall(refusal(self.machine_id, self.port, exc.message))
+                return
+            with channel:
+                _pump(client, channel)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("forward %s:%s ended: %s", self.machine_id, self.port, exc)
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+
+def _pump(client: socket.socket, channel: paramiko.Channel) -> None:
+    """Copy both ways until either side closes."""
+    while True:
+        watched: list[socket.socket | paramiko.Channel] = [client, channel]
+        readable, _, _ = select.select(watched, [], [], 60)
+        if client in readable:
+            data = client.recv(_BUFFER)
+            if not data:
+                channel.shutdown_write()
+                _drain(channel, client)
+                return
+            channel.sendall(data)
+        if channel in readable:
+            data = channel.recv(_BUFFER)
+            if not data:
+                return
+            client.sendall(data)
+
+
+def _drain(channel: paramiko.Channel, client: socket.socket) -> None:
+    while data := channel.recv(_BUFFER):
+        client.sendall(data)
+
+
+class ForwardRegistry:
+    """Forwards by (machine, port); one listener each, reused while it lives."""
+
+    def __init__(self, pool: SshPool) -> None:
+        self.pool = pool
+        self._forwards: dict[tuple[str, int], Forward] = {}
+        self._guard = threading.Lock()
+
+    def open(self, *, machine_id: str, container: str, port: int) -> Forward:
+        with self._guard:
+            existing = self._forwards.get((machine_id, port))
+            if existing is not None and not existing.closed.is_set():
+                return existing
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
+            forward = Forward(machine_id, container, port, listener, self.pool)
+            self._forwards[(machine_id, port)] = forward
+        threading.Thread(target=forward.serve, name=f"fwd-{machine_id}-{port}", daemon=True).start()
+        return forward
+
+    def close_port(self, machine_id: str, port: int) -> bool:
+        with self._guard:
+            forward = self._forwards.pop((machine_id, port), None)
+        if forward is not None:
+            forward.close()
+        return forward is not None
+
+    def close_machine(self, machine_id: str) -> None:
+        for key in [k for k in self._forwards if k[0] == machine_id]:
+            self.close_port(*key)
+
+    def close(self) -> None:
+        for key in list(self._forwards):
+            self.close_port(*key)

@@ -1,0 +1,46 @@
+"""The install's SSH key pair: made once in the data dir, private half readable by us only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+KEY_FILE = "ssh/id_ed25519"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: paramiko.PKey
+    public_line: str
+    """``ssh-ed25519 AAAA... shopfloor`` as it goes into authorized_keys."""
+
+
+def load_or_create(data_dir: Path) -> KeyPair:
+    """One ed25519 pair per install; created with mode 0600 before any byte is written."""
+    path = data_dir / KEY_FILE
+    if not path.exists():
+        _create(path)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    private = paramiko.Ed25519Key.from_private_key_file(str(path))
+    return KeyPair(private, f"{private.get_name()} {private.get_base64()} shopfloor")
+
+
+def _create(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    tmp.replace(path)  # atomic: two controllers starting at once agree on one key

@@ -1,0 +1,108 @@
+"""What the routes and agents ask of a machine's SSH channel: sessions, files, ports.
+
+Callers first get the machine through ``fleet.machine_for_command`` (state and lease token
+checked); these functions take it from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+
+import paramiko
+
+from controller.context import Controller
+from controller.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    SessionLost,
+    TransportError,
+)
+from controller.models import Machine
+from controller.transport import sessions, sftp
+from controller.transport.forward import Forward
+
+
+def open_session(*, ctl: Controller, machine: Machine) -> sessions.Session:
+    transport = ctl.ssh.transport(machine.container_name)
+    session = sessions.open_session(
+        transport=transport,
+        session_id=f"s-{secrets.token_hex(8)}",
+        machine_id=machine.id,
+        container=machine.container_name,
+        fence=machine.fence,
+        workdir=machine.workdir,
+        output_cap=ctl.settings.session_output_cap,
+    )
+    ctl.sessions.add(session)
+    return session
+
+
+def run_in_session(
+    *, ctl: Controller, machine: Machine, session_id: str, cmd: str, timeout_s: float
+) -> sessions.SessionResult:
+    session = ctl.sessions.get(machine.id, session_id)
+    if session.fence != machine.fence:
+        session.close()
+        raise SessionLost(
+            f"session lost: {session_id} was opened under an earlier lease of {machine.id}; "
+            "open a new session",
+            session=session_id,
+        )
+    return session.run(cmd, timeout_s)
+
+
+def close_session(*, ctl: Controller, machine: Machine, session_id: str) -> None:
+    ctl.sessions.remove(machine.id, session_id)
+
+
+@contextlib.contextmanager
+def sftp_client(ctl: Controller, machine: Machine) -> Iterator[paramiko.SFTPClient]:
+    transport = ctl.ssh.transport(machine.container_name)
+    try:
+        client = paramiko.SFTPClient.from_transport(transport)
+    except paramiko.SSHException as exc:
+        raise TransportError(f"cannot open SFTP in {machine.id}: {exc}") from exc
+    if client is None:
+        raise TransportError(f"cannot open SFTP in {machine.id}")
+    with client:
+        yield client
+
+
+def read_file(*, ctl: Controller, machine: Machine, path: str) -> bytes:
+    with sftp_client(ctl, machine) as client, _file_errors("read", path):
+        return sftp.read(client, path, cap=ctl.settings.file_cap_bytes)
+
+
+def write_file(*, ctl: Controller, machine: Machine, path: str, data: bytes) -> str:
+    with sftp_client(ctl, machine) as client, _file_errors("write", path):
+        return sftp.write(client, path, data)
+
+
+@contextlib.contextmanager
+def _file_errors(doing: str, path: str) -> Iterator[None]:
+    """What the machine's SFTP server refused, said in our terms."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise Forbidden(f"cannot {doing} {path!r}: the machine's user may not ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise NotFound(f"cannot {doing} {path!r}: no such file or directory") from exc
+    except OSError as exc:
+        raise Conflict(f"cannot {doing} {path!r} in the machine: {exc}") from exc
+
+
+def open_forward(*, ctl: Controller, machine: Machine, port: int) -> tuple[Forward, bool]:
+    """The forward (made once per machine and port) and whether something listens now."""
+    if not 1 <= port <= 65535:
+        raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
+    forward = ctl.forwards.open(machine_id=machine.id, container=machine.container_name, port=port)
+    try:
+        forward.open_channel().close()
+        listening = True
+    except Exception:  # noqa: BLE001 - a probe: any failure means "not listening now"
+        listening = False
+    return forward, listening

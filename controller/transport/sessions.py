@@ -1,0 +1,296 @@
+"""Persistent shell sessions: one long-lived bash per session on an SSH channel.
+
+Protocol (see ``_SHELL``): we send the command text ended by a NUL, then a line with a
+fresh random marker. The shell reads the command (``read -d ''``; builtins only, so no
+process starts per command), evals it in its own context (``cd`` and ``export`` carry
+over) with stdin from /dev/null, then reads the marker line, which the command never saw,
+and prints ``<marker> <exit code>``. Output is everything before the marker.
+
+A timeout sends SIGUSR1 to the shell (whose trap returns from the command, even from a
+builtin loop; SIGINT is not used because bash mishandles a trap that returns while it
+waits for a child) and SIGKILL to the processes the command started, over a second
+channel; the session stays usable. A
+shell that exits, or a connection that drops, makes the session ``lost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+
+import paramiko
+
+from controller.errors import Conflict, NotFound, SessionLost, ShopfloorError
+from controller.transport.output import HeadTail
+
+log = logging.getLogger(__name__)
+
+INTERRUPT_GRACE_S = 5.0
+"""How long an interrupted command may take to let go before the session is given up."""
+
+_SHELL = r"""exec 2>&1
+cd -- "$SF_WORKDIR" 2>/dev/null || cd /workspace 2>/dev/null || cd
+unset SF_WORKDIR
+__sf_run() { eval "$__sf_cmd"; }
+trap 'return 130 2>/dev/null' USR1
+printf 'ready %s\n' "$$"
+while IFS= read -r -d '' __sf_cmd; do
+  __sf_run </dev/null
+  __sf_rc=$?
+  IFS= read -r __sf_id || exit 0
+  printf '%s %s\n' "$__sf_id" "$__sf_rc"
+done
+"""
+
+# Kill what the timed-out command started (descendants of the shell younger than the
+# command), and interrupt the shell itself so a builtin loop returns too.
+_INTERRUPT = r"""
+kill -USR1 {pid} 2>/dev/null
+ps -e -o pid=,ppid=,etimes= | awk -v root={pid} -v maxage={age} '
+  {{ parent[$1] = $2; age[$1] = $3 }}
+  END {{ for (p in parent) {{ q = p
+    while ((q in parent) && q != root && q > 1) q = parent[q]
+    if (q == root && p != root && age[p] <= maxage) print p }} }}' | xargs -r kill -KILL
+"""
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    exit_code: int | None
+    output: str
+    duration_ms: float
+    truncated: bool
+    timed_out: bool
+
+
+@dataclass
+class Session:
+    """One bash on one channel. Commands run one at a time."""
+
+    id: str
+    machine_id: str
+    container: str
+    fence: int
+    channel: paramiko.Channel
+    transport: paramiko.Transport
+    shell_pid: int
+    output_cap: int
+    lost_reason: str | None = None
+    lost_at: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def alive(self) -> bool:
+        return self.lost_reason is None and not self.channel.closed and self.transport.is_active()
+
+    def run(self, cmd: str, timeout_s: float) -> SessionResult:
+        if "\x00" in cmd:
+            raise ShopfloorError("a command cannot contain a NUL byte")
+        if not self._lock.acquire(blocking=False):
+            raise Conflict(f"session {self.id} is busy with another command; wait for it")
+        try:
+            self._check_alive()
+            return self._run(cmd, timeout_s)
+        finally:
+            self._lock.release()
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            self._lose("its shell or the connection to the machine is gone")
+
+    def _run(self, cmd: str, timeout_s: float) -> SessionResult:
+        marker = f"__sf_{secrets.token_hex(12)}__ ".encode()
+        started = time.monotonic()
+        try:
+            self.channel.sendall(cmd.encode() + b"\0" + marker[:-1] + b"\n")
+        except (OSError, EOFError) as exc:
+            self._lose(f"cannot send to the shell: {exc}")
+        reader = _MarkerReader(marker, HeadTail(self.output_cap))
+        deadline = started + timeout_s
+        timed_out = False
+        while not reader.done:
+            now = time.monotonic()
+            if now >= deadline:
+                if timed_out:
+                    self._mark_lost(
+                        f"the command ignored the interrupt for {INTERRUPT_GRACE_S:g}s after "
+                        f"its {timeout_s:g}s timeout, so the shell was closed"
+                    )
+                    self.close()
+                    self._lose("")
+                timed_out = True
+                self._interrupt(now - started)
+                deadline = now + INTERRUPT_GRACE_S
+                continue
+            self.channel.settimeout(min(deadline - now, 1.0))
+            try:
+                chunk = self.channel.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                self._lose(_exit_reason(self.channel))
+            reader.feed(chunk)
+        output = reader.captured.text()
+        if timed_out:
+            output += f"\n[shopfloor: command timed out after {timeout_s:g}s and was interrupted]"
+        return SessionResult(
+            exit_code=reader.exit_code,
+            output=output,
+            duration_ms=round((time.monotonic() - started) * 1000, 2),
+            truncated=reader.captured.truncated,
+            timed_out=timed_out,
+        )
+
+    def _interrupt(self, age_s: float) -> None:
+        script = _INTERRUPT.format(pid=self.shell_pid, age=int(age_s) + 2)
+        try:
+            channel = self.transport.open_session(timeout=10)
+            channel.exec_command(f"sh -c {shlex.quote(script)}")
+            channel.recv_exit_status()
+            channel.close()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            log.warning("could not interrupt session %s: %s", self.id, exc)
+
+    def _mark_lost(self, reason: str) -> None:
+        if self.lost_reason is None:
+            self.lost_reason, self.lost_at = reason, time.monotonic()
+
+    def _lose(self, reason: str) -> None:
+        self._mark_lost(reason)
+        raise SessionLost(f"session lost: {self.lost_reason}; open a new session", session=self.id)
+
+    def close(self) -> None:
+        self._mark_lost("it was closed")
+        try:
+            self.channel.close()
+        except (OSError, EOFError):
+            pass
+
+
+def _exit_reason(channel: paramiko.Channel) -> str:
+    """sshd sends the exit status just after end-of-file; give it a moment to arrive."""
+    if channel.get_transport() is not None and channel.status_event.wait(2):
+        return f"the shell exited with status {channel.recv_exit_status()}"
+    return "the connection to the machine dropped"
+
+
+class _MarkerReader:
+    """Feeds output into a capture until the marker line, which may arrive split."""
+
+    def __init__(self, marker: bytes, captured: HeadTail) -> None:
+        self.marker = marker
+        self.captured = captured
+        self.pending = bytearray()
+        self.after: bytearray | None = None
+        self.exit_code: int | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.after is not None:
+            self.after += chunk
+        else:
+            self.pending += chunk
+            at = self.pending.find(self.marker)
+            if at < 0:
+                keep = len(self.marker) - 1
+                flush = len(self.pending) - keep
+                if flush > 0:
+                    self.captured.write(bytes(self.pending[:flush]))
+                    del self.pending[:flush]
+                return
+            self.captured.write(bytes(self.pending[:at]))
+            self.after = self.pending[at + len(self.marker) :]
+            self.pending = bytearray()
+        line, newline, _ = bytes(self.after).partition(b"\n")
+        if newline:
+            self.exit_code = int(line.strip() or b"-1")
+            self.done = True
+
+
+def open_session(
+    *,
+    transport: paramiko.Transport,
+    session_id: str,
+    machine_id: str,
+    container: str,
+    fence: int,
+    workdir: str,
+    output_cap: int,
+) -> Session:
+    """Start a bash on a new channel and wait for it to say it is ready."""
+    channel = transport.open_session(timeout=30)
+    command = (
+        f"SF_WORKDIR={shlex.quote(workdir)} exec bash --noprofile --norc -c {shlex.quote(_SHELL)}"
+    )
+    channel.exec_command(command)
+    channel.settimeout(30)
+    banner = b""
+    while not banner.endswith(b"\n"):
+        chunk = channel.recv(256)
+        if not chunk:
+            raise SessionLost(f"session lost: the shell did not start ({_exit_reason(channel)})")
+        banner += chunk
+    word, _, pid = banner.decode(errors="replace").strip().partition(" ")
+    if word != "ready" or not pid.isdigit():
+        channel.close()
+        raise ShopfloorError(f"the session shell said {banner[:200]!r} instead of ready")
+    return Session(
+        id=session_id,
+        machine_id=machine_id,
+        container=container,
+        fence=fence,
+        channel=channel,
+        transport=transport,
+        shell_pid=int(pid),
+        output_cap=output_cap,
+    )
+
+
+class SessionRegistry:
+    """Open sessions of this controller process, by id; each belongs to one machine."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._guard = threading.Lock()
+
+    def add(self, session: Session) -> None:
+        with self._guard:
+            self._sweep()
+            self._sessions[session.id] = session
+
+    def get(self, machine_id: str, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.machine_id != machine_id:
+            raise NotFound(f"no session {session_id} on machine {machine_id}")
+        return session
+
+    def remove(self, machine_id: str, session_id: str) -> None:
+        session = self.get(machine_id, session_id)
+        with self._guard:
+            self._sessions.pop(session_id, None)
+        session.close()
+
+    def for_machine(self, machine_id: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.machine_id == machine_id]
+
+    def close_machine(self, machine_id: str) -> None:
+        for session in self.for_machine(machine_id):
+            with self._guard:
+                self._sessions.pop(session.id, None)
+            session.close()
+
+    def _sweep(self) -> None:
+        """Forget sessions that died long ago, so a busy controller does not grow forever."""
+        for sid, session in list(self._sessions.items()):
+            if not session.alive and session.lost_at and time.monotonic() - session.lost_at > 600:
+                del self._sessions[sid]
+
+    def close(self) -> None:
+        with self._guard:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()

@@ -1,0 +1,116 @@
+"""The Python client against a real controller served by uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from agents.client import Client
+from controller.app import create_app
+from controller.errors import Conflict, InvalidInput, NotFound, SessionLost, StaleLease
+from controller.models import Role
+from controller.settings import Settings
+from tests.conftest import TEST_LABEL, TEST_RUN_ID
+from tests.integration.conftest import issue_token
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, runner_image: str
+) -> Iterator[tuple[str, Settings]]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("client") / "data",
+        extra_labels=f"{TEST_LABEL}={TEST_RUN_ID}",
+        runner_image=runner_image,
+        lease_reap_interval_s=0.3,
+        pool_interval_s=0.3,
+    )
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert thread.is_alive(), "controller exited during start-up"
+        assert time.monotonic() < deadline, "controller did not start within 60 s"
+        time.sleep(0.05)
+    yield url, settings
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def machine_id(server: tuple[str, Settings]) -> str:
+    url, settings = server
+    ops = httpx.Client(
+        base_url=url,
+        headers={"Authorization": f"Bearer {issue_token(settings, Role.ops)}"},
+        timeout=300,
+    )
+    answer = ops.post("/api/v1/machines?wait=true", json={}).json()
+    assert answer["state"] == "ready", answer
+    return str(answer["id"])
+
+
+@pytest.fixture
+def agent(server: tuple[str, Settings]) -> Iterator[Client]:
+    url, settings = server
+    with Client(url, issue_token(settings, Role.agent)) as client:
+        yield client
+
+
+def test_lease_session_files_forward_and_release(
+    agent: Client, machine_id: str, tmp_path: Path
+) -> None:
+    with agent.lease(machine_id=machine_id, holder="client-test", ttl_s=2) as machine:
+        with machine.session() as shell:
+            shell.run("cd /tmp && export WHO=client")
+            assert shell.run('echo "$PWD $WHO"').output == "/tmp client\n"
+        time.sleep(3)  # longer than the TTL: the background renewal keeps the lease
+        assert machine.exec("echo hi").stdout == "hi\n"
+        assert machine.put("c/notes.txt", b"from the client") == "/workspace/c/notes.txt"
+        assert machine.get("c/notes.txt") == b"from the client"
+        url = machine.forward(8777)
+        assert httpx.get(url, timeout=10).status_code == 502
+        token = machine.token
+        with pytest.raises(StaleLease):  # an older token than the machine's is refused
+            agent.machine(machine_id, lease_token=(token or 1) - 1).exec("true")
+        with pytest.raises(Conflict):  # leased: no token, no command
+            agent.machine(machine_id).exec("true")
+    state = agent.call("GET", f"/machines/{machine_id}").json()["state"]
+    assert state == "ready"
+    assert agent.machine(machine_id).exec("echo free").stdout == "free\n"
+
+
+def test_errors_come_back_typed(agent: Client, machine_id: str) -> None:
+    machine = agent.machine(machine_id)
+    with pytest.raises(InvalidInput) as bad:
+        machine.get("../etc/passwd")
+    assert "'..'" in bad.value.message
+    with pytest.raises(NotFound):
+        machine.get("no-such-file")
+    with pytest.raises(NotFound):
+        agent.machine("m-nope").exec("true")
+    with pytest.raises(InvalidInput):
+        machine.exec("true", timeout_s=0)
+    shell = machine.session()
+    with pytest.raises(SessionLost) as lost:
+        shell.run("exit 3")
+    assert "session lost" in lost.value.message
+    assert isinstance(lost.value, SessionLost)
+    assert lost.value.status_code == 410

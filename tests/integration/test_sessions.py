@@ -1,0 +1,128 @@
+"""Shell sessions over SSH through the engine: state carries over, timeouts, big output, exit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+def open_session(client: TestClient, machine_id: str) -> str:
+    response = client.post(f"/api/v1/machines/{machine_id}/sessions")
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def run(client: TestClient, machine_id: str, sid: str, cmd: str, **extra: Any) -> dict[str, Any]:
+    response = client.post(
+        f"/api/v1/machines/{machine_id}/sessions/{sid}/run", json={"cmd": cmd, **extra}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def sid(module_client: TestClient, module_machine: str) -> str:
+    return open_session(module_client, module_machine)
+
+
+def test_cd_and_export_carry_over(module_client: TestClient, module_machine: str, sid: str) -> None:
+    assert (
+        run(module_client, module_machine, sid, "mkdir -p /tmp/here && cd /tmp/here")["exit_code"]
+        == 0
+    )
+    run(module_client, module_machine, sid, "export GREETING=hello; plain=kept")
+    result = run(module_client, module_machine, sid, 'pwd; echo "$GREETING $plain"; whoami')
+    assert result["output"] == "/tmp/here\nhello kept\nrunner\n"
+    assert result["exit_code"] == 0
+    assert result["timed_out"] is False
+
+
+def test_exit_codes_stderr_and_output_without_newline(
+    module_client: TestClient, module_machine: str, sid: str
+) -> None:
+    result = run(
+        module_client, module_machine, sid, "echo out; echo err >&2; printf tail; (exit 3)"
+    )
+    assert result["exit_code"] == 3
+    assert result["output"] == "out\nerr\ntail"
+
+
+def test_commands_cannot_eat_the_protocol(
+    module_client: TestClient, module_machine: str, sid: str
+) -> None:
+    """A command that reads stdin, prints NUL bytes or quotes oddly leaves the session sound."""
+    result = run(module_client, module_machine, sid, "cat; printf 'a\\0b'; echo \"it's\" 'fine'")
+    assert result["output"] == "a\x00bit's fine\n"
+    multi = run(module_client, module_machine, sid, "cat <<'EOF'\nline one\n$HOME\nEOF")
+    assert multi["output"] == "line one\n$HOME\n"
+    assert run(module_client, module_machine, sid, "set | grep -c __sf_ || true")["exit_code"] == 0
+    assert run(module_client, module_machine, sid, "echo still")["output"] == "still\n"
+
+
+def test_timeout_interrupts_and_session_stays_usable(
+    module_client: TestClient, module_machine: str, sid: str
+) -> None:
+    run(module_client, module_machine, sid, "cd /tmp")
+    slow = run(
+        module_client, module_machine, sid, "echo before; sleep 300; echo after", timeout_s=1
+    )
+    assert slow["timed_out"] is True
+    assert slow["output"].startswith("before\n")
+    assert "timed out after 1s" in slow["output"]
+    assert slow["duration_ms"] < 60_000
+    busy = run(module_client, module_machine, sid, "while :; do :; done", timeout_s=1)
+    assert busy["timed_out"] is True
+    after = run(module_client, module_machine, sid, "pwd; pgrep -c -x sleep || true")
+    assert after["output"] == "/tmp\n0\n"
+
+
+def test_huge_output_is_capped_head_and_tail(
+    module_client: TestClient, module_machine: str, sid: str
+) -> None:
+    cmd = "echo START; head -c 50M /dev/zero | tr '\\0' x; echo; echo END"
+    result = run(module_client, module_machine, sid, cmd, timeout_s=120)
+    assert result["exit_code"] == 0
+    assert result["truncated"] is True
+    assert result["output"].startswith("START\n")
+    assert result["output"].endswith("END\n")
+    assert "bytes omitted" in result["output"]
+    assert len(result["output"]) < 1024 * 1024 + 200
+    assert run(module_client, module_machine, sid, "echo ok")["output"] == "ok\n"
+
+
+def test_exit_from_inside_says_session_lost_and_a_new_one_opens(
+    module_client: TestClient, module_machine: str, sid: str
+) -> None:
+    url = f"/api/v1/machines/{module_machine}/sessions/{sid}/run"
+    gone = module_client.post(url, json={"cmd": "exit 4"})
+    assert gone.status_code == 410, gone.text
+    assert gone.json()["error"] == "session_lost"
+    assert "session lost" in gone.json()["detail"]
+    assert "exited with status 4" in gone.json()["detail"]
+    again = module_client.post(url, json={"cmd": "true"})
+    assert again.status_code == 410
+    fresh = open_session(module_client, module_machine)
+    assert run(module_client, module_machine, fresh, "echo back")["output"] == "back\n"
+
+
+def test_delete_closes_and_unknown_session_is_404(
+    module_client: TestClient, module_machine: str, sid: str
+) -> None:
+    base = f"/api/v1/machines/{module_machine}/sessions"
+    assert module_client.delete(f"{base}/{sid}").status_code == 204
+    assert module_client.post(f"{base}/{sid}/run", json={"cmd": "true"}).status_code == 404
+    assert module_client.post(f"{base}/s-nope/run", json={"cmd": "true"}).status_code == 404
+    bad = module_client.post(f"{base}/{sid}/run", json={"cmd": "true", "timeout_s": 0})
+    assert bad.status_code == 422
+
+
+def test_sessions_are_independent(module_client: TestClient, module_machine: str) -> None:
+    one, two = (
+        open_session(module_client, module_machine),
+        open_session(module_client, module_machine),
+    )
+    run(module_client, module_machine, one, "cd /tmp; export ONLY=one")
+    result = run(module_client, module_machine, two, 'pwd; echo "[$ONLY]"')
+    assert result["output"] == "/workspace\n[]\n"
