@@ -98,7 +98,7 @@ class Client:
         http: httpx.Client | None = None,
     ) -> None:
         self.http = http or httpx.Client(base_url=url, timeout=timeout_s)
-        self.http.headers["Authorization"] = f"Bearer {token}"
+        self._auth = f"Bearer {token}"  # per request: a shared ``http`` keeps its own headers
 
     def close(self) -> None:
         self.http.close()
@@ -113,6 +113,7 @@ class Client:
         self, method: str, path: str, *, lease_token: int | None = None, **kwargs: Any
     ) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}) or {})
+        headers["Authorization"] = self._auth
         if lease_token is not None:
             headers["X-Lease-Token"] = str(lease_token)
         response = self.http.request(method, f"/api/v1{path}", headers=headers, **kwargs)

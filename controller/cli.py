@@ -216,5 +216,125 @@ machines_app.command("start")(_lifecycle("start"))
 machines_app.command("reset")(_lifecycle("reset"))
 machines_app.command("rm")(_lifecycle("destroy", "DELETE"))
 
+# ---------------------------------------------------------------- pools and runs, over HTTP
+
+pools_app = typer.Typer(no_args_is_help=True, help="Warm pools (talks to a running controller).")
+runs_app = typer.Typer(no_args_is_help=True, help="Runs through the pipeline.")
+app.add_typer(pools_app, name="pools")
+app.add_typer(runs_app, name="runs")
+
+
+@pools_app.command("set")
+def pools_set(
+    name: str,
+    repo: Annotated[str | None, typer.Option(help="URL or absolute local path.")] = None,
+    ref: str | None = None,
+    image: str | None = None,
+    min_ready: int = 1,
+    max_machines: int = 4,
+    reset: Annotated[str, typer.Option(help="keep, clean or recreate.")] = "clean",
+    setup: Annotated[list[str] | None, typer.Option(help="Setup command (repeatable).")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Create or change a pool."""
+    template = {"repo": repo, "ref": ref, "image": image, "setup": setup or []}
+    body = {"template": template, "min_ready": min_ready, "max_machines": max_machines}
+    pool = _call(url, token, "PUT", f"/pools/{name}", json={**body, "reset": reset})
+    console.print(_pool_table([pool]))
+
+
+def _pool_table(pools: list[dict[str, Any]]) -> Table:
+    table = Table("name", "repo", "min ready", "max", "reset", "counts", "reason")
+    for p in pools:
+        counts = ", ".join(f"{k} {v}" for k, v in p["counts"].items() if v) or "-"
+        table.add_row(
+            p["name"],
+            p["template"].get("repo") or "-",
+            str(p["min_ready"]),
+            str(p["max_machines"]),
+            p["reset"],
+            counts,
+            (p.get("reason") or "")[:60],
+        )
+    return table
+
+
+@pools_app.command("ls")
+def pools_ls(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """List pools with their machine counts by state."""
+    console.print(_pool_table(_call(url, token, "GET", "/pools")["data"]))
+
+
+def _parse_stage(text: str) -> dict[str, Any]:
+    """``name=command`` (command agent) or ``name:agent`` or a JSON object."""
+    if text.lstrip().startswith("{"):
+        stage: dict[str, Any] = json.loads(text)
+        return stage
+    if "=" in text:
+        name, _, command = text.partition("=")
+        return {"name": name.strip(), "agent": "command", "with": {"cmd": command}}
+    name, _, agent = text.partition(":")
+    return {"name": name.strip(), "agent": agent.strip() or name.strip()}
+
+
+@runs_app.command("create")
+def runs_create(
+    task: Annotated[str, typer.Option(help="What the change should do.")],
+    repo: Annotated[str, typer.Option(help="URL or absolute local path.")],
+    stage: Annotated[
+        list[str],
+        typer.Option(help="name=shell command, name:agent, or JSON (repeatable, in order)."),
+    ],
+    ref: str | None = None,
+    pool: str | None = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Submit a run; prints its id."""
+    try:
+        stages = [_parse_stage(s) for s in stage]
+    except ValueError as exc:
+        _fail(f"a --stage is not valid JSON: {exc}")
+    body = {"task": task, "repo": repo, "ref": ref, "pool": pool, "stages": stages}
+    run = _call(url, token, "POST", "/runs", json=body)
+    console.print(f"{run['id']}: {run['status']}")
+
+
+def _run_table(runs: list[dict[str, Any]]) -> Table:
+    table = Table("id", "status", "stages", "machine", "re-creations", "reason")
+    for r in runs:
+        stages = " ".join(f"{s['name']}:{s['status']}" for s in r["stages"])
+        table.add_row(
+            r["id"],
+            r["status"],
+            stages,
+            r.get("machine_id") or "-",
+            str(r["context_recreations"]),
+            (r.get("reason") or "")[:60],
+        )
+    return table
+
+
+@runs_app.command("ls")
+def runs_ls(status: str | None = None, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """List runs, newest first."""
+    params = {"status": status} if status else {}
+    console.print(_run_table(_call(url, token, "GET", "/runs", params=params)["data"]))
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Show one run with its stages and events as JSON."""
+    console.print_json(json.dumps(_call(url, token, "GET", f"/runs/{run_id}")))
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Cancel a run; a running stage is stopped."""
+    run = _call(url, token, "POST", f"/runs/{run_id}/cancel")
+    console.print(f"{run['id']}: {run['status']} (cancel requested)")
+
+
 if os.environ.get("SHOPFLOOR_CLI_DEBUG"):
     app.pretty_exceptions_enable = True

@@ -17,6 +17,7 @@ from controller.settings import Settings
 from controller.transport.forward import ForwardRegistry
 from controller.transport.sessions import SessionRegistry
 from controller.transport.ssh import SshPool
+from controller.transport.sshexec import CommandRunner
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,15 @@ class Controller:
     ssh: SshPool = field(init=False)
     """One SSH connection per machine (through the engine): sessions, files, ports."""
     forwards: ForwardRegistry = field(init=False)
+    commands: CommandRunner = field(init=False)
+    """One-shot commands: over SSH where the machine has sshd, else the engine's exec."""
 
     def __post_init__(self) -> None:
         self.ssh = SshPool(
             self.provider, self.settings.data_dir, timeout_s=self.settings.ssh_connect_timeout_s
         )
         self.forwards = ForwardRegistry(self.ssh)
+        self.commands = CommandRunner(self.ssh, self.provider)
 
     def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
         """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""

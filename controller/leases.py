@@ -195,6 +195,8 @@ class _Waiter:
     seq: int
     key: str
     wake: Callable[[], None]
+    waiting: bool = False
+    """Set once a grant attempt found nothing: from then on later arrivals queue behind it."""
 
 
 @dataclass
@@ -220,8 +222,19 @@ class LeaseRuntime:
         self.notify()
 
     def is_first(self, waiter: _Waiter) -> bool:
+        """No request for the same target has been waiting longer (fresh ones don't block)."""
         with self.lock:
-            return next(w for w in self.waiters if w.key == waiter.key) is waiter
+            for other in self.waiters:
+                if other is waiter:
+                    return True
+                if other.key == waiter.key and other.waiting:
+                    return False
+            return True
+
+    def waiting_for(self, key: str) -> int:
+        """How many requests for this target have found nothing and wait."""
+        with self.lock:
+            return sum(1 for w in self.waiters if w.key == key and w.waiting)
 
     def notify(self) -> None:
         """A machine may have become free: every waiter looks again."""
@@ -292,6 +305,7 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> Lease:
                 lease = await anyio.to_thread.run_sync(_grant_now, ctl, request, started)
                 if lease is not None:
                     return lease
+                waiter.waiting = True
             remaining = started + request.wait_s - time.monotonic()
             if remaining <= 0:
                 raise _timeout(request)
@@ -321,6 +335,7 @@ def acquire_blocking(
                 lease = _grant_now(ctl, request, started)
                 if lease is not None:
                     return lease
+                waiter.waiting = True
             if give_up is not None and (reason := give_up()):
                 raise Conflict(reason)
             remaining = started + request.wait_s - time.monotonic()

@@ -13,7 +13,7 @@ from collections import Counter
 
 from sqlmodel import Session, col, select
 
-from controller import events, fleet
+from controller import events, fleet, leases
 from controller.context import Controller
 from controller.db import session_scope
 from controller.errors import InvalidInput, NotFound, ShopfloorError
@@ -117,7 +117,9 @@ def _fill_one(ctl: Controller, name: str) -> int:
     if alive > pool.max_machines:
         _shrink(ctl, name, alive - pool.max_machines)
         return 0
-    missing = pool.min_ready - by_state["ready"] - by_state["provisioning"]
+    # Requests waiting on the pool count too: a pool with min_ready 0 makes machines on demand.
+    waiting = leases.runtime(ctl).waiting_for(leases.Target(pool=name).key)
+    missing = pool.min_ready + waiting - by_state["ready"] - by_state["provisioning"]
     wanted = max(0, min(missing, pool.max_machines - alive))
     if wanted:
         template = MachineTemplate.model_validate(pool.template)

@@ -90,8 +90,9 @@ def exec_in_machine(
         timeout_s=body.timeout_s,
     )
     cap = ctl.settings.exec_output_cap
+    runner = ctl.commands.for_container(machine.container_name)  # SSH when it can
     if stream:
-        lines = commands.stream(ctl.provider, machine.container_name, request, cap=cap)
+        lines = commands.stream(runner, machine.container_name, request, cap=cap)
         return StreamingResponse(lines, media_type="application/x-ndjson")
-    result = commands.run(ctl.provider, machine.container_name, request, cap=cap)
+    result = commands.run(runner, machine.container_name, request, cap=cap)
     return ExecAnswer(**result.__dict__)

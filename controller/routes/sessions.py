@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Request, Response, status
+from starlette.concurrency import run_in_threadpool
 
-from controller import fleet
+from controller import auth, fleet
+from controller.context import Controller
+from controller.db import session_scope
+from controller.models import Role
 from controller.routes.deps import Ctl, OpsOrAgent
 from controller.schemas import SessionOpened, SessionRunAnswer, SessionRunBody
 from controller.transport import service
@@ -25,19 +29,30 @@ def open_session(
 
 
 @router.post("/{session_id}/run")
-def run_in_session(
+async def run_in_session(
     machine_id: str,
     session_id: str,
     body: SessionRunBody,
-    ctl: Ctl,
-    _: OpsOrAgent,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
     x_lease_token: LeaseToken = None,
 ) -> SessionRunAnswer:
-    machine = fleet.machine_for_command(db=ctl.db, machine_id=machine_id, lease_token=x_lease_token)
-    result = service.run_in_session(
-        ctl=ctl, machine=machine, session_id=session_id, cmd=body.cmd, timeout_s=body.timeout_s
-    )
-    return SessionRunAnswer(**result.__dict__)
+    """The hot path: token, machine and command in one worker-thread hop (see bench/exec.py)."""
+    ctl: Controller = request.app.state.controller
+
+    def work() -> SessionRunAnswer:
+        with session_scope(ctl.db) as db:
+            caller = auth.authenticate(session=db, authorization=authorization)
+        auth.require_role(caller, (Role.ops, Role.agent))
+        machine = fleet.machine_for_command(
+            db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
+        )
+        result = service.run_in_session(
+            ctl=ctl, machine=machine, session_id=session_id, cmd=body.cmd, timeout_s=body.timeout_s
+        )
+        return SessionRunAnswer(**result.__dict__)
+
+    return await run_in_threadpool(work)
 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)

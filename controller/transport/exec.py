@@ -12,14 +12,29 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from controller.errors import InvalidInput
-from controller.providers.base import Provider
+from controller.providers.base import ExecHandle
 from controller.transport.output import HeadTail, incremental_decoder
 
 KILL_GRACE_S = 2
 TIMEOUT_EXIT_CODES = (124, 137)
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class Executor(Protocol):
+    """What runs a command: a provider (engine exec) or the SSH transport (``sshexec``)."""
+
+    def exec(
+        self,
+        name_or_id: str,
+        argv: list[str],
+        *,
+        user: str = "runner",
+        workdir: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> ExecHandle: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,7 @@ def _argv(request: ExecRequest) -> list[str]:
     ]
 
 
-def run(provider: Provider, container: str, request: ExecRequest, *, cap: int) -> ExecResult:
+def run(provider: Executor, container: str, request: ExecRequest, *, cap: int) -> ExecResult:
     """Run to completion; each stream keeps at most ``cap`` bytes (head and tail)."""
     started = time.monotonic()
     handle = provider.exec(container, _argv(request), workdir=request.cwd, env=request.env)
@@ -90,7 +105,7 @@ def run(provider: Provider, container: str, request: ExecRequest, *, cap: int) -
     )
 
 
-def stream(provider: Provider, container: str, request: ExecRequest, *, cap: int) -> Iterator[str]:
+def stream(provider: Executor, container: str, request: ExecRequest, *, cap: int) -> Iterator[str]:
     """NDJSON lines as output arrives; the last line carries the exit code."""
     started = time.monotonic()
     handle = provider.exec(container, _argv(request), workdir=request.cwd, env=request.env)

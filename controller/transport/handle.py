@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from agents.base import CommandResult, MachineHandle
 from controller.errors import ShopfloorError
 from controller.models import Machine
-from controller.providers.base import Provider
 from controller.transport import exec as commands
 
 if TYPE_CHECKING:
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class ExecMachineHandle:
-    def __init__(self, provider: Provider, machine: Machine, *, output_cap: int) -> None:
+    def __init__(self, provider: commands.Executor, machine: Machine, *, output_cap: int) -> None:
         self.provider = provider
         self.machine_id = machine.id
         self.workdir = machine.workdir

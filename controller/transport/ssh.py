@@ -34,7 +34,7 @@ printf '%s\n' "$SF_AUTHORIZED_KEY" > "$tmp" && mv -f "$tmp" /etc/shopfloor/autho
   || { echo "cannot install the controller's key in /etc/shopfloor" >&2; exit 97; }
 [ -x /usr/sbin/sshd ] || { echo "no /usr/sbin/sshd in this image" >&2; exit 98; }
 IFS= read -r _ || exit 0
-exec /usr/sbin/sshd -i -e
+exec /usr/sbin/sshd -i -e -o MaxSessions=256
 """
 
 

@@ -17,7 +17,8 @@ class SshMachineHandle(ExecMachineHandle):
     """Agents are trusted code: paths are not confined to /workspace here, only in the API."""
 
     def __init__(self, ctl: Controller, machine: Machine) -> None:
-        super().__init__(ctl.provider, machine, output_cap=ctl.settings.exec_output_cap)
+        runner = ctl.commands.for_container(machine.container_name)
+        super().__init__(runner, machine, output_cap=ctl.settings.exec_output_cap)
         self.ctl = ctl
 
     def _sftp(self) -> paramiko.SFTPClient:

@@ -126,3 +126,65 @@ def test_sessions_are_independent(module_client: TestClient, module_machine: str
     run(module_client, module_machine, one, "cd /tmp; export ONLY=one")
     result = run(module_client, module_machine, two, 'pwd; echo "[$ONLY]"')
     assert result["output"] == "/workspace\n[]\n"
+
+
+def test_leased_machine_needs_the_current_token(
+    module_client: TestClient, module_machine: str
+) -> None:
+    base = f"/api/v1/machines/{module_machine}/sessions"
+    first = module_client.post(
+        "/api/v1/leases", json={"machine_id": module_machine, "holder": "t", "ttl_s": 60}
+    )
+    assert first.status_code == 201, first.text
+    lease, token = first.json()["id"], first.json()["token"]
+    try:
+        refused = module_client.post(base)
+        assert refused.status_code == 409
+        assert "X-Lease-Token" in refused.json()["detail"]
+        opened = module_client.post(base, headers={"X-Lease-Token": str(token)})
+        assert opened.status_code == 201, opened.text
+        sid = opened.json()["id"]
+        ran = module_client.post(
+            f"{base}/{sid}/run", json={"cmd": "echo mine"}, headers={"X-Lease-Token": str(token)}
+        )
+        assert ran.json()["output"] == "mine\n"
+        stale = module_client.post(
+            f"{base}/{sid}/run", json={"cmd": "true"}, headers={"X-Lease-Token": str(token - 1)}
+        )
+        assert stale.status_code == 409
+        assert stale.json()["error"] == "stale_lease"
+    finally:
+        assert module_client.delete(f"/api/v1/leases/{lease}").status_code == 200
+    second = module_client.post(
+        "/api/v1/leases", json={"machine_id": module_machine, "holder": "u", "ttl_s": 60}
+    )
+    new_token = second.json()["token"]
+    try:
+        reused = module_client.post(
+            f"{base}/{sid}/run", json={"cmd": "true"}, headers={"X-Lease-Token": str(new_token)}
+        )
+        assert reused.status_code == 410  # the next holder cannot use the last one's shell
+        assert "earlier lease" in reused.json()["detail"]
+    finally:
+        module_client.delete(f"/api/v1/leases/{second.json()['id']}")
+
+
+def test_stopping_the_machine_loses_its_sessions(
+    module_client: TestClient, module_machine: str, sid: str
+) -> None:
+    base = f"/api/v1/machines/{module_machine}"
+    assert run(module_client, module_machine, sid, "echo up")["output"] == "up\n"
+    assert module_client.post(f"{base}/stop").status_code == 200
+    try:
+        stopped = module_client.post(f"{base}/sessions/{sid}/run", json={"cmd": "true"})
+        assert stopped.status_code == 409  # the machine is stopped: no commands at all
+    finally:
+        assert module_client.post(f"{base}/start").status_code == 200
+    after = module_client.post(f"{base}/sessions/{sid}/run", json={"cmd": "true"})
+    assert after.status_code == 410, after.text
+    assert (
+        run(
+            module_client, module_machine, open_session(module_client, module_machine), "echo again"
+        )["output"]
+        == "again\n"
+    )

@@ -1,0 +1,125 @@
+"""The controller is killed (SIGKILL) in the middle of a run and started again.
+
+The run must end in a definite state with a reason, and no machine may stay leased.
+Here the run's lease is still valid at restart, so the driver adopts it (same machine,
+same workspace: no context re-creation), records the interrupted attempt as failed with
+the reason, kills what the dead controller left running and retries the stage.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controller.models import Role
+from tests.integration.conftest import ControllerProcess
+
+CTX = "/workspace/.shopfloor"
+
+
+def _wait(http: httpx.Client, path: str, check: Any, what: str, timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = http.get(path).json()
+        if check(body):
+            return body
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {body}"
+        time.sleep(0.3)
+
+
+def test_sigkill_mid_run_then_restart_ends_the_run_and_frees_the_machine(
+    tmp_path: Path, runner_image: str, sample_repo: Path
+) -> None:
+    controller = ControllerProcess(
+        tmp_path / "data",
+        runner_image,
+        SHOPFLOOR_POOL_INTERVAL_S="0.3",
+        SHOPFLOOR_RUN_POLL_INTERVAL_S="0.2",
+        SHOPFLOOR_LEASE_REAP_INTERVAL_S="0.3",
+        SHOPFLOOR_RUN_LEASE_TTL_S="60",
+    ).start()
+    try:
+        ops_token = controller.token(Role.ops)
+        ops = {"Authorization": f"Bearer {ops_token}"}
+        http = httpx.Client(base_url=controller.url, headers=ops, timeout=60)
+        pool = {"template": {"repo": str(sample_repo)}, "min_ready": 1, "max_machines": 2}
+        assert http.put("/api/v1/pools/crash", json=pool).status_code == 200
+        stages = [
+            {"name": "plan", "agent": "command", "with": {"cmd": f"echo p > {CTX}/plan.md"}},
+            {
+                "name": "implement",
+                "agent": "command",
+                "with": {"cmd": f"touch {CTX}/started-$(date +%s%N); sleep 6"},
+                "retries": 1,
+            },
+            # Passes only in the same workspace: both attempts' markers are there.
+            {
+                "name": "test",
+                "agent": "command",
+                "with": {"cmd": f"test $(ls {CTX}/started-* | wc -l) -eq 2"},
+            },
+        ]
+        body = {
+            "task": "survive a crash",
+            "repo": str(sample_repo),
+            "pool": "crash",
+            "stages": stages,
+        }
+        created = http.post("/api/v1/runs", json=body)
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        before = _wait(
+            http,
+            f"/api/v1/runs/{run_id}",
+            lambda r: r["stages"][1]["status"] == "running",
+            "the implement stage to start",
+        )
+
+        controller.kill()
+        controller.start()
+        http = httpx.Client(base_url=controller.url, headers=ops, timeout=60)
+
+        ended = _wait(
+            http,
+            f"/api/v1/runs/{run_id}",
+            lambda r: r["status"] in ("passed", "failed", "cancelled"),
+            "the run to end after the restart",
+        )
+        assert ended["status"] == "passed", ended
+        implement = ended["stages"][1]
+        assert implement["attempts"] == 2
+        assert "controller restarted during attempt 1" in implement["history"][0]["summary"]
+        assert ended["machine_id"] == before["machine_id"]
+        assert ended["context_recreations"] == 0
+        assert any(e["kind"] == "run.resumed" for e in ended["events"])
+        _wait(
+            http,
+            "/api/v1/machines?state=leased",
+            lambda page: page["count"] == 0,
+            "no machine left leased",
+        )
+        leases = http.get("/api/v1/leases?state=active").json()
+        assert leases["count"] == 0
+
+        # The CLI sees the same: the run in `runs ls`, the pool in `pools ls`.
+        env = {**os.environ, "SHOPFLOOR_URL": controller.url, "SHOPFLOOR_TOKEN": ops_token}
+        cli = str(Path(sys.executable).parent / "shopfloor")
+        listed = subprocess.run([cli, "runs", "ls"], env=env, capture_output=True, text=True)
+        assert listed.returncode == 0, listed.stderr
+        assert run_id in listed.stdout
+        assert "passed" in listed.stdout
+        pools = subprocess.run([cli, "pools", "ls"], env=env, capture_output=True, text=True)
+        assert "crash" in pools.stdout
+        cancel = subprocess.run(
+            [cli, "runs", "cancel", run_id], env=env, capture_output=True, text=True
+        )
+        assert cancel.returncode == 1
+        assert "already ended" in cancel.stderr
+    finally:
+        controller.stop()

@@ -1,0 +1,37 @@
+"""Lease logic that needs no engine: targets and the first-come-first-served queue."""
+
+from __future__ import annotations
+
+from controller.leases import LeaseRuntime, Target
+from controller.models import Machine
+
+
+def machine(**labels: str) -> Machine:
+    return Machine(
+        image="i", cpus=1, memory_mb=64, container_name="c", volume_name="v", labels=labels
+    )
+
+
+def test_selector_labels_must_all_match() -> None:
+    target = Target(repo="r", labels=(("gpu", "no"), ("team", "web")))
+    assert target.matches(machine(team="web", gpu="no", extra="x"))
+    assert not target.matches(machine(team="web"))
+    assert not target.matches(machine(team="api", gpu="no"))
+    assert Target(pool="p").matches(machine())
+
+
+def test_waiters_are_served_in_arrival_order_per_target() -> None:
+    rt = LeaseRuntime()
+    woken: list[str] = []
+    first = rt.join(Target(pool="a").key, lambda: woken.append("first"))
+    second = rt.join(Target(pool="a").key, lambda: woken.append("second"))
+    other = rt.join(Target(pool="b").key, lambda: woken.append("other"))
+    assert rt.is_first(first)
+    assert rt.is_first(second)  # nobody has waited yet: both may try at once
+    first.waiting = True
+    assert not rt.is_first(second)  # now it queues behind the one that found nothing
+    assert rt.is_first(other)  # another pool's queue is its own
+
+    rt.leave(first)  # leaving wakes everyone, so the next in line looks again
+    assert woken == ["second", "other"]
+    assert rt.is_first(second)

@@ -1,0 +1,119 @@
+"""Pure parts of the SSH transport: the engine stream's demultiplexer, keys, exec command lines."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from controller.providers.docker import DemuxedStream
+from controller.transport.keys import load_or_create
+from controller.transport.sshexec import command_line
+
+
+def frame(stream: int, payload: bytes) -> bytes:
+    return bytes([stream, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
+
+
+class FakeSocket:
+    """Hands out prepared pieces; a ``None`` piece is a timeout."""
+
+    def __init__(self, pieces: list[bytes | None]) -> None:
+        self.pieces = pieces
+        self.sent = b""
+        self.closed = False
+
+    def recv(self, _n: int) -> bytes:
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        if piece is None:
+            raise TimeoutError("timed out")
+        return piece
+
+    def send(self, data: bytes) -> int:
+        self.sent += data
+        return len(data)
+
+    def settimeout(self, _t: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def read_all(stream: DemuxedStream) -> bytes:
+    out = b""
+    while chunk := stream.recv(5):
+        out += chunk
+    return out
+
+
+def test_frames_split_anywhere_give_stdout_only_and_keep_stderr() -> None:
+    wire = frame(1, b"SSH-2.0-x\r\n") + frame(2, b"log line\n") + frame(1, b"payload")
+    pieces: list[bytes | None] = [wire[i : i + 3] for i in range(0, len(wire), 3)]
+    stream = DemuxedStream(FakeSocket(pieces))
+    assert read_all(stream) == b"SSH-2.0-x\r\npayload"
+    assert stream.stderr_tail() == b"log line\n"
+
+
+def test_a_timeout_mid_frame_loses_nothing() -> None:
+    wire = frame(1, b"abcdefgh")
+    stream = DemuxedStream(FakeSocket([wire[:6], None, wire[6:10], None, wire[10:]]))
+    got = b""
+    while True:
+        try:
+            chunk = stream.recv(100)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    assert got == b"abcdefgh"
+
+
+def test_empty_frames_and_stderr_cap() -> None:
+    noise = b"e" * (DemuxedStream.STDERR_KEEP + 100)
+    stream = DemuxedStream(FakeSocket([frame(1, b""), frame(2, noise), frame(1, b"x")]))
+    assert read_all(stream) == b"x"
+    assert len(stream.stderr_tail()) == DemuxedStream.STDERR_KEEP
+
+
+def test_send_and_close_reach_the_socket() -> None:
+    raw = FakeSocket([])
+    stream = DemuxedStream(raw)
+    assert stream.send(b"go\n") == 3
+    stream.close()
+    stream.close()
+    assert raw.sent == b"go\n"
+    assert raw.closed
+    assert stream._closed
+
+
+def test_key_pair_is_made_once_with_private_mode(tmp_path: Path) -> None:
+    first = load_or_create(tmp_path)
+    key_file = tmp_path / "ssh" / "id_ed25519"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert first.public_line.startswith("ssh-ed25519 ")
+    key_file.chmod(0o644)  # someone loosened it: fixed on the next load
+    again = load_or_create(tmp_path)
+    assert again.public_line == first.public_line
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("argv", "workdir", "env", "expected"),
+    [
+        (["true"], None, None, "exec env -- PATH="),
+        (["bash", "-c", "echo 'x'"], "/work dir", {"A": "b c"}, "cd -- '/work dir' && exec env"),
+    ],
+)
+def test_exec_command_line_quotes_everything(
+    argv: list[str], workdir: str | None, env: dict[str, str] | None, expected: str
+) -> None:
+    line = command_line(argv, workdir, env)
+    assert line.startswith(expected)
+    if env:
+        assert "'A=b c'" in line
+        assert line.endswith("bash -c 'echo '\"'\"'x'\"'\"''")
