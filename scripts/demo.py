@@ -1,4 +1,8 @@
-"""`make demo`: a controller on the embedded defaults, a machine from the sample repo, a command.
+"""`make demo`: a controller on the embedded defaults, the sample repo through the factory.
+
+It provisions a machine from examples/sample-app and runs a command in it, then submits a
+run that takes the same repo through plan, implement, test, review and QA on one machine,
+and prints where the API, its docs and the run's page in the gallery are.
 
 Everything lives in .demo/ (SQLite database, keys, evidence, the sample repo, the log);
 the controller keeps running after the demo so you can use the API, the docs and the
@@ -98,6 +102,41 @@ def api(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     return response.json()
 
 
+STAGES: list[dict[str, Any]] = [
+    {"name": "plan", "agent": "planner"},
+    {
+        "name": "implement",
+        "agent": "external",
+        "with": {"command": "sed -i 's/Served from the/Built by the/' app.py"},
+    },
+    {"name": "test", "agent": "tester"},
+    {"name": "review", "agent": "reviewer"},
+    {"name": "qa", "agent": "qa"},
+]
+
+
+def put_change_through_the_factory(client: httpx.Client, repo: Path) -> dict[str, Any]:
+    body = {"task": "Say who builds the page", "repo": str(repo), "stages": STAGES}
+    run = api(client, "POST", "/runs", json=body)
+    deadline = time.monotonic() + 600
+    with console.status("run: plan, implement, test, review, qa on one machine") as status:
+        while run["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run = api(client, "GET", f"/runs/{run['id']}")
+            current = [s["name"] for s in run["stages"] if s["status"] == "running"]
+            status.update(f"run {run['id']}: {run['status']} {' '.join(current)}")
+    for stage in run["stages"]:
+        console.print(
+            f"  {stage['name']:<10} {stage['status']:<8} {stage.get('summary') or ''}", markup=False
+        )
+    console.print(
+        f"run [bold]{run['id']}[/bold]: {run['status']} on machine {run.get('machine_id')}"
+    )
+    if run["status"] != "passed":
+        raise SystemExit(f"the run did not pass; see {URL}/gallery/runs/{run['id']}")
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stop", action="store_true", help="stop the demo controller")
@@ -112,6 +151,8 @@ def main() -> None:
     console.print(f"controller up at {URL} (log: {LOG})")
 
     client = httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+    for old in api(client, "GET", "/machines", params={"label": "demo=yes"})["data"]:
+        api(client, "DELETE", f"/machines/{old['id']}")  # the machine of an earlier demo
     body = {"repo": str(repo), "setup": ["python3 -m compileall -q ."], "labels": {"demo": "yes"}}
     with console.status("provisioning a machine from examples/sample-app"):
         machine = api(client, "POST", "/machines?wait=true", json=body)
@@ -130,12 +171,16 @@ def main() -> None:
     )
     console.print(result["stdout"].rstrip(), markup=False)
 
+    run = put_change_through_the_factory(client, repo)
+    reviewer = shopfloor("token", "create", "--role", "reviewer", "--name", "demo").split()[-1]
+
     console.rule("Shopfloor is running")
     console.print(f"API:      {URL}/api/v1   (token: {token})")
     console.print(f"API docs: {URL}/docs")
     console.print(
         f"CLI:      SHOPFLOOR_URL={URL} SHOPFLOOR_TOKEN={token} .venv/bin/shopfloor machines ls"
     )
+    console.print(f"Gallery:  {URL}/gallery/runs/{run['id']}   (sign in with: {reviewer})")
     console.print("Stop it:  make stop")
 
 
