@@ -7,6 +7,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from controller.models import Role
+from controller.settings import Settings
+from tests.integration.conftest import issue_token
+
 
 def open_session(client: TestClient, machine_id: str) -> str:
     response = client.post(f"/api/v1/machines/{machine_id}/sessions")
@@ -188,3 +192,21 @@ def test_stopping_the_machine_loses_its_sessions(
         )["output"]
         == "again\n"
     )
+
+
+def test_session_calls_need_an_agent_or_ops_token(
+    module_client: TestClient, module_machine: str, module_settings: Settings, sid: str
+) -> None:
+    url = f"/api/v1/machines/{module_machine}/sessions/{sid}/run"
+    no_token = module_client.post(url, json={"cmd": "true"}, headers={"Authorization": ""})
+    assert no_token.status_code == 401
+    reviewer = issue_token(module_settings, Role.reviewer)
+    as_reviewer = module_client.post(
+        url, json={"cmd": "true"}, headers={"Authorization": f"Bearer {reviewer}"}
+    )
+    assert as_reviewer.status_code == 403
+    agent = issue_token(module_settings, Role.agent)
+    as_agent = module_client.post(
+        url, json={"cmd": "true"}, headers={"Authorization": f"Bearer {agent}"}
+    )
+    assert as_agent.status_code == 200

@@ -1,4 +1,8 @@
-"""SSH transport, sessions (issue 4)
+"""SSH transport, sessions (issue 4): no tables.
+
+Sessions, port forwards and the SSH connection pool live in the controller process (a
+shell cannot outlive the connection it runs on), and the key pair is a file in the data
+dir, so this revision changes nothing; it stays to keep the revision chain whole.
 
 Revision ID: 0003
 Revises: 0002
