@@ -15,7 +15,15 @@ def make_sample_repo(dest: Path, name: str = "sample-app") -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(EXAMPLES / name, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    git = ["git", "-C", str(dest), "-c", "user.name=Shopfloor", "-c", "user.email=demo@shopfloor.local"]
+    git = [
+        "git",
+        "-C",
+        str(dest),
+        "-c",
+        "user.name=Shopfloor",
+        "-c",
+        "user.email=demo@shopfloor.local",
+    ]
     subprocess.run([*git, "init", "--quiet", "--initial-branch=main"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "--quiet", "-m", "sample app"], check=True)
