@@ -22,6 +22,10 @@ from controller.transport.ssh import SshPool
 # sshd gives sessions its own PATH; the image's ENV has the sbin folders too.
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NO_SSH_RETRY_S = 60.0
+EXIT_QUIET_S = 0.1
+"""After the command exits, stop reading once its output has been quiet this long..."""
+EXIT_DRAIN_MAX_S = 2.0
+"""...or this long at most (a background child that keeps printing is not waited for)."""
 _BUFFER = 65536
 
 
@@ -32,15 +36,36 @@ class SshExec:
         self.channel = channel
 
     def __iter__(self) -> Iterator[tuple[StreamName, bytes]]:
+        """Output until end-of-file, or shortly after the command exits.
+
+        sshd sends end-of-file only when every holder of the output pipes closed them, so
+        ``server &`` without redirections would keep the channel open for as long as the
+        server lives. Like ``docker exec``, we end with the command: after its exit
+        status, what still arrives within a short quiet period is kept, then we stop.
+        """
         channel = self.channel
+        exited_at: float | None = None
+        quiet_since = time.monotonic()
         while True:
-            select.select([channel], [], [], 1.0)
+            select.select([channel], [], [], EXIT_QUIET_S if exited_at else 1.0)
+            got = False
             while channel.recv_ready():
+                got = True
                 yield "stdout", channel.recv(_BUFFER)
             while channel.recv_stderr_ready():
+                got = True
                 yield "stderr", channel.recv_stderr(_BUFFER)
             drained = not channel.recv_ready() and not channel.recv_stderr_ready()
             if drained and (channel.eof_received or channel.closed):
+                return
+            now = time.monotonic()
+            if got:
+                quiet_since = now
+            if exited_at is None and channel.exit_status_ready():
+                exited_at = now
+            if exited_at is not None and (
+                now - quiet_since >= EXIT_QUIET_S or now - exited_at >= EXIT_DRAIN_MAX_S
+            ):
                 return
 
     def exit_code(self) -> int | None:

@@ -117,3 +117,21 @@ def test_exec_command_line_quotes_everything(
     if env:
         assert "'A=b c'" in line
         assert line.endswith("bash -c 'echo '\"'\"'x'\"'\"''")
+
+
+def test_commands_fall_back_to_the_engine_when_a_machine_has_no_sshd() -> None:
+    from controller.errors import TransportError
+    from controller.transport.sshexec import CommandRunner
+
+    class NoSsh:
+        calls = 0
+
+        def get(self, container: str) -> None:
+            NoSsh.calls += 1
+            raise TransportError(f"no sshd in {container}")
+
+    engine = object()
+    runner = CommandRunner(NoSsh(), engine)  # type: ignore[arg-type]
+    assert runner.for_container("c1") is engine
+    assert runner.for_container("c1") is engine  # remembered: no second connect attempt
+    assert NoSsh.calls == 1
