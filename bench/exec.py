@@ -126,10 +126,12 @@ def main() -> int:
 
         def session_true() -> None:
             answer = http.post(f"/machines/{mid}/sessions/{sid}/run", json={"cmd": "true"})
+            assert answer.status_code == 200, answer.text
             assert answer.json()["exit_code"] == 0, answer.text
 
         def exec_true() -> None:
             answer = http.post(f"/machines/{mid}/exec", json={"cmd": "true"})
+            assert answer.status_code == 200, answer.text
             assert answer.json()["exit_code"] == 0, answer.text
 
         def docker_exec_sdk() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 
 from sqlmodel import Session, select
 
@@ -21,17 +22,45 @@ def create_token(*, session: Session, role: Role, name: str = "") -> str:
     return token
 
 
-def authenticate(*, session: Session, authorization: str | None) -> ApiToken:
+def bearer(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer`` header, or 401 saying what to send."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized(
             "send 'Authorization: Bearer <token>' (make one: shopfloor token create)"
         )
-    found = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(token.strip())))
-    record = found.first()
+    return token.strip()
+
+
+def lookup(*, session: Session, token_hash: str) -> ApiToken:
+    record = session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash)).first()
     if record is None:
         raise Unauthorized("unknown or revoked token")
     return record
+
+
+def authenticate(*, session: Session, authorization: str | None) -> ApiToken:
+    return lookup(session=session, token_hash=hash_token(bearer(authorization)))
+
+
+class TokenCache:
+    """Every request names a token; remembering known ones briefly spares a database trip.
+
+    Only found tokens are kept, for ``ttl_s``: an unknown token always asks the database.
+    """
+
+    def __init__(self, ttl_s: float = 30.0) -> None:
+        self.ttl_s = ttl_s
+        self._known: dict[str, tuple[ApiToken, float]] = {}
+
+    def get(self, token_hash: str) -> ApiToken | None:
+        entry = self._known.get(token_hash)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, token_hash: str, token: ApiToken) -> None:
+        self._known[token_hash] = (token, time.monotonic() + self.ttl_s)
 
 
 def require_role(token: ApiToken, roles: tuple[Role, ...]) -> None:

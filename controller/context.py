@@ -12,6 +12,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from controller.auth import TokenCache
+from controller.db import reader
 from controller.providers.base import Provider
 from controller.settings import Settings
 from controller.transport.forward import ForwardRegistry
@@ -50,7 +52,12 @@ class Controller:
     commands: CommandRunner = field(init=False)
     """One-shot commands: over SSH where the machine has sshd, else the engine's exec."""
 
+    tokens: TokenCache = field(default_factory=TokenCache)
+    reader: Engine = field(init=False)
+    """The same database for read-only transactions (no write lock on SQLite)."""
+
     def __post_init__(self) -> None:
+        self.reader = reader(self.db)
         self.ssh = SshPool(
             self.provider, self.settings.data_dir, timeout_s=self.settings.ssh_connect_timeout_s
         )

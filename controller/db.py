@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Any) -> None:
     # IMMEDIATE takes the write lock at BEGIN: read-then-write transactions (lease grants,
-    # state changes) cannot interleave, and busy_timeout queues the waiters.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # state changes) cannot interleave, and busy_timeout queues the waiters. Readers
+    # (engines from `reader`) take no lock at all: WAL lets them run beside a writer.
+    read_only = conn.get_execution_options().get("shopfloor_read_only", False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def reader(engine: Engine) -> Engine:
+    """The same database and pool, for transactions that only read."""
+    return engine.execution_options(shopfloor_read_only=True)
 
 
 def migrate(url: str) -> None:
@@ -54,10 +62,24 @@ def migrate(url: str) -> None:
     command.upgrade(config, "head")
 
 
+_WRITER_LOCKS: dict[str, threading.RLock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(engine: Engine) -> threading.RLock | None:
+    """SQLite writers of this process queue here, first come first served, instead of in
+    SQLite's busy handler, which sleeps in growing steps (up to 100 ms) while it polls."""
+    if engine.dialect.name != "sqlite" or engine.get_execution_options().get("shopfloor_read_only"):
+        return None
+    with _WRITER_LOCKS_GUARD:
+        return _WRITER_LOCKS.setdefault(str(engine.url), threading.RLock())
+
+
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    with Session(engine, expire_on_commit=False) as session:
+    lock = _writer_lock(engine)
+    with lock or nullcontext(), Session(engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()

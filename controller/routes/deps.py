@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Header, Request
 from sqlmodel import Session
 
@@ -30,16 +31,25 @@ def get_session(ctl: Ctl) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def require(*roles: Role) -> Callable[..., ApiToken]:
+def require(*roles: Role) -> Callable[..., Awaitable[ApiToken]]:
     """A dependency that authenticates the bearer token and checks its role."""
 
-    def check(ctl: Ctl, authorization: Annotated[str | None, Header()] = None) -> ApiToken:
-        with session_scope(ctl.db) as session:
-            token = auth.authenticate(session=session, authorization=authorization)
+    async def check(ctl: Ctl, authorization: Annotated[str | None, Header()] = None) -> ApiToken:
+        # Async, and usually answered from memory: no worker-thread hop on the hot path.
+        token_hash = auth.hash_token(auth.bearer(authorization))
+        token = ctl.tokens.get(token_hash)
+        if token is None:
+            token = await anyio.to_thread.run_sync(_lookup, ctl, token_hash)
+            ctl.tokens.put(token_hash, token)
         auth.require_role(token, roles)
         return token
 
     return check
+
+
+def _lookup(ctl: Controller, token_hash: str) -> ApiToken:
+    with session_scope(ctl.reader) as session:
+        return auth.lookup(session=session, token_hash=token_hash)
 
 
 OpsOnly = Annotated[ApiToken, Depends(require(Role.ops))]

@@ -20,7 +20,7 @@ def public(lease: Lease) -> LeasePublic:
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def acquire(body: LeaseBody, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
     """Async so that waiting requests hold no worker thread; grants run in threads."""
-    with session_scope(ctl.db) as session:
+    with session_scope(ctl.reader) as session:  # WAL readers never wait: fine on the loop
         target = leases.make_target(
             session=session, pool=body.pool, machine_id=body.machine_id, selector=body.selector
         )

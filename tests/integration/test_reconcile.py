@@ -15,7 +15,10 @@ from controller.models import Role
 from controller.providers.base import ContainerSpec
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
+from tests.conftest import TEST_RUN_ID
 from tests.integration.conftest import issue_token, wait_state
+
+SUFFIX = TEST_RUN_ID  # engine-wide names: unique per test run
 
 
 def controller_of(client: TestClient) -> Controller:
@@ -70,15 +73,15 @@ def test_orphan_container_and_volume_are_removed(
     labels = {
         **settings.extra_label_map,
         fleet.LABEL_CONTROLLER: ctl.install_id,
-        fleet.LABEL_MACHINE: "m-orphan0001",
+        fleet.LABEL_MACHINE: f"m-orphan{SUFFIX}",
     }
-    provider.create_volume("shopfloor-ws-m-orphan0001", labels)
+    provider.create_volume(f"shopfloor-ws-m-orphan{SUFFIX}", labels)
     provider.run_container(
         ContainerSpec(
-            name="shopfloor-m-orphan0001",
+            name=f"shopfloor-m-orphan{SUFFIX}",
             image=runner_image,
             labels=labels,
-            workspace_volume="shopfloor-ws-m-orphan0001",
+            workspace_volume=f"shopfloor-ws-m-orphan{SUFFIX}",
         )
     )
     young = fleet.reconcile(
@@ -86,8 +89,8 @@ def test_orphan_container_and_volume_are_removed(
     )
     assert young.removed_containers == []  # inside the grace period: left alone
     report = fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
-    assert report.removed_volumes == ["shopfloor-ws-m-orphan0001"]
-    assert provider.inspect_container("shopfloor-m-orphan0001") is None
+    assert report.removed_volumes == [f"shopfloor-ws-m-orphan{SUFFIX}"]
+    assert provider.inspect_container(f"shopfloor-m-orphan{SUFFIX}") is None
 
 
 def test_other_controllers_containers_are_not_touched(
@@ -96,20 +99,20 @@ def test_other_controllers_containers_are_not_touched(
     labels = {
         **settings.extra_label_map,
         fleet.LABEL_CONTROLLER: "someone-else",
-        fleet.LABEL_MACHINE: "m-foreign0001",
+        fleet.LABEL_MACHINE: f"m-foreign{SUFFIX}",
     }
-    provider.create_volume("shopfloor-ws-m-foreign0001", labels)
+    provider.create_volume(f"shopfloor-ws-m-foreign{SUFFIX}", labels)
     provider.run_container(
         ContainerSpec(
-            name="shopfloor-m-foreign0001",
+            name=f"shopfloor-m-foreign{SUFFIX}",
             image=runner_image,
             labels=labels,
-            workspace_volume="shopfloor-ws-m-foreign0001",
+            workspace_volume=f"shopfloor-ws-m-foreign{SUFFIX}",
         )
     )
     ctl = controller_of(client)
     fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
-    assert provider.inspect_container("shopfloor-m-foreign0001") is not None
+    assert provider.inspect_container(f"shopfloor-m-foreign{SUFFIX}") is not None
 
 
 def test_stopped_engine_side_container_of_ready_machine_is_restarted(
