@@ -42,7 +42,7 @@ def build_controller(settings: Settings) -> Controller:
         settings=settings,
         db=make_engine(settings.sqlalchemy_url),
         provider=provider,
-        install_id=read_install_id(settings.data_dir),
+        install_id=settings.install_id or read_install_id(settings.data_dir),
         default_image=default_image,
     )
 

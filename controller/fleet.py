@@ -16,7 +16,7 @@ from sqlmodel import Session, select
 
 from controller import events, repos
 from controller.context import Controller
-from controller.db import session_scope
+from controller.db import reader, session_scope
 from controller.errors import (
     Conflict,
     EngineError,
@@ -526,7 +526,7 @@ def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
 
 def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> Machine:
     """The machine, if commands may run in it now. A leased machine needs its current token."""
-    with session_scope(db) as session:
+    with session_scope(reader(db)) as session:  # a read: takes no write lock
         machine = get_machine(session, machine_id)
     require_exec_ready(machine)
     if machine.state == MachineState.leased and lease_token is None:

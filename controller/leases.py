@@ -66,8 +66,8 @@ class Target:
     def key(self) -> str:
         return repr(self)
 
-    def matches(self, machine: Machine) -> bool:
-        return all(machine.labels.get(k) == v for k, v in self.labels)
+    def matches_labels(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels)
 
 
 def make_target(
@@ -163,7 +163,8 @@ def try_grant(
 
 
 def _claim(session: Session, target: Target) -> Machine | None:
-    query = select(Machine).where(Machine.state == MachineState.ready)
+    """Flip the longest-ready fitting machine to leased; only ids and labels are read."""
+    query = select(col(Machine.id), col(Machine.labels)).where(Machine.state == MachineState.ready)
     if target.pool:
         query = query.where(Machine.pool == target.pool)
     if target.machine_id:
@@ -171,19 +172,20 @@ def _claim(session: Session, target: Target) -> Machine | None:
     if target.repo:
         query = query.where(Machine.repo == target.repo)
     query = query.order_by(col(Machine.updated_at))
-    locking = session.get_bind().dialect.name == "postgresql"
-    if locking and not target.labels:
-        query = query.with_for_update(skip_locked=True).limit(1)
-    for candidate in session.exec(query):
-        if not target.matches(candidate):
+    if not target.labels:
+        query = query.limit(1)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+    for machine_id, labels in session.execute(query):
+        if not target.matches_labels(labels or {}):
             continue
         flipped = session.execute(
             update(Machine)
-            .where(col(Machine.id) == candidate.id, col(Machine.state) == MachineState.ready)
+            .where(col(Machine.id) == machine_id, col(Machine.state) == MachineState.ready)
             .values(state=MachineState.leased, fence=Machine.fence + 1, updated_at=utcnow())
         )
         if flipped.rowcount == 1:  # type: ignore[attr-defined]
-            return session.get(Machine, candidate.id, populate_existing=True)
+            return session.get(Machine, machine_id, populate_existing=True)
     return None
 
 

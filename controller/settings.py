@@ -34,14 +34,8 @@ class Settings(BaseSettings):
 
     reconcile_interval_s: float = 5.0
     orphan_grace_s: float = 60.0
-    default_cpus: float = 1.0
-    default_memory_mb: int = 1024
-    min_memory_mb: int = 64
-    max_memory_mb: int = 16384
-    max_cpus: float = 8.0
     pids_limit: int = 512
     exec_output_cap: int = 1024 * 1024
-    exec_default_timeout_s: float = 600.0
     provision_timeout_s: float = 600.0
 
     # pools, leases, runs (issue 3)

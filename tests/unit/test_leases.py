@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from controller.leases import LeaseRuntime, Target
-from controller.models import Machine
-
-
-def machine(**labels: str) -> Machine:
-    return Machine(
-        image="i", cpus=1, memory_mb=64, container_name="c", volume_name="v", labels=labels
-    )
 
 
 def test_selector_labels_must_all_match() -> None:
     target = Target(repo="r", labels=(("gpu", "no"), ("team", "web")))
-    assert target.matches(machine(team="web", gpu="no", extra="x"))
-    assert not target.matches(machine(team="web"))
-    assert not target.matches(machine(team="api", gpu="no"))
-    assert Target(pool="p").matches(machine())
+    assert target.matches_labels({"team": "web", "gpu": "no", "extra": "x"})
+    assert not target.matches_labels({"team": "web"})
+    assert not target.matches_labels({"team": "api", "gpu": "no"})
+    assert Target(pool="p").matches_labels({})
 
 
 def test_waiters_are_served_in_arrival_order_per_target() -> None:
