@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,6 +32,7 @@ from controller.settings import Settings, get_settings
 from evidence import gallery, retention
 
 log = logging.getLogger(__name__)
+SWITCH_INTERVAL_S = 0.0005
 
 
 def build_controller(settings: Settings) -> Controller:
@@ -74,6 +76,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Requests hop between the event loop and worker threads; at the default 5 ms GIL
+        # switch interval each hop can wait a whole interval while another thread computes.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         ctl = build_controller(settings)
         app.state.controller = ctl
         if background:

@@ -44,9 +44,6 @@ def serve(
 
     from controller.app import create_app
 
-    # Requests hop between the event loop and worker threads; at the default 5 ms GIL
-    # switch interval each hop can wait a whole interval while a loop thread computes.
-    sys.setswitchinterval(0.0005)
     uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
 
 
