@@ -37,19 +37,27 @@ if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; 
     DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io
 fi
 
+start_dockerd() {
+    echo "ensure-engine: starting dockerd (log: ${LOG})" >&2
+    nohup dockerd >"${LOG}" 2>&1 &
+}
+
 # A dockerd that is already starting (or a systemd-managed one) only needs waiting for;
-# a second one would fail on the pid file.
+# a second one would fail on the pid file. One that is shutting down is started again
+# once it has gone.
 if pgrep -x dockerd >/dev/null 2>&1; then
     echo "ensure-engine: dockerd is running but not answering yet; waiting" >&2
 else
-    echo "ensure-engine: starting dockerd (log: ${LOG})" >&2
-    nohup dockerd >"${LOG}" 2>&1 &
+    start_dockerd
 fi
 
 for ((i = 0; i < WAIT_S * 2; i++)); do
     if docker info >/dev/null 2>&1; then
         echo "ensure-engine: engine is up" >&2
         exit 0
+    fi
+    if ! pgrep -x dockerd >/dev/null 2>&1; then
+        start_dockerd
     fi
     sleep 0.5
 done
