@@ -1,4 +1,7 @@
-"""A :class:`agents.base.MachineHandle` over the engine's exec (the transport every machine has)."""
+"""Machine handles for agents: commands through an executor (SSH or the engine), files via exec.
+
+The base handle works on any machine; `handle_for` gives the SSH-backed one where it can.
+"""
 
 from __future__ import annotations
 

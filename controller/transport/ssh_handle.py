@@ -1,4 +1,4 @@
-"""The machine handle agents get: commands through the engine, files over SFTP, real forwards."""
+"""The machine handle agents get: commands over SSH (engine fallback), files over SFTP, real forwards."""
 
 from __future__ import annotations
 
