@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -15,6 +17,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 SHOPFLOOR = str(ROOT / ".venv" / "bin" / "shopfloor")
 BENCH_LABEL = "shopfloor.bench"
+BENCH_RUN = secrets.token_hex(4)
+"""This run's label value: cleanup never touches another bench running beside it."""
 
 
 def free_port() -> int:
@@ -43,7 +47,7 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
     env = {
         **os.environ,
         "SHOPFLOOR_DATA_DIR": str(data_dir),
-        "SHOPFLOOR_EXTRA_LABELS": f"{BENCH_LABEL}=1",
+        "SHOPFLOOR_EXTRA_LABELS": f"{BENCH_LABEL}={BENCH_RUN}",
         "SHOPFLOOR_RUNNER_IMAGE": image,
     }
     port = free_port()
@@ -73,10 +77,15 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
 
 
 def _remove_leftovers() -> None:
+    """Remove what this run made; the stopping controller may be removing some of it too."""
     import docker
+    import docker.errors
 
     engine = docker.from_env()
-    for container in engine.containers.list(all=True, filters={"label": BENCH_LABEL}):
-        container.remove(force=True)
-    for volume in engine.volumes.list(filters={"label": BENCH_LABEL}):
-        volume.remove(force=True)
+    mine = {"label": f"{BENCH_LABEL}={BENCH_RUN}"}
+    for container in engine.containers.list(all=True, filters=mine):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+    for volume in engine.volumes.list(filters=mine):
+        with contextlib.suppress(docker.errors.NotFound):
+            volume.remove(force=True)

@@ -16,7 +16,7 @@ import docker
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _controller import BENCH_LABEL, running_controller  # noqa: E402
+from _controller import BENCH_LABEL, BENCH_RUN, running_controller  # noqa: E402
 
 ROUNDS = 15
 
@@ -24,7 +24,7 @@ ROUNDS = 15
 def bare_run(client: docker.DockerClient, image: str) -> float:
     started = time.perf_counter()
     container = client.containers.run(
-        image, detach=True, labels={BENCH_LABEL: "1"}, network_mode="none", init=True
+        image, detach=True, labels={BENCH_LABEL: BENCH_RUN}, network_mode="none", init=True
     )
     elapsed = time.perf_counter() - started
     container.remove(force=True)
