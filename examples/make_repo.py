@@ -6,8 +6,23 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 EXAMPLES = Path(__file__).resolve().parent
+
+SAMPLE_CHANGE_STAGES: list[dict[str, Any]] = [
+    {"name": "plan", "agent": "planner"},
+    {
+        "name": "implement",
+        "agent": "external",
+        "with": {"command": "sed -i 's/Served from the/Built by the/' app.py"},
+    },
+    {"name": "test", "agent": "tester"},
+    {"name": "review", "agent": "reviewer"},
+    {"name": "qa", "agent": "qa"},
+]
+"""The change the demo and the end-to-end test put the sample app through, with the
+built-in agents (the `implement` stage's "coding agent" is a sed command)."""
 
 
 def make_sample_repo(dest: Path, name: str = "sample-app") -> Path:

@@ -26,7 +26,7 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
-from make_repo import make_sample_repo  # noqa: E402
+from make_repo import SAMPLE_CHANGE_STAGES, make_sample_repo  # noqa: E402
 
 DEMO = ROOT / ".demo"
 DATA = DEMO / "data"
@@ -102,21 +102,8 @@ def api(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     return response.json()
 
 
-STAGES: list[dict[str, Any]] = [
-    {"name": "plan", "agent": "planner"},
-    {
-        "name": "implement",
-        "agent": "external",
-        "with": {"command": "sed -i 's/Served from the/Built by the/' app.py"},
-    },
-    {"name": "test", "agent": "tester"},
-    {"name": "review", "agent": "reviewer"},
-    {"name": "qa", "agent": "qa"},
-]
-
-
 def put_change_through_the_factory(client: httpx.Client, repo: Path) -> dict[str, Any]:
-    body = {"task": "Say who builds the page", "repo": str(repo), "stages": STAGES}
+    body = {"task": "Say who builds the page", "repo": str(repo), "stages": SAMPLE_CHANGE_STAGES}
     run = api(client, "POST", "/runs", json=body)
     deadline = time.monotonic() + 600
     with console.status("run: plan, implement, test, review, qa on one machine") as status:

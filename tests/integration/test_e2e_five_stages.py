@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from make_repo import SAMPLE_CHANGE_STAGES
 
 from controller.models import Role
 from controller.settings import Settings
@@ -16,21 +17,10 @@ from tests.integration.conftest import issue_token
 from tests.integration.test_runs import create_run, wait_run
 
 API = "/api/v1"
-STAGES: list[dict[str, Any]] = [
-    {"name": "plan", "agent": "planner"},
-    {
-        "name": "implement",
-        "agent": "external",
-        "with": {"command": "sed -i 's/Served from the/Built by the/' app.py"},
-    },
-    {"name": "test", "agent": "tester"},
-    {"name": "review", "agent": "reviewer"},
-    {"name": "qa", "agent": "qa"},
-]
 
 
 def run_through(client: TestClient, repo: Path, task: str) -> dict[str, Any]:
-    created = create_run(client, task=task, repo=str(repo), stages=STAGES)
+    created = create_run(client, task=task, repo=str(repo), stages=SAMPLE_CHANGE_STAGES)
     ended = wait_run(client, created["id"], timeout_s=300)
     assert ended["status"] == "passed", [(s["name"], s["summary"]) for s in ended["stages"]]
     return ended
