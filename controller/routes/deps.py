@@ -15,7 +15,8 @@ from controller.db import session_scope
 from controller.models import ApiToken, Role
 
 
-def get_controller(request: Request) -> Controller:
+async def get_controller(request: Request) -> Controller:
+    """Async on purpose: FastAPI runs plain-def dependencies in a worker thread."""
     controller: Controller = request.app.state.controller
     return controller
 
