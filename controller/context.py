@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from controller.auth import TokenCache
 from controller.db import reader
+from controller.lease_runtime import LeaseRuntime
 from controller.providers.base import Provider
 from controller.settings import Settings
 from controller.transport.forward import ForwardRegistry
@@ -53,6 +54,8 @@ class Controller:
     """One-shot commands: over SSH where the machine has sshd, else the engine's exec."""
 
     tokens: TokenCache = field(default_factory=TokenCache)
+    lease_runtime: LeaseRuntime = field(default_factory=LeaseRuntime)
+    """Requests waiting for a machine, and machines being returned after a lease."""
     reader: Engine = field(init=False)
     """The same database for read-only transactions (no write lock on SQLite)."""
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from controller.leases import LeaseRuntime, Target
+from controller.lease_runtime import LeaseRuntime
+from controller.leases import Target
 
 
 def test_selector_labels_must_all_match() -> None:
