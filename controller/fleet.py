@@ -224,13 +224,13 @@ def _run_script(
     script: str,
     env: dict[str, str],
     what: str,
+    cwd: str = "/workspace",
 ) -> commands.ExecResult:
+    """Run one provisioning step; a non-zero exit fails it with the output's tail."""
     result = commands.run(
         provider,
         machine.container_name,
-        commands.ExecRequest(
-            cmd=script, cwd="/workspace", env=env, timeout_s=settings.provision_timeout_s
-        ),
+        commands.ExecRequest(cmd=script, cwd=cwd, env=env, timeout_s=settings.provision_timeout_s),
         cap=64 * 1024,
     )
     if result.exit_code != 0:
@@ -249,19 +249,8 @@ def _clone(provider: Provider, settings: Settings, machine: Machine) -> None:
 
 def run_setup(provider: Provider, settings: Settings, machine: Machine) -> None:
     for number, cmd in enumerate(machine.setup, start=1):
-        result = commands.run(
-            provider,
-            machine.container_name,
-            commands.ExecRequest(
-                cmd=cmd, cwd=machine.workdir, env={}, timeout_s=settings.provision_timeout_s
-            ),
-            cap=64 * 1024,
-        )
-        if result.exit_code != 0:
-            tail = (result.stderr or result.stdout).strip()[-2000:]
-            raise ShopfloorError(
-                f"setup command {number} ({cmd!r}) failed with exit {result.exit_code}: {tail}"
-            )
+        what = f"setup command {number} ({cmd!r})"
+        _run_script(provider, settings, machine, cmd, {}, what, cwd=machine.workdir)
 
 
 def _remove_resources(provider: Provider, machine: Machine) -> None:
