@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from controller import fleet, images, leases, pools, runs
 from controller.context import Controller, read_install_id
-from controller.db import make_engine, migrate
+from controller.db import checkpoint, make_engine, migrate
 from controller.errors import ShopfloorError
 from controller.providers.docker import DockerProvider
 from controller.routes import artifacts as artifacts_routes
@@ -33,6 +33,7 @@ from evidence import gallery, retention
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
+CHECKPOINT_INTERVAL_S = 1.0
 
 
 def build_controller(settings: Settings) -> Controller:
@@ -62,6 +63,7 @@ def start_loops(ctl: Controller) -> None:
         ),
     )
     ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", lambda: leases.reap(ctl=ctl))
+    ctl.every(CHECKPOINT_INTERVAL_S, "checkpoint", lambda: checkpoint(ctl.db))
     ctl.every(ctl.settings.pool_interval_s, "pools", lambda: pools.fill(ctl=ctl))
     ctl.every(ctl.settings.run_poll_interval_s, "runs", lambda: runs.driver_tick(ctl=ctl))
     ctl.every(

@@ -124,14 +124,8 @@ def set_state(
     if state == MachineState.ready and machine.ready_at is None:
         machine.ready_at = machine.updated_at
     session.add(machine)
-    events.record(
-        session,
-        "machine.state",
-        machine.id,
-        state=state.value,
-        previous=previous.value,
-        reason=reason,
-    )
+    kind, subject, data = events.machine_state(machine.id, state, previous, reason)
+    events.record(session, kind, subject, **data)
 
 
 def create_machine(*, session: Session, spec: MachineSpec) -> Machine:

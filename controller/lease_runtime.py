@@ -16,7 +16,8 @@ class _Waiter:
     key: str
     wake: Callable[[], None]
     waiting: bool = False
-    """Set once a grant attempt found nothing: from then on later arrivals queue behind it."""
+    """Set once the request found nothing or had to queue: later arrivals queue behind it,
+    and a machine coming back wakes it."""
 
 
 @dataclass
@@ -28,6 +29,9 @@ class LeaseRuntime:
     counter: itertools.count[int] = field(default_factory=itertools.count)
     returning: set[str] = field(default_factory=set)
     """Machines whose lease ended and that are being cleaned or recreated right now."""
+    generation: int = 0
+    """Counts :meth:`notify` calls: a request that saw it change while it looked looks again
+    instead of sleeping, so a wake-up is never lost between a miss and the sleep."""
 
     def join(self, key: str, wake: Callable[[], None]) -> _Waiter:
         with self.lock:
@@ -39,7 +43,8 @@ class LeaseRuntime:
         with self.lock:
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
-        self.notify()
+        if waiter.waiting:  # others may have queued behind it
+            self.notify()
 
     def is_first(self, waiter: _Waiter) -> bool:
         """No request for the same target has been waiting longer (fresh ones don't block)."""
@@ -57,8 +62,9 @@ class LeaseRuntime:
             return sum(1 for w in self.waiters if w.key == key and w.waiting)
 
     def notify(self) -> None:
-        """A machine may have become free: every waiter looks again."""
+        """A machine may have become free: every waiting request looks again."""
         with self.lock:
-            wakers = [w.wake for w in self.waiters]
+            self.generation += 1
+            wakers = [w.wake for w in self.waiters if w.waiting]
         for wake in wakers:
             wake()

@@ -15,22 +15,23 @@ wake when a machine comes back, and poll now and then for machines freed elsewhe
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import anyio.to_thread
-from sqlalchemy import update
-from sqlalchemy.engine import Engine
+from sqlalchemy import ColumnElement, Row, Select, Table, Update, bindparam, func, insert, update
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from controller import events, fleet
 from controller.context import Controller
-from controller.db import session_scope
+from controller.db import session_scope, write_transaction
 from controller.errors import (
     Conflict,
     Forbidden,
@@ -40,14 +41,28 @@ from controller.errors import (
     WaitTimeout,
 )
 from controller.lease_runtime import LeaseRuntime
-from controller.models import ApiToken, Lease, LeaseState, Machine, MachineState, Pool, Role, utcnow
-from controller.schemas import LeaseSelector
+from controller.models import (
+    ApiToken,
+    Lease,
+    LeaseState,
+    Machine,
+    MachineState,
+    Pool,
+    Role,
+    new_id,
+    utcnow,
+)
+from controller.schemas import LeasePublic, LeaseSelector
 
 log = logging.getLogger(__name__)
 
 ResetPolicy = Literal["keep", "clean", "recreate"]
 POLL_S = 0.25
 """Waiters re-check this often even without a wake-up (machines freed by another process)."""
+
+MACHINES: Table = Machine.__table__  # type: ignore[attr-defined]
+LEASES: Table = Lease.__table__  # type: ignore[attr-defined]
+POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- what a request may take
@@ -71,13 +86,9 @@ class Target:
 
 
 def make_target(
-    *,
-    session: Session,
-    pool: str | None,
-    machine_id: str | None,
-    selector: LeaseSelector | None,
+    *, pool: str | None, machine_id: str | None, selector: LeaseSelector | None
 ) -> Target:
-    """Check that exactly one way of choosing is given and that what it names exists."""
+    """Check that exactly one way of choosing is given (what it names: :func:`check_target`)."""
     given = [name for name, v in (("pool", pool), ("machine_id", machine_id)) if v] + (
         ["selector"] if selector is not None else []
     )
@@ -87,26 +98,118 @@ def make_target(
             + (f" (got {', '.join(given)})" if given else "")
         )
     if pool:
-        if session.get(Pool, pool) is None:
-            known = ", ".join(sorted(session.exec(select(Pool.name)))) or "none yet"
-            raise NotFound(f"unknown pool {pool!r}; pools: {known}")
         return Target(pool=pool)
     if machine_id:
-        machine = fleet.get_machine(session, machine_id)
-        if machine.state not in (
-            MachineState.ready,
-            MachineState.leased,
-            MachineState.provisioning,
-        ):
-            raise Conflict(
-                f"machine {machine_id} is {machine.state.value} and cannot be leased",
-                state=machine.state.value,
-            )
         return Target(machine_id=machine_id)
     assert selector is not None
     if not selector.repo and not selector.labels:
         raise InvalidInput("a selector needs a repo or labels")
     return Target(repo=selector.repo, labels=tuple(sorted(selector.labels.items())))
+
+
+def check_target(conn: Connection, target: Target) -> None:
+    """Raise when what the target names does not exist or can never be leased.
+
+    Asked only when a grant found no machine, so the hot path skips this read.
+    """
+    if target.pool:
+        if conn.execute(select(POOLS.c.name).where(POOLS.c.name == target.pool)).first():
+            return
+        known = ", ".join(sorted(conn.execute(select(POOLS.c.name)).scalars())) or "none yet"
+        raise NotFound(f"unknown pool {target.pool!r}; pools: {known}")
+    if target.machine_id:
+        state = conn.execute(
+            select(MACHINES.c.state).where(MACHINES.c.id == target.machine_id)
+        ).scalar()
+        if state is None:
+            raise NotFound(f"no machine {target.machine_id}")
+        if state not in (MachineState.ready, MachineState.leased, MachineState.provisioning):
+            raise Conflict(
+                f"machine {target.machine_id} is {state.value} and cannot be leased",
+                state=state.value,
+            )
+
+
+# ---------------------------------------------------------------- statements, built once
+
+# Every agent's lease and release runs these, so they are Core statements with bind
+# parameters, built and compiled once: no ORM objects, no statement building per call.
+
+_LEASED_NOW = {
+    "state": MachineState.leased,
+    "fence": MACHINES.c.fence + 1,
+    "updated_at": bindparam("now"),
+}
+_CLAIMED = (MACHINES.c.id, MACHINES.c.fence, MACHINES.c.pool)
+_FLIP_BY_ID = (
+    update(MACHINES)
+    .where(MACHINES.c.id == bindparam("candidate"), MACHINES.c.state == MachineState.ready)
+    .values(_LEASED_NOW)
+    .returning(*_CLAIMED)
+)
+_INSERT_LEASE = insert(LEASES)
+_SELECT_LEASE = LEASES.select().where(LEASES.c.id == bindparam("lease_id"))
+_END_LEASE = (
+    update(LEASES)
+    .where(LEASES.c.id == bindparam("lease_id"))
+    .values(state=bindparam("new_state"), ended_at=bindparam("now"))
+)
+_RENEW_LEASE = (
+    update(LEASES)
+    .where(LEASES.c.id == bindparam("lease_id"))
+    .values(ttl_s=bindparam("new_ttl"), expires_at=bindparam("new_expiry"))
+)
+_MACHINE_FENCE = select(MACHINES.c.state, MACHINES.c.fence, MACHINES.c.pool).where(
+    MACHINES.c.id == bindparam("machine_id")
+)
+_POOL_RESET = select(POOLS.c.reset).where(POOLS.c.name == bindparam("pool"))
+_FENCE_OFF = (
+    update(MACHINES)
+    .where(MACHINES.c.id == bindparam("machine_id"))
+    .values(fence=MACHINES.c.fence + 1, updated_at=bindparam("now"))
+)
+_BACK_TO_READY = _FENCE_OFF.values(
+    state=MachineState.ready,
+    reason=None,
+    ready_at=func.coalesce(MACHINES.c.ready_at, bindparam("now")),
+)
+
+
+@functools.cache
+def _claim_first(by: tuple[str, ...], postgres: bool) -> Update:
+    """``UPDATE ... WHERE id = (SELECT the longest-ready fitting id)``, per filter set.
+
+    On PostgreSQL the inner select skips rows another transaction is taking
+    (``FOR UPDATE SKIP LOCKED``); the outer ``state = 'ready'`` check makes the flip safe
+    on both databases.
+    """
+    first = (
+        select(MACHINES.c.id)
+        .where(MACHINES.c.state == MachineState.ready, *_fits(by))
+        .order_by(MACHINES.c.updated_at)
+        .limit(1)
+    )
+    if postgres:
+        first = first.with_for_update(skip_locked=True)
+    return (
+        update(MACHINES)
+        .where(MACHINES.c.id == first.scalar_subquery(), MACHINES.c.state == MachineState.ready)
+        .values(_LEASED_NOW)
+        .returning(*_CLAIMED)
+    )
+
+
+@functools.cache
+def _candidates(by: tuple[str, ...]) -> Select[Any]:
+    return (
+        select(MACHINES.c.id, MACHINES.c.labels)
+        .where(MACHINES.c.state == MachineState.ready, *_fits(by))
+        .order_by(MACHINES.c.updated_at)
+    )
+
+
+def _fits(by: tuple[str, ...]) -> list[ColumnElement[bool]]:
+    return [MACHINES.c[column] == bindparam(f"want_{column}") for column in by]
 
 
 # ---------------------------------------------------------------- the atomic grant
@@ -120,72 +223,65 @@ def try_grant(
     ttl_s: float,
     owner: ApiToken | None,
     requested_at_monotonic: float,
-) -> Lease | None:
+    first_try: bool = False,
+) -> LeasePublic | None:
     """One transaction: take a ready machine that fits, bump its fence, write the lease."""
-    with session_scope(db) as session:
-        machine = _claim(session, target)
-        if machine is None:
+    with write_transaction(db) as conn:
+        claimed = _claim(conn, target)
+        if claimed is None:
+            if first_try:
+                check_target(conn, target)
             return None
         now = utcnow()
         wait_ms = round((time.monotonic() - requested_at_monotonic) * 1000, 3)
-        lease = Lease(
-            machine_id=machine.id,
-            pool=machine.pool,
-            holder=holder,
-            owner_token_id=owner.id if owner else None,
-            token=machine.fence,
-            ttl_s=ttl_s,
-            wait_ms=wait_ms,
-            requested_at=now - timedelta(milliseconds=wait_ms),
-            acquired_at=now,
-            expires_at=now + timedelta(seconds=ttl_s),
+        lease = {
+            "id": new_id("l"),
+            "machine_id": claimed.id,
+            "pool": claimed.pool,
+            "holder": holder,
+            "owner_token_id": owner.id if owner else None,
+            "token": claimed.fence,
+            "state": LeaseState.active,
+            "ttl_s": ttl_s,
+            "wait_ms": wait_ms,
+            "requested_at": now - timedelta(milliseconds=wait_ms),
+            "acquired_at": now,
+            "expires_at": now + timedelta(seconds=ttl_s),
+            "ended_at": None,
+        }
+        conn.execute(_INSERT_LEASE, lease)
+        events.insert(
+            conn,
+            events.machine_state(claimed.id, MachineState.leased, MachineState.ready),
+            (
+                "lease.granted",
+                lease["id"],
+                {
+                    "machine_id": claimed.id,
+                    "holder": holder,
+                    "token": claimed.fence,
+                    "ttl_s": ttl_s,
+                    "wait_ms": wait_ms,
+                },
+            ),
         )
-        session.add(lease)
-        events.record(
-            session,
-            "machine.state",
-            machine.id,
-            state=MachineState.leased.value,
-            previous=MachineState.ready.value,
-            reason=None,
-        )
-        events.record(
-            session,
-            "lease.granted",
-            lease.id,
-            machine_id=machine.id,
-            holder=holder,
-            token=lease.token,
-            ttl_s=ttl_s,
-            wait_ms=wait_ms,
-        )
-        return lease
+        return LeasePublic.model_validate(lease)
 
 
-def _claim(session: Session, target: Target) -> Machine | None:
-    """Flip the longest-ready fitting machine to leased; only ids and labels are read."""
-    query = select(col(Machine.id), col(Machine.labels)).where(Machine.state == MachineState.ready)
-    if target.pool:
-        query = query.where(Machine.pool == target.pool)
-    if target.machine_id:
-        query = query.where(Machine.id == target.machine_id)
-    if target.repo:
-        query = query.where(Machine.repo == target.repo)
-    query = query.order_by(col(Machine.updated_at))
+def _claim(conn: Connection, target: Target) -> Row[Any] | None:
+    """Flip the longest-ready fitting machine to leased; answer its id, new fence and pool."""
+    given = {"pool": target.pool, "id": target.machine_id, "repo": target.repo}
+    by = tuple(column for column, value in given.items() if value is not None)
+    params: dict[str, Any] = {f"want_{column}": given[column] for column in by}
+    params["now"] = utcnow()
     if not target.labels:
-        query = query.limit(1)
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-    for machine_id, labels in session.execute(query):
-        if not target.matches_labels(labels or {}):
-            continue
-        flipped = session.execute(
-            update(Machine)
-            .where(col(Machine.id) == machine_id, col(Machine.state) == MachineState.ready)
-            .values(state=MachineState.leased, fence=Machine.fence + 1, updated_at=utcnow())
-        )
-        if flipped.rowcount == 1:  # type: ignore[attr-defined]
-            return session.get(Machine, machine_id, populate_existing=True)
+        claim = _claim_first(by, conn.dialect.name == "postgresql")
+        return conn.execute(claim, params).first()
+    for candidate, labels in conn.execute(_candidates(by), params).all():
+        if target.matches_labels(labels or {}):
+            flipped = conn.execute(_FLIP_BY_ID, {"candidate": candidate, "now": params["now"]})
+            if row := flipped.first():
+                return row
     return None
 
 
@@ -202,7 +298,9 @@ class LeaseRequest:
     owner: ApiToken | None = None
 
 
-def _grant_now(ctl: Controller, request: LeaseRequest, started: float) -> Lease | None:
+def _grant_now(
+    ctl: Controller, request: LeaseRequest, started: float, check: bool
+) -> LeasePublic | None:
     return try_grant(
         db=ctl.db,
         target=request.target,
@@ -210,6 +308,7 @@ def _grant_now(ctl: Controller, request: LeaseRequest, started: float) -> Lease 
         ttl_s=request.ttl_s,
         owner=request.owner,
         requested_at_monotonic=started,
+        first_try=check,
     )
 
 
@@ -227,7 +326,7 @@ def _timeout(request: LeaseRequest) -> WaitTimeout:
     )
 
 
-async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> Lease:
+async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeasePublic:
     """Grant at once or wait up to ``wait_s`` without holding a worker thread while waiting."""
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -238,17 +337,22 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> Lease:
         loop.call_soon_threadsafe(wakeup.set)
 
     waiter = rt.join(request.target.key, wake)
+    tried = False
     try:
         while True:
             wakeup.clear()
+            seen = rt.generation
             if rt.is_first(waiter):
-                lease = await anyio.to_thread.run_sync(_grant_now, ctl, request, started)
+                lease = await anyio.to_thread.run_sync(_grant_now, ctl, request, started, not tried)
+                tried = True
                 if lease is not None:
                     return lease
-                waiter.waiting = True
+            waiter.waiting = True
             remaining = started + request.wait_s - time.monotonic()
             if remaining <= 0:
                 raise _timeout(request)
+            if rt.generation != seen:
+                continue  # a machine came back while we looked: look again at once
             try:
                 await asyncio.wait_for(wakeup.wait(), timeout=min(remaining, POLL_S))
             except TimeoutError:
@@ -259,7 +363,7 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> Lease:
 
 def acquire_blocking(
     *, ctl: Controller, request: LeaseRequest, give_up: Callable[[], str | None] | None = None
-) -> Lease:
+) -> LeasePublic:
     """The same as :func:`acquire_async` for threads (the run driver).
 
     ``give_up`` is asked while waiting; a non-empty answer ends the wait with that reason.
@@ -268,20 +372,24 @@ def acquire_blocking(
     wakeup = threading.Event()
     rt = runtime(ctl)
     waiter = rt.join(request.target.key, wakeup.set)
+    tried = False
     try:
         while True:
             wakeup.clear()
+            seen = rt.generation
             if rt.is_first(waiter):
-                lease = _grant_now(ctl, request, started)
+                lease = _grant_now(ctl, request, started, not tried)
+                tried = True
                 if lease is not None:
                     return lease
-                waiter.waiting = True
+            waiter.waiting = True
             if give_up is not None and (reason := give_up()):
                 raise Conflict(reason)
             remaining = started + request.wait_s - time.monotonic()
             if remaining <= 0 or ctl.stopping.is_set():
                 raise _timeout(request)
-            wakeup.wait(min(remaining, POLL_S * 4))
+            if rt.generation == seen:
+                wakeup.wait(min(remaining, POLL_S * 4))
     finally:
         rt.leave(waiter)
 
@@ -296,7 +404,14 @@ def get_lease(session: Session, lease_id: str) -> Lease:
     return lease
 
 
-def _check_owner(lease: Lease, caller: ApiToken | None) -> None:
+def _load_lease(conn: Connection, lease_id: str) -> Row[Any]:
+    row = conn.execute(_SELECT_LEASE, {"lease_id": lease_id}).first()
+    if row is None:
+        raise NotFound(f"no lease {lease_id}")
+    return row
+
+
+def _check_owner(lease: Row[Any], caller: ApiToken | None) -> None:
     if caller is None or caller.role == Role.ops or lease.owner_token_id in (None, caller.id):
         return
     raise Forbidden(
@@ -305,7 +420,7 @@ def _check_owner(lease: Lease, caller: ApiToken | None) -> None:
     )
 
 
-def _check_active(lease: Lease, action: str) -> None:
+def _check_active(lease: Row[Any], action: str) -> None:
     if lease.state != LeaseState.active:
         raise Conflict(
             f"cannot {action} lease {lease.id}: it is already {lease.state.value}",
@@ -320,58 +435,66 @@ def _check_active(lease: Lease, action: str) -> None:
 
 def renew(
     *, db: Engine, lease_id: str, caller: ApiToken | None, ttl_s: float | None = None
-) -> Lease:
-    with session_scope(db) as session:
-        lease = get_lease(session, lease_id)
+) -> LeasePublic:
+    with write_transaction(db) as conn:
+        lease = _load_lease(conn, lease_id)
         _check_owner(lease, caller)
         _check_active(lease, "renew")
-        if ttl_s is not None:
-            lease.ttl_s = ttl_s
-        lease.expires_at = utcnow() + timedelta(seconds=lease.ttl_s)
-        session.add(lease)
-        events.record(session, "lease.renewed", lease.id, expires_at=lease.expires_at.isoformat())
-        return lease
+        ttl_s = lease.ttl_s if ttl_s is None else ttl_s
+        expires_at = utcnow() + timedelta(seconds=ttl_s)
+        conn.execute(
+            _RENEW_LEASE, {"lease_id": lease.id, "new_ttl": ttl_s, "new_expiry": expires_at}
+        )
+        events.insert(conn, ("lease.renewed", lease.id, {"expires_at": expires_at.isoformat()}))
+        return _public(lease, ttl_s=ttl_s, expires_at=expires_at)
 
 
-def release(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> Lease:
-    with session_scope(ctl.db) as session:
-        lease = get_lease(session, lease_id)
+def release(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
+    with write_transaction(ctl.db) as conn:
+        lease = _load_lease(conn, lease_id)
         _check_owner(lease, caller)
         if lease.state != LeaseState.active:
             raise Conflict(
                 f"lease {lease_id} is already {lease.state.value}", state=lease.state.value
             )
-        policy = _end(ctl, session, lease, LeaseState.released)
+        ended, policy = _end(ctl, conn, lease, LeaseState.released)
     _after_end(ctl, lease.machine_id, policy)
-    return lease
+    return ended
 
 
-def _pool_policy(session: Session, pool: str | None) -> ResetPolicy:
-    found = session.get(Pool, pool) if pool else None
-    if found is None:
-        return "keep"
-    return found.reset  # type: ignore[return-value]
+def _public(lease: Row[Any], **changes: Any) -> LeasePublic:
+    return LeasePublic.model_validate({**lease._mapping, **changes})
 
 
-def _end(ctl: Controller, session: Session, lease: Lease, state: LeaseState) -> ResetPolicy | None:
+def _pool_policy(conn: Connection, pool: str | None) -> ResetPolicy:
+    found = conn.execute(_POOL_RESET, {"pool": pool}).scalar() if pool else None
+    return found or "keep"
+
+
+def _end(
+    ctl: Controller, conn: Connection, lease: Row[Any], state: LeaseState
+) -> tuple[LeasePublic, ResetPolicy | None]:
     """End the lease and fence the machine; say how the machine must come back (or None)."""
-    lease.state = state
-    lease.ended_at = utcnow()
-    session.add(lease)
-    events.record(
-        session, f"lease.{state.value}", lease.id, machine_id=lease.machine_id, token=lease.token
-    )
-    machine = session.get(Machine, lease.machine_id)
+    now = utcnow()
+    conn.execute(_END_LEASE, {"lease_id": lease.id, "new_state": state, "now": now})
+    changes: list[events.Change] = [
+        (f"lease.{state.value}", lease.id, {"machine_id": lease.machine_id, "token": lease.token})
+    ]
+    ended = _public(lease, state=state, ended_at=now)
+    machine = conn.execute(_MACHINE_FENCE, {"machine_id": lease.machine_id}).first()
     if machine is None or machine.state != MachineState.leased or machine.fence != lease.token:
-        return None
-    machine.fence += 1  # the old token is stale from now on, even once the machine is ready
-    policy = _pool_policy(session, machine.pool)
+        events.insert(conn, *changes)
+        return ended, None
+    # The old token is stale from now on, even once the machine is ready again.
+    policy = _pool_policy(conn, machine.pool)
     if policy == "keep":
-        fleet.set_state(session, machine, MachineState.ready)
-        return policy
-    session.add(machine)
-    runtime(ctl).returning.add(machine.id)
-    return policy
+        conn.execute(_BACK_TO_READY, {"machine_id": lease.machine_id, "now": now})
+        changes.append(events.machine_state(lease.machine_id, MachineState.ready, machine.state))
+    else:
+        conn.execute(_FENCE_OFF, {"machine_id": lease.machine_id, "now": now})
+        runtime(ctl).returning.add(lease.machine_id)
+    events.insert(conn, *changes)
+    return ended, policy
 
 
 def _after_end(ctl: Controller, machine_id: str, policy: ResetPolicy | None) -> None:
@@ -399,13 +522,16 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
                 machine_id=machine_id,
                 allowed=(MachineState.leased,),
             )
-        _free_if_unleased(ctl.db, machine_id)
+        _settle_if_unleased(ctl.db, machine_id, MachineState.ready)
     except ShopfloorError as exc:
         log.warning("returning %s after its lease failed: %s", machine_id, exc.message)
-        _fail(ctl.db, machine_id, f"{policy} after lease failed: {exc.message}")
+        _settle_if_unleased(
+            ctl.db, machine_id, MachineState.failed, f"{policy} after lease failed: {exc.message}"
+        )
     except Exception as exc:  # noqa: BLE001 - a machine must never stay leased by nobody
         log.exception("returning %s after its lease failed", machine_id)
-        _fail(ctl.db, machine_id, f"{policy} after lease failed: {type(exc).__name__}: {exc}")
+        reason = f"{policy} after lease failed: {type(exc).__name__}: {exc}"
+        _settle_if_unleased(ctl.db, machine_id, MachineState.failed, reason)
     finally:
         rt.returning.discard(machine_id)
         rt.notify()
@@ -417,7 +543,10 @@ def _active_lease(session: Session, machine_id: str) -> Lease | None:
     ).first()
 
 
-def _free_if_unleased(db: Engine, machine_id: str) -> None:
+def _settle_if_unleased(
+    db: Engine, machine_id: str, state: MachineState, reason: str | None = None
+) -> None:
+    """Move a leased machine that nobody holds any more to ``state``."""
     with session_scope(db) as session:
         machine = session.get(Machine, machine_id)
         if (
@@ -425,33 +554,22 @@ def _free_if_unleased(db: Engine, machine_id: str) -> None:
             and machine.state == MachineState.leased
             and not _active_lease(session, machine_id)
         ):
-            fleet.set_state(session, machine, MachineState.ready)
-
-
-def _fail(db: Engine, machine_id: str, reason: str) -> None:
-    with session_scope(db) as session:
-        machine = session.get(Machine, machine_id)
-        if (
-            machine
-            and machine.state == MachineState.leased
-            and not _active_lease(session, machine_id)
-        ):
-            fleet.set_state(session, machine, MachineState.failed, reason)
+            fleet.set_state(session, machine, state, reason)
 
 
 def reap(*, ctl: Controller) -> list[str]:
     """Expire leases past their time and bring back leased machines nobody holds."""
     expired: list[str] = []
-    with session_scope(ctl.db) as session:
+    with session_scope(ctl.reader) as session:
         due = session.exec(
             select(Lease.id).where(Lease.state == LeaseState.active, Lease.expires_at <= utcnow())
         ).all()
     for lease_id in due:
-        with session_scope(ctl.db) as session:
-            lease = get_lease(session, lease_id)
+        with write_transaction(ctl.db) as conn:
+            lease = _load_lease(conn, lease_id)
             if lease.state != LeaseState.active or lease.expires_at > utcnow():
                 continue  # renewed or released meanwhile
-            policy = _end(ctl, session, lease, LeaseState.expired)
+            _, policy = _end(ctl, conn, lease, LeaseState.expired)
         expired.append(lease_id)
         _after_end(ctl, lease.machine_id, policy)
     _return_orphans(ctl)
@@ -461,12 +579,14 @@ def reap(*, ctl: Controller) -> list[str]:
 def _return_orphans(ctl: Controller) -> None:
     """Leased machines without an active lease (a crash mid-reset) go back per pool policy."""
     rt = runtime(ctl)
-    with session_scope(ctl.db) as session:
-        leased = session.exec(select(Machine).where(Machine.state == MachineState.leased)).all()
+    with session_scope(ctl.reader) as session:
+        leased = session.exec(
+            select(Machine.id, Machine.pool).where(Machine.state == MachineState.leased)
+        ).all()
         orphans = [
-            (m.id, _pool_policy(session, m.pool))
-            for m in leased
-            if m.id not in rt.returning and _active_lease(session, m.id) is None
+            (machine_id, _pool_policy(session.connection(), pool))
+            for machine_id, pool in leased
+            if machine_id not in rt.returning and _active_lease(session, machine_id) is None
         ]
     for machine_id, policy in orphans:
         if ctl.stopping.is_set():

@@ -45,7 +45,7 @@ from controller.models import (
     StageStatus,
     utcnow,
 )
-from controller.schemas import MachineTemplate, RunBody
+from controller.schemas import LeasePublic, MachineTemplate, RunBody
 from controller.transport.exec import KILL_GRACE_S
 from controller.transport.handle import handle_for
 
@@ -261,7 +261,7 @@ class RunDriver:
     def __init__(self, ctl: Controller, run_id: str) -> None:
         self.ctl = ctl
         self.run_id = run_id
-        self.lease: Lease | None = None
+        self.lease: LeasePublic | None = None
         self.machine: Machine | None = None
         self.handle: MachineHandle | None = None
         self.renewed_at = 0.0
@@ -308,7 +308,8 @@ class RunDriver:
         """Adopt the run's lease if it is still valid, else lease a (fresh) machine."""
         with session_scope(self.ctl.db) as session:
             run = get_run(session, self.run_id)
-            lease = session.get(Lease, run.lease_id) if run.lease_id else None
+            found = session.get(Lease, run.lease_id) if run.lease_id else None
+            lease = LeasePublic.model_validate(found, from_attributes=True) if found else None
             had_machine = run.machine_id is not None
         if lease is not None and self._adopt(lease):
             return
@@ -326,7 +327,7 @@ class RunDriver:
         self.handle = handle_for(self.ctl, self.machine)
         self.renewed_at = time.monotonic()
 
-    def _adopt(self, lease: Lease) -> bool:
+    def _adopt(self, lease: LeasePublic) -> bool:
         if lease.state != LeaseState.active:
             return False
         try:
@@ -342,7 +343,7 @@ class RunDriver:
         self.renewed_at = time.monotonic()
         return True
 
-    def _acquire(self) -> Lease:
+    def _acquire(self) -> LeasePublic:
         with session_scope(self.ctl.db) as session:
             run = get_run(session, self.run_id)
         target = leases.Target(pool=run.pool) if run.pool else self._private_machine(run)

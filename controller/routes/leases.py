@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from controller import leases
-from controller.db import session_scope
 from controller.models import Lease
 from controller.routes.deps import Ctl, OpsOrAgent, SessionDep
 from controller.schemas import LeaseBody, LeasePublic, ListOf, RenewBody
@@ -20,14 +19,11 @@ def public(lease: Lease) -> LeasePublic:
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def acquire(body: LeaseBody, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
     """Async so that waiting requests hold no worker thread; grants run in threads."""
-    with session_scope(ctl.reader) as session:  # WAL readers never wait: fine on the loop
-        target = leases.make_target(
-            session=session, pool=body.pool, machine_id=body.machine_id, selector=body.selector
-        )
+    target = leases.make_target(pool=body.pool, machine_id=body.machine_id, selector=body.selector)
     request = leases.LeaseRequest(
         target=target, holder=body.holder, ttl_s=body.ttl_s, wait_s=body.wait_s, owner=caller
     )
-    return public(await leases.acquire_async(ctl=ctl, request=request))
+    return await leases.acquire_async(ctl=ctl, request=request)
 
 
 @router.get("")
@@ -48,9 +44,9 @@ def renew(
     lease_id: str, ctl: Ctl, caller: OpsOrAgent, body: RenewBody | None = None
 ) -> LeasePublic:
     ttl_s = body.ttl_s if body else None
-    return public(leases.renew(db=ctl.db, lease_id=lease_id, caller=caller, ttl_s=ttl_s))
+    return leases.renew(db=ctl.db, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
 
 
 @router.delete("/{lease_id}")
 def release(lease_id: str, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
-    return public(leases.release(ctl=ctl, lease_id=lease_id, caller=caller))
+    return leases.release(ctl=ctl, lease_id=lease_id, caller=caller)

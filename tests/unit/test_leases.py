@@ -26,6 +26,19 @@ def test_waiters_are_served_in_arrival_order_per_target() -> None:
     assert not rt.is_first(second)  # now it queues behind the one that found nothing
     assert rt.is_first(other)  # another pool's queue is its own
 
-    rt.leave(first)  # leaving wakes everyone, so the next in line looks again
+    second.waiting = other.waiting = True  # both asleep now
+    rt.leave(first)  # leaving wakes the sleepers, so the next in line looks again
     assert woken == ["second", "other"]
     assert rt.is_first(second)
+
+
+def test_only_sleeping_requests_are_woken_but_every_notify_counts() -> None:
+    rt = LeaseRuntime()
+    woken: list[str] = []
+    trying = rt.join(Target(pool="a").key, lambda: woken.append("trying"))
+    seen = rt.generation
+    rt.notify()  # a machine came back while `trying` was looking
+    assert woken == []  # it is not asleep: no wake-up needed ...
+    assert rt.generation != seen  # ... it sees the change before sleeping and looks again
+    rt.leave(trying)  # it never waited, so nobody is woken for its leaving
+    assert woken == []
