@@ -112,21 +112,23 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             {"error": "invalid_input", "detail": summary, "problems": problems}, status_code=422
         )
 
-    app.include_router(system.router)
-    app.include_router(machines.router, prefix="/api/v1")
-    for channel_router in (sessions_routes.router, files_routes.router, ports_routes.router):
-        app.include_router(channel_router, prefix="/api/v1")
-    app.include_router(metrics.router)
+    # Routes are matched in this order: the agents' hot paths (leases, sessions) go first.
     for router in (
-        pools_routes.router,
         leases_routes.router,
+        sessions_routes.router,
+        machines.router,
+        files_routes.router,
+        ports_routes.router,
+        pools_routes.router,
         runs_routes.router,
         events_routes.router,
         flow_routes.router,
+        artifacts_routes.router,
+        verdicts_routes.router,
     ):
         app.include_router(router, prefix="/api/v1")
-    for evidence_router in (artifacts_routes.router, verdicts_routes.router):
-        app.include_router(evidence_router, prefix="/api/v1")
+    app.include_router(system.router)
+    app.include_router(metrics.router)
     app.include_router(gallery.router)
     app.mount("/gallery/static", StaticFiles(directory=gallery.STATIC_DIR), name="gallery-static")
     return app

@@ -15,6 +15,8 @@ from rich.table import Table
 from controller.models import Role
 from controller.settings import get_settings
 
+KEEP_ALIVE_S = 75
+
 app = typer.Typer(
     no_args_is_help=True, help="Shopfloor: machines for agent-native software factories."
 )
@@ -44,7 +46,10 @@ def serve(
 
     from controller.app import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
+    # Agents pause between commands; keep their connections longer than uvicorn's 5 s.
+    uvicorn.run(
+        create_app(), host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S
+    )
 
 
 @token_app.command("create")

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+import anyio.to_thread
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, create_engine
 
+P = ParamSpec("P")
+T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 AUTOCHECKPOINT_PAGES = 10_000
 
@@ -78,17 +82,69 @@ def migrate(url: str) -> None:
     command.upgrade(config, "head")
 
 
-_WRITER_LOCKS: dict[str, threading.RLock] = {}
-_WRITER_LOCKS_GUARD = threading.Lock()
+class WriterQueue:
+    """A reentrant lock that hands itself to waiting threads in arrival order.
+
+    ``threading.RLock`` is not fair: a thread that releases and at once re-acquires (the
+    event loop granting lease after lease, see :func:`run_write`) can starve a waiting
+    worker thread for seconds. Here a release hands the lock to the longest waiter, and a
+    non-blocking attempt fails while anyone waits.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting: deque[tuple[int, threading.Lock]] = deque()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        me = threading.get_ident()
+        with self._guard:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if self._owner is None and not self._waiting:
+                self._owner, self._depth = me, 1
+                return True
+            if not blocking:
+                return False
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiting.append((me, turn))
+        turn.acquire()  # released by the owner that hands over to us
+        return True
+
+    def release(self) -> None:
+        with self._guard:
+            self._depth -= 1
+            if self._depth:
+                return
+            if not self._waiting:
+                self._owner = None
+                return
+            self._owner, turn = self._waiting.popleft()
+            self._depth = 1
+            turn.release()
+
+    def __enter__(self) -> WriterQueue:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
-def _writer_lock(engine: Engine) -> threading.RLock | None:
+_WRITER_QUEUES: dict[str, WriterQueue] = {}
+_WRITER_QUEUES_GUARD = threading.Lock()
+
+
+def _writer_lock(engine: Engine) -> WriterQueue | None:
     """SQLite writers of this process queue here, first come first served, instead of in
     SQLite's busy handler, which sleeps in growing steps (up to 100 ms) while it polls."""
     if engine.dialect.name != "sqlite" or engine.get_execution_options().get("shopfloor_read_only"):
         return None
-    with _WRITER_LOCKS_GUARD:
-        return _WRITER_LOCKS.setdefault(str(engine.url), threading.RLock())
+    with _WRITER_QUEUES_GUARD:
+        return _WRITER_QUEUES.setdefault(str(engine.url), WriterQueue())
 
 
 @contextmanager
@@ -113,3 +169,20 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     lock = _writer_lock(engine)
     with lock or nullcontext(), engine.begin() as conn:
         yield conn
+
+
+async def run_write(engine: Engine, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a short write from the event loop: inline when this process's SQLite writer queue
+    is empty (a sub-millisecond transaction costs less than a hop to a worker thread and
+    back), else in a worker thread, which takes its turn in the queue.
+
+    For statement-only work (the lease paths): never for anything that calls the engine.
+    PostgreSQL writes always go to a thread: they wait on the network and on row locks.
+    """
+    lock = _writer_lock(engine)
+    if lock is not None and lock.acquire(blocking=False):
+        try:
+            return work(*args, **kwargs)
+        finally:
+            lock.release()
+    return await anyio.to_thread.run_sync(lambda: work(*args, **kwargs))

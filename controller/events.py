@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
-from controller.models import Event, utcnow
+from controller.models import EVENTS, Event, utcnow
 
-EVENTS: Table = Event.__table__  # type: ignore[attr-defined]
 Change = tuple[str, str, dict[str, Any]]
 """An event not yet written: kind, subject id, data."""
 

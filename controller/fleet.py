@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import bindparam
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from controller import events, repos
 from controller.context import Controller
@@ -26,7 +27,7 @@ from controller.errors import (
     StaleLease,
 )
 from controller.images import RUNNER_CAPABILITIES
-from controller.models import ALIVE_STATES, Machine, MachineState, utcnow
+from controller.models import ALIVE_STATES, MACHINES, Machine, MachineState, utcnow
 from controller.providers.base import Bind, ContainerSpec, Provider
 from controller.schemas import MachineTemplate
 from controller.settings import Settings
@@ -332,14 +333,6 @@ def destroy_machine(
         return machine
 
 
-def require_exec_ready(machine: Machine) -> None:
-    if machine.state not in EXEC_READY:
-        raise Conflict(
-            f"machine {machine.id} is {machine.state.value}; commands need it ready or leased",
-            state=machine.state.value,
-        )
-
-
 def list_machines(
     *,
     session: Session,
@@ -408,24 +401,26 @@ def reconcile(
         return report
     now = now or datetime.now(UTC)
     by_machine = {c.labels.get(LABEL_MACHINE, ""): c for c in containers}
-    with session_scope(db) as session:
-        machines = {m.id: m for m in session.exec(select(Machine))}
-        for machine in machines.values():
-            container = by_machine.get(machine.id)
-            settled = machine.state in (
-                MachineState.ready,
-                MachineState.leased,
-                MachineState.stopped,
-            )
-            if settled and container is None:
-                set_state(session, machine, MachineState.lost, "container vanished from the engine")
-                report.lost.append(machine.id)
-            elif (
-                machine.state in EXEC_READY
-                and container
-                and container.status in ("exited", "created")
-            ):
-                report.restarted.append(machine.id)
+    # Read without the write lock (leases are granted meanwhile); write only what changed.
+    with session_scope(reader(db)) as session:
+        alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
+        machines = {machine_id: MachineState(state) for machine_id, state in session.exec(alive)}
+    settled = (MachineState.ready, MachineState.leased, MachineState.stopped)
+    for machine_id, state in machines.items():
+        container = by_machine.get(machine_id)
+        if state in settled and container is None:
+            report.lost.append(machine_id)
+        elif state in EXEC_READY and container and container.status in ("exited", "created"):
+            report.restarted.append(machine_id)
+    if report.lost:
+        with session_scope(db) as session:
+            for machine_id in report.lost:
+                machine = get_machine(session, machine_id)
+                if machine.state in settled:  # not destroyed meanwhile
+                    set_state(
+                        session, machine, MachineState.lost, "container vanished from the engine"
+                    )
+                machines.pop(machine_id)  # no longer alive: what is left of it is an orphan
     for machine_id in report.restarted:
         try:
             provider.start_container(by_machine[machine_id].id)
@@ -434,8 +429,7 @@ def reconcile(
     old = now - timedelta(seconds=grace_s)
 
     def orphaned(machine_id: str) -> bool:
-        machine = machines.get(machine_id)
-        return machine is None or machine.state not in ALIVE_STATES
+        return machine_id not in machines
 
     for container in containers:
         machine_id = container.labels.get(LABEL_MACHINE, "")
@@ -511,16 +505,42 @@ def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None)
     """The machine, if commands may run in it now. A leased machine needs its current token."""
     with session_scope(reader(db)) as session:  # a read: takes no write lock
         machine = get_machine(session, machine_id)
-    require_exec_ready(machine)
-    if machine.state == MachineState.leased and lease_token is None:
+    _check_command(machine_id, machine.state, machine.fence, lease_token)
+    return machine
+
+
+_STATE_AND_FENCE = select(MACHINES.c.state, MACHINES.c.fence).where(
+    MACHINES.c.id == bindparam("machine_id")
+)
+
+
+def fence_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> int:
+    """The same check as :func:`machine_for_command` as one prebuilt read: a session's
+    command already knows its container, so only state and fence are needed."""
+    with reader(db).connect() as conn:
+        row = conn.execute(_STATE_AND_FENCE, {"machine_id": machine_id}).first()
+    if row is None:
+        raise NotFound(f"no machine {machine_id}")
+    _check_command(machine_id, row.state, row.fence, lease_token)
+    return int(row.fence)
+
+
+def _check_command(
+    machine_id: str, state: MachineState, fence: int, lease_token: int | None
+) -> None:
+    if state not in EXEC_READY:
+        raise Conflict(
+            f"machine {machine_id} is {state.value}; commands need it ready or leased",
+            state=state.value,
+        )
+    if state == MachineState.leased and lease_token is None:
         raise Conflict(
             f"machine {machine_id} is leased: send the lease's token in X-Lease-Token",
             state="leased",
         )
-    if lease_token is not None and lease_token != machine.fence:
+    if lease_token is not None and lease_token != fence:
         raise StaleLease(
-            f"lease token {lease_token} is stale: machine {machine_id} is at token {machine.fence}",
-            state=machine.state.value,
-            current_token=machine.fence,
+            f"lease token {lease_token} is stale: machine {machine_id} is at token {fence}",
+            state=state.value,
+            current_token=fence,
         )
-    return machine

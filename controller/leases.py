@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-import anyio.to_thread
-from sqlalchemy import ColumnElement, Row, Select, Table, Update, bindparam, func, insert, update
+from sqlalchemy import ColumnElement, Row, Select, Update, bindparam, func, insert, update
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from controller import events, fleet
 from controller.context import Controller
-from controller.db import session_scope, write_transaction
+from controller.db import run_write, session_scope, write_transaction
 from controller.errors import (
     Conflict,
     Forbidden,
@@ -42,12 +41,14 @@ from controller.errors import (
 )
 from controller.lease_runtime import LeaseRuntime
 from controller.models import (
+    LEASES,
+    MACHINES,
+    POOLS,
     ApiToken,
     Lease,
     LeaseState,
     Machine,
     MachineState,
-    Pool,
     Role,
     new_id,
     utcnow,
@@ -59,10 +60,6 @@ log = logging.getLogger(__name__)
 ResetPolicy = Literal["keep", "clean", "recreate"]
 POLL_S = 0.25
 """Waiters re-check this often even without a wake-up (machines freed by another process)."""
-
-MACHINES: Table = Machine.__table__  # type: ignore[attr-defined]
-LEASES: Table = Lease.__table__  # type: ignore[attr-defined]
-POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- what a request may take
@@ -343,7 +340,7 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeasePubli
             wakeup.clear()
             seen = rt.generation
             if rt.is_first(waiter):
-                lease = await anyio.to_thread.run_sync(_grant_now, ctl, request, started, not tried)
+                lease = await run_write(ctl.db, _grant_now, ctl, request, started, not tried)
                 tried = True
                 if lease is not None:
                     return lease

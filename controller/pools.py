@@ -93,7 +93,7 @@ def list_pools(*, session: Session) -> list[tuple[Pool, dict[str, int]]]:
 
 def fill(*, ctl: Controller) -> dict[str, int]:
     """One tick of the pool loop: start the missing provisionings; say how many per pool."""
-    with session_scope(ctl.db) as session:
+    with session_scope(ctl.reader) as session:  # reads take no write lock (leases go on)
         names = list(session.exec(select(Pool.name)))
     started: dict[str, int] = {}
     for name in names:
@@ -106,7 +106,7 @@ def fill(*, ctl: Controller) -> dict[str, int]:
 
 
 def _fill_one(ctl: Controller, name: str) -> int:
-    with session_scope(ctl.db) as session:
+    with session_scope(ctl.reader) as session:
         pool = get_pool(session, name)
         by_state = counts(session, name)
         failing = _failing_reason(ctl, session, pool)
@@ -159,7 +159,7 @@ def _stop(ctl: Controller, name: str, reason: str) -> None:
 
 def _shrink(ctl: Controller, name: str, surplus: int) -> None:
     """``max_machines`` went down: destroy ready machines (never leased ones) to match."""
-    with session_scope(ctl.db) as session:
+    with session_scope(ctl.reader) as session:
         spare = session.exec(
             select(Machine.id)
             .where(Machine.pool == name, Machine.state == MachineState.ready)

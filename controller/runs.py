@@ -199,7 +199,7 @@ def drivers(ctl: Controller) -> _Drivers:
 
 def drive_tick(*, ctl: Controller) -> list[str]:
     """Start a driver thread for each queued or orphaned running run; say which started."""
-    with session_scope(ctl.db) as session:
+    with session_scope(ctl.reader) as session:
         waiting = session.exec(
             select(Run.id)
             .where(col(Run.status).in_([RunStatus.queued, RunStatus.running]))
@@ -867,7 +867,7 @@ def stale_run_leases(*, session: Session, older_than_s: float) -> list[str]:
 
 
 def release_stale_run_leases(*, ctl: Controller) -> None:
-    with session_scope(ctl.db) as session:
+    with session_scope(ctl.reader) as session:
         stale = stale_run_leases(session=session, older_than_s=5)
     for lease_id in stale:
         try:

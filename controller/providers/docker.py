@@ -248,11 +248,11 @@ class DockerProvider:
             raise EngineError(f"cannot inspect {name_or_id}: {exc}") from exc
 
     def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        # The list endpoint's summaries, not one inspect per container: reconcile runs this
+        # every few seconds, and a fleet of fifty made that fifty engine calls each time.
         with _engine_errors("list containers"):
-            found = self.client.containers.list(
-                all=True, filters={"label": _label_filters(labels)}, sparse=False
-            )
-        return [self._info(c) for c in found]
+            found = self.client.api.containers(all=True, filters={"label": _label_filters(labels)})
+        return [self._summary_info(c) for c in found]
 
     def start_container(self, name_or_id: str) -> None:
         with _engine_errors(f"start {name_or_id}"):
@@ -299,6 +299,23 @@ class DockerProvider:
             )
             raw = self.api.exec_start(created["Id"], socket=True)
         return DemuxedStream(raw, getattr(raw, "_response", None))
+
+    @staticmethod
+    def _summary_info(summary: dict[str, Any]) -> ContainerInfo:
+        ports = {
+            int(p["PrivatePort"]): int(p["PublicPort"])
+            for p in summary.get("Ports") or []
+            if p.get("PublicPort")
+        }
+        names = summary.get("Names") or [""]
+        return ContainerInfo(
+            id=summary.get("Id", ""),
+            name=names[0].lstrip("/"),
+            labels=summary.get("Labels") or {},
+            status=summary.get("State", "unknown"),
+            created_at=datetime.fromtimestamp(summary.get("Created", 0), UTC),
+            ports=ports,
+        )
 
     @staticmethod
     def _info(container: Container) -> ContainerInfo:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from controller import leases
+from controller.db import run_write
 from controller.models import Lease
 from controller.routes.deps import Ctl, OpsOrAgent, SessionDep
 from controller.schemas import LeaseBody, LeasePublic, ListOf, RenewBody
@@ -18,7 +19,7 @@ def public(lease: Lease) -> LeasePublic:
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def acquire(body: LeaseBody, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
-    """Async so that waiting requests hold no worker thread; grants run in threads."""
+    """Async so that waiting requests hold no worker thread (see leases.acquire_async)."""
     target = leases.make_target(pool=body.pool, machine_id=body.machine_id, selector=body.selector)
     request = leases.LeaseRequest(
         target=target, holder=body.holder, ttl_s=body.ttl_s, wait_s=body.wait_s, owner=caller
@@ -40,13 +41,15 @@ def show_lease(lease_id: str, session: SessionDep, _: OpsOrAgent) -> LeasePublic
 
 
 @router.post("/{lease_id}/renew")
-def renew(
+async def renew(
     lease_id: str, ctl: Ctl, caller: OpsOrAgent, body: RenewBody | None = None
 ) -> LeasePublic:
     ttl_s = body.ttl_s if body else None
-    return leases.renew(db=ctl.db, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
+    return await run_write(
+        ctl.db, leases.renew, db=ctl.db, lease_id=lease_id, caller=caller, ttl_s=ttl_s
+    )
 
 
 @router.delete("/{lease_id}")
-def release(lease_id: str, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
-    return leases.release(ctl=ctl, lease_id=lease_id, caller=caller)
+async def release(lease_id: str, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
+    return await run_write(ctl.db, leases.release, ctl=ctl, lease_id=lease_id, caller=caller)

@@ -34,15 +34,19 @@ async def run_in_session(
     _: OpsOrAgent,
     x_lease_token: LeaseToken = None,
 ) -> SessionRunAnswer:
-    """The hot path: the token comes from memory, machine check and command share one
-    worker-thread hop (see bench/exec.py)."""
+    """The hot path (see bench/exec.py): the caller's token comes from memory, the state
+    and fence check is one prebuilt read, and both share one worker-thread hop with the
+    command."""
 
     def work() -> SessionRunAnswer:
-        machine = fleet.machine_for_command(
-            db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
-        )
+        fence = fleet.fence_for_command(db=ctl.db, machine_id=machine_id, lease_token=x_lease_token)
         result = service.run_in_session(
-            ctl=ctl, machine=machine, session_id=session_id, cmd=body.cmd, timeout_s=body.timeout_s
+            ctl=ctl,
+            machine_id=machine_id,
+            fence=fence,
+            session_id=session_id,
+            cmd=body.cmd,
+            timeout_s=body.timeout_s,
         )
         return SessionRunAnswer(**result.__dict__)
 

@@ -42,13 +42,14 @@ def open_session(*, ctl: Controller, machine: Machine) -> sessions.Session:
 
 
 def run_in_session(
-    *, ctl: Controller, machine: Machine, session_id: str, cmd: str, timeout_s: float
+    *, ctl: Controller, machine_id: str, fence: int, session_id: str, cmd: str, timeout_s: float
 ) -> sessions.SessionResult:
-    session = ctl.sessions.get(machine.id, session_id)
-    if session.fence != machine.fence:
+    """``fence``: the machine's current one (see ``fleet.fence_for_command``)."""
+    session = ctl.sessions.get(machine_id, session_id)
+    if session.fence != fence:
         session.close()
         raise SessionLost(
-            f"session lost: {session_id} was opened under an earlier lease of {machine.id}; "
+            f"session lost: {session_id} was opened under an earlier lease of {machine_id}; "
             "open a new session",
             session=session_id,
         )
