@@ -14,12 +14,13 @@ same session is also timed through httpx, which adds its own Python per request.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +49,20 @@ def measure(n: int, call: Callable[[], None], warmup: int = 10) -> list[float]:
         call()
         samples.append((time.perf_counter() - started) * 1000)
     return samples
+
+
+def measure_async(n: int, call: Callable[[], Awaitable[None]], warmup: int = 10) -> list[float]:
+    async def timed() -> list[float]:
+        for _ in range(warmup):
+            await call()
+        samples = []
+        for _ in range(n):
+            started = time.perf_counter()
+            await call()
+            samples.append((time.perf_counter() - started) * 1000)
+        return samples
+
+    return asyncio.run(timed())
 
 
 def main() -> int:
@@ -102,8 +117,8 @@ def main() -> int:
             output_cap=1 << 20,
         )
 
-        def session_direct() -> None:
-            assert raw.run("true", 60).exit_code == 0
+        async def session_direct() -> None:
+            assert (await raw.run_async("true", 60)).exit_code == 0
 
         def http_floor() -> None:
             lean.call("GET", "/healthz")
@@ -116,7 +131,7 @@ def main() -> int:
             ("docker exec (engine API)", measure(slow_n, docker_exec_sdk)),
             ("docker exec (CLI)", measure(slow_n, docker_exec_cli)),
             ("HTTP floor: GET /healthz", measure(args.n, http_floor)),
-            ("session, no HTTP (transport)", measure(args.n, session_direct)),
+            ("session, no HTTP (transport)", measure_async(args.n, session_direct)),
         ]
         pool.close()
         lean.close()

@@ -186,3 +186,11 @@ async def run_write(engine: Engine, work: Callable[P, T], *args: P.args, **kwarg
         finally:
             lock.release()
     return await anyio.to_thread.run_sync(lambda: work(*args, **kwargs))
+
+
+async def run_read(engine: Engine, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a short read from the event loop: inline on SQLite, where WAL readers never wait
+    for a writer; in a worker thread on PostgreSQL, which answers over the network."""
+    if engine.dialect.name == "sqlite":
+        return work(*args, **kwargs)
+    return await anyio.to_thread.run_sync(lambda: work(*args, **kwargs))

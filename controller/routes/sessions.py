@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response, status
-from starlette.concurrency import run_in_threadpool
 
 from controller import fleet
+from controller.db import run_read
 from controller.routes.deps import Ctl, OpsOrAgent
 from controller.schemas import SessionOpened, SessionRunAnswer, SessionRunBody
 from controller.transport import service
@@ -35,22 +35,20 @@ async def run_in_session(
     x_lease_token: LeaseToken = None,
 ) -> SessionRunAnswer:
     """The hot path (see bench/exec.py): the caller's token comes from memory, the state
-    and fence check is one prebuilt read, and both share one worker-thread hop with the
-    command."""
-
-    def work() -> SessionRunAnswer:
-        fence = fleet.fence_for_command(db=ctl.db, machine_id=machine_id, lease_token=x_lease_token)
-        result = service.run_in_session(
-            ctl=ctl,
-            machine_id=machine_id,
-            fence=fence,
-            session_id=session_id,
-            cmd=body.cmd,
-            timeout_s=body.timeout_s,
-        )
-        return SessionRunAnswer(**result.__dict__)
-
-    return await run_in_threadpool(work)
+    and fence check is one prebuilt read, and the command waits on the channel from the
+    event loop: no worker-thread hop."""
+    fence = await run_read(
+        ctl.db, fleet.fence_for_command, db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
+    )
+    result = await service.run_in_session(
+        ctl=ctl,
+        machine_id=machine_id,
+        fence=fence,
+        session_id=session_id,
+        cmd=body.cmd,
+        timeout_s=body.timeout_s,
+    )
+    return SessionRunAnswer(**result.__dict__)
 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -41,7 +41,7 @@ def open_session(*, ctl: Controller, machine: Machine) -> sessions.Session:
     return session
 
 
-def run_in_session(
+async def run_in_session(
     *, ctl: Controller, machine_id: str, fence: int, session_id: str, cmd: str, timeout_s: float
 ) -> sessions.SessionResult:
     """``fence``: the machine's current one (see ``fleet.fence_for_command``)."""
@@ -53,7 +53,7 @@ def run_in_session(
             "open a new session",
             session=session_id,
         )
-    return session.run(cmd, timeout_s)
+    return await session.run_async(cmd, timeout_s)
 
 
 def close_session(*, ctl: Controller, machine: Machine, session_id: str) -> None:

@@ -15,13 +15,17 @@ shell that exits, or a connection that drops, makes the session ``lost``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import shlex
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import anyio.to_thread
 import paramiko
 
 from controller.errors import Conflict, NotFound, SessionLost, ShopfloorError
@@ -87,14 +91,43 @@ class Session:
     def alive(self) -> bool:
         return self.lost_reason is None and not self.channel.closed and self.transport.is_active()
 
-    def run(self, cmd: str, timeout_s: float) -> SessionResult:
+    async def run_async(self, cmd: str, timeout_s: float) -> SessionResult:
+        """Run from the event loop: wait on the channel's file descriptor, not in a thread.
+
+        A short command answers in well under a millisecond, so the hop to a worker thread
+        and back would cost more than the command (see bench/exec.py).
+        """
+        with self._turn(cmd):
+            command = self._start(cmd, timeout_s)
+            chunks = 0
+            while not command.reader.done:
+                now = time.monotonic()
+                if now >= command.deadline:
+                    self._on_deadline(command, now)
+                    await anyio.to_thread.run_sync(self._interrupt, now - command.started)
+                    continue
+                channel = self.channel
+                if channel.recv_ready() or channel.eof_received or channel.closed:
+                    chunk = channel.recv(65536)  # does not block: data, EOF or closed
+                    if not chunk:
+                        self._lose(await anyio.to_thread.run_sync(_exit_reason, channel))
+                    command.reader.feed(chunk)
+                    chunks += 1
+                    if chunks % 16 == 0:
+                        await asyncio.sleep(0)  # a flood of output must not starve the loop
+                    continue
+                await _readable(channel, min(command.deadline - now, 1.0))
+            return command.result()
+
+    @contextmanager
+    def _turn(self, cmd: str) -> Iterator[None]:
         if "\x00" in cmd:
             raise ShopfloorError("a command cannot contain a NUL byte")
         if not self._lock.acquire(blocking=False):
             raise Conflict(f"session {self.id} is busy with another command; wait for it")
         try:
             self._check_alive()
-            return self._run(cmd, timeout_s)
+            yield
         finally:
             self._lock.release()
 
@@ -102,7 +135,7 @@ class Session:
         if not self.alive:
             self._lose("its shell or the connection to the machine is gone")
 
-    def _run(self, cmd: str, timeout_s: float) -> SessionResult:
+    def _start(self, cmd: str, timeout_s: float) -> _Command:
         marker = f"__sf_{secrets.token_hex(12)}__ ".encode()
         started = time.monotonic()
         try:
@@ -110,40 +143,19 @@ class Session:
         except (OSError, EOFError) as exc:
             self._lose(f"cannot send to the shell: {exc}")
         reader = _MarkerReader(marker, HeadTail(self.output_cap))
-        deadline = started + timeout_s
-        timed_out = False
-        while not reader.done:
-            now = time.monotonic()
-            if now >= deadline:
-                if timed_out:
-                    self._mark_lost(
-                        f"the command ignored the interrupt for {INTERRUPT_GRACE_S:g}s after "
-                        f"its {timeout_s:g}s timeout, so the shell was closed"
-                    )
-                    self.close()
-                    self._lose("")
-                timed_out = True
-                self._interrupt(now - started)
-                deadline = now + INTERRUPT_GRACE_S
-                continue
-            self.channel.settimeout(min(deadline - now, 1.0))
-            try:
-                chunk = self.channel.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                self._lose(_exit_reason(self.channel))
-            reader.feed(chunk)
-        output = reader.captured.text()
-        if timed_out:
-            output += f"\n[shopfloor: command timed out after {timeout_s:g}s and was interrupted]"
-        return SessionResult(
-            exit_code=reader.exit_code,
-            output=output,
-            duration_ms=round((time.monotonic() - started) * 1000, 2),
-            truncated=reader.captured.truncated,
-            timed_out=timed_out,
-        )
+        return _Command(reader, started, timeout_s, deadline=started + timeout_s)
+
+    def _on_deadline(self, command: _Command, now: float) -> None:
+        """The first deadline interrupts (the caller does); the second gives the shell up."""
+        if command.timed_out:
+            self._mark_lost(
+                f"the command ignored the interrupt for {INTERRUPT_GRACE_S:g}s after "
+                f"its {command.timeout_s:g}s timeout, so the shell was closed"
+            )
+            self.close()
+            self._lose("")
+        command.timed_out = True
+        command.deadline = now + INTERRUPT_GRACE_S
 
     def _interrupt(self, age_s: float) -> None:
         script = _INTERRUPT.format(pid=self.shell_pid, age=int(age_s) + 2)
@@ -169,6 +181,50 @@ class Session:
             self.channel.close()
         except (OSError, EOFError):
             pass
+
+
+@dataclass
+class _Command:
+    """One command in flight: its output so far and its clock."""
+
+    reader: _MarkerReader
+    started: float
+    timeout_s: float
+    deadline: float
+    timed_out: bool = False
+
+    def result(self) -> SessionResult:
+        output = self.reader.captured.text()
+        if self.timed_out:
+            output += (
+                f"\n[shopfloor: command timed out after {self.timeout_s:g}s and was interrupted]"
+            )
+        return SessionResult(
+            exit_code=self.reader.exit_code,
+            output=output,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 2),
+            truncated=self.reader.captured.truncated,
+            timed_out=self.timed_out,
+        )
+
+
+async def _readable(channel: paramiko.Channel, timeout_s: float) -> None:
+    """Until the channel has data, EOF or closes (its pipe is set then), or the timeout."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    fd = channel.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(ready, timeout_s)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
 
 
 def _exit_reason(channel: paramiko.Channel) -> str:
