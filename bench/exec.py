@@ -71,8 +71,9 @@ def main() -> int:
     args = parser.parse_args()
 
     provider = DockerProvider()
-    data_dir = Path(tempfile.mkdtemp(prefix="shopfloor-bench-")) / "data"
-    with running_controller(data_dir) as (http, _image):
+    tmp = tempfile.TemporaryDirectory(prefix="shopfloor-bench-")
+    data_dir = Path(tmp.name) / "data"
+    with tmp, running_controller(data_dir) as (http, _image):
         machine = http.post("/api/v1/machines?wait=true", json={}, timeout=300).json()
         if machine["state"] != "ready":
             sys.stderr.write(f"machine did not become ready: {machine}\n")
