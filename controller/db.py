@@ -13,7 +13,7 @@ import anyio.to_thread
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
 P = ParamSpec("P")
@@ -138,7 +138,7 @@ _WRITER_QUEUES: dict[str, WriterQueue] = {}
 _WRITER_QUEUES_GUARD = threading.Lock()
 
 
-def _writer_lock(engine: Engine) -> WriterQueue | None:
+def writer_lock(engine: Engine) -> WriterQueue | None:
     """SQLite writers of this process queue here, first come first served, instead of in
     SQLite's busy handler, which sleeps in growing steps (up to 100 ms) while it polls."""
     if engine.dialect.name != "sqlite" or engine.get_execution_options().get("shopfloor_read_only"):
@@ -150,7 +150,7 @@ def _writer_lock(engine: Engine) -> WriterQueue | None:
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    lock = _writer_lock(engine)
+    lock = writer_lock(engine)
     with lock or nullcontext(), Session(engine, expire_on_commit=False) as session:
         try:
             yield session
@@ -158,17 +158,6 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
-
-
-@contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A Core connection in a write transaction, for hot paths that skip the ORM (leases).
-
-    It queues on the same writer lock and begins the same way as :func:`session_scope`.
-    """
-    lock = _writer_lock(engine)
-    with lock or nullcontext(), engine.begin() as conn:
-        yield conn
 
 
 async def run_write(engine: Engine, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -179,7 +168,7 @@ async def run_write(engine: Engine, work: Callable[P, T], *args: P.args, **kwarg
     For statement-only work (the lease paths): never for anything that calls the engine.
     PostgreSQL writes always go to a thread: they wait on the network and on row locks.
     """
-    lock = _writer_lock(engine)
+    lock = writer_lock(engine)
     if lock is not None and lock.acquire(blocking=False):
         try:
             return work(*args, **kwargs)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import insert as sql_insert
-from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
-from controller.models import EVENTS, Event, utcnow
+from controller.models import Event, utcnow
+from controller.rawsql import Sql, Tx
 
 Change = tuple[str, str, dict[str, Any]]
 """An event not yet written: kind, subject id, data."""
@@ -20,15 +19,15 @@ def record(session: Session, kind: str, subject_id: str, **data: Any) -> Event:
     return event
 
 
-def insert(conn: Connection, *changes: Change) -> None:
-    """The Core twin of :func:`record`, for transactions that skip the ORM (leases)."""
+_INSERT = Sql("INSERT INTO events (at, kind, subject_id, data) VALUES (:at, :kind, :s, :data)")
+
+
+def insert(tx: Tx, *changes: Change) -> None:
+    """The plain-SQL twin of :func:`record`, for the lease hot paths (see ``rawsql``)."""
     at = utcnow()
-    conn.execute(
-        sql_insert(EVENTS),
-        [
-            {"at": at, "kind": kind, "subject_id": subject, "data": data}
-            for kind, subject, data in changes
-        ],
+    tx.run_many(
+        _INSERT,
+        [{"at": at, "kind": kind, "s": subject, "data": data} for kind, subject, data in changes],
     )
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import bindparam
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -27,8 +26,9 @@ from controller.errors import (
     StaleLease,
 )
 from controller.images import RUNNER_CAPABILITIES
-from controller.models import ALIVE_STATES, MACHINES, Machine, MachineState, utcnow
+from controller.models import ALIVE_STATES, Machine, MachineState, utcnow
 from controller.providers.base import Bind, ContainerSpec, Provider
+from controller.rawsql import Sql, transaction
 from controller.schemas import MachineTemplate
 from controller.settings import Settings
 from controller.transport import exec as commands
@@ -509,20 +509,18 @@ def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None)
     return machine
 
 
-_STATE_AND_FENCE = select(MACHINES.c.state, MACHINES.c.fence).where(
-    MACHINES.c.id == bindparam("machine_id")
-)
+_STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
 
 
 def fence_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> int:
-    """The same check as :func:`machine_for_command` as one prebuilt read: a session's
-    command already knows its container, so only state and fence are needed."""
-    with reader(db).connect() as conn:
-        row = conn.execute(_STATE_AND_FENCE, {"machine_id": machine_id}).first()
+    """The same check as :func:`machine_for_command` as one plain-SQL read (see ``rawsql``):
+    a session's command already knows its container, so only state and fence are needed."""
+    with transaction(db, write=False) as tx:
+        row = tx.one(_STATE_AND_FENCE, machine_id=machine_id)
     if row is None:
         raise NotFound(f"no machine {machine_id}")
-    _check_command(machine_id, row.state, row.fence, lease_token)
-    return int(row.fence)
+    _check_command(machine_id, MachineState(row["state"]), row["fence"], lease_token)
+    return int(row["fence"])
 
 
 def _check_command(

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Row, Select, Update, bindparam, func, insert, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from controller import events, fleet
 from controller.context import Controller
-from controller.db import run_write, session_scope, write_transaction
+from controller.db import run_write, session_scope
 from controller.errors import (
     Conflict,
     Forbidden,
@@ -41,9 +40,6 @@ from controller.errors import (
 )
 from controller.lease_runtime import LeaseRuntime
 from controller.models import (
-    LEASES,
-    MACHINES,
-    POOLS,
     ApiToken,
     Lease,
     LeaseState,
@@ -53,6 +49,7 @@ from controller.models import (
     new_id,
     utcnow,
 )
+from controller.rawsql import Row, Sql, Tx, transaction
 from controller.schemas import LeasePublic, LeaseSelector
 
 log = logging.getLogger(__name__)
@@ -104,109 +101,98 @@ def make_target(
     return Target(repo=selector.repo, labels=tuple(sorted(selector.labels.items())))
 
 
-def check_target(conn: Connection, target: Target) -> None:
+def check_target(tx: Tx, target: Target) -> None:
     """Raise when what the target names does not exist or can never be leased.
 
     Asked only when a grant found no machine, so the hot path skips this read.
     """
     if target.pool:
-        if conn.execute(select(POOLS.c.name).where(POOLS.c.name == target.pool)).first():
+        if tx.one(_POOL_NAMED, pool=target.pool):
             return
-        known = ", ".join(sorted(conn.execute(select(POOLS.c.name)).scalars())) or "none yet"
+        known = ", ".join(row["name"] for row in tx.rows(_POOL_NAMES)) or "none yet"
         raise NotFound(f"unknown pool {target.pool!r}; pools: {known}")
     if target.machine_id:
-        state = conn.execute(
-            select(MACHINES.c.state).where(MACHINES.c.id == target.machine_id)
-        ).scalar()
-        if state is None:
+        machine = tx.one(_MACHINE_STATE, machine_id=target.machine_id)
+        if machine is None:
             raise NotFound(f"no machine {target.machine_id}")
-        if state not in (MachineState.ready, MachineState.leased, MachineState.provisioning):
+        if machine["state"] not in LEASABLE:
             raise Conflict(
-                f"machine {target.machine_id} is {state.value} and cannot be leased",
-                state=state.value,
+                f"machine {target.machine_id} is {machine['state']} and cannot be leased",
+                state=machine["state"],
             )
 
 
-# ---------------------------------------------------------------- statements, built once
+LEASABLE = (MachineState.ready, MachineState.leased, MachineState.provisioning)
 
-# Every agent's lease and release runs these, so they are Core statements with bind
-# parameters, built and compiled once: no ORM objects, no statement building per call.
 
-_LEASED_NOW = {
-    "state": MachineState.leased,
-    "fence": MACHINES.c.fence + 1,
-    "updated_at": bindparam("now"),
-}
-_CLAIMED = (MACHINES.c.id, MACHINES.c.fence, MACHINES.c.pool)
-_FLIP_BY_ID = (
-    update(MACHINES)
-    .where(MACHINES.c.id == bindparam("candidate"), MACHINES.c.state == MachineState.ready)
-    .values(_LEASED_NOW)
-    .returning(*_CLAIMED)
+# ---------------------------------------------------------------- statements
+
+# Every agent's lease and release runs these, so they are plain SQL on the driver's
+# connection (see controller/rawsql.py): no ORM objects, no statement building per call.
+
+_POOL_NAMED = Sql("SELECT name FROM pools WHERE name = :pool")
+_POOL_NAMES = Sql("SELECT name FROM pools ORDER BY name")
+_MACHINE_STATE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
+_LEASED_NOW = "SET state = 'leased', fence = fence + 1, updated_at = :now"
+_FLIP_BY_ID = Sql(
+    f"UPDATE machines {_LEASED_NOW} WHERE id = :candidate AND state = 'ready' "
+    "RETURNING id, fence, pool"
 )
-_INSERT_LEASE = insert(LEASES)
-_SELECT_LEASE = LEASES.select().where(LEASES.c.id == bindparam("lease_id"))
-_END_LEASE = (
-    update(LEASES)
-    .where(LEASES.c.id == bindparam("lease_id"))
-    .values(state=bindparam("new_state"), ended_at=bindparam("now"))
+_LEASE_COLUMNS = (
+    "id, machine_id, pool, holder, owner_token_id, token, state, ttl_s, wait_ms, "
+    "requested_at, acquired_at, expires_at, ended_at"
 )
-_RENEW_LEASE = (
-    update(LEASES)
-    .where(LEASES.c.id == bindparam("lease_id"))
-    .values(ttl_s=bindparam("new_ttl"), expires_at=bindparam("new_expiry"))
+_INSERT_LEASE = Sql(
+    f"INSERT INTO leases ({_LEASE_COLUMNS}) "
+    f"VALUES ({', '.join(':' + name for name in _LEASE_COLUMNS.split(', '))})"
 )
-_MACHINE_FENCE = select(MACHINES.c.state, MACHINES.c.fence, MACHINES.c.pool).where(
-    MACHINES.c.id == bindparam("machine_id")
+_SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = :lease_id")
+_END_LEASE = Sql("UPDATE leases SET state = :new_state, ended_at = :now WHERE id = :lease_id")
+_RENEW_LEASE = Sql(
+    "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
 )
-_POOL_RESET = select(POOLS.c.reset).where(POOLS.c.name == bindparam("pool"))
-_FENCE_OFF = (
-    update(MACHINES)
-    .where(MACHINES.c.id == bindparam("machine_id"))
-    .values(fence=MACHINES.c.fence + 1, updated_at=bindparam("now"))
+_MACHINE_AND_POLICY = Sql(
+    "SELECT m.state, m.fence, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
+    "WHERE m.id = :machine_id"
 )
-_BACK_TO_READY = _FENCE_OFF.values(
-    state=MachineState.ready,
-    reason=None,
-    ready_at=func.coalesce(MACHINES.c.ready_at, bindparam("now")),
+_FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
+_BACK_TO_READY = Sql(
+    "UPDATE machines SET state = 'ready', reason = NULL, fence = fence + 1, updated_at = :now, "
+    "ready_at = COALESCE(ready_at, :now) WHERE id = :machine_id"
 )
+_DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
+_ORPHANS = Sql(
+    "SELECT m.id, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
+    "WHERE m.state = 'leased' AND NOT EXISTS "
+    "(SELECT 1 FROM leases l WHERE l.machine_id = m.id AND l.state = 'active')"
+)
+_FILTERS = ("pool", "id", "repo")
+"""Columns a target may filter on; only these names ever reach the SQL text."""
 
 
 @functools.cache
-def _claim_first(by: tuple[str, ...], postgres: bool) -> Update:
+def _claim_first(by: tuple[str, ...]) -> Sql:
     """``UPDATE ... WHERE id = (SELECT the longest-ready fitting id)``, per filter set.
 
     On PostgreSQL the inner select skips rows another transaction is taking
     (``FOR UPDATE SKIP LOCKED``); the outer ``state = 'ready'`` check makes the flip safe
     on both databases.
     """
-    first = (
-        select(MACHINES.c.id)
-        .where(MACHINES.c.state == MachineState.ready, *_fits(by))
-        .order_by(MACHINES.c.updated_at)
-        .limit(1)
-    )
-    if postgres:
-        first = first.with_for_update(skip_locked=True)
-    return (
-        update(MACHINES)
-        .where(MACHINES.c.id == first.scalar_subquery(), MACHINES.c.state == MachineState.ready)
-        .values(_LEASED_NOW)
-        .returning(*_CLAIMED)
+    return Sql(
+        f"UPDATE machines {_LEASED_NOW} WHERE state = 'ready' AND id = "
+        f"(SELECT id FROM machines WHERE {_fits(by)} ORDER BY updated_at LIMIT 1 {{skip_locked}}) "
+        "RETURNING id, fence, pool"
     )
 
 
 @functools.cache
-def _candidates(by: tuple[str, ...]) -> Select[Any]:
-    return (
-        select(MACHINES.c.id, MACHINES.c.labels)
-        .where(MACHINES.c.state == MachineState.ready, *_fits(by))
-        .order_by(MACHINES.c.updated_at)
-    )
+def _candidates(by: tuple[str, ...]) -> Sql:
+    return Sql(f"SELECT id, labels FROM machines WHERE {_fits(by)} ORDER BY updated_at")
 
 
-def _fits(by: tuple[str, ...]) -> list[ColumnElement[bool]]:
-    return [MACHINES.c[column] == bindparam(f"want_{column}") for column in by]
+def _fits(by: tuple[str, ...]) -> str:
+    assert set(by) <= set(_FILTERS), by
+    return " AND ".join(["state = 'ready'", *(f"{column} = :want_{column}" for column in by)])
 
 
 # ---------------------------------------------------------------- the atomic grant
@@ -223,21 +209,21 @@ def try_grant(
     first_try: bool = False,
 ) -> LeasePublic | None:
     """One transaction: take a ready machine that fits, bump its fence, write the lease."""
-    with write_transaction(db) as conn:
-        claimed = _claim(conn, target)
+    with transaction(db) as tx:
+        claimed = _claim(tx, target)
         if claimed is None:
             if first_try:
-                check_target(conn, target)
+                check_target(tx, target)
             return None
         now = utcnow()
         wait_ms = round((time.monotonic() - requested_at_monotonic) * 1000, 3)
         lease = {
             "id": new_id("l"),
-            "machine_id": claimed.id,
-            "pool": claimed.pool,
+            "machine_id": claimed["id"],
+            "pool": claimed["pool"],
             "holder": holder,
             "owner_token_id": owner.id if owner else None,
-            "token": claimed.fence,
+            "token": claimed["fence"],
             "state": LeaseState.active,
             "ttl_s": ttl_s,
             "wait_ms": wait_ms,
@@ -246,17 +232,17 @@ def try_grant(
             "expires_at": now + timedelta(seconds=ttl_s),
             "ended_at": None,
         }
-        conn.execute(_INSERT_LEASE, lease)
+        tx.run(_INSERT_LEASE, **lease)
         events.insert(
-            conn,
-            events.machine_state(claimed.id, MachineState.leased, MachineState.ready),
+            tx,
+            events.machine_state(claimed["id"], MachineState.leased, MachineState.ready),
             (
                 "lease.granted",
                 lease["id"],
                 {
-                    "machine_id": claimed.id,
+                    "machine_id": claimed["id"],
                     "holder": holder,
-                    "token": claimed.fence,
+                    "token": claimed["fence"],
                     "ttl_s": ttl_s,
                     "wait_ms": wait_ms,
                 },
@@ -265,19 +251,17 @@ def try_grant(
         return LeasePublic.model_validate(lease)
 
 
-def _claim(conn: Connection, target: Target) -> Row[Any] | None:
+def _claim(tx: Tx, target: Target) -> Row | None:
     """Flip the longest-ready fitting machine to leased; answer its id, new fence and pool."""
     given = {"pool": target.pool, "id": target.machine_id, "repo": target.repo}
     by = tuple(column for column, value in given.items() if value is not None)
     params: dict[str, Any] = {f"want_{column}": given[column] for column in by}
-    params["now"] = utcnow()
+    now = utcnow()
     if not target.labels:
-        claim = _claim_first(by, conn.dialect.name == "postgresql")
-        return conn.execute(claim, params).first()
-    for candidate, labels in conn.execute(_candidates(by), params).all():
-        if target.matches_labels(labels or {}):
-            flipped = conn.execute(_FLIP_BY_ID, {"candidate": candidate, "now": params["now"]})
-            if row := flipped.first():
+        return tx.one(_claim_first(by), now=now, **params)
+    for candidate in tx.rows(_candidates(by), **params):
+        if target.matches_labels(candidate["labels"] or {}):
+            if row := tx.one(_FLIP_BY_ID, candidate=candidate["id"], now=now):
                 return row
     return None
 
@@ -401,31 +385,31 @@ def get_lease(session: Session, lease_id: str) -> Lease:
     return lease
 
 
-def _load_lease(conn: Connection, lease_id: str) -> Row[Any]:
-    row = conn.execute(_SELECT_LEASE, {"lease_id": lease_id}).first()
+def _load_lease(tx: Tx, lease_id: str) -> Row:
+    row = tx.one(_SELECT_LEASE, lease_id=lease_id)
     if row is None:
         raise NotFound(f"no lease {lease_id}")
     return row
 
 
-def _check_owner(lease: Row[Any], caller: ApiToken | None) -> None:
-    if caller is None or caller.role == Role.ops or lease.owner_token_id in (None, caller.id):
+def _check_owner(lease: Row, caller: ApiToken | None) -> None:
+    if caller is None or caller.role == Role.ops or lease["owner_token_id"] in (None, caller.id):
         return
     raise Forbidden(
-        f"lease {lease.id} was taken by another token (holder {lease.holder!r}); "
+        f"lease {lease['id']} was taken by another token (holder {lease['holder']!r}); "
         "only that token or an ops token may renew or release it"
     )
 
 
-def _check_active(lease: Row[Any], action: str) -> None:
-    if lease.state != LeaseState.active:
+def _check_active(lease: Row, action: str) -> None:
+    if lease["state"] != LeaseState.active:
         raise Conflict(
-            f"cannot {action} lease {lease.id}: it is already {lease.state.value}",
-            state=lease.state.value,
+            f"cannot {action} lease {lease['id']}: it is already {lease['state']}",
+            state=lease["state"],
         )
-    if lease.expires_at <= utcnow():
+    if lease["expires_at"] <= utcnow():
         raise Conflict(
-            f"cannot {action} lease {lease.id}: it expired at {lease.expires_at.isoformat()}",
+            f"cannot {action} lease {lease['id']}: it expired at {lease['expires_at'].isoformat()}",
             state=LeaseState.expired.value,
         )
 
@@ -433,64 +417,60 @@ def _check_active(lease: Row[Any], action: str) -> None:
 def renew(
     *, db: Engine, lease_id: str, caller: ApiToken | None, ttl_s: float | None = None
 ) -> LeasePublic:
-    with write_transaction(db) as conn:
-        lease = _load_lease(conn, lease_id)
+    with transaction(db) as tx:
+        lease = _load_lease(tx, lease_id)
         _check_owner(lease, caller)
         _check_active(lease, "renew")
-        ttl_s = lease.ttl_s if ttl_s is None else ttl_s
+        ttl_s = lease["ttl_s"] if ttl_s is None else ttl_s
         expires_at = utcnow() + timedelta(seconds=ttl_s)
-        conn.execute(
-            _RENEW_LEASE, {"lease_id": lease.id, "new_ttl": ttl_s, "new_expiry": expires_at}
-        )
-        events.insert(conn, ("lease.renewed", lease.id, {"expires_at": expires_at.isoformat()}))
+        tx.run(_RENEW_LEASE, lease_id=lease_id, new_ttl=ttl_s, new_expiry=expires_at)
+        events.insert(tx, ("lease.renewed", lease_id, {"expires_at": expires_at.isoformat()}))
         return _public(lease, ttl_s=ttl_s, expires_at=expires_at)
 
 
 def release(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
-    with write_transaction(ctl.db) as conn:
-        lease = _load_lease(conn, lease_id)
+    with transaction(ctl.db) as tx:
+        lease = _load_lease(tx, lease_id)
         _check_owner(lease, caller)
-        if lease.state != LeaseState.active:
-            raise Conflict(
-                f"lease {lease_id} is already {lease.state.value}", state=lease.state.value
-            )
-        ended, policy = _end(ctl, conn, lease, LeaseState.released)
-    _after_end(ctl, lease.machine_id, policy)
+        if lease["state"] != LeaseState.active:
+            raise Conflict(f"lease {lease_id} is already {lease['state']}", state=lease["state"])
+        ended, policy = _end(ctl, tx, lease, LeaseState.released)
+    _after_end(ctl, lease["machine_id"], policy)
     return ended
 
 
-def _public(lease: Row[Any], **changes: Any) -> LeasePublic:
-    return LeasePublic.model_validate({**lease._mapping, **changes})
-
-
-def _pool_policy(conn: Connection, pool: str | None) -> ResetPolicy:
-    found = conn.execute(_POOL_RESET, {"pool": pool}).scalar() if pool else None
-    return found or "keep"
+def _public(lease: Row, **changes: Any) -> LeasePublic:
+    return LeasePublic.model_validate({**lease, **changes})
 
 
 def _end(
-    ctl: Controller, conn: Connection, lease: Row[Any], state: LeaseState
+    ctl: Controller, tx: Tx, lease: Row, state: LeaseState
 ) -> tuple[LeasePublic, ResetPolicy | None]:
     """End the lease and fence the machine; say how the machine must come back (or None)."""
     now = utcnow()
-    conn.execute(_END_LEASE, {"lease_id": lease.id, "new_state": state, "now": now})
+    machine_id = lease["machine_id"]
+    tx.run(_END_LEASE, lease_id=lease["id"], new_state=state, now=now)
     changes: list[events.Change] = [
-        (f"lease.{state.value}", lease.id, {"machine_id": lease.machine_id, "token": lease.token})
+        (f"lease.{state.value}", lease["id"], {"machine_id": machine_id, "token": lease["token"]})
     ]
     ended = _public(lease, state=state, ended_at=now)
-    machine = conn.execute(_MACHINE_FENCE, {"machine_id": lease.machine_id}).first()
-    if machine is None or machine.state != MachineState.leased or machine.fence != lease.token:
-        events.insert(conn, *changes)
+    machine = tx.one(_MACHINE_AND_POLICY, machine_id=machine_id)
+    if (
+        machine is None
+        or machine["state"] != MachineState.leased
+        or machine["fence"] != lease["token"]
+    ):
+        events.insert(tx, *changes)
         return ended, None
     # The old token is stale from now on, even once the machine is ready again.
-    policy = _pool_policy(conn, machine.pool)
+    policy: ResetPolicy = machine["reset"] or "keep"
     if policy == "keep":
-        conn.execute(_BACK_TO_READY, {"machine_id": lease.machine_id, "now": now})
-        changes.append(events.machine_state(lease.machine_id, MachineState.ready, machine.state))
+        tx.run(_BACK_TO_READY, machine_id=machine_id, now=now)
+        changes.append(events.machine_state(machine_id, MachineState.ready, MachineState.leased))
     else:
-        conn.execute(_FENCE_OFF, {"machine_id": lease.machine_id, "now": now})
-        runtime(ctl).returning.add(lease.machine_id)
-    events.insert(conn, *changes)
+        tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
+        runtime(ctl).returning.add(machine_id)
+    events.insert(tx, *changes)
     return ended, policy
 
 
@@ -557,18 +537,16 @@ def _settle_if_unleased(
 def reap(*, ctl: Controller) -> list[str]:
     """Expire leases past their time and bring back leased machines nobody holds."""
     expired: list[str] = []
-    with session_scope(ctl.reader) as session:
-        due = session.exec(
-            select(Lease.id).where(Lease.state == LeaseState.active, Lease.expires_at <= utcnow())
-        ).all()
+    with transaction(ctl.reader, write=False) as tx:
+        due = [row["id"] for row in tx.rows(_DUE_LEASES, now=utcnow())]
     for lease_id in due:
-        with write_transaction(ctl.db) as conn:
-            lease = _load_lease(conn, lease_id)
-            if lease.state != LeaseState.active or lease.expires_at > utcnow():
+        with transaction(ctl.db) as tx:
+            lease = _load_lease(tx, lease_id)
+            if lease["state"] != LeaseState.active or lease["expires_at"] > utcnow():
                 continue  # renewed or released meanwhile
-            _, policy = _end(ctl, conn, lease, LeaseState.expired)
+            _, policy = _end(ctl, tx, lease, LeaseState.expired)
         expired.append(lease_id)
-        _after_end(ctl, lease.machine_id, policy)
+        _after_end(ctl, lease["machine_id"], policy)
     _return_orphans(ctl)
     return expired
 
@@ -576,14 +554,11 @@ def reap(*, ctl: Controller) -> list[str]:
 def _return_orphans(ctl: Controller) -> None:
     """Leased machines without an active lease (a crash mid-reset) go back per pool policy."""
     rt = runtime(ctl)
-    with session_scope(ctl.reader) as session:
-        leased = session.exec(
-            select(Machine.id, Machine.pool).where(Machine.state == MachineState.leased)
-        ).all()
-        orphans = [
-            (machine_id, _pool_policy(session.connection(), pool))
-            for machine_id, pool in leased
-            if machine_id not in rt.returning and _active_lease(session, machine_id) is None
+    with transaction(ctl.reader, write=False) as tx:
+        orphans: list[tuple[str, ResetPolicy]] = [
+            (row["id"], row["reset"] or "keep")
+            for row in tx.rows(_ORPHANS)
+            if row["id"] not in rt.returning
         ]
     for machine_id, policy in orphans:
         if ctl.stopping.is_set():

@@ -9,6 +9,10 @@ parallel runs on one engine don't disturb each other. A missing engine fails the
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -161,14 +165,10 @@ class ControllerProcess:
         self.url = ""
 
     def start(self, timeout_s: float = 60) -> ControllerProcess:
-        import socket
-        import subprocess
         import sys
         import time
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = (self.data_dir.parent / f"serve-{port}.log").open("wb")
         self.process = subprocess.Popen(
@@ -215,3 +215,48 @@ class ControllerProcess:
                 self.process.wait(timeout=30)
             except Exception:  # noqa: BLE001 - escalate to SIGKILL
                 self.kill()
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A private PostgreSQL cluster in a temp dir on a free port, removed afterwards."""
+    assert (PG_BIN / "initdb").exists(), "PostgreSQL 15 is needed (make test installs it)"
+    base = Path(tempfile.mkdtemp(prefix="shopfloor-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(base, "postgres", "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", free_port()
+
+    def pg(*argv: str) -> None:
+        subprocess.run([*as_postgres, *argv], check=True, capture_output=True, timeout=120)
+
+    pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "shopfloor", "--auth=trust", "-E", "UTF8")
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=300"
+    pg(
+        str(PG_BIN / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        options,
+        "-l",
+        str(base / "log"),
+        "-w",
+        "start",
+    )
+    try:
+        yield f"postgresql+psycopg://shopfloor@127.0.0.1:{port}/postgres"
+    finally:
+        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)

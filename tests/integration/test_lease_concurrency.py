@@ -8,20 +8,13 @@ machine, no two leases of one machine overlap in time, and no request was lost.
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlmodel import select
 
 from controller.db import make_engine, session_scope
@@ -30,47 +23,6 @@ from tests.integration.conftest import ControllerProcess
 
 REQUESTS = 200
 MACHINES = 10
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A private PostgreSQL cluster in a temp dir on a free port, removed afterwards."""
-    assert (PG_BIN / "initdb").exists(), "PostgreSQL 15 is needed (make test installs it)"
-    base = Path(tempfile.mkdtemp(prefix="shopfloor-pg-"))
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(base, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", _free_port()
-
-    def pg(*argv: str) -> None:
-        subprocess.run([*as_postgres, *argv], check=True, capture_output=True, timeout=120)
-
-    pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "shopfloor", "--auth=trust", "-E", "UTF8")
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=300"
-    pg(
-        str(PG_BIN / "pg_ctl"),
-        "-D",
-        str(data),
-        "-o",
-        options,
-        "-l",
-        str(base / "log"),
-        "-w",
-        "start",
-    )
-    try:
-        yield f"postgresql+psycopg://shopfloor@127.0.0.1:{port}/postgres"
-    finally:
-        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _storm(url: str, agent: str, pool: str) -> list[dict[str, Any]]:

@@ -1,0 +1,179 @@
+"""The lease hot paths' plain SQL (controller/rawsql.py) on SQLite and on a real PostgreSQL.
+
+The lease service runs here without HTTP against each database; what it writes is read
+back through the ORM, so both layers are seen to agree on timestamps, enums and JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from controller import leases
+from controller.app import build_controller
+from controller.context import Controller
+from controller.db import session_scope
+from controller.errors import Conflict, Forbidden, NotFound
+from controller.models import (
+    ApiToken,
+    Event,
+    Lease,
+    LeaseState,
+    Machine,
+    MachineState,
+    Pool,
+    Role,
+    utcnow,
+)
+from controller.schemas import LeasePublic, LeaseSelector
+from controller.settings import Settings
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ctl(request: pytest.FixtureRequest, tmp_path: Path, runner_image: str) -> Iterator[Controller]:
+    url = None
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, runner_image=runner_image)
+    controller = build_controller(settings)
+    try:
+        _reset_tables(controller)
+        _seed(controller)
+        yield controller
+    finally:
+        controller.close()
+
+
+def _reset_tables(ctl: Controller) -> None:
+    """The PostgreSQL cluster is shared by the session: start each test from empty tables."""
+    with session_scope(ctl.db) as session:
+        for model in (Event, Lease, Machine, Pool, ApiToken):
+            for row in session.exec(select(model)).all():
+                session.delete(row)
+
+
+def _seed(ctl: Controller) -> None:
+    with session_scope(ctl.db) as session:
+        session.add(Pool(name="py", reset="keep"))
+        for index, labels in enumerate(({"gpu": "no"}, {"gpu": "yes"})):
+            session.add(
+                Machine(
+                    id=f"m-{index}",
+                    state=MachineState.ready,
+                    image="x",
+                    cpus=1.0,
+                    memory_mb=256,
+                    labels=labels,
+                    pool="py",
+                    container_name=f"c-{index}",
+                    volume_name=f"v-{index}",
+                    repo="https://example.invalid/r.git",
+                )
+            )
+        session.add(ApiToken(id="t-agent", role=Role.agent, token_hash="a"))
+        session.add(ApiToken(id="t-other", role=Role.agent, token_hash="b"))
+
+
+def _owner(ctl: Controller, token_id: str) -> ApiToken:
+    with session_scope(ctl.db) as session:
+        token = session.get(ApiToken, token_id)
+        assert token is not None
+        return token
+
+
+def _grant(ctl: Controller, **target: object) -> LeasePublic | None:
+    return leases.try_grant(
+        db=ctl.db,
+        target=leases.make_target(
+            pool=target.get("pool"),  # type: ignore[arg-type]
+            machine_id=target.get("machine_id"),  # type: ignore[arg-type]
+            selector=target.get("selector"),  # type: ignore[arg-type]
+        ),
+        holder=str(target.get("holder", "agent")),
+        ttl_s=60,
+        owner=_owner(ctl, "t-agent"),
+        requested_at_monotonic=time.monotonic(),
+        first_try=True,
+    )
+
+
+def test_grant_renew_release_round_trip(ctl: Controller) -> None:
+    hostile = "x'); DROP TABLE leases; --"
+    lease = _grant(ctl, pool="py", holder=hostile)
+    assert lease is not None
+    assert lease.token == 1
+
+    renewed = leases.renew(db=ctl.db, lease_id=lease.id, caller=_owner(ctl, "t-agent"), ttl_s=600)
+    assert renewed.expires_at > lease.expires_at + timedelta(seconds=500)
+
+    with session_scope(ctl.db) as session:
+        stored = session.get(Lease, lease.id)
+        machine = session.get(Machine, lease.machine_id)
+        assert stored is not None
+        assert machine is not None
+        assert stored.holder == hostile
+        assert stored.state == LeaseState.active
+        assert machine.state == MachineState.leased
+        assert stored.acquired_at == lease.acquired_at  # aware, to the microsecond
+        assert stored.expires_at == renewed.expires_at
+        kinds = [e.kind for e in session.exec(select(Event).order_by(col(Event.id))).all()]
+        granted = session.exec(select(Event).where(Event.kind == "lease.granted")).one()
+        assert granted.data["holder"] == hostile
+        assert granted.data["token"] == 1
+    assert kinds == ["machine.state", "lease.granted", "lease.renewed"]
+
+    with pytest.raises(Forbidden):
+        leases.release(ctl=ctl, lease_id=lease.id, caller=_owner(ctl, "t-other"))
+    ended = leases.release(ctl=ctl, lease_id=lease.id, caller=_owner(ctl, "t-agent"))
+    assert ended.state == LeaseState.released
+    with pytest.raises(Conflict, match="already released"):
+        leases.release(ctl=ctl, lease_id=lease.id, caller=None)
+    with session_scope(ctl.db) as session:
+        machine = session.get(Machine, lease.machine_id)
+        assert machine is not None
+        assert machine.state == MachineState.ready
+        assert machine.fence == 2
+
+
+def test_pool_hands_out_each_machine_once(ctl: Controller) -> None:
+    first, second = _grant(ctl, pool="py"), _grant(ctl, pool="py")
+    assert first is not None
+    assert second is not None
+    assert {first.machine_id, second.machine_id} == {"m-0", "m-1"}
+    assert _grant(ctl, pool="py") is None
+    with pytest.raises(NotFound, match="unknown pool 'nope'; pools: py"):
+        _grant(ctl, pool="nope")
+    with pytest.raises(NotFound, match="no machine m-9"):
+        _grant(ctl, machine_id="m-9")
+
+
+def test_selector_matches_labels(ctl: Controller) -> None:
+    selector = LeaseSelector(repo="https://example.invalid/r.git", labels={"gpu": "yes"})
+    lease = _grant(ctl, selector=selector)
+    assert lease is not None
+    assert lease.machine_id == "m-1"
+    assert _grant(ctl, selector=selector) is None
+
+
+def test_reaper_expires_an_unrenewed_lease(ctl: Controller) -> None:
+    lease = _grant(ctl, machine_id="m-0")
+    assert lease is not None
+    with session_scope(ctl.db) as session:
+        past = utcnow() - timedelta(seconds=1)
+        session.exec(update(Lease).where(col(Lease.id) == lease.id).values(expires_at=past))
+    assert leases.reap(ctl=ctl) == [lease.id]
+    with session_scope(ctl.db) as session:
+        stored, machine = session.get(Lease, lease.id), session.get(Machine, "m-0")
+        assert stored is not None
+        assert machine is not None
+        assert stored.state == LeaseState.expired
+        assert stored.ended_at is not None
+        assert machine.state == MachineState.ready
+    with pytest.raises(Conflict, match="already expired"):
+        leases.renew(db=ctl.db, lease_id=lease.id, caller=None)
