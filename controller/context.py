@@ -16,6 +16,7 @@ from controller.auth import TokenCache
 from controller.db import reader
 from controller.lease_runtime import LeaseRuntime
 from controller.providers.base import Provider
+from controller.rawsql import GroupCommit
 from controller.settings import Settings
 from controller.transport.forward import ForwardRegistry
 from controller.transport.sessions import SessionRegistry
@@ -58,9 +59,12 @@ class Controller:
     """Requests waiting for a machine, and machines being returned after a lease."""
     reader: Engine = field(init=False)
     """The same database for read-only transactions (no write lock on SQLite)."""
+    group_commit: GroupCommit = field(init=False)
+    """Lease writes from the event loop, committed together when they arrive together."""
 
     def __post_init__(self) -> None:
         self.reader = reader(self.db)
+        self.group_commit = GroupCommit(self.db)
         self.ssh = SshPool(
             self.provider, self.settings.data_dir, timeout_s=self.settings.ssh_connect_timeout_s
         )

@@ -165,8 +165,9 @@ async def run_write(engine: Engine, work: Callable[P, T], *args: P.args, **kwarg
     is empty (a sub-millisecond transaction costs less than a hop to a worker thread and
     back), else in a worker thread, which takes its turn in the queue.
 
-    For statement-only work (the lease paths): never for anything that calls the engine.
-    PostgreSQL writes always go to a thread: they wait on the network and on row locks.
+    For statement-only work (the lease group commits, see ``rawsql.GroupCommit``): never for
+    anything that calls the engine. PostgreSQL writes always go to a thread: they wait on
+    the network and on row locks.
     """
     lock = writer_lock(engine)
     if lock is not None and lock.acquire(blocking=False):

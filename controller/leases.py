@@ -29,7 +29,7 @@ from sqlmodel import Session, col, select
 
 from controller import events, fleet
 from controller.context import Controller
-from controller.db import run_write, session_scope
+from controller.db import session_scope
 from controller.errors import (
     Conflict,
     Forbidden,
@@ -49,7 +49,7 @@ from controller.models import (
     new_id,
     utcnow,
 )
-from controller.rawsql import Row, Sql, Tx, transaction
+from controller.rawsql import Row, Sql, Tx, Work, transaction
 from controller.schemas import LeasePublic, LeaseSelector
 
 log = logging.getLogger(__name__)
@@ -210,45 +210,67 @@ def try_grant(
 ) -> LeasePublic | None:
     """One transaction: take a ready machine that fits, bump its fence, write the lease."""
     with transaction(db) as tx:
-        claimed = _claim(tx, target)
-        if claimed is None:
-            if first_try:
-                check_target(tx, target)
-            return None
-        now = utcnow()
-        wait_ms = round((time.monotonic() - requested_at_monotonic) * 1000, 3)
-        lease = {
-            "id": new_id("l"),
-            "machine_id": claimed["id"],
-            "pool": claimed["pool"],
-            "holder": holder,
-            "owner_token_id": owner.id if owner else None,
-            "token": claimed["fence"],
-            "state": LeaseState.active,
-            "ttl_s": ttl_s,
-            "wait_ms": wait_ms,
-            "requested_at": now - timedelta(milliseconds=wait_ms),
-            "acquired_at": now,
-            "expires_at": now + timedelta(seconds=ttl_s),
-            "ended_at": None,
-        }
-        tx.run(_INSERT_LEASE, **lease)
-        events.insert(
+        return grant_in(
             tx,
-            events.machine_state(claimed["id"], MachineState.leased, MachineState.ready),
-            (
-                "lease.granted",
-                lease["id"],
-                {
-                    "machine_id": claimed["id"],
-                    "holder": holder,
-                    "token": claimed["fence"],
-                    "ttl_s": ttl_s,
-                    "wait_ms": wait_ms,
-                },
-            ),
+            target=target,
+            holder=holder,
+            ttl_s=ttl_s,
+            owner=owner,
+            requested_at_monotonic=requested_at_monotonic,
+            first_try=first_try,
         )
-        return LeasePublic.model_validate(lease)
+
+
+def grant_in(
+    tx: Tx,
+    *,
+    target: Target,
+    holder: str,
+    ttl_s: float,
+    owner: ApiToken | None,
+    requested_at_monotonic: float,
+    first_try: bool = False,
+) -> LeasePublic | None:
+    """The grant within ``tx`` (see :func:`try_grant`)."""
+    claimed = _claim(tx, target)
+    if claimed is None:
+        if first_try:
+            check_target(tx, target)
+        return None
+    now = utcnow()
+    wait_ms = round((time.monotonic() - requested_at_monotonic) * 1000, 3)
+    lease = {
+        "id": new_id("l"),
+        "machine_id": claimed["id"],
+        "pool": claimed["pool"],
+        "holder": holder,
+        "owner_token_id": owner.id if owner else None,
+        "token": claimed["fence"],
+        "state": LeaseState.active,
+        "ttl_s": ttl_s,
+        "wait_ms": wait_ms,
+        "requested_at": now - timedelta(milliseconds=wait_ms),
+        "acquired_at": now,
+        "expires_at": now + timedelta(seconds=ttl_s),
+        "ended_at": None,
+    }
+    tx.run(_INSERT_LEASE, **lease)
+    events.insert(
+        tx,
+        events.machine_state(claimed["id"], MachineState.leased, MachineState.ready),
+        (
+            "lease.granted",
+            lease["id"],
+            {
+                "machine_id": claimed["id"],
+                "holder": holder,
+                "token": claimed["fence"],
+                "ttl_s": ttl_s,
+                "wait_ms": wait_ms,
+            },
+        ),
+    )
+    return LeasePublic.model_validate(lease)
 
 
 def _claim(tx: Tx, target: Target) -> Row | None:
@@ -279,11 +301,10 @@ class LeaseRequest:
     owner: ApiToken | None = None
 
 
-def _grant_now(
-    ctl: Controller, request: LeaseRequest, started: float, check: bool
-) -> LeasePublic | None:
-    return try_grant(
-        db=ctl.db,
+def _grant(request: LeaseRequest, started: float, check: bool) -> Work[LeasePublic | None]:
+    """The request's grant, as work for a transaction (see :func:`grant_in`)."""
+    return functools.partial(
+        grant_in,
         target=request.target,
         holder=request.holder,
         ttl_s=request.ttl_s,
@@ -324,7 +345,7 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeasePubli
             wakeup.clear()
             seen = rt.generation
             if rt.is_first(waiter):
-                lease = await run_write(ctl.db, _grant_now, ctl, request, started, not tried)
+                lease = await ctl.group_commit.run(_grant(request, started, not tried))
                 tried = True
                 if lease is not None:
                     return lease
@@ -359,7 +380,8 @@ def acquire_blocking(
             wakeup.clear()
             seen = rt.generation
             if rt.is_first(waiter):
-                lease = _grant_now(ctl, request, started, not tried)
+                with transaction(ctl.db) as tx:
+                    lease = _grant(request, started, not tried)(tx)
                 tried = True
                 if lease is not None:
                     return lease
@@ -418,25 +440,53 @@ def renew(
     *, db: Engine, lease_id: str, caller: ApiToken | None, ttl_s: float | None = None
 ) -> LeasePublic:
     with transaction(db) as tx:
-        lease = _load_lease(tx, lease_id)
-        _check_owner(lease, caller)
-        _check_active(lease, "renew")
-        ttl_s = lease["ttl_s"] if ttl_s is None else ttl_s
-        expires_at = utcnow() + timedelta(seconds=ttl_s)
-        tx.run(_RENEW_LEASE, lease_id=lease_id, new_ttl=ttl_s, new_expiry=expires_at)
-        events.insert(tx, ("lease.renewed", lease_id, {"expires_at": expires_at.isoformat()}))
-        return _public(lease, ttl_s=ttl_s, expires_at=expires_at)
+        return _renew_in(tx, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
+
+
+async def renew_async(
+    *, ctl: Controller, lease_id: str, caller: ApiToken | None, ttl_s: float | None = None
+) -> LeasePublic:
+    """:func:`renew` from the event loop, in a group commit (see ``rawsql.GroupCommit``)."""
+    work = functools.partial(_renew_in, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
+    return await ctl.group_commit.run(work)
+
+
+def _renew_in(
+    tx: Tx, *, lease_id: str, caller: ApiToken | None, ttl_s: float | None
+) -> LeasePublic:
+    lease = _load_lease(tx, lease_id)
+    _check_owner(lease, caller)
+    _check_active(lease, "renew")
+    ttl_s = lease["ttl_s"] if ttl_s is None else ttl_s
+    expires_at = utcnow() + timedelta(seconds=ttl_s)
+    tx.run(_RENEW_LEASE, lease_id=lease_id, new_ttl=ttl_s, new_expiry=expires_at)
+    events.insert(tx, ("lease.renewed", lease_id, {"expires_at": expires_at.isoformat()}))
+    return _public(lease, ttl_s=ttl_s, expires_at=expires_at)
 
 
 def release(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
     with transaction(ctl.db) as tx:
-        lease = _load_lease(tx, lease_id)
-        _check_owner(lease, caller)
-        if lease["state"] != LeaseState.active:
-            raise Conflict(f"lease {lease_id} is already {lease['state']}", state=lease["state"])
-        ended, policy = _end(ctl, tx, lease, LeaseState.released)
-    _after_end(ctl, lease["machine_id"], policy)
+        ended, policy = _release_in(tx, ctl=ctl, lease_id=lease_id, caller=caller)
+    _after_end(ctl, ended.machine_id, policy)
     return ended
+
+
+async def release_async(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
+    """:func:`release` from the event loop, in a group commit (see ``rawsql.GroupCommit``)."""
+    work = functools.partial(_release_in, ctl=ctl, lease_id=lease_id, caller=caller)
+    ended, policy = await ctl.group_commit.run(work)
+    _after_end(ctl, ended.machine_id, policy)
+    return ended
+
+
+def _release_in(
+    tx: Tx, *, ctl: Controller, lease_id: str, caller: ApiToken | None
+) -> tuple[LeasePublic, ResetPolicy | None]:
+    lease = _load_lease(tx, lease_id)
+    _check_owner(lease, caller)
+    if lease["state"] != LeaseState.active:
+        raise Conflict(f"lease {lease_id} is already {lease['state']}", state=lease["state"])
+    return _end(ctl, tx, lease, LeaseState.released)
 
 
 def _public(lease: Row, **changes: Any) -> LeasePublic:

@@ -14,22 +14,24 @@ read and write the same rows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
-from controller.db import writer_lock
+from controller.db import run_write, writer_lock
 from controller.models import UTCDateTime
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 _COLUMNS = [column for table in SQLModel.metadata.tables.values() for column in table.columns]
 TIMESTAMP_COLUMNS = frozenset(c.name for c in _COLUMNS if isinstance(c.type, UTCDateTime))
@@ -73,6 +75,18 @@ class Tx:
 
     def run_many(self, sql: Sql, params: list[dict[str, Any]]) -> None:
         self._cursor.executemany(self._text(sql), [self._values(p) for p in params])
+
+    def apart(self, work: Callable[[Tx], T]) -> T:
+        """Run ``work`` inside a savepoint: if it raises, only its own writes are undone."""
+        self._cursor.execute("SAVEPOINT apart")
+        try:
+            result = work(self)
+        except BaseException:
+            self._cursor.execute("ROLLBACK TO SAVEPOINT apart")
+            raise
+        finally:
+            self._cursor.execute("RELEASE SAVEPOINT apart")
+        return result
 
     def _text(self, sql: Sql) -> str:
         return sql.postgres if self._postgres else sql.sqlite
@@ -122,3 +136,63 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Tx]:
         finally:
             cursor.close()
             raw.close()
+
+
+Work = Callable[[Tx], T]
+"""What a transaction runs: the lease paths hand these to :class:`GroupCommit`."""
+
+
+class GroupCommit:
+    """Group commit for the lease hot paths, from the event loop.
+
+    Requests that reach the database in the same turn of the loop (fifty agents asking at
+    once) share one transaction, each in its own savepoint, so one that fails (a stale
+    lease, an unknown pool) changes nothing and fails alone. One commit instead of fifty:
+    the write-ahead log grows by a few pages instead of ~12 per request, and the checkpoint
+    that copies it back, with its fsync, stays short. A lone request commits alone.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pending: list[tuple[Work[Any], asyncio.Future[Any]]] = []
+        self._committing: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
+
+    async def run(self, work: Work[T]) -> T:
+        """Answer ``work``'s result once its transaction has committed."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((work, future))
+        if len(self._pending) == 1:
+            # Runs after the requests already queued on the loop have reached this point.
+            task = asyncio.get_running_loop().create_task(self._commit_pending())
+            self._committing.add(task)
+            task.add_done_callback(self._committing.discard)
+        return await future
+
+    async def _commit_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            outcomes = await run_write(self._engine, self._commit, [work for work, _ in batch])
+        except BaseException as exc:  # the commit itself failed: nothing of the batch holds
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), (result, error) in zip(batch, outcomes, strict=True):
+            if future.done():  # its request was cancelled meanwhile (the client went away)
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def _commit(self, works: list[Work[Any]]) -> list[tuple[Any, Exception | None]]:
+        outcomes: list[tuple[Any, Exception | None]] = []
+        with transaction(self._engine) as tx:
+            if len(works) == 1:  # alone: its failure rolls back the whole transaction
+                return [(works[0](tx), None)]
+            for work in works:
+                try:
+                    outcomes.append((tx.apart(work), None))
+                except Exception as exc:  # noqa: BLE001 - handed to that request alone
+                    outcomes.append((None, exc))
+        return outcomes

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from controller import leases
-from controller.db import run_write
 from controller.models import Lease
 from controller.routes.deps import Ctl, OpsOrAgent, SessionDep
 from controller.schemas import LeaseBody, LeasePublic, ListOf, RenewBody
@@ -45,11 +44,9 @@ async def renew(
     lease_id: str, ctl: Ctl, caller: OpsOrAgent, body: RenewBody | None = None
 ) -> LeasePublic:
     ttl_s = body.ttl_s if body else None
-    return await run_write(
-        ctl.db, leases.renew, db=ctl.db, lease_id=lease_id, caller=caller, ttl_s=ttl_s
-    )
+    return await leases.renew_async(ctl=ctl, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
 
 
 @router.delete("/{lease_id}")
 async def release(lease_id: str, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
-    return await run_write(ctl.db, leases.release, ctl=ctl, lease_id=lease_id, caller=caller)
+    return await leases.release_async(ctl=ctl, lease_id=lease_id, caller=caller)
