@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from sqlmodel import Session
 
 from controller import auth
 from controller.context import Controller
 from controller.db import session_scope
+from controller.errors import InvalidInput
 from controller.models import ApiToken, Role
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def controller_of(request: Request) -> Controller:
+    controller: Controller = request.app.state.controller
+    return controller
 
 
 async def get_controller(request: Request) -> Controller:
     """Async on purpose: FastAPI runs plain-def dependencies in a worker thread."""
-    controller: Controller = request.app.state.controller
-    return controller
+    return controller_of(request)
 
 
 Ctl = Annotated[Controller, Depends(get_controller)]
@@ -36,16 +45,25 @@ def require(*roles: Role) -> Callable[..., Awaitable[ApiToken]]:
     """A dependency that authenticates the bearer token and checks its role."""
 
     async def check(ctl: Ctl, authorization: Annotated[str | None, Header()] = None) -> ApiToken:
-        # Async, and usually answered from memory: no worker-thread hop on the hot path.
-        token_hash = auth.hash_token(auth.bearer(authorization))
-        token = ctl.tokens.get(token_hash)
-        if token is None:
-            token = await anyio.to_thread.run_sync(_lookup, ctl, token_hash)
-            ctl.tokens.put(token_hash, token)
-        auth.require_role(token, roles)
-        return token
+        return await authenticate(ctl, authorization, roles)
 
     return check
+
+
+async def authenticate(
+    ctl: Controller, authorization: str | None, roles: tuple[Role, ...]
+) -> ApiToken:
+    """The caller's token, if it may act in one of ``roles``.
+
+    Async, and usually answered from memory: no worker-thread hop on the hot path.
+    """
+    token_hash = auth.hash_token(auth.bearer(authorization))
+    token = ctl.tokens.get(token_hash)
+    if token is None:
+        token = await anyio.to_thread.run_sync(_lookup, ctl, token_hash)
+        ctl.tokens.put(token_hash, token)
+    auth.require_role(token, roles)
+    return token
 
 
 def _lookup(ctl: Controller, token_hash: str) -> ApiToken:
@@ -53,7 +71,35 @@ def _lookup(ctl: Controller, token_hash: str) -> ApiToken:
         return auth.lookup(session=session, token_hash=token_hash)
 
 
+AGENT_ROLES = (Role.ops, Role.agent)
 OpsOnly = Annotated[ApiToken, Depends(require(Role.ops))]
-OpsOrAgent = Annotated[ApiToken, Depends(require(Role.ops, Role.agent))]
+OpsOrAgent = Annotated[ApiToken, Depends(require(*AGENT_ROLES))]
 Reviewer = Annotated[ApiToken, Depends(require(Role.reviewer))]
 AnyRole = Annotated[ApiToken, Depends(require(Role.ops, Role.agent, Role.reviewer))]
+
+
+# ---------------------------------------------------------------- for routes without dependencies
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """What FastAPI does with a body parameter: a 422 in the usual shape when it is wrong."""
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def lease_token_header(request: Request) -> int | None:
+    value = request.headers.get("x-lease-token")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"X-Lease-Token must be a whole number, got {value[:40]!r}") from None
+
+
+def json_body(model: type[M]) -> dict[str, Any]:
+    """OpenAPI text for a body that a route parses itself (see :func:`parse_body`)."""
+    schema = {"schema": model.model_json_schema()}
+    return {"requestBody": {"required": True, "content": {"application/json": schema}}}

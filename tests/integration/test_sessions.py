@@ -122,6 +122,31 @@ def test_delete_closes_and_unknown_session_is_404(
     assert bad.status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("body", "headers", "says"),
+    [
+        (b"{not json", {}, "JSON"),
+        (b'{"cmd": "true", "shell": "zsh"}', {}, "shell: Extra inputs are not permitted"),
+        (b'{"cmd": "echo \\u0000"}', {}, "NUL"),
+        (b"\xff\xfe", {}, "JSON"),
+        (b'{"cmd": "true"}', {"X-Lease-Token": "7; rm -rf /"}, "X-Lease-Token must be a whole"),
+    ],
+)
+def test_run_refuses_bad_input_with_a_clear_422(
+    module_client: TestClient,
+    module_machine: str,
+    sid: str,
+    body: bytes,
+    headers: dict[str, str],
+    says: str,
+) -> None:
+    url = f"/api/v1/machines/{module_machine}/sessions/{sid}/run"
+    answer = module_client.post(url, content=body, headers=headers)
+    assert answer.status_code == 422, answer.text
+    assert says in answer.json()["detail"]
+    assert run(module_client, module_machine, sid, "echo still")["output"] == "still\n"
+
+
 def test_sessions_are_independent(module_client: TestClient, module_machine: str) -> None:
     one, two = (
         open_session(module_client, module_machine),
