@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,6 +32,7 @@ from controller.transport import sessions  # noqa: E402
 from controller.transport.ssh import SshPool  # noqa: E402
 
 SESSION_P50_GOAL_MS = 2.0
+ROUNDS = 10
 SPEEDUP_GOAL = 25.0
 
 
@@ -51,18 +52,18 @@ def measure(n: int, call: Callable[[], None], warmup: int = 10) -> list[float]:
     return samples
 
 
-def measure_async(n: int, call: Callable[[], Awaitable[None]], warmup: int = 10) -> list[float]:
-    async def timed() -> list[float]:
-        for _ in range(warmup):
-            await call()
-        samples = []
-        for _ in range(n):
-            started = time.perf_counter()
-            await call()
-            samples.append((time.perf_counter() - started) * 1000)
-        return samples
-
-    return asyncio.run(timed())
+def interleaved(
+    paths: list[tuple[str, Callable[[], object], int]], n: int, rounds: int
+) -> list[tuple[str, list[float]]]:
+    """Time every path in each of ``rounds`` short turns, so that all of them sample the
+    same moments: this host's speed drifts by 2x within seconds, and a path timed only at
+    the start or only at the end would compare against another machine. ``every`` k: a
+    slow path is timed on one call in k of the fast paths' count."""
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in paths}
+    for _ in range(rounds):
+        for name, call, every in paths:
+            samples[name] += measure(max(1, n // rounds // every), call, warmup=2)
+    return list(samples.items())
 
 
 def main() -> int:
@@ -118,22 +119,25 @@ def main() -> int:
             output_cap=1 << 20,
         )
 
+        loop = asyncio.new_event_loop()  # one loop for every call: starting one costs ~1 ms
+
         async def session_direct() -> None:
             assert (await raw.run_async("true", 60)).exit_code == 0
 
         def http_floor() -> None:
             lean.call("GET", "/healthz")
 
-        slow_n = max(20, args.n // 5)
-        rows = [
-            ("session via HTTP", measure(args.n, session_true)),
-            ("session via HTTP (httpx)", measure(args.n, session_true_httpx)),
-            ("one-shot exec via HTTP", measure(slow_n, exec_true)),
-            ("docker exec (engine API)", measure(slow_n, docker_exec_sdk)),
-            ("docker exec (CLI)", measure(slow_n, docker_exec_cli)),
-            ("HTTP floor: GET /healthz", measure(args.n, http_floor)),
-            ("session, no HTTP (transport)", measure_async(args.n, session_direct)),
+        paths: list[tuple[str, Callable[[], object], int]] = [
+            ("session via HTTP", session_true, 1),
+            ("session via HTTP (httpx)", session_true_httpx, 1),
+            ("one-shot exec via HTTP", exec_true, 5),
+            ("docker exec (engine API)", docker_exec_sdk, 5),
+            ("docker exec (CLI)", docker_exec_cli, 5),
+            ("HTTP floor: GET /healthz", http_floor, 1),
+            ("session, no HTTP (transport)", lambda: loop.run_until_complete(session_direct()), 1),
         ]
+        rows = interleaved(paths, n=args.n, rounds=ROUNDS)
+        loop.close()
         pool.close()
         lean.close()
         http.delete(f"/api/v1/machines/{mid}")
