@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, Response, status
 
 from controller import leases
 from controller.models import Lease
-from controller.routes.deps import Ctl, OpsOrAgent, SessionDep
+from controller.routes.deps import OpsOrAgent, SessionDep, agent_call, answer, json_body, parse_body
 from controller.schemas import LeaseBody, LeasePublic, ListOf, RenewBody
 
 router = APIRouter(prefix="/leases", tags=["leases"])
@@ -16,14 +16,23 @@ def public(lease: Lease) -> LeasePublic:
     return LeasePublic(**lease.model_dump(exclude={"owner_token_id", "requested_at"}))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-async def acquire(body: LeaseBody, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
-    """Async so that waiting requests hold no worker thread (see leases.acquire_async)."""
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=LeasePublic,
+    openapi_extra=json_body(LeaseBody),
+)
+async def acquire(request: Request) -> Response:
+    """A hot path (see bench/lease.py): no dependencies (see routes/deps.py). Async so that
+    waiting requests hold no worker thread (see leases.acquire_async)."""
+    ctl, caller = await agent_call(request)
+    body = parse_body(LeaseBody, await request.body())
     target = leases.make_target(pool=body.pool, machine_id=body.machine_id, selector=body.selector)
-    request = leases.LeaseRequest(
+    lease_request = leases.LeaseRequest(
         target=target, holder=body.holder, ttl_s=body.ttl_s, wait_s=body.wait_s, owner=caller
     )
-    return await leases.acquire_async(ctl=ctl, request=request)
+    lease = await leases.acquire_async(ctl=ctl, request=lease_request)
+    return answer(lease, status.HTTP_201_CREATED)
 
 
 @router.get("")
@@ -39,14 +48,17 @@ def show_lease(lease_id: str, session: SessionDep, _: OpsOrAgent) -> LeasePublic
     return public(leases.get_lease(session, lease_id))
 
 
-@router.post("/{lease_id}/renew")
-async def renew(
-    lease_id: str, ctl: Ctl, caller: OpsOrAgent, body: RenewBody | None = None
-) -> LeasePublic:
-    ttl_s = body.ttl_s if body else None
-    return await leases.renew_async(ctl=ctl, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
+@router.post("/{lease_id}/renew", response_model=LeasePublic, openapi_extra=json_body(RenewBody))
+async def renew(lease_id: str, request: Request) -> Response:
+    """A hot path, like :func:`acquire`; the body may be left out (the lease's own TTL)."""
+    ctl, caller = await agent_call(request)
+    body = parse_body(RenewBody, await request.body())
+    lease = await leases.renew_async(ctl=ctl, lease_id=lease_id, caller=caller, ttl_s=body.ttl_s)
+    return answer(lease)
 
 
-@router.delete("/{lease_id}")
-async def release(lease_id: str, ctl: Ctl, caller: OpsOrAgent) -> LeasePublic:
-    return await leases.release_async(ctl=ctl, lease_id=lease_id, caller=caller)
+@router.delete("/{lease_id}", response_model=LeasePublic)
+async def release(lease_id: str, request: Request) -> Response:
+    """A hot path, like :func:`acquire`."""
+    ctl, caller = await agent_call(request)
+    return answer(await leases.release_async(ctl=ctl, lease_id=lease_id, caller=caller))

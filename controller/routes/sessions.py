@@ -9,11 +9,10 @@ from fastapi import APIRouter, Header, Request, Response, status
 from controller import fleet
 from controller.db import run_read
 from controller.routes.deps import (
-    AGENT_ROLES,
     Ctl,
     OpsOrAgent,
-    authenticate,
-    controller_of,
+    agent_call,
+    answer,
     json_body,
     lease_token_header,
     parse_body,
@@ -41,13 +40,11 @@ def open_session(
     responses={422: {"description": "a bad body or X-Lease-Token header"}},
 )
 async def run_in_session(machine_id: str, session_id: str, request: Request) -> Response:
-    """The hot path (see bench/exec.py), so it takes no dependencies: FastAPI's solving of
-    them cost more than the command's whole SSH round trip. It reads the caller, body and
-    lease token itself with the helpers the dependencies use (Authorization and
-    X-Lease-Token headers, a ``SessionRunBody``). The state and fence check is one
-    plain-SQL read and the command waits on the channel from the event loop."""
-    ctl = controller_of(request)
-    await authenticate(ctl, request.headers.get("authorization"), AGENT_ROLES)
+    """The hot path (see bench/exec.py): no dependencies (see routes/deps.py); it reads the
+    Authorization and X-Lease-Token headers and a ``SessionRunBody`` itself. The state and
+    fence check is one plain-SQL read, and the command waits on the channel from the event
+    loop."""
+    ctl, _ = await agent_call(request)
     body = parse_body(SessionRunBody, await request.body())
     fence = await run_read(
         ctl.db,
@@ -64,8 +61,7 @@ async def run_in_session(machine_id: str, session_id: str, request: Request) -> 
         cmd=body.cmd,
         timeout_s=body.timeout_s,
     )
-    answer = SessionRunAnswer(**result.__dict__)
-    return Response(answer.model_dump_json(), media_type="application/json")
+    return answer(SessionRunAnswer(**result.__dict__))
 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -14,6 +14,7 @@ from controller.models import Role
 from controller.settings import Settings
 from tests.integration.conftest import issue_token, wait_state
 
+NOBODY = {"Authorization": "Bearer not-a-token"}
 API = "/api/v1"
 
 
@@ -191,6 +192,15 @@ def test_bad_lease_and_pool_input_gets_clear_4xx(
     assert "exactly one of pool, machine_id or selector" in both.json()["detail"]
     neither = client.post(f"{API}/leases", json={"holder": "x"})
     assert neither.status_code == 422
+    for body, says in ((b"\xff{", "JSON"), (b"{}", "holder: Field required")):
+        garbled = client.post(f"{API}/leases", content=body, headers=me)
+        assert garbled.status_code == 422
+        assert says in garbled.json()["detail"]
+    anonymous = client.post(f"{API}/leases", json={"pool": "x", "holder": "x"}, headers=NOBODY)
+    assert anonymous.status_code == 401
+    assert client.delete(f"{API}/leases/l-1", headers=NOBODY).status_code == 401
+    renew_ttl = client.post(f"{API}/leases/l-1/renew", json={"ttl_s": -1}, headers=me)
+    assert renew_ttl.status_code == 422
     no_machine = client.post(f"{API}/leases", json={"machine_id": "m-404", "holder": "x"})
     assert no_machine.status_code == 404
 
