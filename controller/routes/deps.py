@@ -100,6 +100,16 @@ def parse_body(model: type[M], raw: bytes) -> M:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
+LEASE_TOKEN_DOC = {
+    "name": "x-lease-token",
+    "in": "header",
+    "required": False,
+    "description": "the lease's token; required on a leased machine",
+    "schema": {"type": "integer"},
+}
+"""OpenAPI text for the header :func:`lease_token_header` reads."""
+
+
 def lease_token_header(request: Request) -> int | None:
     value = request.headers.get("x-lease-token")
     if value is None:

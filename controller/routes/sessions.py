@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Request, Response, status
 from controller import fleet
 from controller.db import run_read
 from controller.routes.deps import (
+    LEASE_TOKEN_DOC,
     Ctl,
     OpsOrAgent,
     agent_call,
@@ -36,7 +37,7 @@ def open_session(
 @router.post(
     "/{session_id}/run",
     response_model=SessionRunAnswer,
-    openapi_extra=json_body(SessionRunBody),
+    openapi_extra={**json_body(SessionRunBody), "parameters": [LEASE_TOKEN_DOC]},
     responses={422: {"description": "a bad body or X-Lease-Token header"}},
 )
 async def run_in_session(machine_id: str, session_id: str, request: Request) -> Response:
