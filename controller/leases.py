@@ -198,29 +198,6 @@ def _fits(by: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------- the atomic grant
 
 
-def try_grant(
-    *,
-    db: Engine,
-    target: Target,
-    holder: str,
-    ttl_s: float,
-    owner: ApiToken | None,
-    requested_at_monotonic: float,
-    first_try: bool = False,
-) -> LeasePublic | None:
-    """One transaction: take a ready machine that fits, bump its fence, write the lease."""
-    with transaction(db) as tx:
-        return grant_in(
-            tx,
-            target=target,
-            holder=holder,
-            ttl_s=ttl_s,
-            owner=owner,
-            requested_at_monotonic=requested_at_monotonic,
-            first_try=first_try,
-        )
-
-
 def grant_in(
     tx: Tx,
     *,
@@ -231,7 +208,8 @@ def grant_in(
     requested_at_monotonic: float,
     first_try: bool = False,
 ) -> LeasePublic | None:
-    """The grant within ``tx`` (see :func:`try_grant`)."""
+    """Take a ready machine that fits, bump its fence, write the lease, all within ``tx``
+    (one transaction, or one savepoint of a group commit); None when nothing fits."""
     claimed = _claim(tx, target)
     if claimed is None:
         if first_try:

@@ -31,6 +31,7 @@ from controller.models import (
     Role,
     utcnow,
 )
+from controller.rawsql import transaction
 from controller.schemas import LeasePublic, LeaseSelector
 from controller.settings import Settings
 
@@ -88,19 +89,22 @@ def _owner(ctl: Controller, token_id: str) -> ApiToken:
 
 
 def _grant(ctl: Controller, **target: object) -> LeasePublic | None:
-    return leases.try_grant(
-        db=ctl.db,
-        target=leases.make_target(
-            pool=target.get("pool"),  # type: ignore[arg-type]
-            machine_id=target.get("machine_id"),  # type: ignore[arg-type]
-            selector=target.get("selector"),  # type: ignore[arg-type]
-        ),
-        holder=str(target.get("holder", "agent")),
-        ttl_s=60,
-        owner=_owner(ctl, "t-agent"),
-        requested_at_monotonic=time.monotonic(),
-        first_try=True,
+    chosen = leases.make_target(
+        pool=target.get("pool"),  # type: ignore[arg-type]
+        machine_id=target.get("machine_id"),  # type: ignore[arg-type]
+        selector=target.get("selector"),  # type: ignore[arg-type]
     )
+    owner = _owner(ctl, "t-agent")  # before the write transaction, which it would wait for
+    with transaction(ctl.db) as tx:
+        return leases.grant_in(
+            tx,
+            target=chosen,
+            holder=str(target.get("holder", "agent")),
+            ttl_s=60,
+            owner=owner,
+            requested_at_monotonic=time.monotonic(),
+            first_try=True,
+        )
 
 
 def test_grant_renew_release_round_trip(ctl: Controller) -> None:
