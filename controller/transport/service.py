@@ -27,15 +27,17 @@ from controller.transport.forward import Forward
 
 
 def open_session(*, ctl: Controller, machine: Machine) -> sessions.Session:
-    transport = ctl.ssh.transport(machine.container_name)
+    container = machine.container_name
+    transport = ctl.ssh.transport(container)
     session = sessions.open_session(
         transport=transport,
         session_id=f"s-{secrets.token_hex(8)}",
         machine_id=machine.id,
-        container=machine.container_name,
+        container=container,
         fence=machine.fence,
         workdir=machine.workdir,
         output_cap=ctl.settings.session_output_cap,
+        reopen=lambda: ctl.ssh.transport(container),
     )
     ctl.sessions.add(session)
     return session

@@ -9,8 +9,15 @@ and prints ``<marker> <exit code>``. Output is everything before the marker.
 A timeout sends SIGUSR1 to the shell (whose trap returns from the command, even from a
 builtin loop; SIGINT is not used because bash mishandles a trap that returns while it
 waits for a child) and SIGKILL to the processes the command started, over a second
-channel; the session stays usable. A
-shell that exits, or a connection that drops, makes the session ``lost``.
+channel; the session stays usable.
+
+A dropped connection does not lose the session: when its input ends, the shell writes its
+directory and exported variables to a file in the machine (``$SF_STATE``, on tmpfs) before
+it exits, and the next command opens a new shell on a new connection that loads them
+(``Session.revive``). Shell variables that were not exported, functions and background jobs
+do not survive; a command in flight when the connection dropped has no known result. A
+shell that exits (``exit``), a machine that restarted, or a session closed on purpose is
+``lost``.
 """
 
 from __future__ import annotations
@@ -21,34 +28,51 @@ import secrets
 import shlex
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio.to_thread
 import paramiko
 
-from controller.errors import Conflict, NotFound, SessionLost, ShopfloorError
+from controller.errors import Conflict, NotFound, SessionLost, ShopfloorError, TransportError
 from controller.transport.output import HeadTail
 
 log = logging.getLogger(__name__)
 
+STATE_DIR = "/dev/shm"
+"""Where a session's shell keeps its state when its connection drops (tmpfs: gone when the
+machine restarts, as the shell is)."""
 INTERRUPT_GRACE_S = 5.0
 """How long an interrupted command may take to let go before the session is given up."""
 
 _SHELL = r"""exec 2>&1
+umask 077
+[ -w "${SF_STATE%/*}" ] || SF_STATE="/tmp/${SF_STATE##*/}"
+declare +x SF_STATE
 cd -- "$SF_WORKDIR" 2>/dev/null || cd /workspace 2>/dev/null || cd
 unset SF_WORKDIR
+if [ -n "$SF_RESTORE" ]; then
+  unset SF_RESTORE
+  [ -r "$SF_STATE" ] && . "$SF_STATE" >/dev/null 2>&1
+  [ "$__sf_restored" = 1 ] || { printf 'gone\n'; exit 0; }
+  unset __sf_restored
+fi
+__sf_save() { { printf 'cd -- %q\n' "$PWD"; export -p; echo __sf_restored=1; } >"$SF_STATE"; }
 __sf_run() { eval "$__sf_cmd"; }
 trap 'return 130 2>/dev/null' USR1
 printf 'ready %s\n' "$$"
 while IFS= read -r -d '' __sf_cmd; do
+  [ -n "$__sf_cmd" ] || exec rm -f -- "$SF_STATE"
   __sf_run </dev/null
   __sf_rc=$?
-  IFS= read -r __sf_id || exit 0
+  IFS= read -r __sf_id || break
   printf '%s %s\n' "$__sf_id" "$__sf_rc"
 done
+__sf_save 2>/dev/null
 """
+_QUIT = b"\0"
+"""An empty command: the shell ends without keeping its state (the session was closed)."""
 
 # Kill what the timed-out command started (descendants of the shell younger than the
 # command), and interrupt the shell itself so a builtin loop returns too.
@@ -83,6 +107,9 @@ class Session:
     transport: paramiko.Transport
     shell_pid: int
     output_cap: int
+    workdir: str = "/workspace"
+    reopen: Callable[[], paramiko.Transport] | None = None
+    """A live connection to the machine, to reopen the session on after its own dropped."""
     lost_reason: str | None = None
     lost_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -98,6 +125,8 @@ class Session:
         and back would cost more than the command (see bench/exec.py).
         """
         with self._turn(cmd):
+            if not self.alive:
+                await self._reopen_or_lose()
             command = self._start(cmd, timeout_s)
             chunks = 0
             while not command.reader.done:
@@ -110,7 +139,7 @@ class Session:
                 if channel.recv_ready() or channel.eof_received or channel.closed:
                     chunk = channel.recv(65536)  # does not block: data, EOF or closed
                     if not chunk:
-                        self._lose(await anyio.to_thread.run_sync(_exit_reason, channel))
+                        await self._ended_mid_command(channel)
                     command.reader.feed(chunk)
                     chunks += 1
                     if chunks % 16 == 0:
@@ -126,14 +155,53 @@ class Session:
         if not self._lock.acquire(blocking=False):
             raise Conflict(f"session {self.id} is busy with another command; wait for it")
         try:
-            self._check_alive()
             yield
         finally:
             self._lock.release()
 
-    def _check_alive(self) -> None:
-        if not self.alive:
-            self._lose("its shell or the connection to the machine is gone")
+    async def _reopen_or_lose(self) -> None:
+        """The shell or its connection is gone: reopen it where its state was kept."""
+        if self.lost_reason is not None or self.reopen is None:
+            self._lose(self.lost_reason or "its shell or the connection to the machine is gone")
+        status = await anyio.to_thread.run_sync(_exit_status, self.channel)
+        if status is not None:
+            self._lose(f"the shell exited with status {status}")
+        try:
+            await anyio.to_thread.run_sync(self._reopen)
+        except SessionLost:
+            raise
+        except (ShopfloorError, paramiko.SSHException, OSError, EOFError) as exc:
+            self._lose(f"its connection dropped and it could not be reopened: {exc}")
+
+    def _reopen(self) -> None:
+        assert self.reopen is not None
+        fresh = open_session(
+            transport=self.reopen(),
+            session_id=self.id,
+            machine_id=self.machine_id,
+            container=self.container,
+            fence=self.fence,
+            workdir=self.workdir,
+            output_cap=self.output_cap,
+            restore=True,
+        )
+        self.channel, self.transport, self.shell_pid = (
+            fresh.channel,
+            fresh.transport,
+            fresh.shell_pid,
+        )
+        log.info("session %s reopened on %s after its connection dropped", self.id, self.machine_id)
+
+    async def _ended_mid_command(self, channel: paramiko.Channel) -> None:
+        """The channel ended while a command ran: the shell exited, or the connection dropped."""
+        status = await anyio.to_thread.run_sync(_exit_status, channel)
+        if status is not None:
+            self._lose(f"the shell exited with status {status}")
+        raise TransportError(
+            f"the connection to {self.machine_id} dropped while the command ran, so its result "
+            "is unknown; the session kept its directory and exported variables, and the next "
+            "command reopens it"
+        )
 
     def _start(self, cmd: str, timeout_s: float) -> _Command:
         marker = f"__sf_{secrets.token_hex(12)}__ ".encode()
@@ -178,8 +246,10 @@ class Session:
     def close(self) -> None:
         self._mark_lost("it was closed")
         try:
+            if not self.channel.closed:
+                self.channel.sendall(_QUIT)  # the shell removes its kept state and ends
             self.channel.close()
-        except (OSError, EOFError):
+        except (OSError, EOFError, paramiko.SSHException):
             pass
 
 
@@ -227,11 +297,20 @@ async def _readable(channel: paramiko.Channel, timeout_s: float) -> None:
         loop.remove_reader(fd)
 
 
+def _exit_status(channel: paramiko.Channel) -> int | None:
+    """The shell's exit status, or None when the connection dropped first. sshd sends the
+    status just after end-of-file; on a live connection, give it a moment to arrive."""
+    transport = channel.get_transport()
+    live = transport is not None and transport.is_active()
+    if not channel.status_event.wait(2 if live else 0):
+        return None
+    status = channel.recv_exit_status()
+    return None if status == -1 else status  # -1: paramiko closed it, the shell never said
+
+
 def _exit_reason(channel: paramiko.Channel) -> str:
-    """sshd sends the exit status just after end-of-file; give it a moment to arrive."""
-    if channel.get_transport() is not None and channel.status_event.wait(2):
-        return f"the shell exited with status {channel.recv_exit_status()}"
-    return "the connection to the machine dropped"
+    status = _exit_status(channel)
+    return "the connection dropped" if status is None else f"the shell exited with status {status}"
 
 
 class _MarkerReader:
@@ -276,12 +355,17 @@ def open_session(
     fence: int,
     workdir: str,
     output_cap: int,
+    restore: bool = False,
+    reopen: Callable[[], paramiko.Transport] | None = None,
 ) -> Session:
-    """Start a bash on a new channel and wait for it to say it is ready."""
+    """Start a bash on a new channel and wait for it to say it is ready; with ``restore``,
+    one that loads the state the session's last shell kept when its connection dropped."""
     channel = transport.open_session(timeout=30)
-    command = (
-        f"SF_WORKDIR={shlex.quote(workdir)} exec bash --noprofile --norc -c {shlex.quote(_SHELL)}"
-    )
+    env = {"SF_WORKDIR": workdir, "SF_STATE": f"{STATE_DIR}/.shopfloor-session-{session_id}"}
+    if restore:
+        env["SF_RESTORE"] = "1"
+    assigned = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+    command = f"{assigned} exec bash --noprofile --norc -c {shlex.quote(_SHELL)}"
     channel.exec_command(command)
     channel.settimeout(30)
     banner = b""
@@ -291,6 +375,13 @@ def open_session(
             raise SessionLost(f"session lost: the shell did not start ({_exit_reason(channel)})")
         banner += chunk
     word, _, pid = banner.decode(errors="replace").strip().partition(" ")
+    if word == "gone":
+        channel.close()
+        raise SessionLost(
+            "session lost: its connection dropped and the machine no longer holds its state "
+            "(it restarted or was reset); open a new session",
+            session=session_id,
+        )
     if word != "ready" or not pid.isdigit():
         channel.close()
         raise ShopfloorError(f"the session shell said {banner[:200]!r} instead of ready")
@@ -303,6 +394,8 @@ def open_session(
         transport=transport,
         shell_pid=int(pid),
         output_cap=output_cap,
+        workdir=workdir,
+        reopen=reopen,
     )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from controller.models import Role
+from controller.providers.docker import DockerProvider
 from controller.settings import Settings
 from tests.integration.conftest import issue_token
 
@@ -235,3 +237,60 @@ def test_session_calls_need_an_agent_or_ops_token(
         url, json={"cmd": "true"}, headers={"Authorization": f"Bearer {agent}"}
     )
     assert as_agent.status_code == 200
+
+
+def _drop_connection(
+    client: TestClient, provider: DockerProvider, machine_id: str, sid: str
+) -> None:
+    """Kill the machine's sshd, the far end of the controller's SSH connection, and wait
+    until the controller has seen its session's connection end."""
+    list(provider.exec(f"shopfloor-{machine_id}", ["pkill", "-KILL", "-x", "sshd"], user="root"))
+    session = client.app.state.controller.sessions.get(machine_id, sid)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while session.alive:
+        assert time.monotonic() < deadline, "the controller did not see the connection drop"
+        time.sleep(0.01)
+
+
+def _state_file(provider: DockerProvider, machine_id: str, sid: str) -> bool:
+    found = provider.exec(
+        f"shopfloor-{machine_id}", ["test", "-e", f"/dev/shm/.shopfloor-session-{sid}"]
+    )
+    list(found)
+    return found.exit_code() == 0
+
+
+def test_a_dropped_connection_keeps_directory_and_exports(
+    module_client: TestClient, module_machine: str, provider: DockerProvider
+) -> None:
+    sid = open_session(module_client, module_machine)
+    setup = "mkdir -p '/tmp/kept dir' && cd '/tmp/kept dir' && export KEPT='a \"b\"' && LOCAL=1"
+    assert run(module_client, module_machine, sid, setup)["exit_code"] == 0
+
+    _drop_connection(module_client, provider, module_machine, sid)
+    after = run(module_client, module_machine, sid, 'pwd; echo "$KEPT|${LOCAL:-unset}"')
+    assert after["output"] == '/tmp/kept dir\na "b"|unset\n'  # exported: kept; plain: not
+    assert run(module_client, module_machine, sid, "echo again")["output"] == "again\n"
+
+    assert (
+        module_client.delete(f"/api/v1/machines/{module_machine}/sessions/{sid}").status_code == 204
+    )
+    deadline = time.monotonic() + 10
+    while _state_file(provider, module_machine, sid):  # closed on purpose: nothing is kept
+        assert time.monotonic() < deadline, "the closed session's state file stayed"
+        time.sleep(0.05)
+
+
+def test_a_dropped_connection_without_kept_state_is_session_lost(
+    module_client: TestClient, module_machine: str, provider: DockerProvider
+) -> None:
+    sid = open_session(module_client, module_machine)
+    assert run(module_client, module_machine, sid, "cd /tmp")["exit_code"] == 0
+    _drop_connection(module_client, provider, module_machine, sid)
+    container = f"shopfloor-{module_machine}"
+    list(provider.exec(container, ["sh", "-c", "rm -f /dev/shm/.shopfloor-session-*"], user="root"))
+
+    url = f"/api/v1/machines/{module_machine}/sessions/{sid}/run"
+    gone = module_client.post(url, json={"cmd": "pwd"})
+    assert gone.status_code == 410, gone.text
+    assert "no longer holds its state" in gone.json()["detail"]
