@@ -14,7 +14,7 @@ channel; the session stays usable.
 A dropped connection does not lose the session: when its input ends, the shell writes its
 directory and exported variables to a file in the machine (``$SF_STATE``, on tmpfs) before
 it exits, and the next command opens a new shell on a new connection that loads them
-(``Session.revive``). Shell variables that were not exported, functions and background jobs
+(``Session._reopen_or_lose``). Shell variables that were not exported, functions and background jobs
 do not survive; a command in flight when the connection dropped has no known result. A
 shell that exits (``exit``), a machine that restarted, or a session closed on purpose is
 ``lost``.
@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import anyio.to_thread
 import paramiko
@@ -125,9 +126,7 @@ class Session:
         and back would cost more than the command (see bench/exec.py).
         """
         with self._turn(cmd):
-            if not self.alive:
-                await self._reopen_or_lose()
-            command = self._start(cmd, timeout_s)
+            command = await self._send(cmd, timeout_s)
             chunks = 0
             while not command.reader.done:
                 now = time.monotonic()
@@ -203,13 +202,26 @@ class Session:
             "command reopens it"
         )
 
+    async def _send(self, cmd: str, timeout_s: float) -> _Command:
+        """Send the command, reopening the session first if its connection dropped (also
+        when the drop is only noticed by this send: the command did not reach the shell)."""
+        if not self.alive:
+            await self._reopen_or_lose()
+        try:
+            return self._start(cmd, timeout_s)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            if self.transport.is_active():
+                self._lose(f"cannot send to the shell: {exc}")
+        await self._reopen_or_lose()
+        try:
+            return self._start(cmd, timeout_s)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self._lose(f"cannot send to the shell: {exc}")
+
     def _start(self, cmd: str, timeout_s: float) -> _Command:
         marker = f"__sf_{secrets.token_hex(12)}__ ".encode()
         started = time.monotonic()
-        try:
-            self.channel.sendall(cmd.encode() + b"\0" + marker[:-1] + b"\n")
-        except (OSError, EOFError) as exc:
-            self._lose(f"cannot send to the shell: {exc}")
+        self.channel.sendall(cmd.encode() + b"\0" + marker[:-1] + b"\n")
         reader = _MarkerReader(marker, HeadTail(self.output_cap))
         return _Command(reader, started, timeout_s, deadline=started + timeout_s)
 
@@ -239,7 +251,7 @@ class Session:
         if self.lost_reason is None:
             self.lost_reason, self.lost_at = reason, time.monotonic()
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str) -> NoReturn:
         self._mark_lost(reason)
         raise SessionLost(f"session lost: {self.lost_reason}; open a new session", session=self.id)
 

@@ -239,12 +239,16 @@ def test_session_calls_need_an_agent_or_ops_token(
     assert as_agent.status_code == 200
 
 
+def _kill_sshd(provider: DockerProvider, machine_id: str) -> None:
+    """Kill the machine's sshd: the far end of the controller's SSH connection."""
+    list(provider.exec(f"shopfloor-{machine_id}", ["pkill", "-KILL", "-x", "sshd"], user="root"))
+
+
 def _drop_connection(
     client: TestClient, provider: DockerProvider, machine_id: str, sid: str
 ) -> None:
-    """Kill the machine's sshd, the far end of the controller's SSH connection, and wait
-    until the controller has seen its session's connection end."""
-    list(provider.exec(f"shopfloor-{machine_id}", ["pkill", "-KILL", "-x", "sshd"], user="root"))
+    """Drop the connection and wait until the controller has seen its session's end."""
+    _kill_sshd(provider, machine_id)
     session = client.app.state.controller.sessions.get(machine_id, sid)  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while session.alive:
@@ -294,3 +298,19 @@ def test_a_dropped_connection_without_kept_state_is_session_lost(
     gone = module_client.post(url, json={"cmd": "pwd"})
     assert gone.status_code == 410, gone.text
     assert "no longer holds its state" in gone.json()["detail"]
+
+
+def test_a_command_sent_as_the_connection_drops_is_reopened_or_reported(
+    module_client: TestClient, module_machine: str, provider: DockerProvider
+) -> None:
+    sid = open_session(module_client, module_machine)
+    assert run(module_client, module_machine, sid, "export RACE=won")["exit_code"] == 0
+    _kill_sshd(provider, module_machine)  # no wait: the controller may not have seen it yet
+    url = f"/api/v1/machines/{module_machine}/sessions/{sid}/run"
+    first = module_client.post(url, json={"cmd": "echo $RACE"})
+    if first.status_code == 200:  # the send failed or found the drop: reopened, then ran
+        assert first.json()["output"] == "won\n"
+    else:  # the command went out on the dying connection: its result is unknown
+        assert first.status_code == 502, first.text
+        assert "result is unknown" in first.json()["detail"]
+    assert run(module_client, module_machine, sid, "echo $RACE")["output"] == "won\n"
