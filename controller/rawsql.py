@@ -172,11 +172,15 @@ class GroupCommit:
         batch, self._pending = self._pending, []
         try:
             outcomes = await run_write(self._engine, self._commit, [work for work, _ in batch])
-        except BaseException as exc:  # the commit itself failed: nothing of the batch holds
+        except Exception as exc:  # the commit itself failed: nothing of the batch holds
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
+        except BaseException:  # cancelled (the loop is stopping): so are its requests
+            for _, future in batch:
+                future.cancel()
+            raise
         for (_, future), (result, error) in zip(batch, outcomes, strict=True):
             if future.done():  # its request was cancelled meanwhile (the client went away)
                 continue
