@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi.telemetry import TelemetryConfig
 
 from controller import fleet, images, leases, pools, runs
 from controller.context import Controller, read_install_id
@@ -35,6 +36,12 @@ from evidence import gallery, retention
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
 CHECKPOINT_INTERVAL_S = 1.0
+TELEMETRY_OFF: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+}
 
 
 def build_controller(settings: Settings) -> Controller:
@@ -100,6 +107,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         version="0.1.0",
         description="Machines for agent-native software factories.",
         lifespan=lifespan,
+        telemetry=None if settings.opentelemetry else TELEMETRY_OFF,
     )
 
     @app.exception_handler(ShopfloorError)

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     file_cap_bytes: int = 64 * 1024 * 1024
     """Largest file the files API moves in or out of a machine; bigger gets 413."""
 
+    opentelemetry: bool = False
+    """FastAPI's OpenTelemetry spans, metrics and logs for every request, for a collector
+    you configure (OTEL_* variables). Off by default: /metrics serves Prometheus without
+    them, and their per-request checks cost ~3% of a lease's time on these hosts."""
+
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'shopfloor.db'}"
