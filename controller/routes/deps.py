@@ -81,7 +81,7 @@ AnyRole = Annotated[ApiToken, Depends(require(Role.ops, Role.agent, Role.reviewe
 
 # ---------------------------------------------------------------- for routes without dependencies
 
-# The agents' hot routes (a lease, a release, a session command) take no dependencies:
+# The agents' hot routes (lease, renew, release, session command) take no dependencies:
 # FastAPI's solving of them cost ~0.7 ms per request here, more than a session command's
 # whole SSH round trip. They read what they need with these, the dependencies' own helpers.
 
