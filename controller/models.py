@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Table, TypeDecorator
+from sqlalchemy import JSON, Column, DateTime, TypeDecorator
 from sqlmodel import Field, SQLModel
 
 
@@ -309,11 +309,3 @@ class Stage(SQLModel, table=True):
     machine_id: str | None = None
     started_at: datetime | None = ts_field(nullable=True)
     finished_at: datetime | None = ts_field(nullable=True)
-
-
-# ---------------------------------------------------------------- Core handles for hot paths
-
-MACHINES: Table = Machine.__table__  # type: ignore[attr-defined]
-LEASES: Table = Lease.__table__  # type: ignore[attr-defined]
-POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
-EVENTS: Table = Event.__table__  # type: ignore[attr-defined]
