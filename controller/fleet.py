@@ -509,14 +509,15 @@ def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None)
     return machine
 
 
-_STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
+STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
+"""A machine's state and fence (the lease paths ask it too)."""
 
 
 def fence_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> int:
     """The same check as :func:`machine_for_command` as one plain-SQL read (see ``rawsql``):
     a session's command already knows its container, so only state and fence are needed."""
     with transaction(db, write=False) as tx:
-        row = tx.one(_STATE_AND_FENCE, machine_id=machine_id)
+        row = tx.one(STATE_AND_FENCE, machine_id=machine_id)
     if row is None:
         raise NotFound(f"no machine {machine_id}")
     _check_command(machine_id, MachineState(row["state"]), row["fence"], lease_token)

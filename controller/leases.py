@@ -112,7 +112,7 @@ def check_target(tx: Tx, target: Target) -> None:
         known = ", ".join(row["name"] for row in tx.rows(_POOL_NAMES)) or "none yet"
         raise NotFound(f"unknown pool {target.pool!r}; pools: {known}")
     if target.machine_id:
-        machine = tx.one(_MACHINE_STATE, machine_id=target.machine_id)
+        machine = tx.one(fleet.STATE_AND_FENCE, machine_id=target.machine_id)
         if machine is None:
             raise NotFound(f"no machine {target.machine_id}")
         if machine["state"] not in LEASABLE:
@@ -132,7 +132,6 @@ LEASABLE = (MachineState.ready, MachineState.leased, MachineState.provisioning)
 
 _POOL_NAMED = Sql("SELECT name FROM pools WHERE name = :pool")
 _POOL_NAMES = Sql("SELECT name FROM pools ORDER BY name")
-_MACHINE_STATE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
 _LEASED_NOW = "SET state = 'leased', fence = fence + 1, updated_at = :now"
 _FLIP_BY_ID = Sql(
     f"UPDATE machines {_LEASED_NOW} WHERE id = :candidate AND state = 'ready' "
