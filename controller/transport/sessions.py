@@ -174,21 +174,9 @@ class Session:
 
     def _reopen(self) -> None:
         assert self.reopen is not None
-        fresh = open_session(
-            transport=self.reopen(),
-            session_id=self.id,
-            machine_id=self.machine_id,
-            container=self.container,
-            fence=self.fence,
-            workdir=self.workdir,
-            output_cap=self.output_cap,
-            restore=True,
-        )
-        self.channel, self.transport, self.shell_pid = (
-            fresh.channel,
-            fresh.transport,
-            fresh.shell_pid,
-        )
+        transport = self.reopen()
+        self.channel, self.shell_pid = _start_shell(transport, self.id, self.workdir, restore=True)
+        self.transport = transport
         log.info("session %s reopened on %s after its connection dropped", self.id, self.machine_id)
 
     async def _ended_mid_command(self, channel: paramiko.Channel) -> None:
@@ -367,11 +355,30 @@ def open_session(
     fence: int,
     workdir: str,
     output_cap: int,
-    restore: bool = False,
     reopen: Callable[[], paramiko.Transport] | None = None,
 ) -> Session:
-    """Start a bash on a new channel and wait for it to say it is ready; with ``restore``,
-    one that loads the state the session's last shell kept when its connection dropped."""
+    """Start a bash on a new channel and wait for it to say it is ready."""
+    channel, shell_pid = _start_shell(transport, session_id, workdir, restore=False)
+    return Session(
+        id=session_id,
+        machine_id=machine_id,
+        container=container,
+        fence=fence,
+        channel=channel,
+        transport=transport,
+        shell_pid=shell_pid,
+        output_cap=output_cap,
+        workdir=workdir,
+        reopen=reopen,
+    )
+
+
+def _start_shell(
+    transport: paramiko.Transport, session_id: str, workdir: str, *, restore: bool
+) -> tuple[paramiko.Channel, int]:
+    """A session's bash on a new channel, once it says it is ready, and its pid. With
+    ``restore``, one that loads the state the session's last shell kept when its
+    connection dropped."""
     channel = transport.open_session(timeout=30)
     env = {"SF_WORKDIR": workdir, "SF_STATE": f"{STATE_DIR}/.shopfloor-session-{session_id}"}
     if restore:
@@ -397,18 +404,7 @@ def open_session(
     if word != "ready" or not pid.isdigit():
         channel.close()
         raise ShopfloorError(f"the session shell said {banner[:200]!r} instead of ready")
-    return Session(
-        id=session_id,
-        machine_id=machine_id,
-        container=container,
-        fence=fence,
-        channel=channel,
-        transport=transport,
-        shell_pid=int(pid),
-        output_cap=output_cap,
-        workdir=workdir,
-        reopen=reopen,
-    )
+    return channel, int(pid)
 
 
 class SessionRegistry:
