@@ -6,6 +6,7 @@ imports the engine's SDK. Specs and answers are plain dataclasses so fakes are e
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -135,6 +136,15 @@ class Provider(Protocol):
         workdir: str | None = None,
         env: dict[str, str] | None = None,
     ) -> ExecHandle: ...
+
+    def connect_loopback(
+        self, name_or_id: str, port: int, *, timeout_s: float
+    ) -> socket.socket | None:
+        """A TCP connection to ``port`` on the machine's own loopback, made from inside its
+        network namespace: no engine in the path, whatever the machine's network. None when
+        this engine cannot (a remote engine, a controller without the rights, nothing
+        listening): callers fall back to :meth:`open_stream`."""
+        ...
 
     def open_stream(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,6 +22,11 @@ from controller.providers.base import (
     StreamName,
     VolumeInfo,
 )
+from controller.providers.netns import connect_in_namespace
+
+log = logging.getLogger(__name__)
+LOCAL_ENGINE_URL = "http+docker://localhost"
+"""docker-py's base URL for an engine on a local unix socket."""
 
 
 def _parse_time(value: str | None) -> datetime:
@@ -284,6 +291,18 @@ class DockerProvider:
                 name_or_id, argv, user=user, workdir=workdir, environment=env or None
             )
         return DockerExec(self.api, created["Id"])
+
+    def connect_loopback(
+        self, name_or_id: str, port: int, *, timeout_s: float
+    ) -> socket.socket | None:
+        if self.api.base_url != LOCAL_ENGINE_URL:  # the machine runs on another host
+            return None
+        try:
+            pid = int(self.api.inspect_container(name_or_id)["State"]["Pid"] or 0)
+            return connect_in_namespace(pid, port, timeout_s=timeout_s) if pid else None
+        except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
+            log.debug("no direct connection to %s:%d: %s", name_or_id, port, exc)
+            return None
 
     def open_stream(
         self,

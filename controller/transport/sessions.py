@@ -281,20 +281,20 @@ class _Command:
 async def _readable(channel: paramiko.Channel, timeout_s: float) -> None:
     """Until the channel has data, EOF or closes (its pipe is set then), or the timeout."""
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
+    ready: asyncio.Future[None] = loop.create_future()
     fd = channel.fileno()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
+    loop.add_reader(fd, _wake, ready)
+    timer = loop.call_later(timeout_s, _wake, ready)  # not wait_for: its task costs more
     try:
-        await asyncio.wait_for(ready, timeout_s)
-    except TimeoutError:
-        pass
+        await ready
     finally:
+        timer.cancel()
         loop.remove_reader(fd)
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 def _exit_status(channel: paramiko.Channel) -> int | None:

@@ -240,8 +240,11 @@ def test_session_calls_need_an_agent_or_ops_token(
 
 
 def _kill_sshd(provider: DockerProvider, machine_id: str) -> None:
-    """Kill the machine's sshd: the far end of the controller's SSH connection."""
-    list(provider.exec(f"shopfloor-{machine_id}", ["pkill", "-KILL", "-x", "sshd"], user="root"))
+    """Kill the machine's sshd: the far end of the controller's SSH connection. Its
+    processes run as root and, once a login is in, as runner; root in a machine holds no
+    CAP_KILL, so each user kills its own."""
+    for user in ("root", "runner"):
+        list(provider.exec(f"shopfloor-{machine_id}", ["pkill", "-KILL", "-x", "sshd"], user=user))
 
 
 def _drop_connection(
