@@ -30,6 +30,7 @@ from controller.routes import ports as ports_routes
 from controller.routes import runs as runs_routes
 from controller.routes import sessions as sessions_routes
 from controller.routes import verdicts as verdicts_routes
+from controller.routes.fastlane import ShopfloorAPI
 from controller.settings import Settings, get_settings
 from evidence import gallery, retention
 
@@ -102,7 +103,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         finally:
             ctl.close()
 
-    app = FastAPI(
+    app = ShopfloorAPI(
         title="Shopfloor",
         version="0.1.0",
         description="Machines for agent-native software factories.",

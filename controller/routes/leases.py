@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response, status
 from controller import leases
 from controller.models import Lease
 from controller.routes.deps import OpsOrAgent, SessionDep, agent_call, answer, json_body, parse_body
+from controller.routes.fastlane import hot
 from controller.schemas import LeaseBody, LeasePublic, ListOf, RenewBody
 
 router = APIRouter(prefix="/leases", tags=["leases"])
@@ -22,6 +23,7 @@ def public(lease: Lease) -> LeasePublic:
     response_model=LeasePublic,
     openapi_extra=json_body(LeaseBody),
 )
+@hot
 async def acquire(request: Request) -> Response:
     """A hot path (see bench/lease.py): no dependencies (see routes/deps.py). Async so that
     waiting requests hold no worker thread (see leases.acquire_async)."""
@@ -49,6 +51,7 @@ def show_lease(lease_id: str, session: SessionDep, _: OpsOrAgent) -> LeasePublic
 
 
 @router.post("/{lease_id}/renew", response_model=LeasePublic, openapi_extra=json_body(RenewBody))
+@hot
 async def renew(lease_id: str, request: Request) -> Response:
     """A hot path, like :func:`acquire`; the body may be left out (the lease's own TTL)."""
     ctl, caller = await agent_call(request)
@@ -58,6 +61,7 @@ async def renew(lease_id: str, request: Request) -> Response:
 
 
 @router.delete("/{lease_id}", response_model=LeasePublic)
+@hot
 async def release(lease_id: str, request: Request) -> Response:
     """A hot path, like :func:`acquire`."""
     ctl, caller = await agent_call(request)

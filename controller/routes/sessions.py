@@ -18,6 +18,7 @@ from controller.routes.deps import (
     lease_token_header,
     parse_body,
 )
+from controller.routes.fastlane import hot
 from controller.schemas import SessionOpened, SessionRunAnswer, SessionRunBody
 from controller.transport import service
 
@@ -40,6 +41,7 @@ def open_session(
     openapi_extra={**json_body(SessionRunBody), "parameters": [LEASE_TOKEN_DOC]},
     responses={422: {"description": "a bad body or X-Lease-Token header"}},
 )
+@hot
 async def run_in_session(machine_id: str, session_id: str, request: Request) -> Response:
     """The hot path (see bench/exec.py): no dependencies (see routes/deps.py); it reads the
     Authorization and X-Lease-Token headers and a ``SessionRunBody`` itself. The state and
