@@ -7,58 +7,98 @@ checked); these functions take it from there.
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import secrets
+import threading
 from collections.abc import Iterator
 
+import anyio.to_thread
 import paramiko
 
+from controller import fleet
 from controller.context import Controller
+from controller.db import session_scope
 from controller.errors import (
     Conflict,
     Forbidden,
     InvalidInput,
     NotFound,
-    SessionLost,
     TransportError,
 )
 from controller.models import Machine
 from controller.transport import sessions, sftp
 from controller.transport.forward import Forward
 
+log = logging.getLogger(__name__)
+
+
+SESSION_ID = re.compile(r"s-[0-9a-f]{16}")
+_reviving = threading.Lock()
+
 
 def open_session(*, ctl: Controller, machine: Machine) -> sessions.Session:
+    return _start_session(ctl, machine, f"s-{secrets.token_hex(8)}", restore=False)
+
+
+def _start_session(
+    ctl: Controller, machine: Machine, session_id: str, *, restore: bool
+) -> sessions.Session:
     container = machine.container_name
-    transport = ctl.ssh.transport(container)
     session = sessions.open_session(
-        transport=transport,
-        session_id=f"s-{secrets.token_hex(8)}",
+        transport=ctl.ssh.transport(container),
+        session_id=session_id,
         machine_id=machine.id,
         container=container,
         fence=machine.fence,
         workdir=machine.workdir,
         output_cap=ctl.settings.session_output_cap,
         reopen=lambda: ctl.ssh.transport(container),
+        restore=restore,
     )
     ctl.sessions.add(session)
     return session
+
+
+def known_session(ctl: Controller, machine_id: str, session_id: str) -> sessions.Session:
+    """The session, also one that an earlier controller process opened (this one restarted):
+    when that process's connection went, the shell kept its directory and exported variables
+    in the machine, and a new shell takes them over, if the machine is still under the same
+    lease. Blocking: runs a shell start when the session is not in memory."""
+    session = ctl.sessions.find(machine_id, session_id)
+    if session is not None:
+        return session
+    if not SESSION_ID.fullmatch(session_id):
+        raise NotFound(f"no session {session_id} on machine {machine_id}")
+    with _reviving:  # two requests for the same session start one shell
+        session = ctl.sessions.find(machine_id, session_id)
+        if session is not None:
+            return session
+        with session_scope(ctl.reader) as db_session:
+            machine = fleet.get_machine(db_session, machine_id)
+        try:
+            session = _start_session(ctl, machine, session_id, restore=True)
+        except sessions.NothingKept:
+            raise NotFound(f"no session {session_id} on machine {machine_id}") from None
+        log.info("session %s on %s taken over from an earlier controller", session_id, machine_id)
+        return session
 
 
 async def run_in_session(
     *, ctl: Controller, machine_id: str, fence: int, session_id: str, cmd: str, timeout_s: float
 ) -> sessions.SessionResult:
     """``fence``: the machine's current one (see ``fleet.fence_for_command``)."""
-    session = ctl.sessions.get(machine_id, session_id)
+    session = ctl.sessions.find(machine_id, session_id)
+    if session is None:  # not in this process's memory: in the machine, perhaps
+        session = await anyio.to_thread.run_sync(known_session, ctl, machine_id, session_id)
     if session.fence != fence:
         session.close()
-        raise SessionLost(
-            f"session lost: {session_id} was opened under an earlier lease of {machine_id}; "
-            "open a new session",
-            session=session_id,
-        )
+        raise sessions.earlier_lease(session_id, machine_id)
     return await session.run_async(cmd, timeout_s)
 
 
 def close_session(*, ctl: Controller, machine: Machine, session_id: str) -> None:
+    known_session(ctl, machine.id, session_id)
     ctl.sessions.remove(machine.id, session_id)
 
 

@@ -17,7 +17,9 @@ it exits, and the next command opens a new shell on a new connection that loads 
 (``Session._reopen_or_lose``). Shell variables that were not exported, functions and background jobs
 do not survive; a command in flight when the connection dropped has no known result. A
 shell that exits (``exit``), a machine that restarted, or a session closed on purpose is
-``lost``.
+``lost``. The kept state carries the machine's fence: when the controller itself restarted,
+the next process takes a session over from it (``service.known_session``), but only under
+the same lease.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ INTERRUPT_GRACE_S = 5.0
 _SHELL = r"""exec 2>&1
 umask 077
 [ -w "${SF_STATE%/*}" ] || SF_STATE="/tmp/${SF_STATE##*/}"
-declare +x SF_STATE
+declare +x SF_STATE SF_FENCE
 cd -- "$SF_WORKDIR" 2>/dev/null || cd /workspace 2>/dev/null || cd
 unset SF_WORKDIR
 if [ -n "$SF_RESTORE" ]; then
@@ -59,10 +61,13 @@ if [ -n "$SF_RESTORE" ]; then
   [ "$__sf_restored" = 1 ] || { printf 'gone\n'; exit 0; }
   unset __sf_restored
 fi
-__sf_save() { { printf 'cd -- %q\n' "$PWD"; export -p; echo __sf_restored=1; } >"$SF_STATE"; }
+__sf_save() {
+  { printf 'cd -- %q\n' "$PWD"; export -p; echo "__sf_fence=$SF_FENCE __sf_restored=1"; } >"$SF_STATE"
+}
 __sf_run() { eval "$__sf_cmd"; }
 trap 'return 130 2>/dev/null' USR1
-printf 'ready %s\n' "$$"
+printf 'ready %s %s\n' "$$" "${__sf_fence:-$SF_FENCE}"
+unset __sf_fence
 while IFS= read -r -d '' __sf_cmd; do
   [ -n "$__sf_cmd" ] || exec rm -f -- "$SF_STATE"
   __sf_run </dev/null
@@ -175,7 +180,9 @@ class Session:
     def _reopen(self) -> None:
         assert self.reopen is not None
         transport = self.reopen()
-        self.channel, self.shell_pid = _start_shell(transport, self.id, self.workdir, restore=True)
+        self.channel, self.shell_pid = _start_shell(
+            transport, self.id, self.machine_id, self.workdir, self.fence, restore=True
+        )
         self.transport = transport
         log.info("session %s reopened on %s after its connection dropped", self.id, self.machine_id)
 
@@ -346,6 +353,19 @@ class _MarkerReader:
             self.done = True
 
 
+class NothingKept(SessionLost):
+    """The machine holds no state for the session: it was closed, never opened there, or
+    the machine restarted or was reset."""
+
+
+def earlier_lease(session_id: str, machine_id: str) -> SessionLost:
+    return SessionLost(
+        f"session lost: {session_id} was opened under an earlier lease of {machine_id}; "
+        "open a new session",
+        session=session_id,
+    )
+
+
 def open_session(
     *,
     transport: paramiko.Transport,
@@ -356,9 +376,14 @@ def open_session(
     workdir: str,
     output_cap: int,
     reopen: Callable[[], paramiko.Transport] | None = None,
+    restore: bool = False,
 ) -> Session:
-    """Start a bash on a new channel and wait for it to say it is ready."""
-    channel, shell_pid = _start_shell(transport, session_id, workdir, restore=False)
+    """Start a bash on a new channel and wait for it to say it is ready. With ``restore``,
+    one that takes over the state an earlier shell of this session kept in the machine
+    (another controller process opened it)."""
+    channel, shell_pid = _start_shell(
+        transport, session_id, machine_id, workdir, fence, restore=restore
+    )
     return Session(
         id=session_id,
         machine_id=machine_id,
@@ -374,13 +399,23 @@ def open_session(
 
 
 def _start_shell(
-    transport: paramiko.Transport, session_id: str, workdir: str, *, restore: bool
+    transport: paramiko.Transport,
+    session_id: str,
+    machine_id: str,
+    workdir: str,
+    fence: int,
+    *,
+    restore: bool,
 ) -> tuple[paramiko.Channel, int]:
     """A session's bash on a new channel, once it says it is ready, and its pid. With
     ``restore``, one that loads the state the session's last shell kept when its
-    connection dropped."""
+    connection dropped, if that shell ran under the same lease (``fence``)."""
     channel = transport.open_session(timeout=30)
-    env = {"SF_WORKDIR": workdir, "SF_STATE": f"{STATE_DIR}/.shopfloor-session-{session_id}"}
+    env = {
+        "SF_WORKDIR": workdir,
+        "SF_STATE": f"{STATE_DIR}/.shopfloor-session-{session_id}",
+        "SF_FENCE": str(fence),
+    }
     if restore:
         env["SF_RESTORE"] = "1"
     assigned = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
@@ -393,10 +428,10 @@ def _start_shell(
         if not chunk:
             raise SessionLost(f"session lost: the shell did not start ({_exit_reason(channel)})")
         banner += chunk
-    word, _, pid = banner.decode(errors="replace").strip().partition(" ")
+    word, pid, kept_fence = (banner.decode(errors="replace").split() + ["", "", ""])[:3]
     if word == "gone":
         channel.close()
-        raise SessionLost(
+        raise NothingKept(
             "session lost: its connection dropped and the machine no longer holds its state "
             "(it restarted or was reset); open a new session",
             session=session_id,
@@ -404,6 +439,10 @@ def _start_shell(
     if word != "ready" or not pid.isdigit():
         channel.close()
         raise ShopfloorError(f"the session shell said {banner[:200]!r} instead of ready")
+    if kept_fence != str(fence):
+        channel.sendall(_QUIT)  # its state belongs to an earlier lease: remove it
+        channel.close()
+        raise earlier_lease(session_id, machine_id)
     return channel, int(pid)
 
 
@@ -419,9 +458,13 @@ class SessionRegistry:
             self._sweep()
             self._sessions[session.id] = session
 
-    def get(self, machine_id: str, session_id: str) -> Session:
+    def find(self, machine_id: str, session_id: str) -> Session | None:
         session = self._sessions.get(session_id)
-        if session is None or session.machine_id != machine_id:
+        return session if session is not None and session.machine_id == machine_id else None
+
+    def get(self, machine_id: str, session_id: str) -> Session:
+        session = self.find(machine_id, session_id)
+        if session is None:
             raise NotFound(f"no session {session_id} on machine {machine_id}")
         return session
 

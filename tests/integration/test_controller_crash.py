@@ -123,3 +123,53 @@ def test_sigkill_mid_run_then_restart_ends_the_run_and_frees_the_machine(
         assert "already ended" in cancel.stderr
     finally:
         controller.stop()
+
+
+def test_a_session_outlives_a_controller_restart_within_its_lease(
+    tmp_path: Path, runner_image: str
+) -> None:
+    """SIGKILL drops every SSH connection: each session's shell keeps its directory and
+    exported variables in the machine, and the next controller process takes them over on
+    the session's next command, as long as the machine is still under the same lease."""
+    first = ControllerProcess(tmp_path / "data", runner_image).start()
+    second = ControllerProcess(tmp_path / "data", runner_image)
+    try:
+        ops = {"Authorization": f"Bearer {first.token(Role.ops)}"}
+        http = httpx.Client(base_url=first.url, headers=ops, timeout=120)
+        machine_id = http.post("/api/v1/machines?wait=true", json={}).json()["id"]
+        lease = http.post("/api/v1/leases", json={"machine_id": machine_id, "holder": "crash"})
+        assert lease.status_code == 201, lease.text
+        leased = {**ops, "X-Lease-Token": str(lease.json()["token"])}
+        sessions = f"/api/v1/machines/{machine_id}/sessions"
+        sid = http.post(sessions, headers=leased).json()["id"]
+        setup = "mkdir -p '/tmp/kept dir' && cd '/tmp/kept dir' && export KEPT=yes"
+        assert http.post(f"{sessions}/{sid}/run", json={"cmd": setup}, headers=leased).is_success
+        other = http.post(sessions, headers=leased).json()["id"]
+
+        first.kill()
+        second.start()
+        http = httpx.Client(base_url=second.url, headers=ops, timeout=120)
+        after = http.post(f"{sessions}/{sid}/run", json={"cmd": "pwd; echo $KEPT"}, headers=leased)
+        assert after.status_code == 200, after.text
+        assert after.json()["output"] == "/tmp/kept dir\nyes\n"
+        assert http.delete(f"{sessions}/{sid}", headers=leased).status_code == 204
+        gone = http.post(f"{sessions}/{sid}/run", json={"cmd": "true"}, headers=leased)
+        assert gone.status_code == 404, gone.text
+        not_an_id = "s-..;rm -rf ~"  # never reaches a path or a shell in the machine
+        forged = http.post(f"{sessions}/{not_an_id}/run", json={"cmd": "true"}, headers=leased)
+        assert forged.status_code == 404, forged.text
+
+        # Under a new lease, the other session's kept state is not handed over.
+        lease_id = lease.json()["id"]
+        assert http.delete(f"/api/v1/leases/{lease_id}").status_code == 200
+        again = http.post("/api/v1/leases", json={"machine_id": machine_id, "holder": "next"})
+        assert again.status_code == 201, again.text
+        relet = {**ops, "X-Lease-Token": str(again.json()["token"])}
+        stale = http.post(f"{sessions}/{other}/run", json={"cmd": "true"}, headers=relet)
+        assert stale.status_code == 410, stale.text
+        assert "earlier lease" in stale.json()["detail"]
+        old_token = http.post(f"{sessions}/{other}/run", json={"cmd": "true"}, headers=leased)
+        assert old_token.status_code == 409, old_token.text
+    finally:
+        first.kill()
+        second.stop()
