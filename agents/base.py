@@ -67,6 +67,15 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class RemoteReport:
+    """What a remote agent reported for a stage attempt (see agents/remote.py)."""
+
+    status: StageStatus
+    summary: str
+    outputs: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class StageContext:
     run_id: str
     task: str
@@ -81,6 +90,9 @@ class StageContext:
     context_dir: str = CONTEXT_DIR
     log: Callable[[str], None] = lambda _line: None
     """Progress lines; the driver keeps them as the stage's log."""
+    remote_report: Callable[[], RemoteReport | None] = lambda: None
+    """This attempt's report from a remote agent, once it came (the ``remote`` agent waits
+    for it)."""
 
 
 @dataclass

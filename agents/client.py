@@ -26,7 +26,15 @@ import httpx
 
 from controller.errors import InvalidInput, ShopfloorError
 
-__all__ = ["Client", "ExecResult", "Lease", "Machine", "Session", "SessionResult"]
+__all__ = [
+    "Client",
+    "ExecResult",
+    "Lease",
+    "Machine",
+    "Session",
+    "SessionResult",
+    "StageClaim",
+]
 
 
 def _error_classes() -> dict[str, type[ShopfloorError]]:
@@ -86,6 +94,24 @@ class SessionResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class StageClaim:
+    """A stage a remote agent took on (see ``Client.claim_stage``)."""
+
+    run_id: str
+    stage: str
+    attempt: int
+    task: str
+    params: dict[str, Any]
+    timeout_s: float
+    workdir: str
+    """The checkout in the machine."""
+    context_dir: str
+    """run.json and the earlier stages' notes."""
+    machine: Machine
+    """The run's machine, under the run's lease token."""
 
 
 class Client:
@@ -176,30 +202,47 @@ class Client:
         result: dict[str, Any] = answer.json()
         return result
 
+    def claim_stage(self, run_id: str, stage: str) -> StageClaim:
+        """A running stage of a run whose agent is ``remote``: its task, parameters, and the
+        run's machine under the run's lease token."""
+        answer = self.call("POST", f"/runs/{run_id}/stages/{stage}/claim").json()
+        machine = Machine(self, answer["machine_id"], int(answer["lease_token"]))
+        return StageClaim(
+            run_id=answer["run_id"],
+            stage=answer["stage"],
+            attempt=int(answer["attempt"]),
+            task=answer["task"],
+            params=dict(answer["params"]),
+            timeout_s=float(answer["timeout_s"]),
+            workdir=answer["workdir"],
+            context_dir=answer["context_dir"],
+            machine=machine,
+        )
+
     def report_stage(
         self,
-        run_id: str,
-        stage: str,
+        claim: StageClaim,
         *,
         status: str,
         summary: str,
         outputs: dict[str, Any] | None = None,
-        lease_token: int | None = None,
     ) -> dict[str, Any]:
-        """A remote agent's verdict on its stage, kept as the stage's ``stage-report.json``."""
-        if status not in ("passed", "failed"):
-            raise InvalidInput(f"status must be 'passed' or 'failed', not {status!r}")
-        report = {"status": status, "summary": summary, "outputs": outputs or {}}
-        return self.upload_artifact(
-            run_id,
-            stage,
-            json.dumps(report, indent=2).encode(),
-            kind="file",
-            name="stage-report.json",
-            meta={"status": status, "summary": summary},
-            lease_token=lease_token,
-            content_type="application/json",
+        """The claimed attempt's result: the stage ends with it. ``StaleLease`` once the run
+        no longer holds the machine the claim named."""
+        body = {
+            "attempt": claim.attempt,
+            "status": status,
+            "summary": summary,
+            "outputs": outputs or {},
+        }
+        answer = self.call(
+            "POST",
+            f"/runs/{claim.run_id}/stages/{claim.stage}/report",
+            lease_token=claim.machine.token,
+            json=body,
         )
+        result: dict[str, Any] = answer.json()
+        return result
 
 
 class Lease:

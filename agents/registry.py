@@ -9,6 +9,7 @@ from agents.command import CommandAgent
 from agents.external import ExternalAgent
 from agents.planner import PlannerAgent
 from agents.qa import QaAgent
+from agents.remote import RemoteAgent
 from agents.reviewer import ReviewerAgent
 from agents.tester import TesterAgent
 from controller.errors import InvalidInput
@@ -20,6 +21,7 @@ AGENTS: dict[str, Callable[[], Agent]] = {
     "tester": TesterAgent,
     "reviewer": ReviewerAgent,
     "qa": QaAgent,
+    "remote": RemoteAgent,
 }
 
 

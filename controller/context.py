@@ -49,7 +49,7 @@ class Controller:
     loops: list[threading.Thread] = field(default_factory=list)
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
     ssh: SshPool = field(init=False)
-    """One SSH connection per machine (through the engine): sessions, files, ports."""
+    """One SSH connection per machine (direct or through the engine): sessions, files, ports."""
     forwards: ForwardRegistry = field(init=False)
     commands: CommandRunner = field(init=False)
     """One-shot commands: over SSH where the machine has sshd, else the engine's exec."""

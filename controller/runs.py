@@ -27,7 +27,7 @@ from sqlmodel import Session, col, select
 
 from agents import registry
 from agents.base import CONTEXT_DIR, MachineHandle, StageContext, StageResult
-from controller import events, fleet, leases, pools, repos
+from controller import events, fleet, leases, pools, remote_stages, repos
 from controller.context import Controller
 from controller.db import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound, ShopfloorError
@@ -581,6 +581,7 @@ class RunDriver:
             machine=self.handle,
             timeout_s=stage.timeout_s,
             log=lines.append,
+            remote_report=lambda: remote_stages.reported(self.ctl.reader, stage.id, attempt),
         )
         box: dict[str, Any] = {}
 

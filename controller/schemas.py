@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -92,6 +93,8 @@ class ExecAnswer(BaseModel):
 # ---------------------------------------------------------------- pools, leases, runs (issue 3)
 
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+OUTPUTS_CAP_BYTES = 65536
+"""A stage's outputs go into run.json for every later stage: small facts, not files."""
 
 
 class PoolBody(BaseModel):
@@ -187,6 +190,45 @@ class RunBody(BaseModel):
         if duplicates:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
         return stages
+
+
+class StageReportBody(BaseModel):
+    """A remote agent's result for the attempt it claimed (see ``remote_stages``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int = Field(ge=1, description="the attempt named in the claim")
+    status: Literal["passed", "failed"]
+    summary: str = Field(min_length=1, max_length=4000)
+    outputs: dict[str, object] = Field(
+        default_factory=dict, description="small JSON facts for run.json and the next stages"
+    )
+
+    @field_validator("outputs")
+    @classmethod
+    def _small(cls, outputs: dict[str, object]) -> dict[str, object]:
+        size = len(json.dumps(outputs))
+        if size > OUTPUTS_CAP_BYTES:
+            raise ValueError(f"outputs take {size} bytes as JSON; at most {OUTPUTS_CAP_BYTES}")
+        return outputs
+
+
+class StageClaim(BaseModel):
+    """What a remote agent needs to do a stage: its task and parameters, and the run's
+    machine with the lease token that its commands, files and report must carry."""
+
+    run_id: str
+    stage: str
+    attempt: int
+    task: str
+    repo: str
+    ref: str
+    params: dict[str, object]
+    timeout_s: float
+    machine_id: str
+    lease_token: int
+    workdir: str
+    context_dir: str
 
 
 class StagePublic(BaseModel):

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Header, Query, status
 from sqlmodel import Session
 
-from controller import runs
+from controller import remote_stages, runs
 from controller.models import Run, Stage
 from controller.routes.deps import AnyRole, Ctl, OpsOrAgent, SessionDep
-from controller.schemas import ListOf, RunBody, RunPublic, StagePublic
+from controller.schemas import (
+    ListOf,
+    RunBody,
+    RunPublic,
+    StageClaim,
+    StagePublic,
+    StageReportBody,
+)
 from evidence import verdicts
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -53,6 +60,34 @@ def list_runs(
 @router.get("/{run_id}")
 def show_run(run_id: str, session: SessionDep, _: AnyRole) -> RunPublic:
     return public(session, runs.get_run(session, run_id), with_events=True)
+
+
+@router.post("/{run_id}/stages/{stage}/claim")
+def claim_stage(run_id: str, stage: str, ctl: Ctl, caller: OpsOrAgent) -> StageClaim:
+    """For a remote agent: a running stage whose agent is ``remote``, with the run's machine
+    and lease token. Claiming again answers the same (a crashed agent can come back)."""
+    return remote_stages.claim(db=ctl.db, run_id=run_id, stage_name=stage, caller=caller)
+
+
+@router.post("/{run_id}/stages/{stage}/report", status_code=status.HTTP_202_ACCEPTED)
+def report_stage(
+    run_id: str,
+    stage: str,
+    body: StageReportBody,
+    ctl: Ctl,
+    caller: OpsOrAgent,
+    x_lease_token: Annotated[int | None, Header()] = None,
+) -> dict[str, object]:
+    """A remote agent's result for the attempt it claimed; the stage ends with it."""
+    remote_stages.report(
+        db=ctl.db,
+        run_id=run_id,
+        stage_name=stage,
+        body=body,
+        lease_token=x_lease_token,
+        caller=caller,
+    )
+    return {"run_id": run_id, "stage": stage, "attempt": body.attempt, "status": body.status}
 
 
 @router.post("/{run_id}/cancel")
