@@ -148,6 +148,15 @@ def module_machine(module_client: TestClient) -> str:
     return str(response.json()["id"])
 
 
+def kill_sshd(provider: DockerProvider, machine_id: str) -> None:
+    """Kill every sshd process in the machine: the far end of the controller's SSH
+    connection, and the listener. They run as root and, once a login is in, as runner;
+    root in a machine holds no CAP_KILL, so each user kills its own."""
+    for user in ("root", "runner"):
+        run = provider.exec(f"shopfloor-{machine_id}", ["pkill", "-KILL", "-x", "sshd"], user=user)
+        list(run)
+
+
 class ControllerProcess:
     """A real ``shopfloor serve`` subprocess on a free loopback port (crash and load tests)."""
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from controller.models import Role
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
-from tests.integration.conftest import issue_token
+from tests.integration.conftest import issue_token, kill_sshd
 
 
 def open_session(client: TestClient, machine_id: str) -> str:
@@ -239,19 +239,11 @@ def test_session_calls_need_an_agent_or_ops_token(
     assert as_agent.status_code == 200
 
 
-def _kill_sshd(provider: DockerProvider, machine_id: str) -> None:
-    """Kill the machine's sshd: the far end of the controller's SSH connection. Its
-    processes run as root and, once a login is in, as runner; root in a machine holds no
-    CAP_KILL, so each user kills its own."""
-    for user in ("root", "runner"):
-        list(provider.exec(f"shopfloor-{machine_id}", ["pkill", "-KILL", "-x", "sshd"], user=user))
-
-
 def _drop_connection(
     client: TestClient, provider: DockerProvider, machine_id: str, sid: str
 ) -> None:
     """Drop the connection and wait until the controller has seen its session's end."""
-    _kill_sshd(provider, machine_id)
+    kill_sshd(provider, machine_id)
     session = client.app.state.controller.sessions.get(machine_id, sid)  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while session.alive:
@@ -308,7 +300,7 @@ def test_a_command_sent_as_the_connection_drops_is_reopened_or_reported(
 ) -> None:
     sid = open_session(module_client, module_machine)
     assert run(module_client, module_machine, sid, "export RACE=won")["exit_code"] == 0
-    _kill_sshd(provider, module_machine)  # no wait: the controller may not have seen it yet
+    kill_sshd(provider, module_machine)  # no wait: the controller may not have seen it yet
     url = f"/api/v1/machines/{module_machine}/sessions/{sid}/run"
     first = module_client.post(url, json={"cmd": "echo $RACE"})
     if first.status_code == 200:  # the send failed or found the drop: reopened, then ran

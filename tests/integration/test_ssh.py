@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from controller.context import Controller
 from controller.providers.docker import DockerProvider
 from controller.transport.ssh import SSH_PORT
+from tests.integration.conftest import kill_sshd
 
 
 def controller(client: TestClient) -> Controller:
@@ -31,12 +32,6 @@ def as_user(provider: DockerProvider, machine_id: str, user: str, script: str) -
     return out.decode()
 
 
-def stop_sshd(provider: DockerProvider, machine_id: str) -> None:
-    """Root in a machine holds no CAP_KILL: each user kills its own sshd processes."""
-    for user in ("root", "runner"):
-        as_user(provider, machine_id, user, "pkill -KILL -x sshd; true")
-
-
 def session_pwd(client: TestClient, machine_id: str) -> str:
     sid = client.post(f"/api/v1/machines/{machine_id}/sessions").json()["id"]
     ran = client.post(f"/api/v1/machines/{machine_id}/sessions/{sid}/run", json={"cmd": "pwd"})
@@ -49,7 +44,7 @@ def test_the_pool_connects_straight_into_the_machine(
 ) -> None:
     conn = controller(module_client).ssh.get(f"shopfloor-{module_machine}")
     assert conn.direct
-    assert conn.transport.sock.getpeername() == ("127.0.0.1", SSH_PORT)  # type: ignore[union-attr]
+    assert conn.transport.sock.getpeername() == ("127.0.0.1", SSH_PORT)
     assert session_pwd(module_client, module_machine) == "/workspace\n"
 
 
@@ -57,7 +52,7 @@ def test_without_a_listening_sshd_the_engine_way_is_taken(
     module_client: TestClient, provider: DockerProvider
 ) -> None:
     machine_id = new_machine(module_client)
-    stop_sshd(provider, machine_id)
+    kill_sshd(provider, machine_id)
     assert not controller(module_client).ssh.get(f"shopfloor-{machine_id}").direct
     assert session_pwd(module_client, machine_id) == "/workspace\n"
 
@@ -68,7 +63,7 @@ def test_a_stranger_holding_the_ssh_port_is_refused(
     """A process of the machine's own user takes port 22 with an sshd of its own: it cannot
     show the machine's host key, so the controller goes through the engine instead."""
     machine_id = new_machine(module_client)
-    stop_sshd(provider, machine_id)
+    kill_sshd(provider, machine_id)
     as_user(
         provider,
         machine_id,
