@@ -36,7 +36,8 @@ from evidence import gallery, retention
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
-CHECKPOINT_INTERVAL_S = 1.0
+CHECKPOINT_INTERVAL_S = 0.25
+"""Often, so that each checkpoint has little to copy and fsync (see db.checkpoint)."""
 TELEMETRY_OFF: TelemetryConfig = {
     "tracing": False,
     "metrics": False,
