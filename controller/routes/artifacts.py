@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Request, status
+from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
@@ -23,7 +23,7 @@ from controller.context import Controller
 from controller.db import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound, TooLarge
 from controller.models import FINISHED_RUN_STATUSES, Artifact, Run, Stage
-from controller.routes.deps import AnyRole, Ctl, OpsOnly, OpsOrAgent, SessionDep
+from controller.routes.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
 from controller.schemas import ArtifactPublic, ListOf
 from evidence import retention
 from evidence.store import ArtifactStore, list_artifacts, save_artifact
@@ -125,7 +125,7 @@ async def upload_artifact(
     request: Request,
     ctl: Ctl,
     _: OpsOrAgent,
-    x_lease_token: Annotated[int | None, Header()] = None,
+    x_lease_token: LeaseToken = None,
 ) -> ArtifactPublic:
     """Multipart upload (fields: file, kind, name?, attempt?, commit?, meta?) under the lease."""
     cap = ctl.settings.artifact_cap_bytes

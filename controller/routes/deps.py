@@ -100,11 +100,15 @@ def parse_body(model: type[M], raw: bytes) -> M:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
+LEASE_TOKEN_HELP = "the lease's token; required on a leased machine"
+LeaseToken = Annotated[int | None, Header(description=LEASE_TOKEN_HELP)]
+"""X-Lease-Token as a parameter; the hot routes read it with :func:`lease_token_header`."""
+
 LEASE_TOKEN_DOC = {
     "name": "x-lease-token",
     "in": "header",
     "required": False,
-    "description": "the lease's token; required on a leased machine",
+    "description": LEASE_TOKEN_HELP,
     "schema": {"type": "integer"},
 }
 """OpenAPI text for the header :func:`lease_token_header` reads."""

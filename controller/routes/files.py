@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from controller import fleet
 from controller.errors import TooLarge
-from controller.routes.deps import Ctl, OpsOrAgent
+from controller.routes.deps import Ctl, LeaseToken, OpsOrAgent
 from controller.schemas import FileWritten
 from controller.transport import service
 
 router = APIRouter(prefix="/machines/{machine_id}/files", tags=["files"])
 PathQuery = Annotated[str, Query(description="inside /workspace: relative, or absolute under it")]
-LeaseToken = Annotated[int | None, Header()]
 
 
 @router.get("")

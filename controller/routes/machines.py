@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, status
+from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
 from controller import fleet
 from controller.models import Machine
-from controller.routes.deps import Ctl, OpsOnly, OpsOrAgent, SessionDep
+from controller.routes.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
 from controller.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic, MachineTemplate
 from controller.transport import exec as commands
 
@@ -80,7 +80,7 @@ def exec_in_machine(
     ctl: Ctl,
     _: OpsOrAgent,
     stream: bool = False,
-    x_lease_token: Annotated[int | None, Header()] = None,
+    x_lease_token: LeaseToken = None,
 ) -> ExecAnswer | StreamingResponse:
     machine = fleet.machine_for_command(db=ctl.db, machine_id=machine_id, lease_token=x_lease_token)
     request = commands.ExecRequest(

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Response, status
 
 from controller import fleet
 from controller.errors import NotFound
-from controller.routes.deps import Ctl, OpsOrAgent
+from controller.routes.deps import Ctl, LeaseToken, OpsOrAgent
 from controller.schemas import PortBody, PortForwarded
 from controller.transport import service
 
 router = APIRouter(prefix="/machines/{machine_id}/ports", tags=["ports"])
-LeaseToken = Annotated[int | None, Header()]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, status
+from fastapi import APIRouter, Query, status
 from sqlmodel import Session
 
 from controller import remote_stages, runs
 from controller.models import Run, Stage
-from controller.routes.deps import AnyRole, Ctl, OpsOrAgent, SessionDep
+from controller.routes.deps import AnyRole, Ctl, LeaseToken, OpsOrAgent, SessionDep
 from controller.schemas import (
     ListOf,
     RunBody,
@@ -76,7 +76,7 @@ def report_stage(
     body: StageReportBody,
     ctl: Ctl,
     caller: OpsOrAgent,
-    x_lease_token: Annotated[int | None, Header()] = None,
+    x_lease_token: LeaseToken = None,
 ) -> dict[str, object]:
     """A remote agent's result for the attempt it claimed; the stage ends with it."""
     remote_stages.report(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from controller import fleet
 from controller.db import run_read
 from controller.routes.deps import (
     LEASE_TOKEN_DOC,
     Ctl,
+    LeaseToken,
     OpsOrAgent,
     agent_call,
     answer,
@@ -23,7 +22,6 @@ from controller.schemas import SessionOpened, SessionRunAnswer, SessionRunBody
 from controller.transport import service
 
 router = APIRouter(prefix="/machines/{machine_id}/sessions", tags=["sessions"])
-LeaseToken = Annotated[int | None, Header()]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
