@@ -46,14 +46,15 @@ TELEMETRY_OFF: TelemetryConfig = {
 }
 
 
-def build_controller(settings: Settings) -> Controller:
+def build_controller(settings: Settings, *, background: bool = False) -> Controller:
+    """``background``: the caller will run :func:`start_loops` (checkpoints among them)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.sqlalchemy_url)
     provider = DockerProvider(settings.docker_host)
     default_image = settings.runner_image or images.runner_image_tag(images.default_extra_ca())
     return Controller(
         settings=settings,
-        db=make_engine(settings.sqlalchemy_url),
+        db=make_engine(settings.sqlalchemy_url, checkpoint_loop=background),
         provider=provider,
         install_id=settings.install_id or read_install_id(settings.data_dir),
         default_image=default_image,
@@ -91,7 +92,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         # Requests hop between the event loop and worker threads; at the default 5 ms GIL
         # switch interval each hop can wait a whole interval while another thread computes.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        ctl = build_controller(settings)
+        ctl = build_controller(settings, background=background)
         app.state.controller = ctl
         if background:
             start_loops(ctl)

@@ -20,22 +20,25 @@ P = ParamSpec("P")
 T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 AUTOCHECKPOINT_PAGES = 10_000
-RESTART_FRAMES = 2_000
-"""A log this long (8 MB) is started over (see :func:`checkpoint`)."""
+RESTART_FRAMES = 20_000
+"""A log this long (80 MB) is started over (see :func:`checkpoint`)."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, checkpoint_loop: bool = False) -> Engine:
+    """``checkpoint_loop``: this process runs :func:`checkpoint` in a background loop, so its
+    commits never checkpoint themselves (see there)."""
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        pages = 0 if checkpoint_loop else AUTOCHECKPOINT_PAGES
+        event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, pages))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_size=20, max_overflow=40, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, autocheckpoint_pages: int) -> None:
     # Let SQLAlchemy issue BEGIN itself (see _sqlite_begin) instead of pysqlite's lazy BEGIN.
     dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
@@ -43,10 +46,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    # Checkpoints copy the WAL into the database and fsync it (~20 ms on these disks). The
-    # `checkpoint` loop does that off the request path; this larger threshold is only a
-    # safety net for processes that run no loop (the CLI, tests).
-    cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+    # Checkpoints copy the WAL into the database and fsync both. In the controller the
+    # `checkpoint` loop does that off the request path (0: commits never do it themselves);
+    # other processes (the CLI, tests) checkpoint in the commit that passes this many pages.
+    cursor.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint_pages}")
     cursor.close()
 
 
@@ -63,17 +66,18 @@ def reader(engine: Engine) -> Engine:
     return engine.execution_options(shopfloor_read_only=True)
 
 
-def checkpoint(engine: Engine) -> None:
+def checkpoint(engine: Engine, *, restart_frames: int = RESTART_FRAMES) -> None:
     """Copy the SQLite write-ahead log into the database, off the request path.
 
-    A PASSIVE checkpoint waits for no one. But under steady writes it never lets the log
-    start over: each new write transaction begins while frames are still in the log, so the
-    log keeps growing (6,000 frames a second with fifty agents leasing here) until
-    SQLite's own autocheckpoint runs inside some request's COMMIT and stalls it for
-    100-200 ms. So once the log is long, a RESTART checkpoint follows, which waits for the
-    readers to finish and lets the next writer start the log over. It holds this process's
-    writer queue meanwhile: the event loop never blocks on it (``run_write`` hands writes to
-    a thread while the queue is taken).
+    A PASSIVE checkpoint waits for no one, and the controller's commits never checkpoint
+    themselves (``make_engine(checkpoint_loop=True)``): SQLite's autocheckpoint, run inside
+    a request's COMMIT, fsynced the log and stalled a whole wave of fifty lease requests for
+    100-200 ms. But under steady writes a PASSIVE checkpoint never lets the log start over
+    (each new write begins while frames are still in it), so the log would grow without
+    bound. Once it is ``restart_frames`` long, a RESTART checkpoint waits for the readers
+    to finish and lets the next writer start the log over. It holds this process's writer
+    queue meanwhile, so the event loop never blocks on it (``run_write`` hands writes to a
+    thread while the queue is taken).
     """
     if engine.dialect.name != "sqlite":
         return
@@ -81,7 +85,7 @@ def checkpoint(engine: Engine) -> None:
     try:
         cursor = raw.cursor()
         _busy, frames, _copied = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if frames >= RESTART_FRAMES:
+        if frames >= restart_frames:
             with writer_lock(engine) or nullcontext():
                 cursor.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
     finally:

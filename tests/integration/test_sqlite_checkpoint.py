@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from controller.db import RESTART_FRAMES, checkpoint, make_engine
+from controller.db import AUTOCHECKPOINT_PAGES, checkpoint, make_engine
 from controller.rawsql import Sql, transaction
 
 INSERT = Sql("INSERT INTO blobs (data) VALUES (:data)")
@@ -21,7 +21,7 @@ INSERT = Sql("INSERT INTO blobs (data) VALUES (:data)")
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[tuple[Engine, Path]]:
     path = tmp_path / "db.sqlite"
-    engine = make_engine(f"sqlite:///{path}")
+    engine = make_engine(f"sqlite:///{path}", checkpoint_loop=True)
     with transaction(engine) as tx:
         tx.run(Sql("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB)"))
     yield engine, path
@@ -49,15 +49,20 @@ def reading(path: Path) -> sqlite3.Connection:
     return reader
 
 
+LONG = 300
+"""Frames that count as a long log in these tests (the controller's is longer)."""
+
+
 def checkpoint_in_thread(engine: Engine) -> threading.Event:
     done = threading.Event()
-    threading.Thread(target=lambda: (checkpoint(engine), done.set()), daemon=True).start()
+    work = lambda: (checkpoint(engine, restart_frames=LONG), done.set())  # noqa: E731
+    threading.Thread(target=work, daemon=True).start()
     return done
 
 
 def test_a_long_log_is_started_over_once_its_readers_are_done(db: tuple[Engine, Path]) -> None:
     engine, path = db
-    write_pages(engine, RESTART_FRAMES + 200)
+    write_pages(engine, LONG + 50)
     reader = reading(path)
     done = checkpoint_in_thread(engine)
     assert not done.wait(0.5), "a RESTART checkpoint waits for the readers of the log"
@@ -75,3 +80,14 @@ def test_a_short_log_is_copied_back_without_waiting(db: tuple[Engine, Path]) -> 
         assert checkpoint_in_thread(engine).wait(5)
     finally:
         reader.close()
+
+
+def test_commits_checkpoint_themselves_only_without_the_loop(tmp_path: Path) -> None:
+    for loop, pages in ((True, 0), (False, AUTOCHECKPOINT_PAGES)):
+        engine = make_engine(f"sqlite:///{tmp_path}/{loop}.sqlite", checkpoint_loop=loop)
+        raw = engine.raw_connection()
+        try:
+            assert raw.cursor().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pages
+        finally:
+            raw.close()
+            engine.dispose()
