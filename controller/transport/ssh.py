@@ -88,11 +88,12 @@ def _connect_direct(
     provider: Provider, container: str, keys: KeyPair, timeout_s: float
 ) -> Connection | None:
     """None when the direct way is closed; the engine's way then says what is wrong."""
+    sock = provider.connect_loopback(container, SSH_PORT, timeout_s=timeout_s)
+    if sock is None:  # first: a controller that cannot go direct pays no extra exec
+        return None
     host_key = _install_key_and_read_host_key(provider, container, keys)
     if host_key is None:
-        return None
-    sock = provider.connect_loopback(container, SSH_PORT, timeout_s=timeout_s)
-    if sock is None:
+        sock.close()
         return None
     transport = paramiko.Transport(sock)
     transport.get_security_options().key_types = (host_key.get_name(),)

@@ -135,3 +135,29 @@ def test_commands_fall_back_to_the_engine_when_a_machine_has_no_sshd() -> None:
     assert runner.for_container("c1") is engine
     assert runner.for_container("c1") is engine  # remembered: no second connect attempt
     assert NoSsh.calls == 1
+
+
+def test_without_a_direct_way_in_only_the_engines_way_is_tried(tmp_path: Path) -> None:
+    """A controller that cannot enter the machine's namespace (remote engine, no root) pays
+    no exec for the direct way: it goes straight to ``sshd -i`` through the engine."""
+    from controller.errors import EngineError
+    from controller.transport.ssh import connect
+
+    class EngineOnly:
+        asked: list[str] = []
+
+        def connect_loopback(self, container: str, port: int, *, timeout_s: float) -> None:
+            self.asked.append(f"loopback {container}:{port}")
+
+        def exec(self, *_: object, **__: object) -> None:
+            self.asked.append("exec")
+            raise AssertionError("no exec for the direct way")
+
+        def open_stream(self, container: str, argv: list[str], **_: object) -> None:
+            self.asked.append(f"stream {argv[-1].split()[-1]}")
+            raise EngineError(f"{container} is gone")
+
+    provider = EngineOnly()
+    with pytest.raises(EngineError):
+        connect(provider, "c1", load_or_create(tmp_path), timeout_s=1)  # type: ignore[arg-type]
+    assert provider.asked == ["loopback c1:22", "stream MaxSessions=256"]
