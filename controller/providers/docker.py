@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from controller.providers.netns import connect_in_namespace
 log = logging.getLogger(__name__)
 LOCAL_ENGINE_URL = "http+docker://localhost"
 """docker-py's base URL for an engine on a local unix socket."""
+JUST_STARTED = timedelta(seconds=10)
+LISTENER_WAIT_S = 2.0
+"""How long :meth:`DockerProvider.connect_loopback` waits for a just-started machine's
+listener."""
 
 
 def _parse_time(value: str | None) -> datetime:
@@ -298,8 +303,21 @@ class DockerProvider:
         if self.api.base_url != LOCAL_ENGINE_URL:  # the machine runs on another host
             return None
         try:
-            pid = int(self.api.inspect_container(name_or_id)["State"]["Pid"] or 0)
-            return connect_in_namespace(pid, port, timeout_s=timeout_s) if pid else None
+            state = self.api.inspect_container(name_or_id)["State"]
+            pid = int(state["Pid"] or 0)
+            if not pid:
+                return None
+            started = _parse_time(state.get("StartedAt"))
+            wait_until = time.monotonic() + min(timeout_s, LISTENER_WAIT_S)
+            while True:
+                try:
+                    return connect_in_namespace(pid, port, timeout_s=timeout_s)
+                except ConnectionRefusedError:
+                    # A machine that just started may not listen yet (its sshd starts with it).
+                    just_started = datetime.now(UTC) - started < JUST_STARTED
+                    if not just_started or time.monotonic() > wait_until:
+                        raise
+                    time.sleep(0.02)
         except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
             log.debug("no direct connection to %s:%d: %s", name_or_id, port, exc)
             return None

@@ -12,6 +12,7 @@ machine's namespace, and the socket stays bound to it after the thread is gone.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import threading
@@ -41,13 +42,14 @@ def connect_in_namespace(pid: int, port: int, *, timeout_s: float) -> socket.soc
 
 
 def _connect_from_thread(pid: int, port: int, timeout_s: float) -> socket.socket:
+    setns = getattr(_libc, "setns", None)
+    if setns is None:
+        raise OSError(errno.ENOSYS, "this system has no setns: not Linux")
     namespace = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.setns(namespace, CLONE_NEWNET) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(
-                errno, f"cannot enter the network namespace of {pid}: {os.strerror(errno)}"
-            )
+        if setns(namespace, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot enter the network namespace of {pid}: {os.strerror(code)}")
     finally:
         os.close(namespace)
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
