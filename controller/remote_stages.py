@@ -35,9 +35,14 @@ def claim(*, db: Engine, run_id: str, stage_name: str, caller: ApiToken) -> Stag
         machine = session.get(Machine, lease.machine_id)
         assert machine is not None
         events.record(
-            session, "stage.claimed", stage.id, run_id=run.id, stage=stage.name,
-            attempt=stage.attempts, by=caller.id,
-        )  # fmt: skip
+            session,
+            "stage.claimed",
+            stage.id,
+            run_id=run.id,
+            stage=stage.name,
+            attempt=stage.attempts,
+            by=caller.id,
+        )
         return StageClaim(
             run_id=run.id,
             stage=stage.name,
@@ -81,9 +86,14 @@ def report(
         if _reported(session, stage.id, stage.attempts) is not None:
             raise Conflict(f"attempt {stage.attempts} of stage {stage.name} was already reported")
         events.record(
-            session, REPORTED, stage.id, run_id=run.id, stage=stage.name, attempt=body.attempt,
-            status=body.status, summary=body.summary, outputs=body.outputs, by=caller.id,
-        )  # fmt: skip
+            session,
+            REPORTED,
+            stage.id,
+            run_id=run.id,
+            stage=stage.name,
+            by=caller.id,
+            **body.model_dump(),  # attempt, status, summary, outputs
+        )
 
 
 def reported(db: Engine, stage_id: str, attempt: int) -> RemoteReport | None:
