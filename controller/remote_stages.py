@@ -18,9 +18,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from agents.base import CONTEXT_DIR, RemoteReport
-from controller import events
+from controller import events, runs  # runs imports this module too: use it at call time
 from controller.db import session_scope
-from controller.errors import Conflict, NotFound, StaleLease
+from controller.errors import Conflict, StaleLease
 from controller.models import ApiToken, Event, Lease, LeaseState, Machine, Run, Stage, StageStatus
 from controller.schemas import StageClaim, StageReportBody
 
@@ -113,14 +113,8 @@ def _reported(session: Session, stage_id: str, attempt: int) -> dict[str, Any] |
 
 
 def _running_remote_stage(session: Session, run_id: str, stage_name: str) -> tuple[Run, Stage]:
-    run = session.get(Run, run_id)
-    if run is None:
-        raise NotFound(f"no run {run_id}")
-    stage = session.exec(
-        select(Stage).where(col(Stage.run_id) == run_id, col(Stage.name) == stage_name)
-    ).first()
-    if stage is None:
-        raise NotFound(f"run {run_id} has no stage {stage_name!r}")
+    run = runs.get_run(session, run_id)
+    stage = runs.get_stage(session, run_id, stage_name)
     if stage.agent != REMOTE_AGENT:
         raise Conflict(
             f"stage {stage_name} is done by the {stage.agent!r} agent in the controller; "

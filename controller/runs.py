@@ -129,6 +129,15 @@ def get_run(session: Session, run_id: str) -> Run:
     return run
 
 
+def get_stage(session: Session, run_id: str, name: str) -> Stage:
+    stage = session.exec(
+        select(Stage).where(col(Stage.run_id) == run_id, col(Stage.name) == name)
+    ).first()
+    if stage is None:
+        raise NotFound(f"run {run_id} has no stage {name!r}")
+    return stage
+
+
 def stages_of(session: Session, run_id: str) -> list[Stage]:
     return list(
         session.exec(select(Stage).where(Stage.run_id == run_id).order_by(col(Stage.position)))

@@ -14,15 +14,14 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request, status
 from fastapi.responses import FileResponse
-from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from controller import fleet
+from controller import fleet, runs
 from controller.context import Controller
 from controller.db import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound, TooLarge
-from controller.models import FINISHED_RUN_STATUSES, Artifact, Run, Stage
+from controller.models import FINISHED_RUN_STATUSES, Artifact, Run
 from controller.routes.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
 from controller.schemas import ArtifactPublic, ListOf
 from evidence import retention
@@ -171,7 +170,7 @@ def _save_upload(
         run = session.get(Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
-        stage_row = _stage(session, run, stage)
+        stage_row = runs.get_stage(session, run.id, stage)
         machine_id = _check_lease(ctl, run, lease_token)
     machine = fleet.machine_for_command(db=ctl.db, machine_id=machine_id, lease_token=lease_token)
     with session_scope(ctl.db) as session:
@@ -189,13 +188,6 @@ def _save_upload(
             content_type=content_type,
             meta=_meta_field(fields),
         )
-
-
-def _stage(session: Session, run: Run, name: str) -> Stage:
-    stage = session.exec(select(Stage).where(Stage.run_id == run.id, Stage.name == name)).first()
-    if stage is None:
-        raise NotFound(f"run {run.id} has no stage {name!r}")
-    return stage
 
 
 def _check_lease(ctl: Controller, run: Run, lease_token: int | None) -> str:
