@@ -113,7 +113,6 @@ def main() -> int:
             transport=pool.transport(container),
             session_id="bench",
             machine_id=mid,
-            container=container,
             fence=0,
             workdir="/workspace",
             output_cap=1 << 20,

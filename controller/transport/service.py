@@ -49,7 +49,6 @@ def _start_session(
         transport=ctl.ssh.transport(container),
         session_id=session_id,
         machine_id=machine.id,
-        container=container,
         fence=machine.fence,
         workdir=machine.workdir,
         output_cap=ctl.settings.session_output_cap,
@@ -69,7 +68,7 @@ def known_session(ctl: Controller, machine_id: str, session_id: str) -> sessions
     if session is not None:
         return session
     if not SESSION_ID.fullmatch(session_id):
-        raise NotFound(f"no session {session_id} on machine {machine_id}")
+        raise sessions.unknown_session(machine_id, session_id)
     with _reviving:  # two requests for the same session start one shell
         session = ctl.sessions.find(machine_id, session_id)
         if session is not None:
@@ -79,7 +78,7 @@ def known_session(ctl: Controller, machine_id: str, session_id: str) -> sessions
         try:
             session = _start_session(ctl, machine, session_id, restore=True)
         except sessions.NothingKept:
-            raise NotFound(f"no session {session_id} on machine {machine_id}") from None
+            raise sessions.unknown_session(machine_id, session_id) from None
         log.info("session %s on %s taken over from an earlier controller", session_id, machine_id)
         return session
 

@@ -107,7 +107,6 @@ class Session:
 
     id: str
     machine_id: str
-    container: str
     fence: int
     channel: paramiko.Channel
     transport: paramiko.Transport
@@ -167,9 +166,7 @@ class Session:
         """The shell or its connection is gone: reopen it where its state was kept."""
         if self.lost_reason is not None or self.reopen is None:
             self._lose(self.lost_reason or "its shell or the connection to the machine is gone")
-        status = await anyio.to_thread.run_sync(_exit_status, self.channel)
-        if status is not None:
-            self._lose(f"the shell exited with status {status}")
+        await self._lose_if_the_shell_exited(self.channel)
         try:
             await anyio.to_thread.run_sync(self._reopen)
         except SessionLost:
@@ -188,14 +185,17 @@ class Session:
 
     async def _ended_mid_command(self, channel: paramiko.Channel) -> None:
         """The channel ended while a command ran: the shell exited, or the connection dropped."""
-        status = await anyio.to_thread.run_sync(_exit_status, channel)
-        if status is not None:
-            self._lose(f"the shell exited with status {status}")
+        await self._lose_if_the_shell_exited(channel)
         raise TransportError(
             f"the connection to {self.machine_id} dropped while the command ran, so its result "
             "is unknown; the session kept its directory and exported variables, and the next "
             "command reopens it"
         )
+
+    async def _lose_if_the_shell_exited(self, channel: paramiko.Channel) -> None:
+        status = await anyio.to_thread.run_sync(_exit_status, channel)
+        if status is not None:
+            self._lose(f"the shell exited with status {status}")
 
     async def _send(self, cmd: str, timeout_s: float) -> _Command:
         """Send the command, reopening the session first if its connection dropped (also
@@ -358,6 +358,10 @@ class NothingKept(SessionLost):
     the machine restarted or was reset."""
 
 
+def unknown_session(machine_id: str, session_id: str) -> NotFound:
+    return NotFound(f"no session {session_id} on machine {machine_id}")
+
+
 def earlier_lease(session_id: str, machine_id: str) -> SessionLost:
     return SessionLost(
         f"session lost: {session_id} was opened under an earlier lease of {machine_id}; "
@@ -371,7 +375,6 @@ def open_session(
     transport: paramiko.Transport,
     session_id: str,
     machine_id: str,
-    container: str,
     fence: int,
     workdir: str,
     output_cap: int,
@@ -387,7 +390,6 @@ def open_session(
     return Session(
         id=session_id,
         machine_id=machine_id,
-        container=container,
         fence=fence,
         channel=channel,
         transport=transport,
@@ -465,7 +467,7 @@ class SessionRegistry:
     def get(self, machine_id: str, session_id: str) -> Session:
         session = self.find(machine_id, session_id)
         if session is None:
-            raise NotFound(f"no session {session_id} on machine {machine_id}")
+            raise unknown_session(machine_id, session_id)
         return session
 
     def remove(self, machine_id: str, session_id: str) -> None:
