@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -307,17 +306,10 @@ class DockerProvider:
             pid = int(state["Pid"] or 0)
             if not pid:
                 return None
-            started = _parse_time(state.get("StartedAt"))
-            wait_until = time.monotonic() + min(timeout_s, LISTENER_WAIT_S)
-            while True:
-                try:
-                    return connect_in_namespace(pid, port, timeout_s=timeout_s)
-                except ConnectionRefusedError:
-                    # A machine that just started may not listen yet (its sshd starts with it).
-                    just_started = datetime.now(UTC) - started < JUST_STARTED
-                    if not just_started or time.monotonic() > wait_until:
-                        raise
-                    time.sleep(0.02)
+            # A machine that just started may not listen yet (its sshd starts with it).
+            just_started = datetime.now(UTC) - _parse_time(state.get("StartedAt")) < JUST_STARTED
+            wait_s = min(timeout_s, LISTENER_WAIT_S) if just_started else 0.0
+            return connect_in_namespace(pid, port, timeout_s=timeout_s, wait_s=wait_s)
         except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
             log.debug("no direct connection to %s:%d: %s", name_or_id, port, exc)
             return None

@@ -16,20 +16,24 @@ import errno
 import os
 import socket
 import threading
+import time
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def connect_in_namespace(pid: int, port: int, *, timeout_s: float) -> socket.socket:
-    """Connect to 127.0.0.1:``port`` as seen by process ``pid``; raises OSError when the
-    namespace cannot be entered or nothing listens there."""
+def connect_in_namespace(
+    pid: int, port: int, *, timeout_s: float, wait_s: float = 0.0
+) -> socket.socket:
+    """Connect to 127.0.0.1:``port`` as seen by process ``pid``, waiting up to ``wait_s``
+    for a listener; raises OSError when the namespace cannot be entered or nothing listens
+    there."""
     made: list[socket.socket] = []
     failed: list[BaseException] = []
 
     def enter_and_connect() -> None:
         try:
-            made.append(_connect_from_thread(pid, port, timeout_s))
+            made.append(_connect_from_thread(pid, port, timeout_s, wait_s))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             failed.append(exc)
 
@@ -41,7 +45,7 @@ def connect_in_namespace(pid: int, port: int, *, timeout_s: float) -> socket.soc
     return made[0]
 
 
-def _connect_from_thread(pid: int, port: int, timeout_s: float) -> socket.socket:
+def _connect_from_thread(pid: int, port: int, timeout_s: float, wait_s: float) -> socket.socket:
     setns = getattr(_libc, "setns", None)
     if setns is None:
         raise OSError(errno.ENOSYS, "this system has no setns: not Linux")
@@ -52,7 +56,15 @@ def _connect_from_thread(pid: int, port: int, timeout_s: float) -> socket.socket
             raise OSError(code, f"cannot enter the network namespace of {pid}: {os.strerror(code)}")
     finally:
         os.close(namespace)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(0.02)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)
     return sock
