@@ -21,11 +21,11 @@ import httpx
 import uvicorn
 from PIL import Image
 
-from controller import auth
-from controller.app import create_app
-from controller.db import make_engine, session_scope
-from controller.models import Role, Run, RunStatus, Stage, StageStatus, utcnow
+from controller.api.app import create_app
+from controller.services import auth
 from controller.settings import Settings
+from controller.store.db import make_engine, session_scope
+from controller.store.models import Role, Run, RunStatus, Stage, StageStatus, utcnow
 from evidence.store import ArtifactStore, save_artifact
 
 RUNS = 200

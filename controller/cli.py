@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.models import Role
 from controller.settings import get_settings
+from controller.store.models import Role
 
 KEEP_ALIVE_S = 75
 
@@ -44,7 +44,7 @@ def serve(
     """Serve the API (data dir: SHOPFLOOR_DATA_DIR)."""
     import uvicorn
 
-    from controller.app import create_app
+    from controller.api.app import create_app
 
     # Agents pause between commands; keep their connections longer than uvicorn's 5 s.
     uvicorn.run(
@@ -58,8 +58,8 @@ def token_create(
     name: Annotated[str, typer.Option(help="What the token is for.")] = "",
 ) -> None:
     """Make a token; it is printed once, as the last word of the output."""
-    from controller import auth
-    from controller.db import make_engine, migrate, session_scope
+    from controller.services import auth
+    from controller.store.db import make_engine, migrate, session_scope
 
     settings = get_settings()
     migrate(settings.sqlalchemy_url)
@@ -75,8 +75,8 @@ def image_build(
     force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
 ) -> None:
     """Build the runner image (tagged by a hash of runner_image/)."""
-    from controller import images
     from controller.providers.docker import DockerProvider
+    from controller.services import images
 
     provider = DockerProvider(get_settings().docker_host)
     with console.status("building the runner image") as status:

@@ -18,10 +18,10 @@ from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from controller import events
-from controller.db import session_scope
-from controller.models import Artifact, Baseline, RunPin, utcnow
 from controller.settings import Settings
+from controller.store import events
+from controller.store.db import session_scope
+from controller.store.models import Artifact, Baseline, RunPin, utcnow
 from evidence.store import ArtifactStore
 
 DEFAULT_GRACE_S = 3600.0

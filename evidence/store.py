@@ -22,10 +22,10 @@ from urllib.parse import unquote
 
 from sqlmodel import Session, col, select
 
-from controller import events
 from controller.errors import InvalidInput, NotFound, TooLarge
-from controller.models import Artifact, ArtifactKind, Baseline, Run
 from controller.settings import Settings
+from controller.store import events
+from controller.store.models import Artifact, ArtifactKind, Baseline, Run
 from evidence import images, junit
 
 NAME_MAX = 255

@@ -13,9 +13,9 @@ from enum import StrEnum
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from controller import events
 from controller.errors import Conflict, InvalidInput, NotFound
-from controller.models import (
+from controller.store import events
+from controller.store.models import (
     FINISHED_RUN_STATUSES,
     ApiToken,
     Artifact,

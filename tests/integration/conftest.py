@@ -22,12 +22,12 @@ import pytest
 from fastapi.testclient import TestClient
 from make_repo import make_sample_repo
 
-from controller import images
-from controller.app import create_app
-from controller.db import make_engine, session_scope
-from controller.models import Role
+from controller.api.app import create_app
 from controller.providers.docker import DockerProvider
+from controller.services import images
 from controller.settings import Settings
+from controller.store.db import make_engine, session_scope
+from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 
 
@@ -71,7 +71,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 def issue_token(settings: Settings, role: Role) -> str:
-    from controller import auth
+    from controller.services import auth
 
     engine = make_engine(settings.sqlalchemy_url)
     with session_scope(engine) as session:

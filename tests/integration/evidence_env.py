@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from make_repo import make_sample_repo
 
-from controller.app import create_app
-from controller.db import make_engine, session_scope
-from controller.models import Role, Run, RunStatus, Stage, StageStatus
+from controller.api.app import create_app
 from controller.settings import Settings
+from controller.store.db import make_engine, session_scope
+from controller.store.models import Role, Run, RunStatus, Stage, StageStatus
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 from tests.integration.conftest import issue_token
 

@@ -8,9 +8,9 @@ from typing import Any
 from PIL import Image, ImageDraw
 from sqlmodel import Session
 
-from controller.db import make_engine, session_scope
-from controller.models import ApiToken, Artifact, Run, RunStatus, Stage, StageStatus, utcnow
 from controller.settings import Settings
+from controller.store.db import make_engine, session_scope
+from controller.store.models import ApiToken, Artifact, Run, RunStatus, Stage, StageStatus, utcnow
 from evidence.store import ArtifactStore, save_artifact
 from evidence.verdicts import give_verdict
 

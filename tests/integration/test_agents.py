@@ -12,10 +12,10 @@ from make_repo import make_sample_repo
 
 from agents.base import MachineHandle, StageContext, StageResult
 from agents.registry import get_agent
-from controller.context import Controller
-from controller.db import session_scope
-from controller.fleet import get_machine
-from controller.transport.handle import handle_for
+from controller.services.handles import handle_for
+from controller.services.machines import get_machine
+from controller.services.runtime import Controller
+from controller.store.db import session_scope
 
 
 @pytest.fixture(scope="module")

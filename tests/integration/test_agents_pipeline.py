@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 
 from agents.client import Client
 from controller.errors import Conflict, InvalidInput, StaleLease
-from controller.models import Role
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.integration.conftest import issue_token
 
 

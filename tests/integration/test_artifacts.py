@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from controller.models import RunStatus, StageStatus
+from controller.store.models import RunStatus, StageStatus
 from tests.integration.evidence_env import EvidenceEnv, evidence_env
 
 __all__ = ["evidence_env"]

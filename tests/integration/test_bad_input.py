@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.app import create_app
-from controller.models import Role
+from controller.api.app import create_app
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 from tests.integration.conftest import issue_token
 

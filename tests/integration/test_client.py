@@ -13,10 +13,10 @@ import pytest
 import uvicorn
 
 from agents.client import Client
-from controller.app import create_app
+from controller.api.app import create_app
 from controller.errors import Conflict, InvalidInput, NotFound, SessionLost, StaleLease
-from controller.models import Role
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 from tests.integration.conftest import issue_token
 

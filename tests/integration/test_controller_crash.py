@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from controller.models import Role
+from controller.store.models import Role
 from tests.integration.conftest import ControllerProcess
 
 CTX = "/workspace/.shopfloor"

@@ -11,8 +11,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 from make_repo import SAMPLE_CHANGE_STAGES
 
-from controller.models import Role
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.integration.conftest import issue_token
 from tests.integration.test_runs import create_run, wait_run
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.app import create_app
-from controller.models import Role
+from controller.api.app import create_app
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.integration.conftest import issue_token
 
 

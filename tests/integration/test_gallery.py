@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from controller.app import create_app
-from controller.db import make_engine, session_scope
-from controller.models import ApiToken, Role, Verdict
+from controller.api.app import create_app
 from controller.settings import Settings
+from controller.store.db import make_engine, session_scope
+from controller.store.models import ApiToken, Role, Verdict
 from tests.integration.gallery_seed import seed
 from tests.integration.test_gallery_browser import make_token
 

@@ -10,11 +10,11 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlmodel import select
 
-from controller import auth
-from controller.app import create_app
-from controller.db import make_engine, session_scope
-from controller.models import ApiToken, Role
+from controller.api.app import create_app
+from controller.services import auth
 from controller.settings import Settings
+from controller.store.db import make_engine, session_scope
+from controller.store.models import ApiToken, Role
 from tests.integration.gallery_seed import FAILURE, seed
 from tests.integration.gallery_server import CHROMIUM, CHROMIUM_ARGS, serve
 

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 from sqlmodel import select
 
-from controller.db import make_engine, session_scope
-from controller.models import Lease, LeaseState, Machine, Role
+from controller.store.db import make_engine, session_scope
+from controller.store.models import Lease, LeaseState, Machine, Role
 from tests.integration.conftest import ControllerProcess
 
 REQUESTS = 200

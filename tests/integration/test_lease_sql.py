@@ -1,4 +1,4 @@
-"""The lease hot paths' plain SQL (controller/rawsql.py) on SQLite and on a real PostgreSQL.
+"""The lease hot paths' plain SQL (controller/store/rawsql.py) on SQLite and on a real PostgreSQL.
 
 The lease service runs here without HTTP against each database; what it writes is read
 back through the ORM, so both layers are seen to agree on timestamps, enums and JSON.
@@ -15,12 +15,14 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from controller import leases
-from controller.app import build_controller
-from controller.context import Controller
-from controller.db import session_scope
+from controller.api.app import build_controller
+from controller.api.schemas import LeasePublic, LeaseSelector
 from controller.errors import Conflict, Forbidden, NotFound
-from controller.models import (
+from controller.services import leases
+from controller.services.runtime import Controller
+from controller.settings import Settings
+from controller.store.db import session_scope
+from controller.store.models import (
     ApiToken,
     Event,
     Lease,
@@ -31,9 +33,7 @@ from controller.models import (
     Role,
     utcnow,
 )
-from controller.rawsql import transaction
-from controller.schemas import LeasePublic, LeaseSelector
-from controller.settings import Settings
+from controller.store.rawsql import transaction
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

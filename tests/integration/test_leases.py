@@ -10,8 +10,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from controller.models import Role
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.integration.conftest import issue_token, wait_state
 
 NOBODY = {"Authorization": "Bearer not-a-token"}

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from controller import fleet
-from controller.app import create_app
-from controller.context import Controller
-from controller.models import Role
+from controller.api.app import create_app
 from controller.providers.base import ContainerSpec
 from controller.providers.docker import DockerProvider
+from controller.services import machines
+from controller.services.runtime import Controller
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.conftest import TEST_RUN_ID
 from tests.integration.conftest import issue_token, wait_state
 
@@ -46,7 +46,9 @@ def test_container_removed_behind_our_back_becomes_lost(
     machine = client.post("/api/v1/machines?wait=true", json={}).json()
     provider.remove_container(f"shopfloor-{machine['id']}")
     ctl = controller_of(client)
-    report = fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    report = machines.reconcile(
+        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
+    )
     assert machine["id"] in report.lost
     lost = client.get(f"/api/v1/machines/{machine['id']}").json()
     assert lost["state"] == "lost"
@@ -72,8 +74,8 @@ def test_orphan_container_and_volume_are_removed(
     ctl = controller_of(client)
     labels = {
         **settings.extra_label_map,
-        fleet.LABEL_CONTROLLER: ctl.install_id,
-        fleet.LABEL_MACHINE: f"m-orphan{SUFFIX}",
+        machines.LABEL_CONTROLLER: ctl.install_id,
+        machines.LABEL_MACHINE: f"m-orphan{SUFFIX}",
     }
     provider.create_volume(f"shopfloor-ws-m-orphan{SUFFIX}", labels)
     provider.run_container(
@@ -84,11 +86,13 @@ def test_orphan_container_and_volume_are_removed(
             workspace_volume=f"shopfloor-ws-m-orphan{SUFFIX}",
         )
     )
-    young = fleet.reconcile(
+    young = machines.reconcile(
         db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=3600
     )
     assert young.removed_containers == []  # inside the grace period: left alone
-    report = fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    report = machines.reconcile(
+        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
+    )
     assert report.removed_volumes == [f"shopfloor-ws-m-orphan{SUFFIX}"]
     assert provider.inspect_container(f"shopfloor-m-orphan{SUFFIX}") is None
 
@@ -98,8 +102,8 @@ def test_other_controllers_containers_are_not_touched(
 ) -> None:
     labels = {
         **settings.extra_label_map,
-        fleet.LABEL_CONTROLLER: "someone-else",
-        fleet.LABEL_MACHINE: f"m-foreign{SUFFIX}",
+        machines.LABEL_CONTROLLER: "someone-else",
+        machines.LABEL_MACHINE: f"m-foreign{SUFFIX}",
     }
     provider.create_volume(f"shopfloor-ws-m-foreign{SUFFIX}", labels)
     provider.run_container(
@@ -111,7 +115,7 @@ def test_other_controllers_containers_are_not_touched(
         )
     )
     ctl = controller_of(client)
-    fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    machines.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
     assert provider.inspect_container(f"shopfloor-m-foreign{SUFFIX}") is not None
 
 
@@ -121,7 +125,9 @@ def test_stopped_engine_side_container_of_ready_machine_is_restarted(
     machine = client.post("/api/v1/machines?wait=true", json={}).json()
     provider.stop_container(f"shopfloor-{machine['id']}", timeout_s=1)
     ctl = controller_of(client)
-    report = fleet.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    report = machines.reconcile(
+        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
+    )
     assert report.restarted == [machine["id"]]
     deadline = time.monotonic() + 30
     while not provider.inspect_container(f"shopfloor-{machine['id']}").running:  # type: ignore[union-attr]

@@ -9,9 +9,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from controller.models import Role
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.integration.conftest import issue_token
 from tests.integration.test_leases import put_pool, wait_for, wait_ready
 

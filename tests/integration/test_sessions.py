@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.models import Role
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
+from controller.store.models import Role
 from tests.integration.conftest import issue_token, kill_sshd
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from controller.db import AUTOCHECKPOINT_PAGES, checkpoint, make_engine
-from controller.rawsql import Sql, transaction
+from controller.store.db import AUTOCHECKPOINT_PAGES, checkpoint, make_engine
+from controller.store.rawsql import Sql, transaction
 
 INSERT = Sql("INSERT INTO blobs (data) VALUES (:data)")
 

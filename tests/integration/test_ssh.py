@@ -8,8 +8,8 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.context import Controller
 from controller.providers.docker import DockerProvider
+from controller.services.runtime import Controller
 from controller.transport.ssh import SSH_PORT
 from tests.integration.conftest import kill_sshd
 

@@ -6,7 +6,7 @@ import io
 
 from PIL import Image, ImageDraw
 
-from controller.models import RunStatus, StageStatus
+from controller.store.models import RunStatus, StageStatus
 from tests.integration.evidence_env import EvidenceEnv, evidence_env
 from tests.integration.test_artifacts import upload
 

@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from controller.db import make_engine, migrate, session_scope
-from controller.models import Run, RunStatus, Stage, StageStatus
+from controller.store.db import make_engine, migrate, session_scope
+from controller.store.models import Run, RunStatus, Stage, StageStatus
 from evidence.store import ArtifactStore
 
 

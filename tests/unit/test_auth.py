@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from controller import auth
-from controller.db import make_engine, migrate, session_scope
 from controller.errors import Forbidden, Unauthorized
-from controller.models import ApiToken, Role
+from controller.services import auth
+from controller.store.db import make_engine, migrate, session_scope
+from controller.store.models import ApiToken, Role
 
 
 def test_tokens_are_stored_hashed_and_checked(tmp_path: Path) -> None:

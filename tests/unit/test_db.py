@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from controller.db import WriterQueue
+from controller.store.db import WriterQueue
 
 
 def _wait_until(condition: object, timeout_s: float = 5) -> None:

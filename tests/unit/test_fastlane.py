@@ -7,10 +7,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
+from controller.api.deps import parse_body
+from controller.api.fastlane import HOT_BODY_LIMIT, ShopfloorAPI, hot
+from controller.api.schemas import SessionRunBody
 from controller.errors import NotFound, ShopfloorError
-from controller.routes.deps import parse_body
-from controller.routes.fastlane import HOT_BODY_LIMIT, ShopfloorAPI, hot
-from controller.schemas import SessionRunBody
 
 router = APIRouter(prefix="/things")
 seen: list[str] = []

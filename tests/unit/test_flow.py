@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controller.flow import completed_flow, percentile, phase_of
-from controller.models import Run, RunStatus, Stage, StageStatus
+from controller.services.flow import completed_flow, percentile, phase_of
+from controller.store.models import Run, RunStatus, Stage, StageStatus
 
 
 def stage(name: str, agent: str = "command", status: StageStatus = StageStatus.passed) -> Stage:

@@ -10,9 +10,9 @@ from typing import Any, cast
 
 import pytest
 
-from controller import images
 from controller.errors import EngineError, InvalidInput
 from controller.providers.base import Provider
+from controller.services import images
 
 PEM_A = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
 PEM_B = b"-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n"
@@ -166,7 +166,7 @@ def no_bootstrap(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
         calls.append(argv)
         raise AssertionError(f"unexpected subprocess.run({argv})")
 
-    monkeypatch.setattr("controller.images.subprocess.run", fake_run)
+    monkeypatch.setattr("controller.services.images.subprocess.run", fake_run)
     return calls
 
 
@@ -222,7 +222,7 @@ def test_pull_fails_local_base_is_bootstrapped(
         fake.images.add(images.LOCAL_BASE)
         return subprocess.CompletedProcess(argv, 0)
 
-    monkeypatch.setattr("controller.images.subprocess.run", fake_run)
+    monkeypatch.setattr("controller.services.images.subprocess.run", fake_run)
     tag = images.ensure_runner_image(as_provider(fake), extra_ca=[])
     assert calls == [["bash", str(context / "bootstrap-base.sh")]]
     assert fake.builds == [(tag, {"BASE": images.LOCAL_BASE})]
@@ -234,7 +234,7 @@ def test_failed_bootstrap_is_an_engine_error(
     def fake_run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
         raise subprocess.CalledProcessError(1, argv)
 
-    monkeypatch.setattr("controller.images.subprocess.run", fake_run)
+    monkeypatch.setattr("controller.services.images.subprocess.run", fake_run)
     fake = FakeProvider(pull_ok=False)
     with pytest.raises(EngineError, match="bootstrap-base.sh"):
         images.ensure_runner_image(as_provider(fake), extra_ca=[])

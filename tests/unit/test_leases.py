@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controller.lease_runtime import LeaseRuntime
-from controller.leases import Target
+from controller.services.lease_runtime import LeaseRuntime
+from controller.services.leases import Target
 
 
 def test_selector_labels_must_all_match() -> None:

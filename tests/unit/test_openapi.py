@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.app import create_app
+from controller.api.app import create_app
 from controller.settings import Settings
 
 

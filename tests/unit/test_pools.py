@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from controller.api.schemas import PoolBody
 from controller.errors import InvalidInput
-from controller.pools import check_name
-from controller.schemas import PoolBody
+from controller.services.pools import check_name
 
 
 @pytest.mark.parametrize("name", ["web", "a", "py3.11-app", "x_y"])

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from controller.db import make_engine
 from controller.errors import Conflict
-from controller.rawsql import GroupCommit, Sql, Tx, Work, transaction
+from controller.store.db import make_engine
+from controller.store.rawsql import GroupCommit, Sql, Tx, Work, transaction
 
 _CREATE = Sql("CREATE TABLE marks (name TEXT PRIMARY KEY, at TIMESTAMP, data JSON)")
 _MARK = Sql("INSERT INTO marks (name, at, data) VALUES (:name, :at, :data)")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from controller import fleet
-from controller.db import make_engine, migrate, session_scope
 from controller.errors import EngineError
-from controller.models import Machine, MachineState
 from controller.providers.base import ContainerInfo, VolumeInfo
+from controller.services import machines
+from controller.store.db import make_engine, migrate, session_scope
+from controller.store.models import Machine, MachineState
 
 OLD = datetime.now(UTC) - timedelta(hours=1)
 
@@ -24,10 +24,10 @@ class FakeEngine:
         self.fail = False
 
     def add(self, machine_id: str, status: str = "running", created: datetime = OLD) -> None:
-        labels = {fleet.LABEL_CONTROLLER: "me", fleet.LABEL_MACHINE: machine_id}
-        name = fleet.container_name(machine_id)
+        labels = {machines.LABEL_CONTROLLER: "me", machines.LABEL_MACHINE: machine_id}
+        name = machines.container_name(machine_id)
         self.containers[name] = ContainerInfo(name, name, labels, status, created)
-        vol = fleet.volume_name(machine_id)
+        vol = machines.volume_name(machine_id)
         self.volumes[vol] = VolumeInfo(vol, labels, created)
 
     def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
@@ -69,14 +69,14 @@ def add_machine(db: Engine, machine_id: str, state: MachineState) -> None:
                 image="img",
                 cpus=1,
                 memory_mb=64,
-                container_name=fleet.container_name(machine_id),
-                volume_name=fleet.volume_name(machine_id),
+                container_name=machines.container_name(machine_id),
+                volume_name=machines.volume_name(machine_id),
             )
         )
 
 
-def reconcile(db: Engine, engine: FakeEngine) -> fleet.ReconcileReport:
-    return fleet.reconcile(db=db, provider=engine, install_id="me", grace_s=60)  # type: ignore[arg-type]
+def reconcile(db: Engine, engine: FakeEngine) -> machines.ReconcileReport:
+    return machines.reconcile(db=db, provider=engine, install_id="me", grace_s=60)  # type: ignore[arg-type]
 
 
 def state_of(db: Engine, machine_id: str) -> MachineState:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from controller.errors import InvalidInput
-from controller.repos import check_ref, parse_repo, repo_name_from
+from controller.services.repos import check_ref, parse_repo, repo_name_from
 
 
 @pytest.fixture

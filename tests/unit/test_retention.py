@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from controller.models import Artifact, Baseline, utcnow
+from controller.store.models import Artifact, Baseline, utcnow
 from evidence.retention import apply_retention, collect_blobs, pin_run
 from evidence.store import ArtifactStore, save_artifact
 from tests.unit.evidence_db import engine, make_run, png, session, store

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
+from controller.api.schemas import RunBody
 from controller.errors import InvalidInput
-from controller.runs import _history_entry, check_agents
-from controller.schemas import RunBody
+from controller.services.runs import _history_entry, check_agents
 
 
 def body(*stages: dict[str, object]) -> RunBody:

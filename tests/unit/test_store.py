@@ -9,7 +9,7 @@ import pytest
 from sqlmodel import Session, select
 
 from controller.errors import InvalidInput, NotFound, TooLarge
-from controller.models import Artifact, Event
+from controller.store.models import Artifact, Event
 from evidence.store import ArtifactStore, save_artifact, validate_name
 from tests.unit.evidence_db import engine, make_run, png, session, store
 

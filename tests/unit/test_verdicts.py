@@ -6,7 +6,7 @@ import pytest
 from sqlmodel import Session, select
 
 from controller.errors import Conflict, InvalidInput, NotFound
-from controller.models import ApiToken, Baseline, Event, Role, RunStatus, StageStatus
+from controller.store.models import ApiToken, Baseline, Event, Role, RunStatus, StageStatus
 from evidence.store import ArtifactStore, save_artifact
 from evidence.verdicts import closed_for, give_verdict
 from tests.unit.evidence_db import engine, make_run, png, session, store

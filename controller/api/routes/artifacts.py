@@ -1,0 +1,242 @@
+"""Evidence over HTTP: agents upload under their lease, everyone with a token downloads.
+
+Downloads are served so that a hostile artifact cannot run in the controller's origin:
+only raster images are inline, everything else is an attachment, never sniffed, and
+sandboxed by CSP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Request, status
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
+from controller.api.schemas import ArtifactPublic, ListOf
+from controller.errors import Conflict, InvalidInput, NotFound, TooLarge
+from controller.services import machines, runs
+from controller.services.runtime import Controller
+from controller.store.db import session_scope
+from controller.store.models import FINISHED_RUN_STATUSES, Artifact, Run
+from evidence import retention
+from evidence.store import ArtifactStore, list_artifacts, save_artifact
+
+router = APIRouter(tags=["evidence"])
+
+INLINE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+FORM_OVERHEAD = 64 * 1024
+"""Room for multipart boundaries and the small form fields around the file."""
+SAFE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+    "Cache-Control": "private, max-age=3600",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def public(artifact: Artifact) -> ArtifactPublic:
+    return ArtifactPublic(
+        **artifact.model_dump(exclude={"kind"}),
+        kind=artifact.kind.value,
+        url=f"/api/v1/artifacts/{artifact.id}",
+    )
+
+
+def content_disposition(name: str, *, inline: bool) -> str:
+    basename = re.split(r"[/\\]", name)[-1] or "artifact"
+    ascii_name = re.sub(r"[^A-Za-z0-9._-]", "_", basename)
+    kind = "inline" if inline else "attachment"
+    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(basename, safe='')}"
+
+
+def blob_response(
+    store: ArtifactStore, sha256: str, *, content_type: str, name: str
+) -> FileResponse:
+    """A stored blob with the safe headers; raster images inline, anything else attached."""
+    path = store.path_for(sha256)
+    if not path.exists():
+        raise NotFound(f"the content of {name!r} is no longer stored (retention removed it)")
+    inline = content_type.split(";", 1)[0].strip().lower() in INLINE_TYPES
+    headers = {**SAFE_HEADERS, "Content-Disposition": content_disposition(name, inline=inline)}
+    return FileResponse(path, media_type=content_type, headers=headers)
+
+
+@router.get("/artifacts/{artifact_id}", response_class=FileResponse)
+def download_artifact(artifact_id: str, ctl: Ctl, session: SessionDep, _: AnyRole) -> FileResponse:
+    artifact = session.get(Artifact, artifact_id)
+    if artifact is None:
+        raise NotFound(f"artifact {artifact_id} does not exist")
+    store = ArtifactStore.from_settings(ctl.settings)
+    return blob_response(
+        store, artifact.sha256, content_type=artifact.content_type, name=artifact.name
+    )
+
+
+@router.get("/artifacts/{artifact_id}/meta")
+def describe_artifact(artifact_id: str, session: SessionDep, _: AnyRole) -> ArtifactPublic:
+    artifact = session.get(Artifact, artifact_id)
+    if artifact is None:
+        raise NotFound(f"artifact {artifact_id} does not exist")
+    return public(artifact)
+
+
+@router.get("/runs/{run_id}/artifacts")
+def run_artifacts(run_id: str, session: SessionDep, _: AnyRole) -> ListOf[ArtifactPublic]:
+    if session.get(Run, run_id) is None:
+        raise NotFound(f"run {run_id} does not exist")
+    found = list_artifacts(session, run_id)
+    return ListOf(data=[public(a) for a in found], count=len(found))
+
+
+@router.post(
+    "/runs/{run_id}/stages/{stage}/artifacts",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "kind"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "kind": {"type": "string"},
+                            "name": {"type": "string"},
+                            "attempt": {"type": "integer"},
+                            "commit": {"type": "string"},
+                            "meta": {"type": "string", "description": "JSON object"},
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
+async def upload_artifact(
+    run_id: str,
+    stage: str,
+    request: Request,
+    ctl: Ctl,
+    _: OpsOrAgent,
+    x_lease_token: LeaseToken = None,
+) -> ArtifactPublic:
+    """Multipart upload (fields: file, kind, name?, attempt?, commit?, meta?) under the lease."""
+    cap = ctl.settings.artifact_cap_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap + FORM_OVERHEAD:
+        raise TooLarge(f"the upload is {declared} bytes; the artifact cap is {cap} bytes")
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput("send the artifact as a multipart file field named 'file'")
+        data = await upload.read(cap + 1)
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        filename = upload.filename or ""
+        content_type = upload.content_type
+    if len(data) > cap:
+        raise TooLarge(f"the artifact is larger than the cap of {cap} bytes", cap_bytes=cap)
+    saved = await run_in_threadpool(
+        _save_upload,
+        ctl=ctl,
+        run_id=run_id,
+        stage=stage,
+        lease_token=x_lease_token,
+        fields=fields,
+        filename=filename,
+        content_type=content_type,
+        data=data,
+    )
+    return public(saved)
+
+
+def _save_upload(
+    *,
+    ctl: Controller,
+    run_id: str,
+    stage: str,
+    lease_token: int | None,
+    fields: dict[str, str],
+    filename: str,
+    content_type: str | None,
+    data: bytes,
+) -> Artifact:
+    with session_scope(ctl.db) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} does not exist")
+        stage_row = runs.get_stage(session, run.id, stage)
+        machine_id = _check_lease(ctl, run, lease_token)
+    machine = machines.machine_for_command(
+        db=ctl.db, machine_id=machine_id, lease_token=lease_token
+    )
+    with session_scope(ctl.db) as session:
+        return save_artifact(
+            session=session,
+            store=ArtifactStore.from_settings(ctl.settings),
+            run_id=run_id,
+            stage=stage,
+            attempt=_int_field(fields, "attempt", default=max(stage_row.attempts, 1)),
+            machine_id=machine.id,
+            commit=fields.get("commit") or machine.commit,
+            kind=fields.get("kind", ""),
+            name=fields.get("name") or filename,
+            data=data,
+            content_type=content_type,
+            meta=_meta_field(fields),
+        )
+
+
+def _check_lease(ctl: Controller, run: Run, lease_token: int | None) -> str:
+    if run.status in FINISHED_RUN_STATUSES:
+        raise Conflict(f"run {run.id} has finished ({run.status.value}); its evidence is sealed")
+    if run.machine_id is None:
+        raise Conflict(f"run {run.id} has no machine yet; upload once its stage is running")
+    if lease_token is None:
+        raise Conflict(
+            f"send the lease token of machine {run.machine_id} in X-Lease-Token",
+            machine_id=run.machine_id,
+        )
+    return run.machine_id
+
+
+def _int_field(fields: dict[str, str], key: str, *, default: int) -> int:
+    raw = fields.get(key)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise InvalidInput(f"{key} must be a whole number")
+    return int(raw)
+
+
+def _meta_field(fields: dict[str, str]) -> dict[str, Any]:
+    raw = fields.get("meta")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"meta must be a JSON object: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise InvalidInput("meta must be a JSON object")
+    return meta
+
+
+@router.post("/runs/{run_id}/pin")
+def pin_run(run_id: str, session: SessionDep, _: OpsOnly) -> dict[str, Any]:
+    """Keep this run's evidence whatever the retention limits say."""
+    if session.get(Run, run_id) is None:
+        raise NotFound(f"run {run_id} does not exist")
+    retention.pin_run(session=session, run_id=run_id)
+    return {"run_id": run_id, "pinned": True}
+
+
+@router.delete("/runs/{run_id}/pin")
+def unpin_run(run_id: str, session: SessionDep, _: OpsOnly) -> dict[str, Any]:
+    retention.unpin_run(session=session, run_id=run_id)
+    return {"run_id": run_id, "pinned": False}

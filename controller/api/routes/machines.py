@@ -1,0 +1,100 @@
+"""Machines: provision, list, lifecycle, exec. Thin: parse, authorize, call fleet, shape."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import StreamingResponse
+
+from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
+from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic, MachineTemplate
+from controller.services import machines
+from controller.store.models import Machine
+from controller.transport import exec as commands
+
+router = APIRouter(prefix="/machines", tags=["machines"])
+
+
+def public(machine: Machine) -> MachinePublic:
+    return MachinePublic(
+        **machine.model_dump(exclude={"fence", "container_name", "volume_name", "branch"}),
+        workdir=machine.workdir,
+        lease_token=machine.fence,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_machine(
+    body: MachineTemplate, ctl: Ctl, _: OpsOnly, wait: bool = False
+) -> MachinePublic:
+    spec = machines.make_spec(ctl=ctl, template=body)
+    machine = machines.submit(ctl=ctl, spec=spec, wait=wait)
+    return public(machine)
+
+
+@router.get("")
+def list_machines(
+    session: SessionDep,
+    _: OpsOrAgent,
+    state: str | None = None,
+    pool: str | None = None,
+    label: Annotated[str | None, Query(description="key or key=value")] = None,
+) -> ListOf[MachinePublic]:
+    found = machines.list_machines(session=session, state=state, pool=pool, label=label)
+    return ListOf(data=[public(m) for m in found], count=len(found))
+
+
+@router.get("/{machine_id}")
+def show_machine(machine_id: str, session: SessionDep, _: OpsOrAgent) -> MachinePublic:
+    return public(machines.get_machine(session, machine_id))
+
+
+@router.post("/{machine_id}/stop")
+def stop_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
+    return public(machines.stop_machine(db=ctl.db, provider=ctl.provider, machine_id=machine_id))
+
+
+@router.post("/{machine_id}/start")
+def start_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
+    return public(machines.start_machine(db=ctl.db, provider=ctl.provider, machine_id=machine_id))
+
+
+@router.post("/{machine_id}/reset")
+def reset_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
+    machine = machines.reset_machine(
+        db=ctl.db, provider=ctl.provider, settings=ctl.settings, machine_id=machine_id
+    )
+    return public(machine)
+
+
+@router.delete("/{machine_id}")
+def destroy_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
+    return public(machines.destroy_machine(db=ctl.db, provider=ctl.provider, machine_id=machine_id))
+
+
+@router.post("/{machine_id}/exec", response_model=None)
+def exec_in_machine(
+    machine_id: str,
+    body: ExecBody,
+    ctl: Ctl,
+    _: OpsOrAgent,
+    stream: bool = False,
+    x_lease_token: LeaseToken = None,
+) -> ExecAnswer | StreamingResponse:
+    machine = machines.machine_for_command(
+        db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
+    )
+    request = commands.ExecRequest(
+        cmd=body.cmd,
+        cwd=commands.check_cwd(body.cwd or machine.workdir),
+        env=commands.check_env(body.env),
+        timeout_s=body.timeout_s,
+    )
+    cap = ctl.settings.exec_output_cap
+    runner = ctl.commands.for_container(machine.container_name)  # SSH when it can
+    if stream:
+        lines = commands.stream(runner, machine.container_name, request, cap=cap)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    result = commands.run(runner, machine.container_name, request, cap=cap)
+    return ExecAnswer(**result.__dict__)

@@ -1,0 +1,77 @@
+"""Shell sessions in a machine: open, run commands that keep cwd and env, close."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+
+from controller.api.deps import (
+    LEASE_TOKEN_DOC,
+    Ctl,
+    LeaseToken,
+    OpsOrAgent,
+    agent_call,
+    answer,
+    json_body,
+    lease_token_header,
+    parse_body,
+)
+from controller.api.fastlane import hot
+from controller.api.schemas import SessionOpened, SessionRunAnswer, SessionRunBody
+from controller.services import access, machines
+from controller.store.db import run_read
+
+router = APIRouter(prefix="/machines/{machine_id}/sessions", tags=["sessions"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def open_session(
+    machine_id: str, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
+) -> SessionOpened:
+    machine = machines.machine_for_command(
+        db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
+    )
+    session = access.open_session(ctl=ctl, machine=machine)
+    return SessionOpened(id=session.id, machine_id=machine.id)
+
+
+@router.post(
+    "/{session_id}/run",
+    response_model=SessionRunAnswer,
+    openapi_extra={**json_body(SessionRunBody), "parameters": [LEASE_TOKEN_DOC]},
+    responses={422: {"description": "a bad body or X-Lease-Token header"}},
+)
+@hot
+async def run_in_session(machine_id: str, session_id: str, request: Request) -> Response:
+    """The hot path (see bench/exec.py): no dependencies (see routes/deps.py); it reads the
+    Authorization and X-Lease-Token headers and a ``SessionRunBody`` itself. The state and
+    fence check is one plain-SQL read, and the command waits on the channel from the event
+    loop."""
+    ctl, _ = await agent_call(request)
+    body = parse_body(SessionRunBody, await request.body())
+    fence = await run_read(
+        ctl.db,
+        machines.fence_for_command,
+        db=ctl.db,
+        machine_id=machine_id,
+        lease_token=lease_token_header(request),
+    )
+    result = await access.run_in_session(
+        ctl=ctl,
+        machine_id=machine_id,
+        fence=fence,
+        session_id=session_id,
+        cmd=body.cmd,
+        timeout_s=body.timeout_s,
+    )
+    return answer(SessionRunAnswer(**result.__dict__))
+
+
+@router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
+def close_session(
+    machine_id: str, session_id: str, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
+) -> Response:
+    machine = machines.machine_for_command(
+        db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
+    )
+    access.close_session(ctl=ctl, machine=machine, session_id=session_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,162 @@
+"""Flow figures: the factory's headline share, and what slows runs down.
+
+The headline: of the runs that finished in the window, how many went through planning,
+implementation, testing and an evidence stage (review or QA), all passed, without a single
+context re-creation (the run never had to move to a fresh machine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from controller.store.models import (
+    FINISHED_RUN_STATUSES,
+    Lease,
+    Machine,
+    MachineState,
+    Run,
+    Stage,
+    StageStatus,
+    utcnow,
+)
+
+PHASES: dict[str, tuple[set[str], set[str]]] = {
+    "plan": ({"plan", "planning"}, {"planner"}),
+    "implement": ({"implement", "implementation", "code"}, {"external"}),
+    "test": ({"test", "tests", "testing"}, {"tester"}),
+    "evidence": ({"review", "qa"}, {"reviewer", "qa"}),
+}
+"""Which stages count as each phase: by stage name, or by the agent that ran it."""
+
+
+def phase_of(stage: Stage) -> str | None:
+    for phase, (names, agents) in PHASES.items():
+        if stage.name in names or stage.agent in agents:
+            return phase
+    return None
+
+
+def completed_flow(run: Run, stages: list[Stage]) -> bool:
+    """Every phase passed on the run, and its context was never re-created."""
+    passed = {phase_of(s) for s in stages if s.status == StageStatus.passed}
+    return run.context_recreations == 0 and set(PHASES) <= passed
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+@dataclass
+class StageFigures:
+    attempts: int = 0
+    failures: int = 0
+    retries: int = 0
+    durations_ms: list[float] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "failures": self.failures,
+            "retries": self.retries,
+            "duration_ms_p50": percentile(self.durations_ms, 50),
+            "duration_ms_p95": percentile(self.durations_ms, 95),
+        }
+
+
+def flow(*, session: Session, window_h: float, now: datetime | None = None) -> dict[str, Any]:
+    now = now or utcnow()
+    since = now - timedelta(hours=window_h)
+    runs = list(
+        session.exec(
+            select(Run).where(
+                col(Run.status).in_(list(FINISHED_RUN_STATUSES)),
+                col(Run.finished_at) >= since,
+            )
+        )
+    )
+    stages_by_run: dict[str, list[Stage]] = defaultdict(list)
+    if runs:
+        for stage in session.exec(select(Stage).where(col(Stage.run_id).in_([r.id for r in runs]))):
+            stages_by_run[stage.run_id].append(stage)
+    numerator = sum(1 for r in runs if completed_flow(r, stages_by_run[r.id]))
+    figures: dict[str, StageFigures] = defaultdict(StageFigures)
+    for stage_list in stages_by_run.values():
+        for stage in stage_list:
+            _add_stage(figures[stage.name], stage)
+    waits = [
+        lease.wait_ms
+        for lease in session.exec(select(Lease).where(col(Lease.acquired_at) >= since))
+    ]
+    return {
+        "window_h": window_h,
+        "since": since.isoformat(),
+        "headline": {
+            "what": "share of finished runs that passed plan, implement, test and evidence "
+            "(review or qa) with zero context re-creations",
+            "numerator": numerator,
+            "denominator": len(runs),
+            "share": round(numerator / len(runs), 4) if runs else None,
+        },
+        "runs": {
+            status.value: sum(1 for r in runs if r.status == status)
+            for status in FINISHED_RUN_STATUSES
+        },
+        "context_recreations": sum(r.context_recreations for r in runs),
+        "stages": {name: fig.public() for name, fig in sorted(figures.items())},
+        "lease_wait_ms": {
+            "count": len(waits),
+            "p50": percentile(waits, 50),
+            "p95": percentile(waits, 95),
+        },
+        "machines": utilization(session=session, since=since, now=now),
+    }
+
+
+def _add_stage(figures: StageFigures, stage: Stage) -> None:
+    figures.attempts += len(stage.history)
+    figures.retries += max(0, len(stage.history) - 1)
+    for attempt in stage.history:
+        if attempt.get("status") != "passed":
+            figures.failures += 1
+        if attempt.get("duration_ms") is not None:
+            figures.durations_ms.append(float(attempt["duration_ms"]))
+
+
+def utilization(*, session: Session, since: datetime, now: datetime) -> dict[str, Any]:
+    """Leased machine-time over live machine-time in the window, and the fleet right now."""
+    machines = list(session.exec(select(Machine)))
+    live_s = 0.0
+    for machine in machines:
+        start = max(machine.ready_at or machine.created_at, since)
+        ended = machine.state in (MachineState.destroyed, MachineState.failed, MachineState.lost)
+        end = machine.updated_at if ended else now
+        live_s += max(0.0, (end - start).total_seconds())
+    leased_s = 0.0
+    for lease in session.exec(
+        select(Lease).where((col(Lease.ended_at).is_(None)) | (col(Lease.ended_at) >= since))
+    ):
+        start = max(lease.acquired_at, since)
+        end = lease.ended_at or now
+        leased_s += max(0.0, (end - start).total_seconds())
+    states: dict[str, int] = defaultdict(int)
+    for machine in machines:
+        states[machine.state.value] += 1
+    in_service = states["ready"] + states["leased"]
+    return {
+        "utilization": round(min(1.0, leased_s / live_s), 4) if live_s else None,
+        "leased_machine_s": round(leased_s, 1),
+        "live_machine_s": round(live_s, 1),
+        "now": dict(states),
+        "leased_share_now": round(states["leased"] / in_service, 4) if in_service else None,
+    }

@@ -1,0 +1,602 @@
+"""Leases: acquire, renew, release, expire, with a fencing token per machine.
+
+A grant is one database transaction that flips a ``ready`` machine to ``leased`` and bumps
+its fence (``Machine.fence``); the new fence is the lease's token. SQLite serializes the
+transaction with ``BEGIN IMMEDIATE`` (see ``db.make_engine``); on PostgreSQL the candidate
+row is taken with ``SELECT ... FOR UPDATE SKIP LOCKED`` and flipped by an ``UPDATE`` that
+re-checks ``state = 'ready'``, so no machine is ever held by two leases. Ending a lease
+bumps the fence again, so a late call with the old token is refused (409) even after the
+machine is back in the pool.
+
+Requests that may wait queue in arrival order per target (first come, first served); they
+wake when a machine comes back, and poll now and then for machines freed elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from controller.api.schemas import LeasePublic, LeaseSelector
+from controller.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    ShopfloorError,
+    WaitTimeout,
+)
+from controller.services import machines
+from controller.services.lease_runtime import LeaseRuntime
+from controller.services.runtime import Controller
+from controller.store import events
+from controller.store.db import session_scope
+from controller.store.models import (
+    ApiToken,
+    Lease,
+    LeaseState,
+    Machine,
+    MachineState,
+    Role,
+    new_id,
+    utcnow,
+)
+from controller.store.rawsql import Row, Sql, Tx, Work, transaction
+
+log = logging.getLogger(__name__)
+
+ResetPolicy = Literal["keep", "clean", "recreate"]
+POLL_S = 0.25
+"""Waiters re-check this often even without a wake-up (machines freed by another process)."""
+
+
+# ---------------------------------------------------------------- what a request may take
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which machines a request accepts: a pool, one machine, or a repo + labels selector."""
+
+    pool: str | None = None
+    machine_id: str | None = None
+    repo: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return repr(self)
+
+    def matches_labels(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels)
+
+
+def make_target(
+    *, pool: str | None, machine_id: str | None, selector: LeaseSelector | None
+) -> Target:
+    """Check that exactly one way of choosing is given (what it names: :func:`check_target`)."""
+    given = [name for name, v in (("pool", pool), ("machine_id", machine_id)) if v] + (
+        ["selector"] if selector is not None else []
+    )
+    if len(given) != 1:
+        raise InvalidInput(
+            "give exactly one of pool, machine_id or selector"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    if pool:
+        return Target(pool=pool)
+    if machine_id:
+        return Target(machine_id=machine_id)
+    assert selector is not None
+    if not selector.repo and not selector.labels:
+        raise InvalidInput("a selector needs a repo or labels")
+    return Target(repo=selector.repo, labels=tuple(sorted(selector.labels.items())))
+
+
+def check_target(tx: Tx, target: Target) -> None:
+    """Raise when what the target names does not exist or can never be leased.
+
+    Asked only when a grant found no machine, so the hot path skips this read.
+    """
+    if target.pool:
+        if tx.one(_POOL_NAMED, pool=target.pool):
+            return
+        known = ", ".join(row["name"] for row in tx.rows(_POOL_NAMES)) or "none yet"
+        raise NotFound(f"unknown pool {target.pool!r}; pools: {known}")
+    if target.machine_id:
+        machine = tx.one(machines.STATE_AND_FENCE, machine_id=target.machine_id)
+        if machine is None:
+            raise NotFound(f"no machine {target.machine_id}")
+        if machine["state"] not in LEASABLE:
+            raise Conflict(
+                f"machine {target.machine_id} is {machine['state']} and cannot be leased",
+                state=machine["state"],
+            )
+
+
+LEASABLE = (MachineState.ready, MachineState.leased, MachineState.provisioning)
+
+
+# ---------------------------------------------------------------- statements
+
+# Every agent's lease and release runs these, so they are plain SQL on the driver's
+# connection (see controller/store/rawsql.py): no ORM objects, no statement building per call.
+
+_POOL_NAMED = Sql("SELECT name FROM pools WHERE name = :pool")
+_POOL_NAMES = Sql("SELECT name FROM pools ORDER BY name")
+_LEASED_NOW = "SET state = 'leased', fence = fence + 1, updated_at = :now"
+_FLIP_BY_ID = Sql(
+    f"UPDATE machines {_LEASED_NOW} WHERE id = :candidate AND state = 'ready' "
+    "RETURNING id, fence, pool"
+)
+_LEASE_COLUMNS = (
+    "id, machine_id, pool, holder, owner_token_id, token, state, ttl_s, wait_ms, "
+    "requested_at, acquired_at, expires_at, ended_at"
+)
+_INSERT_LEASE = Sql(
+    f"INSERT INTO leases ({_LEASE_COLUMNS}) "
+    f"VALUES ({', '.join(':' + name for name in _LEASE_COLUMNS.split(', '))})"
+)
+_SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = :lease_id")
+_END_LEASE = Sql("UPDATE leases SET state = :new_state, ended_at = :now WHERE id = :lease_id")
+_RENEW_LEASE = Sql(
+    "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
+)
+_MACHINE_AND_POLICY = Sql(
+    "SELECT m.state, m.fence, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
+    "WHERE m.id = :machine_id"
+)
+_FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
+_BACK_TO_READY = Sql(
+    "UPDATE machines SET state = 'ready', reason = NULL, fence = fence + 1, updated_at = :now, "
+    "ready_at = COALESCE(ready_at, :now) WHERE id = :machine_id"
+)
+_DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
+_ORPHANS = Sql(
+    "SELECT m.id, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
+    "WHERE m.state = 'leased' AND NOT EXISTS "
+    "(SELECT 1 FROM leases l WHERE l.machine_id = m.id AND l.state = 'active')"
+)
+_FILTERS = ("pool", "id", "repo")
+"""Columns a target may filter on; only these names ever reach the SQL text."""
+
+
+@functools.cache
+def _claim_first(by: tuple[str, ...]) -> Sql:
+    """``UPDATE ... WHERE id = (SELECT the longest-ready fitting id)``, per filter set.
+
+    On PostgreSQL the inner select skips rows another transaction is taking
+    (``FOR UPDATE SKIP LOCKED``); the outer ``state = 'ready'`` check makes the flip safe
+    on both databases.
+    """
+    return Sql(
+        f"UPDATE machines {_LEASED_NOW} WHERE state = 'ready' AND id = "
+        f"(SELECT id FROM machines WHERE {_fits(by)} ORDER BY updated_at LIMIT 1 {{skip_locked}}) "
+        "RETURNING id, fence, pool"
+    )
+
+
+@functools.cache
+def _candidates(by: tuple[str, ...]) -> Sql:
+    return Sql(f"SELECT id, labels FROM machines WHERE {_fits(by)} ORDER BY updated_at")
+
+
+def _fits(by: tuple[str, ...]) -> str:
+    assert set(by) <= set(_FILTERS), by
+    return " AND ".join(["state = 'ready'", *(f"{column} = :want_{column}" for column in by)])
+
+
+# ---------------------------------------------------------------- the atomic grant
+
+
+def grant_in(
+    tx: Tx,
+    *,
+    target: Target,
+    holder: str,
+    ttl_s: float,
+    owner: ApiToken | None,
+    requested_at_monotonic: float,
+    first_try: bool = False,
+) -> LeasePublic | None:
+    """Take a ready machine that fits, bump its fence, write the lease, all within ``tx``
+    (one transaction, or one savepoint of a group commit); None when nothing fits."""
+    claimed = _claim(tx, target)
+    if claimed is None:
+        if first_try:
+            check_target(tx, target)
+        return None
+    now = utcnow()
+    wait_ms = round((time.monotonic() - requested_at_monotonic) * 1000, 3)
+    lease = {
+        "id": new_id("l"),
+        "machine_id": claimed["id"],
+        "pool": claimed["pool"],
+        "holder": holder,
+        "owner_token_id": owner.id if owner else None,
+        "token": claimed["fence"],
+        "state": LeaseState.active,
+        "ttl_s": ttl_s,
+        "wait_ms": wait_ms,
+        "requested_at": now - timedelta(milliseconds=wait_ms),
+        "acquired_at": now,
+        "expires_at": now + timedelta(seconds=ttl_s),
+        "ended_at": None,
+    }
+    tx.run(_INSERT_LEASE, **lease)
+    events.insert(
+        tx,
+        events.machine_state(claimed["id"], MachineState.leased, MachineState.ready),
+        (
+            "lease.granted",
+            lease["id"],
+            {
+                "machine_id": claimed["id"],
+                "holder": holder,
+                "token": claimed["fence"],
+                "ttl_s": ttl_s,
+                "wait_ms": wait_ms,
+            },
+        ),
+    )
+    return LeasePublic.model_validate(lease)
+
+
+def _claim(tx: Tx, target: Target) -> Row | None:
+    """Flip the longest-ready fitting machine to leased; answer its id, new fence and pool."""
+    given = {"pool": target.pool, "id": target.machine_id, "repo": target.repo}
+    by = tuple(column for column, value in given.items() if value is not None)
+    params: dict[str, Any] = {f"want_{column}": given[column] for column in by}
+    now = utcnow()
+    if not target.labels:
+        return tx.one(_claim_first(by), now=now, **params)
+    for candidate in tx.rows(_candidates(by), **params):
+        if target.matches_labels(candidate["labels"] or {}):
+            if row := tx.one(_FLIP_BY_ID, candidate=candidate["id"], now=now):
+                return row
+    return None
+
+
+def runtime(ctl: Controller) -> LeaseRuntime:
+    return ctl.lease_runtime
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    target: Target
+    holder: str
+    ttl_s: float
+    wait_s: float
+    owner: ApiToken | None = None
+
+
+def _grant(request: LeaseRequest, started: float, check: bool) -> Work[LeasePublic | None]:
+    """The request's grant, as work for a transaction (see :func:`grant_in`)."""
+    return functools.partial(
+        grant_in,
+        target=request.target,
+        holder=request.holder,
+        ttl_s=request.ttl_s,
+        owner=request.owner,
+        requested_at_monotonic=started,
+        first_try=check,
+    )
+
+
+def _timeout(request: LeaseRequest) -> WaitTimeout:
+    what = (
+        f"pool {request.target.pool!r}"
+        if request.target.pool
+        else f"machine {request.target.machine_id}"
+        if request.target.machine_id
+        else "the selector"
+    )
+    return WaitTimeout(
+        f"no machine of {what} became free within wait_s={request.wait_s:g}s; "
+        "retry, wait longer, or grow the pool"
+    )
+
+
+async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeasePublic:
+    """Grant at once or wait up to ``wait_s`` without holding a worker thread while waiting."""
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    wakeup = asyncio.Event()
+    rt = runtime(ctl)
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(wakeup.set)
+
+    waiter = rt.join(request.target.key, wake)
+    tried = False
+    try:
+        while True:
+            wakeup.clear()
+            seen = rt.generation
+            if rt.is_first(waiter):
+                lease = await ctl.group_commit.run(_grant(request, started, not tried))
+                tried = True
+                if lease is not None:
+                    return lease
+            waiter.waiting = True
+            remaining = started + request.wait_s - time.monotonic()
+            if remaining <= 0:
+                raise _timeout(request)
+            if rt.generation != seen:
+                continue  # a machine came back while we looked: look again at once
+            try:
+                await asyncio.wait_for(wakeup.wait(), timeout=min(remaining, POLL_S))
+            except TimeoutError:
+                pass
+    finally:
+        rt.leave(waiter)
+
+
+def acquire_blocking(
+    *, ctl: Controller, request: LeaseRequest, give_up: Callable[[], str | None] | None = None
+) -> LeasePublic:
+    """The same as :func:`acquire_async` for threads (the run driver).
+
+    ``give_up`` is asked while waiting; a non-empty answer ends the wait with that reason.
+    """
+    started = time.monotonic()
+    wakeup = threading.Event()
+    rt = runtime(ctl)
+    waiter = rt.join(request.target.key, wakeup.set)
+    tried = False
+    try:
+        while True:
+            wakeup.clear()
+            seen = rt.generation
+            if rt.is_first(waiter):
+                with transaction(ctl.db) as tx:
+                    lease = _grant(request, started, not tried)(tx)
+                tried = True
+                if lease is not None:
+                    return lease
+            waiter.waiting = True
+            if give_up is not None and (reason := give_up()):
+                raise Conflict(reason)
+            remaining = started + request.wait_s - time.monotonic()
+            if remaining <= 0 or ctl.stopping.is_set():
+                raise _timeout(request)
+            if rt.generation == seen:
+                wakeup.wait(min(remaining, POLL_S * 4))
+    finally:
+        rt.leave(waiter)
+
+
+# ---------------------------------------------------------------- renew, release, expire
+
+
+def get_lease(session: Session, lease_id: str) -> Lease:
+    lease = session.get(Lease, lease_id)
+    if lease is None:
+        raise NotFound(f"no lease {lease_id}")
+    return lease
+
+
+def _load_lease(tx: Tx, lease_id: str) -> Row:
+    row = tx.one(_SELECT_LEASE, lease_id=lease_id)
+    if row is None:
+        raise NotFound(f"no lease {lease_id}")
+    return row
+
+
+def _check_owner(lease: Row, caller: ApiToken | None) -> None:
+    if caller is None or caller.role == Role.ops or lease["owner_token_id"] in (None, caller.id):
+        return
+    raise Forbidden(
+        f"lease {lease['id']} was taken by another token (holder {lease['holder']!r}); "
+        "only that token or an ops token may renew or release it"
+    )
+
+
+def _check_active(lease: Row, action: str) -> None:
+    if lease["state"] != LeaseState.active:
+        raise Conflict(
+            f"cannot {action} lease {lease['id']}: it is already {lease['state']}",
+            state=lease["state"],
+        )
+    if lease["expires_at"] <= utcnow():
+        raise Conflict(
+            f"cannot {action} lease {lease['id']}: it expired at {lease['expires_at'].isoformat()}",
+            state=LeaseState.expired.value,
+        )
+
+
+def renew(
+    *, db: Engine, lease_id: str, caller: ApiToken | None, ttl_s: float | None = None
+) -> LeasePublic:
+    with transaction(db) as tx:
+        return _renew_in(tx, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
+
+
+async def renew_async(
+    *, ctl: Controller, lease_id: str, caller: ApiToken | None, ttl_s: float | None = None
+) -> LeasePublic:
+    """:func:`renew` from the event loop, in a group commit (see ``rawsql.GroupCommit``)."""
+    work = functools.partial(_renew_in, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
+    return await ctl.group_commit.run(work)
+
+
+def _renew_in(
+    tx: Tx, *, lease_id: str, caller: ApiToken | None, ttl_s: float | None
+) -> LeasePublic:
+    lease = _load_lease(tx, lease_id)
+    _check_owner(lease, caller)
+    _check_active(lease, "renew")
+    ttl_s = lease["ttl_s"] if ttl_s is None else ttl_s
+    expires_at = utcnow() + timedelta(seconds=ttl_s)
+    tx.run(_RENEW_LEASE, lease_id=lease_id, new_ttl=ttl_s, new_expiry=expires_at)
+    events.insert(tx, ("lease.renewed", lease_id, {"expires_at": expires_at.isoformat()}))
+    return _public(lease, ttl_s=ttl_s, expires_at=expires_at)
+
+
+def release(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
+    with transaction(ctl.db) as tx:
+        ended, policy = _release_in(tx, ctl=ctl, lease_id=lease_id, caller=caller)
+    _after_end(ctl, ended.machine_id, policy)
+    return ended
+
+
+async def release_async(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
+    """:func:`release` from the event loop, in a group commit (see ``rawsql.GroupCommit``)."""
+    work = functools.partial(_release_in, ctl=ctl, lease_id=lease_id, caller=caller)
+    ended, policy = await ctl.group_commit.run(work)
+    _after_end(ctl, ended.machine_id, policy)
+    return ended
+
+
+def _release_in(
+    tx: Tx, *, ctl: Controller, lease_id: str, caller: ApiToken | None
+) -> tuple[LeasePublic, ResetPolicy | None]:
+    lease = _load_lease(tx, lease_id)
+    _check_owner(lease, caller)
+    if lease["state"] != LeaseState.active:
+        raise Conflict(f"lease {lease_id} is already {lease['state']}", state=lease["state"])
+    return _end(ctl, tx, lease, LeaseState.released)
+
+
+def _public(lease: Row, **changes: Any) -> LeasePublic:
+    return LeasePublic.model_validate({**lease, **changes})
+
+
+def _end(
+    ctl: Controller, tx: Tx, lease: Row, state: LeaseState
+) -> tuple[LeasePublic, ResetPolicy | None]:
+    """End the lease and fence the machine; say how the machine must come back (or None)."""
+    now = utcnow()
+    machine_id = lease["machine_id"]
+    tx.run(_END_LEASE, lease_id=lease["id"], new_state=state, now=now)
+    changes: list[events.Change] = [
+        (f"lease.{state.value}", lease["id"], {"machine_id": machine_id, "token": lease["token"]})
+    ]
+    ended = _public(lease, state=state, ended_at=now)
+    machine = tx.one(_MACHINE_AND_POLICY, machine_id=machine_id)
+    if (
+        machine is None
+        or machine["state"] != MachineState.leased
+        or machine["fence"] != lease["token"]
+    ):
+        events.insert(tx, *changes)
+        return ended, None
+    # The old token is stale from now on, even once the machine is ready again.
+    policy: ResetPolicy = machine["reset"] or "keep"
+    if policy == "keep":
+        tx.run(_BACK_TO_READY, machine_id=machine_id, now=now)
+        changes.append(events.machine_state(machine_id, MachineState.ready, MachineState.leased))
+    else:
+        tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
+        runtime(ctl).returning.add(machine_id)
+    events.insert(tx, *changes)
+    return ended, policy
+
+
+def _after_end(ctl: Controller, machine_id: str, policy: ResetPolicy | None) -> None:
+    if policy in ("clean", "recreate") and not ctl.stopping.is_set():
+        # When stopping, the next start finds the machine leased by nobody and returns it.
+        ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
+    runtime(ctl).notify()
+
+
+def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
+    """Off the request path: clean or recreate a machine whose lease ended, then free it."""
+    rt = runtime(ctl)
+    rt.returning.add(machine_id)
+    try:
+        if policy == "recreate":
+            machines.destroy_machine(
+                db=ctl.db, provider=ctl.provider, machine_id=machine_id, even_if_leased=True
+            )
+            return
+        if policy == "clean":
+            machines.reset_machine(
+                db=ctl.db,
+                provider=ctl.provider,
+                settings=ctl.settings,
+                machine_id=machine_id,
+                allowed=(MachineState.leased,),
+            )
+        _settle_if_unleased(ctl.db, machine_id, MachineState.ready)
+    except ShopfloorError as exc:
+        log.warning("returning %s after its lease failed: %s", machine_id, exc.message)
+        _settle_if_unleased(
+            ctl.db, machine_id, MachineState.failed, f"{policy} after lease failed: {exc.message}"
+        )
+    except Exception as exc:  # noqa: BLE001 - a machine must never stay leased by nobody
+        log.exception("returning %s after its lease failed", machine_id)
+        reason = f"{policy} after lease failed: {type(exc).__name__}: {exc}"
+        _settle_if_unleased(ctl.db, machine_id, MachineState.failed, reason)
+    finally:
+        rt.returning.discard(machine_id)
+        rt.notify()
+
+
+def _active_lease(session: Session, machine_id: str) -> Lease | None:
+    return session.exec(
+        select(Lease).where(Lease.machine_id == machine_id, Lease.state == LeaseState.active)
+    ).first()
+
+
+def _settle_if_unleased(
+    db: Engine, machine_id: str, state: MachineState, reason: str | None = None
+) -> None:
+    """Move a leased machine that nobody holds any more to ``state``."""
+    with session_scope(db) as session:
+        machine = session.get(Machine, machine_id)
+        if (
+            machine
+            and machine.state == MachineState.leased
+            and not _active_lease(session, machine_id)
+        ):
+            machines.set_state(session, machine, state, reason)
+
+
+def reap(*, ctl: Controller) -> list[str]:
+    """Expire leases past their time and bring back leased machines nobody holds."""
+    expired: list[str] = []
+    with transaction(ctl.reader, write=False) as tx:
+        due = [row["id"] for row in tx.rows(_DUE_LEASES, now=utcnow())]
+    for lease_id in due:
+        with transaction(ctl.db) as tx:
+            lease = _load_lease(tx, lease_id)
+            if lease["state"] != LeaseState.active or lease["expires_at"] > utcnow():
+                continue  # renewed or released meanwhile
+            _, policy = _end(ctl, tx, lease, LeaseState.expired)
+        expired.append(lease_id)
+        _after_end(ctl, lease["machine_id"], policy)
+    _return_orphans(ctl)
+    return expired
+
+
+def _return_orphans(ctl: Controller) -> None:
+    """Leased machines without an active lease (a crash mid-reset) go back per pool policy."""
+    rt = runtime(ctl)
+    with transaction(ctl.reader, write=False) as tx:
+        orphans: list[tuple[str, ResetPolicy]] = [
+            (row["id"], row["reset"] or "keep")
+            for row in tx.rows(_ORPHANS)
+            if row["id"] not in rt.returning
+        ]
+    for machine_id, policy in orphans:
+        if ctl.stopping.is_set():
+            return
+        rt.returning.add(machine_id)
+        ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
+
+
+def list_leases(*, session: Session, state: str | None = None, limit: int = 200) -> list[Lease]:
+    query = select(Lease).order_by(col(Lease.acquired_at).desc()).limit(limit)
+    if state:
+        query = query.where(Lease.state == state)
+    return list(session.exec(query))

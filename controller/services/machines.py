@@ -1,0 +1,546 @@
+"""Machine lifecycle: provision, stop, start, reset, destroy, and the reconcile loop.
+
+Service functions take their dependencies (a database engine or session, a provider,
+settings) as keyword arguments so they run the same under HTTP, the CLI and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from controller.api.schemas import MachineTemplate
+from controller.errors import (
+    Conflict,
+    EngineError,
+    ImageNotFound,
+    NotFound,
+    ShopfloorError,
+    StaleLease,
+)
+from controller.providers.base import Bind, ContainerSpec, Provider
+from controller.services import repos
+from controller.services.images import RUNNER_CAPABILITIES
+from controller.services.runtime import Controller
+from controller.settings import Settings
+from controller.store import events
+from controller.store.db import reader, session_scope
+from controller.store.models import ALIVE_STATES, Machine, MachineState, utcnow
+from controller.store.rawsql import Sql, transaction
+from controller.transport import exec as commands
+
+log = logging.getLogger(__name__)
+
+LABEL_MACHINE = "shopfloor.machine"
+LABEL_CONTROLLER = "shopfloor.controller"
+LABEL_POOL = "shopfloor.pool"
+SOURCE_MOUNT = "/source"
+EXEC_READY = (MachineState.ready, MachineState.leased)
+
+_CLONE_SCRIPT = r"""
+set -euo pipefail
+dest="/workspace/$SF_REPO_NAME"
+git clone --quiet --no-checkout -- /source "$dest"
+cd "$dest"
+if [ "$SF_REF" = HEAD ]; then
+  git checkout --quiet --force
+elif git rev-parse --verify --quiet "refs/remotes/origin/$SF_REF^{commit}" >/dev/null; then
+  git checkout --quiet -B "$SF_REF" "refs/remotes/origin/$SF_REF" --
+elif sha=$(git rev-parse --verify --quiet --end-of-options "$SF_REF^{commit}"); then
+  git checkout --quiet --detach "$sha" --
+else
+  echo "unknown ref '$SF_REF': no branch, tag or commit of that name in the repo" >&2
+  exit 3
+fi
+git rev-parse HEAD
+git symbolic-ref --short --quiet HEAD || true
+"""
+
+_RESET_SCRIPT = r"""
+set -euo pipefail
+find /workspace -mindepth 1 -maxdepth 1 ! -name "$SF_REPO_NAME" -exec rm -rf -- {} +
+if [ -n "$SF_REPO_NAME" ] && [ -d "/workspace/$SF_REPO_NAME/.git" ]; then
+  cd "/workspace/$SF_REPO_NAME"
+  if [ -n "$SF_BRANCH" ]; then
+    git checkout --quiet --force -B "$SF_BRANCH" "$SF_COMMIT" --
+  else
+    git checkout --quiet --force --detach "$SF_COMMIT" --
+  fi
+  git reset --quiet --hard "$SF_COMMIT"
+  git clean -ffdxq
+fi
+"""
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """A validated request for a machine (the route checks ranges; this checks meaning)."""
+
+    image: str
+    repo: repos.RepoSource | None = None
+    ref: str = "HEAD"
+    cpus: float = 1.0
+    memory_mb: int = 1024
+    network: str = "none"
+    labels: dict[str, str] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    pool: str | None = None
+
+
+def container_name(machine_id: str) -> str:
+    return f"shopfloor-{machine_id}"
+
+
+def volume_name(machine_id: str) -> str:
+    return f"shopfloor-ws-{machine_id}"
+
+
+def ownership_labels(settings: Settings, install_id: str, machine: Machine) -> dict[str, str]:
+    labels = {**settings.extra_label_map, LABEL_CONTROLLER: install_id, LABEL_MACHINE: machine.id}
+    if machine.pool:
+        labels[LABEL_POOL] = machine.pool
+    labels.update({f"shopfloor.label.{k}": v for k, v in machine.labels.items()})
+    return labels
+
+
+def get_machine(session: Session, machine_id: str) -> Machine:
+    """Destroyed machines stay readable (a tombstone with their history); commands get 409."""
+    machine = session.get(Machine, machine_id)
+    if machine is None:
+        raise NotFound(f"no machine {machine_id}")
+    return machine
+
+
+def set_state(
+    session: Session, machine: Machine, state: MachineState, reason: str | None = None
+) -> None:
+    previous = machine.state
+    machine.state = state
+    machine.reason = reason
+    machine.updated_at = utcnow()
+    if state == MachineState.ready and machine.ready_at is None:
+        machine.ready_at = machine.updated_at
+    session.add(machine)
+    kind, subject, data = events.machine_state(machine.id, state, previous, reason)
+    events.record(session, kind, subject, **data)
+
+
+def create_machine(*, session: Session, spec: MachineSpec) -> Machine:
+    """Record the intent; :func:`provision` makes it real."""
+    machine = Machine(
+        image=spec.image,
+        repo=spec.repo.value if spec.repo else None,
+        repo_name=spec.repo.name if spec.repo else None,
+        ref=spec.ref if spec.repo else None,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        network=spec.network,
+        labels=spec.labels,
+        setup=spec.setup,
+        pool=spec.pool,
+        container_name="",
+        volume_name="",
+    )
+    machine.container_name = container_name(machine.id)
+    machine.volume_name = volume_name(machine.id)
+    session.add(machine)
+    events.record(session, "machine.created", machine.id, repo=machine.repo, pool=machine.pool)
+    return machine
+
+
+def provision(
+    *, db: Engine, provider: Provider, settings: Settings, install_id: str, machine_id: str
+) -> Machine:
+    """Create volume and container, clone, run setup; on any failure remove what was made."""
+    with session_scope(db) as session:
+        machine = get_machine(session, machine_id)
+    try:
+        _build(provider, settings, install_id, machine)
+    except Exception as exc:  # noqa: BLE001 - any failure must end in `failed` with its reason
+        reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
+        log.warning("provisioning %s failed: %s", machine_id, reason)
+        _remove_resources(provider, machine)
+        with session_scope(db) as session:
+            current = get_machine(session, machine_id)
+            if current.state == MachineState.provisioning:
+                set_state(session, current, MachineState.failed, reason)
+            return current
+    with session_scope(db) as session:
+        current = get_machine(session, machine_id)
+        if current.state != MachineState.provisioning:  # destroyed or failed meanwhile
+            _remove_resources(provider, machine)
+            return current
+        current.commit, current.branch = machine.commit, machine.branch
+        set_state(session, current, MachineState.ready)
+        return current
+
+
+def _build(provider: Provider, settings: Settings, install_id: str, machine: Machine) -> None:
+    binds: list[Bind] = []
+    if machine.repo:
+        source = _source_path(settings, machine.repo)
+        binds.append(Bind(str(source), SOURCE_MOUNT, read_only=True))
+    labels = ownership_labels(settings, install_id, machine)
+    provider.create_volume(machine.volume_name, labels)
+    provider.run_container(
+        ContainerSpec(
+            name=machine.container_name,
+            image=machine.image,
+            labels=labels,
+            workspace_volume=machine.volume_name,
+            binds=binds,
+            cpus=machine.cpus,
+            memory_mb=machine.memory_mb,
+            pids_limit=settings.pids_limit,
+            network="egress" if machine.network == "egress" else "none",
+            cap_add=RUNNER_CAPABILITIES,
+        )
+    )
+    if machine.repo:
+        _clone(provider, settings, machine)
+    run_setup(provider, settings, machine)
+
+
+def _source_path(settings: Settings, repo: str) -> Path:
+    source = repos.parse_repo(repo, roots=settings.repo_root_paths)
+    if source.local_path is not None:
+        return source.local_path
+    return repos.sync_mirror(settings.data_dir, source.value)
+
+
+def _run_script(
+    provider: Provider,
+    settings: Settings,
+    machine: Machine,
+    script: str,
+    env: dict[str, str],
+    what: str,
+    cwd: str = "/workspace",
+) -> commands.ExecResult:
+    """Run one provisioning step; a non-zero exit fails it with the output's tail."""
+    result = commands.run(
+        provider,
+        machine.container_name,
+        commands.ExecRequest(cmd=script, cwd=cwd, env=env, timeout_s=settings.provision_timeout_s),
+        cap=64 * 1024,
+    )
+    if result.exit_code != 0:
+        detail = (result.stderr or result.stdout).strip()[-2000:]
+        raise ShopfloorError(f"{what} failed (exit {result.exit_code}): {detail}")
+    return result
+
+
+def _clone(provider: Provider, settings: Settings, machine: Machine) -> None:
+    env = {"SF_REPO_NAME": machine.repo_name or "", "SF_REF": machine.ref or "HEAD"}
+    result = _run_script(provider, settings, machine, _CLONE_SCRIPT, env, "clone")
+    lines = result.stdout.split()
+    machine.commit = lines[0] if lines else None
+    machine.branch = lines[1] if len(lines) > 1 else None
+
+
+def run_setup(provider: Provider, settings: Settings, machine: Machine) -> None:
+    for number, cmd in enumerate(machine.setup, start=1):
+        what = f"setup command {number} ({cmd!r})"
+        _run_script(provider, settings, machine, cmd, {}, what, cwd=machine.workdir)
+
+
+def _remove_resources(provider: Provider, machine: Machine) -> None:
+    for remove, name in (
+        (provider.remove_container, machine.container_name),
+        (provider.remove_volume, machine.volume_name),
+    ):
+        try:
+            remove(name)
+        except EngineError as exc:  # the reconcile loop retries orphans later
+            log.warning("cleanup of %s failed: %s", name, exc)
+
+
+def _transition(
+    db: Engine, machine_id: str, allowed: tuple[MachineState, ...], action: str
+) -> Machine:
+    with session_scope(db) as session:
+        machine = get_machine(session, machine_id)
+        if machine.state not in allowed:
+            raise Conflict(
+                f"cannot {action} machine {machine_id} while it is {machine.state.value}",
+                state=machine.state.value,
+            )
+        return machine
+
+
+def stop_machine(*, db: Engine, provider: Provider, machine_id: str) -> Machine:
+    machine = _transition(db, machine_id, (MachineState.ready, MachineState.stopped), "stop")
+    provider.stop_container(machine.container_name)
+    with session_scope(db) as session:
+        machine = get_machine(session, machine_id)
+        set_state(session, machine, MachineState.stopped)
+        return machine
+
+
+def start_machine(*, db: Engine, provider: Provider, machine_id: str) -> Machine:
+    machine = _transition(db, machine_id, (MachineState.stopped, MachineState.ready), "start")
+    provider.start_container(machine.container_name)
+    with session_scope(db) as session:
+        machine = get_machine(session, machine_id)
+        set_state(session, machine, MachineState.ready)
+        return machine
+
+
+def reset_machine(
+    *,
+    db: Engine,
+    provider: Provider,
+    settings: Settings,
+    machine_id: str,
+    allowed: tuple[MachineState, ...] = (MachineState.ready,),
+) -> Machine:
+    """Back to a clean checkout of the machine's commit, then the setup commands again."""
+    machine = _transition(db, machine_id, allowed, "reset")
+    env = {
+        "SF_REPO_NAME": machine.repo_name or "",
+        "SF_COMMIT": machine.commit or "",
+        "SF_BRANCH": machine.branch or "",
+    }
+    _run_script(provider, settings, machine, _RESET_SCRIPT, env, "reset")
+    run_setup(provider, settings, machine)
+    with session_scope(db) as session:
+        machine = get_machine(session, machine_id)
+        events.record(session, "machine.reset", machine.id, commit=machine.commit)
+        return machine
+
+
+def destroy_machine(
+    *, db: Engine, provider: Provider, machine_id: str, even_if_leased: bool = False
+) -> Machine:
+    """``even_if_leased``: the lease layer recreating a machine whose lease just ended."""
+    with session_scope(db) as session:
+        machine = get_machine(session, machine_id)
+        if machine.state == MachineState.destroyed:
+            return machine
+        if machine.state == MachineState.leased and not even_if_leased:
+            raise Conflict(
+                f"machine {machine_id} is leased: release the lease first", state="leased"
+            )
+    provider.remove_container(machine.container_name)
+    provider.remove_volume(machine.volume_name)
+    with session_scope(db) as session:
+        machine = get_machine(session, machine_id)
+        set_state(session, machine, MachineState.destroyed)
+        return machine
+
+
+def list_machines(
+    *,
+    session: Session,
+    state: str | None = None,
+    pool: str | None = None,
+    label: str | None = None,
+    include_destroyed: bool = False,
+) -> list[Machine]:
+    query = select(Machine).order_by(Machine.created_at.desc())  # type: ignore[attr-defined]
+    if state:
+        query = query.where(Machine.state == state)
+    elif not include_destroyed:
+        query = query.where(Machine.state != MachineState.destroyed)
+    if pool:
+        query = query.where(Machine.pool == pool)
+    machines = list(session.exec(query))
+    if label:
+        key, _, value = label.partition("=")
+        machines = [
+            m for m in machines if key in m.labels and (not value or m.labels[key] == value)
+        ]
+    return machines
+
+
+@dataclass
+class ReconcileReport:
+    lost: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    removed_containers: list[str] = field(default_factory=list)
+    removed_volumes: list[str] = field(default_factory=list)
+    engine_error: str | None = None
+
+
+def fail_interrupted(*, db: Engine, provider: Provider) -> list[str]:
+    """At start-up: provisioning that a dead controller left half-done cannot resume."""
+    with session_scope(db) as session:
+        stuck = list(
+            session.exec(select(Machine).where(Machine.state == MachineState.provisioning))
+        )
+        for machine in stuck:
+            set_state(
+                session, machine, MachineState.failed, "controller restarted while provisioning"
+            )
+    for machine in stuck:
+        _remove_resources(provider, machine)
+    return [m.id for m in stuck]
+
+
+def reconcile(
+    *,
+    db: Engine,
+    provider: Provider,
+    install_id: str,
+    grace_s: float,
+    now: datetime | None = None,
+) -> ReconcileReport:
+    """Bring database and engine together. An engine error removes nothing."""
+    report = ReconcileReport()
+    owned = {LABEL_CONTROLLER: install_id}
+    try:
+        containers = provider.list_containers(owned)
+        volumes = provider.list_volumes(owned)
+    except EngineError as exc:
+        report.engine_error = exc.message
+        log.warning("reconcile skipped: %s", exc.message)
+        return report
+    now = now or datetime.now(UTC)
+    by_machine = {c.labels.get(LABEL_MACHINE, ""): c for c in containers}
+    # Read without the write lock (leases are granted meanwhile); write only what changed.
+    with session_scope(reader(db)) as session:
+        alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
+        machines = {machine_id: MachineState(state) for machine_id, state in session.exec(alive)}
+    settled = (MachineState.ready, MachineState.leased, MachineState.stopped)
+    for machine_id, state in machines.items():
+        container = by_machine.get(machine_id)
+        if state in settled and container is None:
+            report.lost.append(machine_id)
+        elif state in EXEC_READY and container and container.status in ("exited", "created"):
+            report.restarted.append(machine_id)
+    if report.lost:
+        with session_scope(db) as session:
+            for machine_id in report.lost:
+                machine = get_machine(session, machine_id)
+                if machine.state in settled:  # not destroyed meanwhile
+                    set_state(
+                        session, machine, MachineState.lost, "container vanished from the engine"
+                    )
+                machines.pop(machine_id)  # no longer alive: what is left of it is an orphan
+    for machine_id in report.restarted:
+        try:
+            provider.start_container(by_machine[machine_id].id)
+        except EngineError as exc:
+            log.warning("could not restart %s: %s", machine_id, exc.message)
+    old = now - timedelta(seconds=grace_s)
+
+    def orphaned(machine_id: str) -> bool:
+        return machine_id not in machines
+
+    for container in containers:
+        machine_id = container.labels.get(LABEL_MACHINE, "")
+        if orphaned(machine_id) and container.created_at < old:
+            _try(provider.remove_container, container.id, report.removed_containers)
+    live_volumes = {
+        c.labels.get(LABEL_MACHINE) for c in containers if c.id not in report.removed_containers
+    }
+    for volume in volumes:
+        machine_id = volume.labels.get(LABEL_MACHINE, "")
+        too_young = volume.created_at is not None and volume.created_at >= old
+        if orphaned(machine_id) and machine_id not in live_volumes and not too_young:
+            _try(provider.remove_volume, volume.name, report.removed_volumes)
+    return report
+
+
+def _try(remove: object, name: str, into: list[str]) -> None:
+    try:
+        remove(name)  # type: ignore[operator]
+        into.append(name)
+    except EngineError as exc:
+        log.warning("could not remove orphan %s: %s", name, exc.message)
+
+
+def make_spec(
+    *, ctl: Controller, template: MachineTemplate, pool: str | None = None
+) -> MachineSpec:
+    """Check what a template means: the repo is acceptable, the ref sane, the image there."""
+    repo = (
+        repos.parse_repo(template.repo, roots=ctl.settings.repo_root_paths)
+        if template.repo
+        else None
+    )
+    ref = repos.check_ref(template.ref) if template.ref else "HEAD"
+    image = template.image or ctl.default_image
+    if not ctl.provider.image_exists(image):
+        hint = " (run: shopfloor image build)" if image == ctl.default_image else ""
+        raise ImageNotFound(f"unknown image {image!r}: the engine does not have it{hint}")
+    return MachineSpec(
+        image=image,
+        repo=repo,
+        ref=ref,
+        cpus=template.cpus,
+        memory_mb=template.memory_mb,
+        network=template.network,
+        labels=dict(template.labels),
+        setup=list(template.setup),
+        pool=pool,
+    )
+
+
+def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
+    """Record a machine and provision it, in this thread when ``wait`` else in the background."""
+    with session_scope(ctl.db) as session:
+        machine = create_machine(session=session, spec=spec)
+
+    def work() -> Machine:
+        return provision(
+            db=ctl.db,
+            provider=ctl.provider,
+            settings=ctl.settings,
+            install_id=ctl.install_id,
+            machine_id=machine.id,
+        )
+
+    if wait:
+        return work()
+    ctl.workers.submit(work)
+    return machine
+
+
+def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> Machine:
+    """The machine, if commands may run in it now. A leased machine needs its current token."""
+    with session_scope(reader(db)) as session:  # a read: takes no write lock
+        machine = get_machine(session, machine_id)
+    _check_command(machine_id, machine.state, machine.fence, lease_token)
+    return machine
+
+
+STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
+"""A machine's state and fence (the lease paths ask it too)."""
+
+
+def fence_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> int:
+    """The same check as :func:`machine_for_command` as one plain-SQL read (see ``rawsql``):
+    a session's command already knows its container, so only state and fence are needed."""
+    with transaction(db, write=False) as tx:
+        row = tx.one(STATE_AND_FENCE, machine_id=machine_id)
+    if row is None:
+        raise NotFound(f"no machine {machine_id}")
+    _check_command(machine_id, MachineState(row["state"]), row["fence"], lease_token)
+    return int(row["fence"])
+
+
+def _check_command(
+    machine_id: str, state: MachineState, fence: int, lease_token: int | None
+) -> None:
+    if state not in EXEC_READY:
+        raise Conflict(
+            f"machine {machine_id} is {state.value}; commands need it ready or leased",
+            state=state.value,
+        )
+    if state == MachineState.leased and lease_token is None:
+        raise Conflict(
+            f"machine {machine_id} is leased: send the lease's token in X-Lease-Token",
+            state="leased",
+        )
+    if lease_token is not None and lease_token != fence:
+        raise StaleLease(
+            f"lease token {lease_token} is stale: machine {machine_id} is at token {fence}",
+            state=state.value,
+            current_token=fence,
+        )

@@ -1,0 +1,178 @@
+"""Warm pools: a template plus how many ``ready`` machines to keep, filled by a loop.
+
+The loop is level-triggered: each tick counts the pool's machines by state and starts as
+many provisionings as are missing, never going over ``max_machines``. A template that
+keeps failing stops the pool (with the reason on the pool) until the template changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+
+from sqlmodel import Session, col, select
+
+from controller.api.schemas import MachineTemplate, PoolBody
+from controller.errors import InvalidInput, NotFound, ShopfloorError
+from controller.services import leases, machines
+from controller.services.runtime import Controller
+from controller.store import events
+from controller.store.db import session_scope
+from controller.store.models import ALIVE_STATES, Machine, MachineState, Pool, utcnow
+
+log = logging.getLogger(__name__)
+
+_POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def check_name(name: str) -> str:
+    if not _POOL_NAME.match(name):
+        raise InvalidInput(
+            f"pool name {name!r} must be 1-63 characters of a-z, 0-9, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def get_pool(session: Session, name: str) -> Pool:
+    pool = session.get(Pool, name)
+    if pool is None:
+        known = ", ".join(sorted(session.exec(select(Pool.name)))) or "none yet"
+        raise NotFound(f"unknown pool {name!r}; pools: {known}")
+    return pool
+
+
+def put_pool(*, ctl: Controller, name: str, body: PoolBody) -> Pool:
+    """Create or change a pool; the template is checked now (repo, ref, image) and kept."""
+    check_name(name)
+    if body.min_ready > body.max_machines:
+        raise InvalidInput(
+            f"min_ready ({body.min_ready}) cannot exceed max_machines ({body.max_machines})"
+        )
+    machines.make_spec(ctl=ctl, template=body.template, pool=name)
+    with session_scope(ctl.db) as session:
+        pool = session.get(Pool, name)
+        created = pool is None
+        pool = pool or Pool(name=name)
+        pool.template = body.template.model_dump()
+        pool.min_ready, pool.max_machines, pool.reset = (
+            body.min_ready,
+            body.max_machines,
+            body.reset,
+        )
+        pool.reason = None
+        pool.updated_at = utcnow()
+        session.add(pool)
+        events.record(
+            session,
+            "pool.created" if created else "pool.updated",
+            name,
+            min_ready=body.min_ready,
+            max_machines=body.max_machines,
+            reset=body.reset,
+        )
+        return pool
+
+
+def counts(session: Session, name: str) -> dict[str, int]:
+    states = session.exec(
+        select(Machine.state).where(Machine.pool == name, Machine.state != MachineState.destroyed)
+    )
+    found = Counter(MachineState(state).value for state in states)
+    return {
+        state.value: found.get(state.value, 0)
+        for state in MachineState
+        if state.value != "destroyed"
+    }
+
+
+def list_pools(*, session: Session) -> list[tuple[Pool, dict[str, int]]]:
+    pools = session.exec(select(Pool).order_by(col(Pool.name)))
+    return [(pool, counts(session, pool.name)) for pool in pools]
+
+
+def fill(*, ctl: Controller) -> dict[str, int]:
+    """One tick of the pool loop: start the missing provisionings; say how many per pool."""
+    with session_scope(ctl.reader) as session:  # reads take no write lock (leases go on)
+        names = list(session.exec(select(Pool.name)))
+    started: dict[str, int] = {}
+    for name in names:
+        try:
+            started[name] = _fill_one(ctl, name)
+        except ShopfloorError as exc:
+            log.warning("pool %s cannot fill: %s", name, exc.message)
+            _stop(ctl, name, exc.message)
+    return started
+
+
+def _fill_one(ctl: Controller, name: str) -> int:
+    with session_scope(ctl.reader) as session:
+        pool = get_pool(session, name)
+        by_state = counts(session, name)
+        failing = _failing_reason(ctl, session, pool)
+    if failing:
+        _stop(ctl, name, failing)
+        return 0
+    alive = sum(by_state[s.value] for s in ALIVE_STATES)
+    if alive > pool.max_machines:
+        _shrink(ctl, name, alive - pool.max_machines)
+        return 0
+    # Requests waiting on the pool count too: a pool with min_ready 0 makes machines on demand.
+    waiting = leases.runtime(ctl).waiting_for(leases.Target(pool=name).key)
+    missing = pool.min_ready + waiting - by_state["ready"] - by_state["provisioning"]
+    wanted = max(0, min(missing, pool.max_machines - alive))
+    if wanted:
+        template = MachineTemplate.model_validate(pool.template)
+        spec = machines.make_spec(ctl=ctl, template=template, pool=name)
+        for _ in range(wanted):
+            machines.submit(ctl=ctl, spec=spec, wait=False)
+    return wanted
+
+
+def _failing_reason(ctl: Controller, session: Session, pool: Pool) -> str | None:
+    """The reason, when the last few machines made since the template changed all failed."""
+    limit = ctl.settings.pool_failure_backoff
+    recent = list(
+        session.exec(
+            select(Machine)
+            .where(Machine.pool == pool.name, Machine.created_at >= pool.updated_at)
+            .order_by(col(Machine.created_at).desc())
+            .limit(limit)
+        )
+    )
+    if len(recent) < limit or any(m.state != MachineState.failed for m in recent):
+        return None
+    return (
+        f"the last {limit} machines of pool {pool.name} failed to provision; "
+        f"fix the template (PUT the pool again): {recent[0].reason}"
+    )
+
+
+def _stop(ctl: Controller, name: str, reason: str) -> None:
+    with session_scope(ctl.db) as session:
+        pool = session.get(Pool, name)
+        if pool is not None and pool.reason != reason:
+            pool.reason = reason
+            session.add(pool)
+            events.record(session, "pool.failing", name, reason=reason)
+
+
+def _shrink(ctl: Controller, name: str, surplus: int) -> None:
+    """``max_machines`` went down: destroy ready machines (never leased ones) to match."""
+    with session_scope(ctl.reader) as session:
+        spare = session.exec(
+            select(Machine.id)
+            .where(Machine.pool == name, Machine.state == MachineState.ready)
+            .limit(surplus)
+        ).all()
+    for machine_id in spare:
+        ctl.workers.submit(
+            machines.destroy_machine, db=ctl.db, provider=ctl.provider, machine_id=machine_id
+        )
+
+
+def failing_reason(*, session: Session, name: str) -> str | None:
+    """Why the pool cannot give machines right now, if it cannot (runs fail with this)."""
+    pool = session.get(Pool, name)
+    return pool.reason if pool else f"pool {name} was deleted"

@@ -1,0 +1,347 @@
+"""What the gallery pages show, gathered in a fixed number of queries per page.
+
+Queries never go once per run or once per artifact: lists batch by ``IN (...)``, and a
+run page reads each artifact kind with a limit, so a run with thousands of artifacts
+costs the same handful of queries as a small one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from controller.errors import ShopfloorError
+from controller.store.models import Artifact, ArtifactKind, Run, RunStatus, Stage, Verdict
+from evidence import junit, logs
+from evidence.store import ArtifactStore
+from evidence.verdicts import VerdictState, is_closed, stages_for, verdict_state, verdicts_for
+
+RUNS_PER_PAGE = 50
+SHOWN_PER_KIND = 100
+"""A run page lists at most this many artifacts of a kind; the artifact list has the rest."""
+INLINE_TEXT_BYTES = 256 * 1024
+INLINE_REPORTS = 5
+"""JUnit reports, plans and diffs parsed into the run page; further ones are linked."""
+FAILURE_LINES_SHOWN = 30
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    status: str = ""
+    repo: str = ""
+    verdict: str = ""
+    page: int = 1
+
+    def query(self, **changes: Any) -> str:
+        """The URL query for these filters with ``changes`` applied (for links)."""
+        values = {"status": self.status, "repo": self.repo, "verdict": self.verdict}
+        values.update({k: v for k, v in changes.items() if k != "page"})
+        page = changes.get("page", 1)
+        pairs = [(k, str(v)) for k, v in values.items() if v]
+        if page and page != 1:
+            pairs.append(("page", str(page)))
+        from urllib.parse import urlencode
+
+        return urlencode(pairs)
+
+
+@dataclass
+class RunRow:
+    run: Run
+    stages: list[Stage]
+    verdict: VerdictState
+    closed: bool
+    artifacts: int
+
+
+@dataclass
+class RunsPage:
+    rows: list[RunRow]
+    filters: RunFilters
+    repos: list[str]
+    has_next: bool
+
+
+def runs_page(*, session: Session, filters: RunFilters) -> RunsPage:
+    query = select(Run).outerjoin(Verdict, col(Verdict.run_id) == col(Run.id))
+    if filters.status:
+        query = query.where(Run.status == filters.status)
+    if filters.repo:
+        query = query.where(Run.repo == filters.repo)
+    if filters.verdict == VerdictState.pending:
+        query = query.where(col(Verdict.id).is_(None))
+    elif filters.verdict == VerdictState.approved:
+        query = query.where(Verdict.decision == "approve")
+    elif filters.verdict == VerdictState.rejected:
+        query = query.where(Verdict.decision == "reject")
+    offset = (max(filters.page, 1) - 1) * RUNS_PER_PAGE
+    query = query.order_by(col(Run.created_at).desc(), col(Run.id).desc())
+    found = list(session.exec(query.offset(offset).limit(RUNS_PER_PAGE + 1)))
+    runs = found[:RUNS_PER_PAGE]
+    ids = [r.id for r in runs]
+    verdicts = verdicts_for(session, ids)
+    stages = stages_for(session, ids)
+    counts = artifact_counts(session, ids)
+    rows = [
+        RunRow(
+            run=r,
+            stages=stages[r.id],
+            verdict=verdict_state(verdicts.get(r.id)),
+            closed=is_closed(stages[r.id], verdicts.get(r.id)),
+            artifacts=counts.get(r.id, 0),
+        )
+        for r in runs
+    ]
+    repos = list(session.exec(select(Run.repo).distinct().order_by(col(Run.repo)).limit(200)))
+    return RunsPage(rows=rows, filters=filters, repos=repos, has_next=len(found) > len(runs))
+
+
+def artifact_counts(session: Session, run_ids: list[str]) -> dict[str, int]:
+    if not run_ids:
+        return {}
+    query = (
+        select(Artifact.run_id, func.count())
+        .where(col(Artifact.run_id).in_(run_ids))
+        .group_by(col(Artifact.run_id))
+    )
+    return {str(run_id): int(count) for run_id, count in session.exec(query)}
+
+
+@dataclass
+class StageRow:
+    stage: Stage
+    duration_s: float | None
+    machine_id: str | None
+    commit: str | None
+
+
+@dataclass
+class ScreenshotRow:
+    artifact: Artifact
+    comparison: dict[str, Any] | None
+
+
+@dataclass
+class LogRow:
+    artifact: Artifact
+    failures: list[logs.Line]
+    truncated: bool
+
+
+@dataclass
+class JunitRow:
+    artifact: Artifact
+    report: junit.Report | None
+    error: str | None
+
+
+@dataclass
+class TextRow:
+    artifact: Artifact
+    text: str
+    truncated: bool
+
+
+@dataclass
+class RunPage:
+    run: Run
+    stages: list[StageRow]
+    verdict: Verdict | None
+    verdict_state: VerdictState
+    closed: bool
+    finished: bool
+    counts: dict[str, int]
+    plans: list[TextRow] = field(default_factory=list)
+    diffs: list[TextRow] = field(default_factory=list)
+    reports: list[JunitRow] = field(default_factory=list)
+    logs: list[LogRow] = field(default_factory=list)
+    screenshots: list[ScreenshotRow] = field(default_factory=list)
+    files: list[Artifact] = field(default_factory=list)
+
+    @property
+    def failed_cases(self) -> list[tuple[Artifact, junit.Case]]:
+        return [
+            (row.artifact, case)
+            for row in self.reports
+            if row.report is not None
+            for case in row.report.problems
+        ]
+
+    @property
+    def test_counts(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for row in self.reports:
+            if row.report is not None:
+                total.update(row.report.counts())
+        return dict(total)
+
+
+def run_page(*, session: Session, store: ArtifactStore, run_id: str) -> RunPage | None:
+    run = session.get(Run, run_id)
+    if run is None:
+        return None
+    stages = stages_for(session, [run_id])[run_id]
+    verdict = verdicts_for(session, [run_id]).get(run_id)
+    counts = kind_counts(session, run_id)
+    by_kind = {kind: artifacts_of(session, run_id, kind) for kind in ArtifactKind if counts[kind]}
+    commits = stage_commits(session, run_id)
+    page = RunPage(
+        run=run,
+        stages=[stage_row(s, commits.get(s.name)) for s in stages],
+        verdict=verdict,
+        verdict_state=verdict_state(verdict),
+        closed=is_closed(stages, verdict),
+        finished=run.status in (RunStatus.passed, RunStatus.failed, RunStatus.cancelled),
+        counts={kind.value: counts[kind] for kind in ArtifactKind},
+    )
+    page.plans = [text_row(store, a) for a in by_kind.get(ArtifactKind.plan, [])[:INLINE_REPORTS]]
+    page.diffs = [text_row(store, a) for a in by_kind.get(ArtifactKind.diff, [])[:INLINE_REPORTS]]
+    page.reports = [
+        junit_row(store, a) for a in by_kind.get(ArtifactKind.junit, [])[:INLINE_REPORTS]
+    ]
+    page.logs = [
+        log_row(store, a, read=i < INLINE_REPORTS * 2)
+        for i, a in enumerate(by_kind.get(ArtifactKind.log, []))
+    ]
+    page.screenshots = [
+        ScreenshotRow(artifact=a, comparison=a.facts.get("comparison"))
+        for a in by_kind.get(ArtifactKind.screenshot, [])
+    ]
+    page.files = by_kind.get(ArtifactKind.file, [])
+    return page
+
+
+def kind_counts(session: Session, run_id: str) -> Counter[ArtifactKind]:
+    query = (
+        select(Artifact.kind, func.count())
+        .where(Artifact.run_id == run_id)
+        .group_by(col(Artifact.kind))
+    )
+    return Counter({ArtifactKind(kind): count for kind, count in session.exec(query)})
+
+
+def artifacts_of(
+    session: Session,
+    run_id: str,
+    kind: ArtifactKind,
+    *,
+    limit: int = SHOWN_PER_KIND,
+    offset: int = 0,
+) -> list[Artifact]:
+    query = (
+        select(Artifact)
+        .where(Artifact.run_id == run_id, Artifact.kind == kind)
+        .order_by(col(Artifact.created_at), col(Artifact.id))
+        .offset(offset)
+        .limit(limit)
+    )
+    return list(session.exec(query))
+
+
+def stage_commits(session: Session, run_id: str) -> dict[str, str]:
+    """The newest commit each stage's evidence was recorded at."""
+    query = (
+        select(Artifact.stage, func.max(Artifact.commit))
+        .where(Artifact.run_id == run_id, col(Artifact.commit).is_not(None))
+        .group_by(col(Artifact.stage))
+    )
+    return {stage: commit for stage, commit in session.exec(query) if commit}
+
+
+def stage_row(stage: Stage, commit: str | None) -> StageRow:
+    duration = None
+    if stage.started_at and stage.finished_at:
+        duration = (stage.finished_at - stage.started_at).total_seconds()
+    machine = stage.machine_id
+    if machine is None and stage.history:
+        machine = stage.history[-1].get("machine_id")
+    return StageRow(stage=stage, duration_s=duration, machine_id=machine, commit=commit)
+
+
+def read_text(
+    store: ArtifactStore, artifact: Artifact, limit: int = INLINE_TEXT_BYTES
+) -> tuple[str, bool]:
+    try:
+        data = store.get(artifact.sha256)
+    except ShopfloorError:
+        return "(the content is no longer stored)", False
+    return logs.decode(data[:limit]), len(data) > limit
+
+
+def text_row(store: ArtifactStore, artifact: Artifact) -> TextRow:
+    text, truncated = read_text(store, artifact)
+    return TextRow(artifact=artifact, text=text, truncated=truncated)
+
+
+def junit_row(store: ArtifactStore, artifact: Artifact) -> JunitRow:
+    try:
+        report = junit.parse_junit(store.get(artifact.sha256), max_bytes=store.junit_cap_bytes)
+    except ShopfloorError as exc:
+        return JunitRow(artifact=artifact, report=None, error=exc.message)
+    return JunitRow(artifact=artifact, report=report, error=None)
+
+
+def log_row(store: ArtifactStore, artifact: Artifact, *, read: bool) -> LogRow:
+    if not read:
+        return LogRow(artifact=artifact, failures=[], truncated=False)
+    try:
+        rendered = logs.render(store.get(artifact.sha256))
+    except ShopfloorError:
+        return LogRow(artifact=artifact, failures=[], truncated=False)
+    return LogRow(
+        artifact=artifact,
+        failures=rendered.failures[:FAILURE_LINES_SHOWN],
+        truncated=rendered.truncated,
+    )
+
+
+def diff_lines(text: str) -> list[tuple[str, str]]:
+    """(css class, line) for a unified diff."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith(("+++", "---")):
+            kind = "file"
+        elif line.startswith("@@"):
+            kind = "hunk"
+        elif line.startswith("+"):
+            kind = "add"
+        elif line.startswith("-"):
+            kind = "del"
+        else:
+            kind = ""
+        rows.append((kind, line))
+    return rows
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
+
+
+def trend(*, session: Session, days: int = 7) -> list[dict[str, Any]]:
+    """The headline share per day, from the flow service (controller/services/flow.py)."""
+    from datetime import timedelta
+
+    from controller.services import flow
+    from controller.store.models import utcnow
+
+    now = utcnow()
+    points = []
+    for back in range(days - 1, -1, -1):
+        end = now - timedelta(days=back)
+        figure = flow.flow(session=session, window_h=24, now=end)["headline"]
+        points.append({"day": end.strftime("%Y-%m-%d"), **figure})
+    return points

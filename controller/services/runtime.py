@@ -1,0 +1,97 @@
+"""What a running controller holds: settings, database, engine and its background workers."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from controller.providers.base import Provider
+from controller.services.auth import TokenCache
+from controller.services.lease_runtime import LeaseRuntime
+from controller.settings import Settings
+from controller.store.db import reader
+from controller.store.rawsql import GroupCommit
+from controller.transport.forward import ForwardRegistry
+from controller.transport.sessions import SessionRegistry
+from controller.transport.ssh import SshPool
+from controller.transport.sshexec import CommandRunner
+
+log = logging.getLogger(__name__)
+
+
+def read_install_id(data_dir: Path) -> str:
+    """A random id per data dir: the label that says which containers are ours."""
+    path = data_dir / "install-id"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(8))
+    return path.read_text().strip()
+
+
+@dataclass
+class Controller:
+    settings: Settings
+    db: Engine
+    provider: Provider
+    install_id: str
+    default_image: str
+    workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="shopfloor")
+    )
+    stopping: threading.Event = field(default_factory=threading.Event)
+    loops: list[threading.Thread] = field(default_factory=list)
+    sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    ssh: SshPool = field(init=False)
+    """One SSH connection per machine (direct or through the engine): sessions, files, ports."""
+    forwards: ForwardRegistry = field(init=False)
+    commands: CommandRunner = field(init=False)
+    """One-shot commands: over SSH where the machine has sshd, else the engine's exec."""
+
+    tokens: TokenCache = field(default_factory=TokenCache)
+    lease_runtime: LeaseRuntime = field(default_factory=LeaseRuntime)
+    """Requests waiting for a machine, and machines being returned after a lease."""
+    reader: Engine = field(init=False)
+    """The same database for read-only transactions (no write lock on SQLite)."""
+    group_commit: GroupCommit = field(init=False)
+    """Lease writes from the event loop, committed together when they arrive together."""
+
+    def __post_init__(self) -> None:
+        self.reader = reader(self.db)
+        self.group_commit = GroupCommit(self.db)
+        self.ssh = SshPool(
+            self.provider, self.settings.data_dir, timeout_s=self.settings.ssh_connect_timeout_s
+        )
+        self.forwards = ForwardRegistry(self.ssh)
+        self.commands = CommandRunner(self.ssh, self.provider)
+
+    def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
+        """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""
+
+        def loop() -> None:
+            while not self.stopping.is_set():
+                try:
+                    tick()
+                except Exception:
+                    log.exception("%s loop failed; retrying in %.1fs", name, interval_s)
+                self.stopping.wait(interval_s)
+
+        thread = threading.Thread(target=loop, name=f"shopfloor-{name}", daemon=True)
+        thread.start()
+        self.loops.append(thread)
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self.loops:
+            thread.join(timeout=10)
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.forwards.close()
+        self.sessions.close()
+        self.ssh.close()
+        self.db.dispose()

@@ -1,0 +1,70 @@
+"""The machine handle agents get: commands over SSH (engine fallback), files over SFTP, real forwards."""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+
+import paramiko
+
+from controller.errors import ShopfloorError
+from controller.services.handles import ExecMachineHandle
+from controller.services.runtime import Controller
+from controller.store.models import Machine
+
+
+class SshMachineHandle(ExecMachineHandle):
+    """Agents are trusted code: paths are not confined to /workspace here, only in the API."""
+
+    def __init__(self, ctl: Controller, machine: Machine) -> None:
+        runner = ctl.commands.for_container(machine.container_name)
+        super().__init__(runner, machine, output_cap=ctl.settings.exec_output_cap)
+        self.ctl = ctl
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        client = paramiko.SFTPClient.from_transport(self.ctl.ssh.transport(self.container))
+        if client is None:
+            raise ShopfloorError(f"cannot open SFTP in {self.machine_id}")
+        return client
+
+    def _absolute(self, path: str) -> str:
+        return path if path.startswith("/") else posixpath.join(self.workdir, path)
+
+    def read_file(self, path: str) -> bytes:
+        target = self._absolute(path)
+        with self._sftp() as sftp:
+            try:
+                with sftp.open(target, "rb") as fh:
+                    fh.prefetch()
+                    return bytes(fh.read())
+            except OSError as exc:
+                raise ShopfloorError(f"cannot read {target} in {self.machine_id}: {exc}") from exc
+
+    def write_file(self, path: str, data: bytes) -> None:
+        target = self._absolute(path)
+        with self._sftp() as sftp:
+            try:
+                _makedirs(sftp, posixpath.dirname(target))
+                with sftp.open(target, "wb") as fh:
+                    fh.set_pipelined(True)
+                    fh.write(data)
+            except OSError as exc:
+                raise ShopfloorError(f"cannot write {target} in {self.machine_id}: {exc}") from exc
+
+    def forward(self, port: int) -> str:
+        forward = self.ctl.forwards.open(
+            machine_id=self.machine_id, container=self.container, port=port
+        )
+        return forward.url
+
+
+def _makedirs(sftp: paramiko.SFTPClient, directory: str) -> None:
+    try:
+        if stat.S_ISDIR(sftp.stat(directory).st_mode or 0):
+            return
+    except FileNotFoundError:
+        pass
+    parent = posixpath.dirname(directory)
+    if parent != directory:
+        _makedirs(sftp, parent)
+    sftp.mkdir(directory)
