@@ -1,7 +1,7 @@
 """The one small protocol every stage agent speaks.
 
-An agent gets a :class:`StageContext` (the run, the task, a handle on the machine, the
-context folder, its ``with`` parameters) and returns a :class:`StageResult`. Agents never
+An agent gets an :class:`Assignment` (the run, the task, a handle on the machine, the
+handoff folder, its ``with`` parameters) and returns a :class:`StageResult`. Agents never
 talk to the engine or the database: the run driver gives them a :class:`MachineHandle`
 and stores what they return.
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-CONTEXT_DIR = "/workspace/.shopfloor"
+HANDOFF_DIR = "/workspace/.shopfloor"
 ArtifactKind = Literal["log", "junit", "screenshot", "diff", "plan", "file"]
 StageStatus = Literal["passed", "failed"]
 
@@ -76,7 +76,7 @@ class RemoteReport:
 
 
 @dataclass(frozen=True)
-class StageContext:
+class Assignment:
     run_id: str
     task: str
     repo: str
@@ -87,7 +87,7 @@ class StageContext:
     """The stage's ``with`` block, merged over the repo's ``.shopfloor.toml``."""
     machine: MachineHandle
     timeout_s: float
-    context_dir: str = CONTEXT_DIR
+    handoff_dir: str = HANDOFF_DIR
     log: Callable[[str], None] = lambda _line: None
     """Progress lines; the driver keeps them as the stage's log."""
     remote_report: Callable[[], RemoteReport | None] = lambda: None
@@ -107,4 +107,4 @@ class StageResult:
 class Agent(Protocol):
     name: str
 
-    def run(self, ctx: StageContext) -> StageResult: ...
+    def run(self, work: Assignment) -> StageResult: ...

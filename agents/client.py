@@ -108,7 +108,7 @@ class StageClaim:
     timeout_s: float
     workdir: str
     """The checkout in the machine."""
-    context_dir: str
+    handoff_dir: str
     """run.json and the earlier stages' notes."""
     machine: Machine
     """The run's machine, under the run's lease token."""
@@ -215,7 +215,7 @@ class Client:
             params=dict(answer["params"]),
             timeout_s=float(answer["timeout_s"]),
             workdir=answer["workdir"],
-            context_dir=answer["context_dir"],
+            handoff_dir=answer["handoff_dir"],
             machine=machine,
         )
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from agents.base import Artifact, StageContext, StageResult
+from agents.base import Artifact, Assignment, StageResult
 
 
 class CommandAgent:
     name = "command"
 
-    def run(self, ctx: StageContext) -> StageResult:
-        commands = ctx.params.get("commands") or (
-            [ctx.params["cmd"]] if "cmd" in ctx.params else []
+    def run(self, work: Assignment) -> StageResult:
+        commands = work.params.get("commands") or (
+            [work.params["cmd"]] if "cmd" in work.params else []
         )
         if not commands:
             return StageResult(
@@ -19,8 +19,8 @@ class CommandAgent:
         log: list[str] = []
         exit_codes: list[int | None] = []
         for cmd in commands:
-            ctx.log(f"$ {cmd}")
-            result = ctx.machine.run(str(cmd), timeout_s=ctx.timeout_s)
+            work.log(f"$ {cmd}")
+            result = work.machine.run(str(cmd), timeout_s=work.timeout_s)
             exit_codes.append(result.exit_code)
             log += [f"$ {cmd}", result.stdout, result.stderr]
             if not result.ok:

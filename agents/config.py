@@ -39,7 +39,7 @@ class RepoConfig:
     """Paths the QA stage screenshots, e.g. ``/`` and ``/about``."""
     lint: str | None = None
     agent: str | None = None
-    """Command template of an external coding agent: ``{task}``, ``{context_dir}``, ``{plan}``."""
+    """Command template of an external coding agent: ``{task}``, ``{handoff_dir}``, ``{plan}``."""
     ready_timeout_s: float = 30.0
     """How long QA waits for the app to listen on ``port``."""
     page_timeout_s: float = 20.0

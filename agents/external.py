@@ -2,7 +2,7 @@
 
 The command template names placeholders that are replaced by shell-quoted values, so a
 task with quotes, ``$`` or newlines reaches the CLI as one argument and runs nothing:
-``{task}``, ``{context_dir}``, ``{workdir}``, ``{plan}`` (the plan file's path).
+``{task}``, ``{handoff_dir}``, ``{workdir}``, ``{plan}`` (the plan file's path).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from agents import config
-from agents.base import Artifact, StageContext, StageResult
+from agents.base import Artifact, Assignment, StageResult
 from agents.reviewer import TEXT, diff_base, git_diff
 
 NOT_FOUND = 127
@@ -37,22 +37,22 @@ def program(template: str) -> str:
 class ExternalAgent:
     name = "external"
 
-    def run(self, ctx: StageContext) -> StageResult:
-        cfg = config.load(ctx.machine.read_file, ctx.machine.workdir, ctx.params)
-        template = str(ctx.params.get("command") or cfg.agent or "")
+    def run(self, work: Assignment) -> StageResult:
+        cfg = config.load(work.machine.read_file, work.machine.workdir, work.params)
+        template = str(work.params.get("command") or cfg.agent or "")
         if not template.strip():
             return StageResult(
                 "failed",
                 "external agent needs a command template: 'command' in its 'with' block "
                 "or 'agent' in .shopfloor.toml (e.g. \"claude -p {task}\")",
             )
-        return run_external(ctx, template, prompt=ctx.task, name="external")
+        return run_external(work, template, prompt=work.task, name="external")
 
 
-def run_external(ctx: StageContext, template: str, *, prompt: str, name: str) -> StageResult:
+def run_external(work: Assignment, template: str, *, prompt: str, name: str) -> StageResult:
     """Shared with the planner: run the CLI, keep its transcript, record the diff it made."""
     exe = program(template)
-    check = ctx.machine.run(f"command -v -- {shlex.quote(exe)}", timeout_s=30)
+    check = work.machine.run(f"command -v -- {shlex.quote(exe)}", timeout_s=30)
     if not check.ok:
         return StageResult(
             "failed",
@@ -62,18 +62,18 @@ def run_external(ctx: StageContext, template: str, *, prompt: str, name: str) ->
         )
     values = {
         "task": prompt,
-        "context_dir": ctx.context_dir,
-        "workdir": ctx.machine.workdir,
-        "plan": f"{ctx.context_dir}/plan.md",
+        "handoff_dir": work.handoff_dir,
+        "workdir": work.machine.workdir,
+        "plan": f"{work.handoff_dir}/plan.md",
     }
     command = render(template, values)
-    base = diff_base(ctx.machine, ctx.ref)
-    ctx.log(f"$ {command}")
-    result = ctx.machine.run(
-        command, env={"SHOPFLOOR_CONTEXT_DIR": ctx.context_dir}, timeout_s=ctx.timeout_s
+    base = diff_base(work.machine, work.ref)
+    work.log(f"$ {command}")
+    result = work.machine.run(
+        command, env={"SHOPFLOOR_CONTEXT_DIR": work.handoff_dir}, timeout_s=work.timeout_s
     )
     transcript = f"$ {command}\n{result.stdout}{result.stderr}"
-    patch = git_diff(ctx.machine, base)
+    patch = git_diff(work.machine, base)
     artifacts = [
         Artifact("log", f"{name}-transcript.log", transcript.encode(), TEXT, {"cmd": template}),
         Artifact("diff", f"{name}.patch", patch.encode(), "text/x-diff", {"base": base}),

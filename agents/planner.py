@@ -1,4 +1,4 @@
-"""``planner``: leaves ``plan.md`` in the context folder for the stages after it.
+"""``planner``: leaves ``plan.md`` in the handoff folder for the stages after it.
 
 With an external agent configured it asks that agent to write the plan; without one it
 writes a plan skeleton from the task and the repo's layout, so the next stage always finds
@@ -10,7 +10,7 @@ from __future__ import annotations
 import posixpath
 
 from agents import config
-from agents.base import Artifact, StageContext, StageResult
+from agents.base import Artifact, Assignment, StageResult
 from agents.external import run_external
 
 MARKDOWN = "text/markdown; charset=utf-8"
@@ -40,30 +40,30 @@ def template_plan(task: str, files: list[str]) -> str:
 class PlannerAgent:
     name = "planner"
 
-    def run(self, ctx: StageContext) -> StageResult:
-        cfg = config.load(ctx.machine.read_file, ctx.machine.workdir, ctx.params)
-        plan_path = posixpath.join(ctx.context_dir, "plan.md")
-        template = str(ctx.params.get("command") or cfg.agent or "")
+    def run(self, work: Assignment) -> StageResult:
+        cfg = config.load(work.machine.read_file, work.machine.workdir, work.params)
+        plan_path = posixpath.join(work.handoff_dir, "plan.md")
+        template = str(work.params.get("command") or cfg.agent or "")
         if template.strip():
-            prompt = PROMPT.format(plan_path=plan_path, task=ctx.task)
-            result = run_external(ctx, template, prompt=prompt, name="planner")
+            prompt = PROMPT.format(plan_path=plan_path, task=work.task)
+            result = run_external(work, template, prompt=prompt, name="planner")
             if result.status != "passed":
                 return result
             try:
-                plan = ctx.machine.read_file(plan_path)
+                plan = work.machine.read_file(plan_path)
             except Exception:  # noqa: BLE001 - the agent printed its plan instead of saving it
                 transcript = next(a for a in result.artifacts if a.kind == "log").data
                 plan = transcript
-                ctx.machine.write_file(plan_path, plan)
+                work.machine.write_file(plan_path, plan)
             result.artifacts.append(Artifact("plan", "plan.md", plan, MARKDOWN))
             result.outputs["plan"] = plan_path
             result.summary = f"plan written by {template.split()[0]} to {plan_path}"
             return result
-        listing = ctx.machine.run("git ls-files", timeout_s=60)
+        listing = work.machine.run("git ls-files", timeout_s=60)
         files = listing.stdout.splitlines() if listing.ok else []
-        plan_text = template_plan(ctx.task, files).encode()
-        ctx.machine.write_file(plan_path, plan_text)
-        ctx.log(f"wrote {plan_path} from the template ({len(files)} files listed)")
+        plan_text = template_plan(work.task, files).encode()
+        work.machine.write_file(plan_path, plan_text)
+        work.log(f"wrote {plan_path} from the template ({len(files)} files listed)")
         return StageResult(
             "passed",
             f"plan written to {plan_path} (template; no external agent configured)",

@@ -11,7 +11,7 @@ import shlex
 from collections.abc import Callable
 
 from agents import config
-from agents.base import Artifact, StageContext, StageResult
+from agents.base import Artifact, Assignment, StageResult
 from agents.reviewer import TEXT
 from evidence.capture import PageShot, capture_pages
 
@@ -35,8 +35,8 @@ class QaAgent:
     def __init__(self, capture: Capture = capture_pages) -> None:
         self.capture = capture
 
-    def run(self, ctx: StageContext) -> StageResult:
-        cfg = config.load(ctx.machine.read_file, ctx.machine.workdir, ctx.params)
+    def run(self, work: Assignment) -> StageResult:
+        cfg = config.load(work.machine.read_file, work.machine.workdir, work.params)
         missing = [key for key in ("serve", "port") if getattr(cfg, key) in (None, "")]
         if missing or not cfg.pages:
             need = ", ".join([*missing, *([] if cfg.pages else ["pages"])])
@@ -45,11 +45,11 @@ class QaAgent:
             )
         assert cfg.serve is not None
         assert cfg.port is not None
-        log_path = f"{ctx.context_dir}/qa-serve.log"
-        started = ctx.machine.run(
+        log_path = f"{work.handoff_dir}/qa-serve.log"
+        started = work.machine.run(
             _START.format(
-                context=shlex.quote(ctx.context_dir),
-                workdir=shlex.quote(ctx.machine.workdir),
+                context=shlex.quote(work.handoff_dir),
+                workdir=shlex.quote(work.machine.workdir),
                 serve=shlex.quote(cfg.serve),
                 log=shlex.quote(log_path),
             ),
@@ -62,20 +62,20 @@ class QaAgent:
         if not pid.isdigit():
             return StageResult("failed", f"could not start {cfg.serve!r}: {started.stderr.strip()}")
         try:
-            return self._check(ctx, cfg, int(pid), log_path)
+            return self._check(work, cfg, int(pid), log_path)
         finally:
-            ctx.machine.run(f"kill -TERM -- -{pid} 2>/dev/null; true", timeout_s=30)
+            work.machine.run(f"kill -TERM -- -{pid} 2>/dev/null; true", timeout_s=30)
 
     def _check(
-        self, ctx: StageContext, cfg: config.RepoConfig, pid: int, log_path: str
+        self, work: Assignment, cfg: config.RepoConfig, pid: int, log_path: str
     ) -> StageResult:
         assert cfg.port is not None
         tries = max(1, int(cfg.ready_timeout_s / 0.2))
-        waited = ctx.machine.run(
+        waited = work.machine.run(
             _WAIT.format(tries=tries, port=cfg.port, pid=pid), timeout_s=cfg.ready_timeout_s + 30
         )
         if not waited.ok:
-            log = self._serve_log(ctx, log_path)
+            log = self._serve_log(work, log_path)
             why = (
                 "exited before it listened"
                 if waited.exit_code == 3
@@ -87,15 +87,15 @@ class QaAgent:
                 outputs={"port": cfg.port},
                 artifacts=[Artifact("log", "qa-serve.log", log, TEXT)],
             )
-        url = ctx.machine.forward(cfg.port)
-        ctx.log(f"app listens on {cfg.port}, forwarded to {url}")
+        url = work.machine.forward(cfg.port)
+        work.log(f"app listens on {cfg.port}, forwarded to {url}")
         shots = self.capture(url, cfg.pages, timeout_s=cfg.page_timeout_s)
         artifacts = [
             Artifact("screenshot", _name(shot.page), shot.png, "image/png", shot.meta())
             for shot in shots
             if shot.png
         ]
-        artifacts.append(Artifact("log", "qa-serve.log", self._serve_log(ctx, log_path), TEXT))
+        artifacts.append(Artifact("log", "qa-serve.log", self._serve_log(work, log_path), TEXT))
         failures = [f"{shot.page}: {shot.reason}" for shot in shots if not shot.ok]
         outputs = {"url": url, "pages": [shot.meta() for shot in shots], "failures": failures}
         if failures:
@@ -109,9 +109,9 @@ class QaAgent:
         )
 
     @staticmethod
-    def _serve_log(ctx: StageContext, log_path: str) -> bytes:
+    def _serve_log(work: Assignment, log_path: str) -> bytes:
         try:
-            return ctx.machine.read_file(log_path)[-65536:]
+            return work.machine.read_file(log_path)[-65536:]
         except Exception:  # noqa: BLE001 - a missing log is not worth failing over
             return b""
 

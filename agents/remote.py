@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from agents.base import StageContext, StageResult
+from agents.base import Assignment, StageResult
 
 POLL_S = 0.5
 
@@ -19,16 +19,18 @@ POLL_S = 0.5
 class RemoteAgent:
     name = "remote"
 
-    def run(self, ctx: StageContext) -> StageResult:
-        base = f"/api/v1/runs/{ctx.run_id}/stages/{ctx.stage}"
-        ctx.log(f"waiting up to {ctx.timeout_s:g}s for a remote agent: {base}/claim, then /report")
-        deadline = time.monotonic() + ctx.timeout_s
+    def run(self, work: Assignment) -> StageResult:
+        base = f"/api/v1/runs/{work.run_id}/stages/{work.stage}"
+        work.log(
+            f"waiting up to {work.timeout_s:g}s for a remote agent: {base}/claim, then /report"
+        )
+        deadline = time.monotonic() + work.timeout_s
         while time.monotonic() < deadline:
-            report = ctx.remote_report()
+            report = work.remote_report()
             if report is not None:
-                ctx.log(f"reported {report.status}: {report.summary}")
+                work.log(f"reported {report.status}: {report.summary}")
                 return StageResult(report.status, report.summary, dict(report.outputs))
             time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
         return StageResult(
-            "failed", f"no remote agent reported within the stage's {ctx.timeout_s:g}s"
+            "failed", f"no remote agent reported within the stage's {work.timeout_s:g}s"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 
 from agents import config
-from agents.base import Artifact, MachineHandle, StageContext, StageResult
+from agents.base import Artifact, Assignment, MachineHandle, StageResult
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -39,22 +39,22 @@ def git_diff(machine: MachineHandle, base: str, *, stat: bool = False) -> str:
 class ReviewerAgent:
     name = "reviewer"
 
-    def run(self, ctx: StageContext) -> StageResult:
-        cfg = config.load(ctx.machine.read_file, ctx.machine.workdir, ctx.params)
-        base = str(ctx.params.get("base") or diff_base(ctx.machine, ctx.ref))
-        stat = git_diff(ctx.machine, base, stat=True)
-        patch = git_diff(ctx.machine, base)
+    def run(self, work: Assignment) -> StageResult:
+        cfg = config.load(work.machine.read_file, work.machine.workdir, work.params)
+        base = str(work.params.get("base") or diff_base(work.machine, work.ref))
+        stat = git_diff(work.machine, base, stat=True)
+        patch = git_diff(work.machine, base)
         artifacts = [
             Artifact("diff", "changes.patch", patch.encode(), "text/x-diff", {"base": base}),
             Artifact("log", "diffstat.txt", stat.encode(), TEXT, {"base": base}),
         ]
         outputs: dict[str, object] = {"base": base, "files_changed": _files_changed(stat)}
-        ctx.log(f"diff against {base}: {outputs['files_changed']} file(s) changed")
+        work.log(f"diff against {base}: {outputs['files_changed']} file(s) changed")
         if not cfg.lint:
             return StageResult(
                 "passed", f"{outputs['files_changed']} file(s) changed", outputs, artifacts
             )
-        lint = ctx.machine.run(cfg.lint, timeout_s=ctx.timeout_s)
+        lint = work.machine.run(cfg.lint, timeout_s=work.timeout_s)
         outputs["lint_exit_code"] = lint.exit_code
         artifacts.append(
             Artifact(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 
 from agents import config
-from agents.base import Artifact, StageContext, StageResult
+from agents.base import Artifact, Assignment, StageResult
 from agents.reviewer import TEXT
 
 MAX_REPORTS = 20
@@ -14,8 +14,8 @@ MAX_REPORTS = 20
 class TesterAgent:
     name = "tester"
 
-    def run(self, ctx: StageContext) -> StageResult:
-        cfg = config.load(ctx.machine.read_file, ctx.machine.workdir, ctx.params)
+    def run(self, work: Assignment) -> StageResult:
+        cfg = config.load(work.machine.read_file, work.machine.workdir, work.params)
         if not cfg.test:
             return StageResult(
                 "failed",
@@ -23,14 +23,14 @@ class TesterAgent:
             )
         globs = " ".join(_glob_word(g) for g in cfg.junit)
         if globs:  # results of an earlier attempt must not pass for this one's
-            ctx.machine.run(f"rm -f -- {globs}", timeout_s=60)
-        ctx.log(f"$ {cfg.test}")
-        result = ctx.machine.run(cfg.test, timeout_s=ctx.timeout_s)
+            work.machine.run(f"rm -f -- {globs}", timeout_s=60)
+        work.log(f"$ {cfg.test}")
+        result = work.machine.run(cfg.test, timeout_s=work.timeout_s)
         log = f"$ {cfg.test}\n{result.stdout}{result.stderr}"
         artifacts = [Artifact("log", "test.log", log.encode(), TEXT, {"cmd": cfg.test})]
-        reports = self._reports(ctx, globs)
+        reports = self._reports(work, globs)
         for path in reports:
-            data = ctx.machine.read_file(path)
+            data = work.machine.read_file(path)
             name = path.replace("/", "_")
             artifacts.append(Artifact("junit", name, data, "application/xml", {"path": path}))
         outputs = {"exit_code": result.exit_code, "junit": reports}
@@ -42,10 +42,10 @@ class TesterAgent:
         return StageResult("failed", f"tests failed ({reason})", outputs, artifacts)
 
     @staticmethod
-    def _reports(ctx: StageContext, globs: str) -> list[str]:
+    def _reports(work: Assignment, globs: str) -> list[str]:
         if not globs:
             return []
-        found = ctx.machine.run(
+        found = work.machine.run(
             f'for f in {globs}; do [ -f "$f" ] && printf "%s\\n" "$f"; done; true', timeout_s=60
         )
         return found.stdout.splitlines()[:MAX_REPORTS]

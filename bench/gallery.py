@@ -24,7 +24,7 @@ from PIL import Image
 from controller.api.app import create_app
 from controller.services import auth
 from controller.settings import Settings
-from controller.store.db import make_engine, session_scope
+from controller.store.db import make_engine, unit_of_work
 from controller.store.models import Role, Run, RunStatus, Stage, StageStatus, utcnow
 from evidence.store import ArtifactStore, save_artifact
 
@@ -49,21 +49,21 @@ def png(seed: int) -> bytes:
 def seed(settings: Settings) -> tuple[str, str, str]:
     engine = make_engine(settings.sqlalchemy_url)
     store = ArtifactStore.from_settings(settings)
-    with session_scope(engine) as session:
-        token = auth.create_token(session=session, role=Role.reviewer, name="bench")
+    with unit_of_work(engine) as tx:
+        token = auth.create_token(tx=tx, role=Role.reviewer, name="bench")
     run_ids: list[str] = []
     for number in range(RUNS + 1):
         count = BIG_RUN if number == RUNS else PER_RUN
-        with session_scope(engine) as session:
+        with unit_of_work(engine) as tx:
             run = Run(
                 task=f"bench change {number}",
                 repo=f"/repos/app{number % 5}",
                 status=RunStatus.passed,
                 finished_at=utcnow(),
             )
-            session.add(run)
+            tx.add(run)
             for position, name in enumerate(("plan", "implement", "test", "review", "qa")):
-                session.add(
+                tx.add(
                     Stage(
                         run_id=run.id,
                         position=position,
@@ -73,11 +73,11 @@ def seed(settings: Settings) -> tuple[str, str, str]:
                         attempts=1,
                     )
                 )
-            session.flush()
+            tx.flush()
             for index in range(count):
                 kind, name, data = artifact(number, index)
                 save_artifact(
-                    session=session,
+                    tx=tx,
                     store=store,
                     run_id=run.id,
                     stage="test",

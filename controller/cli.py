@@ -59,13 +59,13 @@ def token_create(
 ) -> None:
     """Make a token; it is printed once, as the last word of the output."""
     from controller.services import auth
-    from controller.store.db import make_engine, migrate, session_scope
+    from controller.store.db import make_engine, migrate, unit_of_work
 
     settings = get_settings()
     migrate(settings.sqlalchemy_url)
     engine = make_engine(settings.sqlalchemy_url)
-    with session_scope(engine) as session:
-        token = auth.create_token(session=session, role=role, name=name)
+    with unit_of_work(engine) as tx:
+        token = auth.create_token(tx=tx, role=role, name=name)
     engine.dispose()
     print(f"created {role.value} token: {token}")  # noqa: T201 - the token is the output
 

@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 
 from controller.settings import Settings
 from controller.store import events
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import Artifact, Baseline, RunPin, utcnow
 from evidence.store import ArtifactStore
 
@@ -43,23 +43,23 @@ def blob_refs(facts: Mapping[str, Any]) -> list[str]:
     return [ref for ref in refs if isinstance(ref, str)]
 
 
-def pin_run(*, session: Session, run_id: str) -> RunPin:
-    pin = session.get(RunPin, run_id) or RunPin(run_id=run_id)
-    session.add(pin)
-    events.record(session, "run.pinned", run_id)
+def pin_run(*, tx: Session, run_id: str) -> RunPin:
+    pin = tx.get(RunPin, run_id) or RunPin(run_id=run_id)
+    tx.add(pin)
+    events.record(tx, "run.pinned", run_id)
     return pin
 
 
-def unpin_run(*, session: Session, run_id: str) -> None:
-    pin = session.get(RunPin, run_id)
+def unpin_run(*, tx: Session, run_id: str) -> None:
+    pin = tx.get(RunPin, run_id)
     if pin is not None:
-        session.delete(pin)
-        events.record(session, "run.unpinned", run_id)
+        tx.delete(pin)
+        events.record(tx, "run.unpinned", run_id)
 
 
 def apply_retention(
     *,
-    session: Session,
+    tx: Session,
     store: ArtifactStore,
     max_age_days: float,
     max_total_bytes: int,
@@ -68,24 +68,22 @@ def apply_retention(
 ) -> RetentionReport:
     """Expire by age, then by size (oldest unpinned runs first), then collect blobs."""
     report = RetentionReport()
-    pinned = set(session.exec(select(RunPin.run_id)))
+    pinned = set(tx.exec(select(RunPin.run_id)))
     if max_age_days > 0:
         cutoff = (now or utcnow()) - timedelta(days=max_age_days)
         stale = select(Artifact.run_id).where(col(Artifact.created_at) < cutoff).distinct()
-        old_runs = [run_id for run_id in session.exec(stale) if run_id not in pinned]
-        report.expired_artifacts += _delete_runs_evidence(session, old_runs, before=cutoff)
+        old_runs = [run_id for run_id in tx.exec(stale) if run_id not in pinned]
+        report.expired_artifacts += _delete_runs_evidence(tx, old_runs, before=cutoff)
         report.expired_runs += old_runs
     if max_total_bytes > 0:
-        over = _runs_to_drop_for_size(session, store, pinned, max_total_bytes)
-        report.expired_artifacts += _delete_runs_evidence(session, over, before=None)
+        over = _runs_to_drop_for_size(tx, store, pinned, max_total_bytes)
+        report.expired_artifacts += _delete_runs_evidence(tx, over, before=None)
         report.expired_runs += [r for r in over if r not in report.expired_runs]
-    session.flush()
-    report.collected_blobs, report.freed_bytes = collect_blobs(
-        session=session, store=store, grace_s=grace_s
-    )
+    tx.flush()
+    report.collected_blobs, report.freed_bytes = collect_blobs(tx=tx, store=store, grace_s=grace_s)
     if report.expired_artifacts or report.collected_blobs:
         events.record(
-            session,
+            tx,
             "evidence.expired",
             "retention",
             artifacts=report.expired_artifacts,
@@ -96,30 +94,28 @@ def apply_retention(
     return report
 
 
-def _delete_runs_evidence(session: Session, run_ids: list[str], before: datetime | None) -> int:
+def _delete_runs_evidence(tx: Session, run_ids: list[str], before: datetime | None) -> int:
     if not run_ids:
         return 0
     query = delete(Artifact).where(col(Artifact.run_id).in_(run_ids))
     if before is not None:
         query = query.where(col(Artifact.created_at) < before)
-    result = session.exec(query)
+    result = tx.exec(query)
     return int(result.rowcount or 0)
 
 
 def _runs_to_drop_for_size(
-    session: Session, store: ArtifactStore, pinned: set[str], max_total_bytes: int
+    tx: Session, store: ArtifactStore, pinned: set[str], max_total_bytes: int
 ) -> list[str]:
     """Oldest unpinned runs whose evidence must go so the blobs fit in ``max_total_bytes``."""
     sizes = {sha: path.stat().st_size for sha, path in store.iter_blobs()}
     usage = sum(sizes.values())
     if usage <= max_total_bytes:
         return []
-    refs: Counter[str] = Counter(session.exec(select(Baseline.sha256)))
+    refs: Counter[str] = Counter(tx.exec(select(Baseline.sha256)))
     per_run: dict[str, list[str]] = {}
     first_seen: dict[str, datetime] = {}
-    rows = session.exec(
-        select(Artifact.run_id, Artifact.sha256, Artifact.facts, Artifact.created_at)
-    )
+    rows = tx.exec(select(Artifact.run_id, Artifact.sha256, Artifact.facts, Artifact.created_at))
     for run_id, sha256, facts, created_at in rows:
         shas = [sha256, *blob_refs(facts or {})]
         refs.update(shas)
@@ -139,17 +135,17 @@ def _runs_to_drop_for_size(
     return dropped
 
 
-def referenced_blobs(session: Session) -> set[str]:
-    referenced = set(session.exec(select(Baseline.sha256)))
-    for sha256, facts in session.exec(select(Artifact.sha256, Artifact.facts)):
+def referenced_blobs(tx: Session) -> set[str]:
+    referenced = set(tx.exec(select(Baseline.sha256)))
+    for sha256, facts in tx.exec(select(Artifact.sha256, Artifact.facts)):
         referenced.add(sha256)
         referenced.update(blob_refs(facts or {}))
     return referenced
 
 
-def collect_blobs(*, session: Session, store: ArtifactStore, grace_s: float) -> tuple[int, int]:
+def collect_blobs(*, tx: Session, store: ArtifactStore, grace_s: float) -> tuple[int, int]:
     """Delete blobs (and stray temp files) no record references; returns (count, bytes)."""
-    referenced = referenced_blobs(session)
+    referenced = referenced_blobs(tx)
     horizon = time.time() - grace_s
     count = freed = 0
     for sha, path in list(store.iter_blobs()):
@@ -166,9 +162,9 @@ def collect_blobs(*, session: Session, store: ArtifactStore, grace_s: float) -> 
 
 def retention_tick(*, db: Engine, settings: Settings) -> RetentionReport:
     """One pass of the background retention loop, with the limits from settings."""
-    with session_scope(db) as session:
+    with unit_of_work(db) as tx:
         return apply_retention(
-            session=session,
+            tx=tx,
             store=ArtifactStore.from_settings(settings),
             max_age_days=settings.retention_days,
             max_total_bytes=settings.retention_max_bytes,

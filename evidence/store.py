@@ -177,7 +177,7 @@ def screenshot_page(name: str, meta: dict[str, Any]) -> str:
 
 def save_artifact(
     *,
-    session: Session,
+    tx: Session,
     store: ArtifactStore,
     run_id: str,
     stage: str,
@@ -203,12 +203,12 @@ def save_artifact(
             "(SHOPFLOOR_ARTIFACT_CAP_BYTES)",
             cap_bytes=store.cap_bytes,
         )
-    run = session.get(Run, run_id)
+    run = tx.get(Run, run_id)
     if run is None:
         raise NotFound(f"run {run_id} does not exist")
     meta = dict(meta or {})
     facts = _derive_facts(
-        session=session,
+        tx=tx,
         store=store,
         repo=run.repo,
         kind=artifact_kind,
@@ -230,9 +230,9 @@ def save_artifact(
         meta=meta,
         facts=facts,
     )
-    session.add(artifact)
+    tx.add(artifact)
     events.record(
-        session,
+        tx,
         "artifact.saved",
         artifact.id,
         run_id=run_id,
@@ -246,7 +246,7 @@ def save_artifact(
 
 def _derive_facts(
     *,
-    session: Session,
+    tx: Session,
     store: ArtifactStore,
     repo: str,
     kind: ArtifactKind,
@@ -259,7 +259,7 @@ def _derive_facts(
         return {"junit": report.counts()}
     if kind is ArtifactKind.screenshot:
         return _screenshot_facts(
-            session=session, store=store, repo=repo, page=screenshot_page(name, meta), data=data
+            tx=tx, store=store, repo=repo, page=screenshot_page(name, meta), data=data
         )
     if kind is ArtifactKind.log:
         return {"lines": data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)}
@@ -267,7 +267,7 @@ def _derive_facts(
 
 
 def _screenshot_facts(
-    *, session: Session, store: ArtifactStore, repo: str, page: str, data: bytes
+    *, tx: Session, store: ArtifactStore, repo: str, page: str, data: bytes
 ) -> dict[str, Any]:
     width, height = images.verify_png(data, max_pixels=store.image_max_pixels)
     facts: dict[str, Any] = {
@@ -277,7 +277,7 @@ def _screenshot_facts(
         "thumb_sha256": store.put(images.thumbnail(data)),
         "comparison": None,
     }
-    baseline = session.get(Baseline, (repo, page))
+    baseline = tx.get(Baseline, (repo, page))
     if baseline is None or not store.exists(baseline.sha256):
         return facts
     result = images.compare(data, store.get(baseline.sha256))
@@ -295,18 +295,18 @@ def _screenshot_facts(
     return facts
 
 
-def get_artifact(session: Session, artifact_id: str) -> Artifact:
-    artifact = session.get(Artifact, artifact_id)
+def get_artifact(tx: Session, artifact_id: str) -> Artifact:
+    artifact = tx.get(Artifact, artifact_id)
     if artifact is None:
         raise NotFound(f"artifact {artifact_id} does not exist")
     return artifact
 
 
-def list_artifacts(session: Session, run_id: str) -> list[Artifact]:
+def list_artifacts(tx: Session, run_id: str) -> list[Artifact]:
     """All of a run's artifacts in one query, in the order they were saved."""
     query = (
         select(Artifact)
         .where(Artifact.run_id == run_id)
         .order_by(col(Artifact.created_at), col(Artifact.id))
     )
-    return list(session.exec(query))
+    return list(tx.exec(query))

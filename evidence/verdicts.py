@@ -60,31 +60,31 @@ def is_closed(stages: Sequence[Stage], verdict: Verdict | None) -> bool:
     return stages_passed and verdict_state(verdict) is VerdictState.approved
 
 
-def verdicts_for(session: Session, run_ids: Iterable[str]) -> dict[str, Verdict]:
+def verdicts_for(tx: Session, run_ids: Iterable[str]) -> dict[str, Verdict]:
     """Verdicts of many runs in one query (lists must not ask once per run)."""
     ids = list(set(run_ids))
     if not ids:
         return {}
-    found = session.exec(select(Verdict).where(col(Verdict.run_id).in_(ids)))
+    found = tx.exec(select(Verdict).where(col(Verdict.run_id).in_(ids)))
     return {v.run_id: v for v in found}
 
 
-def stages_for(session: Session, run_ids: Iterable[str]) -> dict[str, list[Stage]]:
+def stages_for(tx: Session, run_ids: Iterable[str]) -> dict[str, list[Stage]]:
     ids = list(set(run_ids))
     grouped: dict[str, list[Stage]] = {run_id: [] for run_id in ids}
     if not ids:
         return grouped
     query = select(Stage).where(col(Stage.run_id).in_(ids)).order_by(col(Stage.position))
-    for stage in session.exec(query):
+    for stage in tx.exec(query):
         grouped[stage.run_id].append(stage)
     return grouped
 
 
-def closed_for(session: Session, run_ids: Iterable[str]) -> dict[str, tuple[VerdictState, bool]]:
+def closed_for(tx: Session, run_ids: Iterable[str]) -> dict[str, tuple[VerdictState, bool]]:
     """(verdict state, closed) per run, in two queries whatever the number of runs."""
     ids = list(set(run_ids))
-    verdicts = verdicts_for(session, ids)
-    stages = stages_for(session, ids)
+    verdicts = verdicts_for(tx, ids)
+    stages = stages_for(tx, ids)
     return {
         run_id: (
             verdict_state(verdicts.get(run_id)),
@@ -95,7 +95,7 @@ def closed_for(session: Session, run_ids: Iterable[str]) -> dict[str, tuple[Verd
 
 
 def give_verdict(
-    *, session: Session, run_id: str, decision: str, comment: str, reviewer: ApiToken
+    *, tx: Session, run_id: str, decision: str, comment: str, reviewer: ApiToken
 ) -> Verdict:
     """Record the one verdict of a finished run; approval makes its screenshots the baseline."""
     try:
@@ -107,13 +107,13 @@ def give_verdict(
         raise InvalidInput(f"the comment must be at most {COMMENT_MAX} characters")
     if chosen is Decision.reject and not comment:
         raise InvalidInput("a rejection needs a comment that says what to fix")
-    run = require_run(session, run_id)
+    run = require_run(tx, run_id)
     if run.status not in FINISHED_RUN_STATUSES:
         raise Conflict(
             f"run {run_id} is still {run.status.value}; give the verdict when it has finished",
             status=run.status.value,
         )
-    existing = session.exec(select(Verdict).where(Verdict.run_id == run_id)).first()
+    existing = tx.exec(select(Verdict).where(Verdict.run_id == run_id)).first()
     if existing is not None:
         raise Conflict(
             f"run {run_id} already has a verdict ({verdict_state(existing).value})",
@@ -126,13 +126,13 @@ def give_verdict(
         reviewer_token_id=reviewer.id,
         reviewer_name=reviewer.name,
     )
-    session.add(verdict)
+    tx.add(verdict)
     try:
-        session.flush()
+        tx.flush()
     except IntegrityError:
         raise Conflict(f"run {run_id} already has a verdict") from None
     events.record(
-        session,
+        tx,
         "run.verdict",
         run_id,
         decision=chosen.value,
@@ -140,11 +140,11 @@ def give_verdict(
         comment=comment[:200],
     )
     if chosen is Decision.approve:
-        promote_baselines(session=session, run=run)
+        promote_baselines(tx=tx, run=run)
     return verdict
 
 
-def promote_baselines(*, session: Session, run: Run) -> list[Baseline]:
+def promote_baselines(*, tx: Session, run: Run) -> list[Baseline]:
     """Each page's newest screenshot in the run becomes that page's baseline for the repo."""
     query = (
         select(Artifact)
@@ -152,29 +152,27 @@ def promote_baselines(*, session: Session, run: Run) -> list[Baseline]:
         .order_by(col(Artifact.created_at), col(Artifact.id))
     )
     newest: dict[str, Artifact] = {}
-    for shot in session.exec(query):
+    for shot in tx.exec(query):
         newest[str(shot.facts.get("page") or shot.name)] = shot
     promoted: list[Baseline] = []
     for page, shot in newest.items():
-        baseline = session.get(Baseline, (run.repo, page)) or Baseline(
+        baseline = tx.get(Baseline, (run.repo, page)) or Baseline(
             repo=run.repo, page=page, artifact_id=shot.id, run_id=run.id, sha256=shot.sha256
         )
         baseline.artifact_id, baseline.run_id, baseline.sha256 = shot.id, run.id, shot.sha256
         baseline.approved_at = utcnow()
-        session.add(baseline)
+        tx.add(baseline)
         promoted.append(baseline)
-        events.record(
-            session, "baseline.updated", run.id, repo=run.repo, page=page, artifact_id=shot.id
-        )
+        events.record(tx, "baseline.updated", run.id, repo=run.repo, page=page, artifact_id=shot.id)
     return promoted
 
 
-def require_run(session: Session, run_id: str) -> Run:
-    run = session.get(Run, run_id)
+def require_run(tx: Session, run_id: str) -> Run:
+    run = tx.get(Run, run_id)
     if run is None:
         raise NotFound(f"run {run_id} does not exist")
     return run
 
 
-def get_verdict(session: Session, run_id: str) -> Verdict | None:
-    return session.exec(select(Verdict).where(Verdict.run_id == run_id)).first()
+def get_verdict(tx: Session, run_id: str) -> Verdict | None:
+    return tx.exec(select(Verdict).where(Verdict.run_id == run_id)).first()

@@ -14,7 +14,7 @@ from sqlmodel import Session
 from controller.errors import InvalidInput
 from controller.services import auth
 from controller.services.runtime import Controller
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import ApiToken, Role
 
 M = TypeVar("M", bound=BaseModel)
@@ -35,8 +35,8 @@ Ctl = Annotated[Controller, Depends(get_controller)]
 
 
 def get_session(ctl: Ctl) -> Iterator[Session]:
-    with session_scope(ctl.db) as session:
-        yield session
+    with unit_of_work(ctl.db) as tx:
+        yield tx
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -68,8 +68,8 @@ async def authenticate(
 
 
 def _lookup(ctl: Controller, token_hash: str) -> ApiToken:
-    with session_scope(ctl.reader) as session:
-        return auth.lookup(session=session, token_hash=token_hash)
+    with unit_of_work(ctl.reader) as tx:
+        return auth.lookup(tx=tx, token_hash=token_hash)
 
 
 AGENT_ROLES = (Role.ops, Role.agent)

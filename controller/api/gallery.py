@@ -2,8 +2,8 @@
 
 Reviewers (and ops) sign in with their API token once; the gallery then keeps a signed,
 HttpOnly, SameSite=Strict cookie naming the token (checked again on every request, so a
-revoked token ends the session). Forms that change state carry a CSRF value tied to the
-session.
+revoked token ends the sign-in). Forms that change state carry a CSRF value tied to the
+sign-in.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from controller.api.routes.artifacts import blob_response
 from controller.errors import NotFound, ShopfloorError, Unauthorized
 from controller.services import auth, review
 from controller.services.runtime import Controller
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import ApiToken, Artifact, ArtifactKind, Role, Run, RunStatus
 from evidence import TEMPLATES_DIR, junit, logs, verdicts
 from evidence.store import ArtifactStore
 
 COOKIE = "shopfloor_gallery"
-SESSION_MAX_AGE_S = 12 * 3600
+SIGN_IN_MAX_AGE_S = 12 * 3600
 VIEWER_ROLES = (Role.reviewer, Role.ops)
 
 router = APIRouter(prefix="/gallery", include_in_schema=False)
@@ -63,7 +63,7 @@ class Viewer:
 
 
 def gallery_secret(data_dir: Path) -> bytes:
-    """A per-install signing key for the session cookie, kept in the data dir (mode 600)."""
+    """A per-install signing key for the sign-in cookie, kept in the data dir (mode 600)."""
     path = data_dir / "gallery-secret"
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -82,11 +82,11 @@ def _viewer(request: Request, ctl: Controller) -> Viewer | None:
     if not raw:
         return None
     try:
-        payload: dict[str, str] = _signer(ctl).loads(raw, max_age=SESSION_MAX_AGE_S)
+        payload: dict[str, str] = _signer(ctl).loads(raw, max_age=SIGN_IN_MAX_AGE_S)
     except BadSignature:
         return None
-    with session_scope(ctl.db) as session:
-        token = session.get(ApiToken, payload.get("tid", ""))
+    with unit_of_work(ctl.db) as tx:
+        token = tx.get(ApiToken, payload.get("tid", ""))
     if token is None or token.role not in VIEWER_ROLES:
         return None
     return Viewer(token=token, csrf=payload.get("csrf", ""))
@@ -138,8 +138,8 @@ def login(
     next: Annotated[str, Form()] = "/gallery/runs",  # noqa: A002
 ) -> Response:
     try:
-        with session_scope(ctl.db) as session:
-            record = auth.authenticate(session=session, authorization=f"Bearer {token}")
+        with unit_of_work(ctl.db) as tx:
+            record = auth.authenticate(tx=tx, authorization=f"Bearer {token}")
         auth.require_role(record, VIEWER_ROLES)
     except ShopfloorError as exc:
         context = {"next": _safe_next(next), "error": exc.message}
@@ -149,7 +149,7 @@ def login(
     response.set_cookie(
         COOKIE,
         cookie,
-        max_age=SESSION_MAX_AGE_S,
+        max_age=SIGN_IN_MAX_AGE_S,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -191,8 +191,8 @@ def runs_list(
         verdict=verdict if verdict in {v.value for v in verdicts.VerdictState} else "",
         page=page,
     )
-    with session_scope(ctl.db) as session:
-        data = review.runs_page(session=session, filters=filters)
+    with unit_of_work(ctl.db) as tx:
+        data = review.runs_page(tx=tx, filters=filters)
     return render(request, "runs.html", {"viewer": viewer, "data": data})
 
 
@@ -214,8 +214,8 @@ def _run_response(
     status_code: int = 200,
     comment: str = "",
 ) -> HTMLResponse:
-    with session_scope(ctl.db) as session:
-        data = review.run_page(session=session, store=_store(ctl), run_id=run_id)
+    with unit_of_work(ctl.db) as tx:
+        data = review.run_page(tx=tx, store=_store(ctl), run_id=run_id)
     if data is None:
         return _not_found(request, viewer, f"run {run_id} does not exist")
     context = {
@@ -247,9 +247,9 @@ def verdict_form(
         problem = auth_error(viewer)
     else:
         try:
-            with session_scope(ctl.db) as session:
+            with unit_of_work(ctl.db) as tx:
                 verdicts.give_verdict(
-                    session=session,
+                    tx=tx,
                     run_id=run_id,
                     decision=decision,
                     comment=comment,
@@ -291,12 +291,12 @@ def run_artifacts(
         return _to_login(request)
     chosen = ArtifactKind(kind) if kind in {k.value for k in ArtifactKind} else ArtifactKind.log
     per_page = review.SHOWN_PER_KIND
-    with session_scope(ctl.db) as session:
-        run = session.get(Run, run_id)
+    with unit_of_work(ctl.db) as tx:
+        run = tx.get(Run, run_id)
         if run is None:
             return _not_found(request, viewer, f"run {run_id} does not exist")
         found = review.artifacts_of(
-            session, run_id, chosen, limit=per_page + 1, offset=(page - 1) * per_page
+            tx, run_id, chosen, limit=per_page + 1, offset=(page - 1) * per_page
         )
     context = {
         "viewer": viewer,
@@ -316,9 +316,9 @@ def artifact_view(request: Request, artifact_id: str, ctl: Ctl) -> Response:
     if viewer is None:
         return _to_login(request)
     store = _store(ctl)
-    with session_scope(ctl.db) as session:
-        artifact = session.get(Artifact, artifact_id)
-        run = session.get(Run, artifact.run_id) if artifact else None
+    with unit_of_work(ctl.db) as tx:
+        artifact = tx.get(Artifact, artifact_id)
+        run = tx.get(Run, artifact.run_id) if artifact else None
     if artifact is None or run is None:
         return _not_found(request, viewer, f"artifact {artifact_id} does not exist")
     context: dict[str, Any] = {"viewer": viewer, "artifact": artifact, "run": run}
@@ -357,8 +357,8 @@ def artifact_blob(request: Request, artifact_id: str, variant: str, ctl: Ctl) ->
     viewer = _viewer(request, ctl)
     if viewer is None:
         return _to_login(request)
-    with session_scope(ctl.db) as session:
-        artifact = session.get(Artifact, artifact_id)
+    with unit_of_work(ctl.db) as tx:
+        artifact = tx.get(Artifact, artifact_id)
     if artifact is None or variant not in VARIANTS:
         raise NotFound(f"no {variant} for artifact {artifact_id}")
     sha, content_type, name = _variant(artifact, variant)
@@ -389,9 +389,9 @@ def overview(request: Request, ctl: Ctl, window_h: float = 24 * 7) -> Response:
     from controller.services import flow
 
     window_h = min(max(window_h, 1.0), 24 * 365)
-    with session_scope(ctl.db) as session:
-        figures = flow.flow(session=session, window_h=window_h)
-        points = review.trend(session=session)
+    with unit_of_work(ctl.db) as tx:
+        figures = flow.flow(tx=tx, window_h=window_h)
+        points = review.trend(tx=tx)
     context = {"viewer": viewer, "flow": figures, "trend": points, "window_h": window_h}
     return render(request, "overview.html", context)
 

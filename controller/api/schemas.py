@@ -228,7 +228,7 @@ class StageClaim(BaseModel):
     machine_id: str
     lease_token: int
     workdir: str
-    context_dir: str
+    handoff_dir: str
 
 
 class StagePublic(BaseModel):

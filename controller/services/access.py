@@ -25,7 +25,7 @@ from controller.errors import (
 )
 from controller.services import machines
 from controller.services.runtime import Controller
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import Machine
 from controller.transport import sessions, sftp
 from controller.transport.forward import Forward
@@ -73,8 +73,8 @@ def known_session(ctl: Controller, machine_id: str, session_id: str) -> sessions
         session = ctl.sessions.find(machine_id, session_id)
         if session is not None:
             return session
-        with session_scope(ctl.reader) as db_session:
-            machine = machines.get_machine(db_session, machine_id)
+        with unit_of_work(ctl.reader) as tx:
+            machine = machines.get_machine(tx, machine_id)
         try:
             session = _start_session(ctl, machine, session_id, restore=True)
         except sessions.NothingKept:

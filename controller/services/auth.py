@@ -16,9 +16,9 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(*, session: Session, role: Role, name: str = "") -> str:
+def create_token(*, tx: Session, role: Role, name: str = "") -> str:
     token = f"sf_{role.value}_{secrets.token_urlsafe(32)}"
-    session.add(ApiToken(role=role, name=name, token_hash=hash_token(token)))
+    tx.add(ApiToken(role=role, name=name, token_hash=hash_token(token)))
     return token
 
 
@@ -32,15 +32,15 @@ def bearer(authorization: str | None) -> str:
     return token.strip()
 
 
-def lookup(*, session: Session, token_hash: str) -> ApiToken:
-    record = session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash)).first()
+def lookup(*, tx: Session, token_hash: str) -> ApiToken:
+    record = tx.exec(select(ApiToken).where(ApiToken.token_hash == token_hash)).first()
     if record is None:
         raise Unauthorized("unknown or revoked token")
     return record
 
 
-def authenticate(*, session: Session, authorization: str | None) -> ApiToken:
-    return lookup(session=session, token_hash=hash_token(bearer(authorization)))
+def authenticate(*, tx: Session, authorization: str | None) -> ApiToken:
+    return lookup(tx=tx, token_hash=hash_token(bearer(authorization)))
 
 
 class TokenCache:

@@ -74,11 +74,11 @@ class StageFigures:
         }
 
 
-def flow(*, session: Session, window_h: float, now: datetime | None = None) -> dict[str, Any]:
+def flow(*, tx: Session, window_h: float, now: datetime | None = None) -> dict[str, Any]:
     now = now or utcnow()
     since = now - timedelta(hours=window_h)
     runs = list(
-        session.exec(
+        tx.exec(
             select(Run).where(
                 col(Run.status).in_(list(FINISHED_RUN_STATUSES)),
                 col(Run.finished_at) >= since,
@@ -87,7 +87,7 @@ def flow(*, session: Session, window_h: float, now: datetime | None = None) -> d
     )
     stages_by_run: dict[str, list[Stage]] = defaultdict(list)
     if runs:
-        for stage in session.exec(select(Stage).where(col(Stage.run_id).in_([r.id for r in runs]))):
+        for stage in tx.exec(select(Stage).where(col(Stage.run_id).in_([r.id for r in runs]))):
             stages_by_run[stage.run_id].append(stage)
     numerator = sum(1 for r in runs if completed_flow(r, stages_by_run[r.id]))
     figures: dict[str, StageFigures] = defaultdict(StageFigures)
@@ -95,8 +95,7 @@ def flow(*, session: Session, window_h: float, now: datetime | None = None) -> d
         for stage in stage_list:
             _add_stage(figures[stage.name], stage)
     waits = [
-        lease.wait_ms
-        for lease in session.exec(select(Lease).where(col(Lease.acquired_at) >= since))
+        lease.wait_ms for lease in tx.exec(select(Lease).where(col(Lease.acquired_at) >= since))
     ]
     return {
         "window_h": window_h,
@@ -119,7 +118,7 @@ def flow(*, session: Session, window_h: float, now: datetime | None = None) -> d
             "p50": percentile(waits, 50),
             "p95": percentile(waits, 95),
         },
-        "machines": utilization(session=session, since=since, now=now),
+        "machines": utilization(tx=tx, since=since, now=now),
     }
 
 
@@ -133,9 +132,9 @@ def _add_stage(figures: StageFigures, stage: Stage) -> None:
             figures.durations_ms.append(float(attempt["duration_ms"]))
 
 
-def utilization(*, session: Session, since: datetime, now: datetime) -> dict[str, Any]:
+def utilization(*, tx: Session, since: datetime, now: datetime) -> dict[str, Any]:
     """Leased machine-time over live machine-time in the window, and the fleet right now."""
-    machines = list(session.exec(select(Machine)))
+    machines = list(tx.exec(select(Machine)))
     live_s = 0.0
     for machine in machines:
         start = max(machine.ready_at or machine.created_at, since)
@@ -143,7 +142,7 @@ def utilization(*, session: Session, since: datetime, now: datetime) -> dict[str
         end = machine.updated_at if ended else now
         live_s += max(0.0, (end - start).total_seconds())
     leased_s = 0.0
-    for lease in session.exec(
+    for lease in tx.exec(
         select(Lease).where((col(Lease.ended_at).is_(None)) | (col(Lease.ended_at) >= since))
     ):
         start = max(lease.acquired_at, since)

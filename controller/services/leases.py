@@ -40,7 +40,7 @@ from controller.services import machines
 from controller.services.lease_runtime import LeaseRuntime
 from controller.services.runtime import Controller
 from controller.store import events
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import (
     ApiToken,
     Lease,
@@ -378,8 +378,8 @@ def acquire_blocking(
 # ---------------------------------------------------------------- renew, release, expire
 
 
-def get_lease(session: Session, lease_id: str) -> Lease:
-    lease = session.get(Lease, lease_id)
+def get_lease(tx: Session, lease_id: str) -> Lease:
+    lease = tx.get(Lease, lease_id)
     if lease is None:
         raise NotFound(f"no lease {lease_id}")
     return lease
@@ -542,8 +542,8 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
         rt.notify()
 
 
-def _active_lease(session: Session, machine_id: str) -> Lease | None:
-    return session.exec(
+def _active_lease(tx: Session, machine_id: str) -> Lease | None:
+    return tx.exec(
         select(Lease).where(Lease.machine_id == machine_id, Lease.state == LeaseState.active)
     ).first()
 
@@ -552,14 +552,10 @@ def _settle_if_unleased(
     db: Engine, machine_id: str, state: MachineState, reason: str | None = None
 ) -> None:
     """Move a leased machine that nobody holds any more to ``state``."""
-    with session_scope(db) as session:
-        machine = session.get(Machine, machine_id)
-        if (
-            machine
-            and machine.state == MachineState.leased
-            and not _active_lease(session, machine_id)
-        ):
-            machines.set_state(session, machine, state, reason)
+    with unit_of_work(db) as tx:
+        machine = tx.get(Machine, machine_id)
+        if machine and machine.state == MachineState.leased and not _active_lease(tx, machine_id):
+            machines.set_state(tx, machine, state, reason)
 
 
 def reap(*, ctl: Controller) -> list[str]:
@@ -595,8 +591,8 @@ def _return_orphans(ctl: Controller) -> None:
         ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
 
 
-def list_leases(*, session: Session, state: str | None = None, limit: int = 200) -> list[Lease]:
+def list_leases(*, tx: Session, state: str | None = None, limit: int = 200) -> list[Lease]:
     query = select(Lease).order_by(col(Lease.acquired_at).desc()).limit(limit)
     if state:
         query = query.where(Lease.state == state)
-    return list(session.exec(query))
+    return list(tx.exec(query))

@@ -1,6 +1,6 @@
 """Machine lifecycle: provision, stop, start, reset, destroy, and the reconcile loop.
 
-Service functions take their dependencies (a database engine or session, a provider,
+Service functions take their dependencies (a database engine or tx, a provider,
 settings) as keyword arguments so they run the same under HTTP, the CLI and tests.
 """
 
@@ -29,7 +29,7 @@ from controller.services.images import RUNNER_CAPABILITIES
 from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store import events
-from controller.store.db import reader, session_scope
+from controller.store.db import reader, unit_of_work
 from controller.store.models import ALIVE_STATES, Machine, MachineState, utcnow
 from controller.store.rawsql import Sql, transaction
 from controller.transport import exec as commands
@@ -108,16 +108,16 @@ def ownership_labels(settings: Settings, install_id: str, machine: Machine) -> d
     return labels
 
 
-def get_machine(session: Session, machine_id: str) -> Machine:
+def get_machine(tx: Session, machine_id: str) -> Machine:
     """Destroyed machines stay readable (a tombstone with their history); commands get 409."""
-    machine = session.get(Machine, machine_id)
+    machine = tx.get(Machine, machine_id)
     if machine is None:
         raise NotFound(f"no machine {machine_id}")
     return machine
 
 
 def set_state(
-    session: Session, machine: Machine, state: MachineState, reason: str | None = None
+    tx: Session, machine: Machine, state: MachineState, reason: str | None = None
 ) -> None:
     previous = machine.state
     machine.state = state
@@ -125,12 +125,12 @@ def set_state(
     machine.updated_at = utcnow()
     if state == MachineState.ready and machine.ready_at is None:
         machine.ready_at = machine.updated_at
-    session.add(machine)
+    tx.add(machine)
     kind, subject, data = events.machine_state(machine.id, state, previous, reason)
-    events.record(session, kind, subject, **data)
+    events.record(tx, kind, subject, **data)
 
 
-def create_machine(*, session: Session, spec: MachineSpec) -> Machine:
+def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
     """Record the intent; :func:`provision` makes it real."""
     machine = Machine(
         image=spec.image,
@@ -148,8 +148,8 @@ def create_machine(*, session: Session, spec: MachineSpec) -> Machine:
     )
     machine.container_name = container_name(machine.id)
     machine.volume_name = volume_name(machine.id)
-    session.add(machine)
-    events.record(session, "machine.created", machine.id, repo=machine.repo, pool=machine.pool)
+    tx.add(machine)
+    events.record(tx, "machine.created", machine.id, repo=machine.repo, pool=machine.pool)
     return machine
 
 
@@ -157,26 +157,26 @@ def provision(
     *, db: Engine, provider: Provider, settings: Settings, install_id: str, machine_id: str
 ) -> Machine:
     """Create volume and container, clone, run setup; on any failure remove what was made."""
-    with session_scope(db) as session:
-        machine = get_machine(session, machine_id)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
     try:
         _build(provider, settings, install_id, machine)
     except Exception as exc:  # noqa: BLE001 - any failure must end in `failed` with its reason
         reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
         log.warning("provisioning %s failed: %s", machine_id, reason)
         _remove_resources(provider, machine)
-        with session_scope(db) as session:
-            current = get_machine(session, machine_id)
+        with unit_of_work(db) as tx:
+            current = get_machine(tx, machine_id)
             if current.state == MachineState.provisioning:
-                set_state(session, current, MachineState.failed, reason)
+                set_state(tx, current, MachineState.failed, reason)
             return current
-    with session_scope(db) as session:
-        current = get_machine(session, machine_id)
+    with unit_of_work(db) as tx:
+        current = get_machine(tx, machine_id)
         if current.state != MachineState.provisioning:  # destroyed or failed meanwhile
             _remove_resources(provider, machine)
             return current
         current.commit, current.branch = machine.commit, machine.branch
-        set_state(session, current, MachineState.ready)
+        set_state(tx, current, MachineState.ready)
         return current
 
 
@@ -263,8 +263,8 @@ def _remove_resources(provider: Provider, machine: Machine) -> None:
 def _transition(
     db: Engine, machine_id: str, allowed: tuple[MachineState, ...], action: str
 ) -> Machine:
-    with session_scope(db) as session:
-        machine = get_machine(session, machine_id)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
         if machine.state not in allowed:
             raise Conflict(
                 f"cannot {action} machine {machine_id} while it is {machine.state.value}",
@@ -276,18 +276,18 @@ def _transition(
 def stop_machine(*, db: Engine, provider: Provider, machine_id: str) -> Machine:
     machine = _transition(db, machine_id, (MachineState.ready, MachineState.stopped), "stop")
     provider.stop_container(machine.container_name)
-    with session_scope(db) as session:
-        machine = get_machine(session, machine_id)
-        set_state(session, machine, MachineState.stopped)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        set_state(tx, machine, MachineState.stopped)
         return machine
 
 
 def start_machine(*, db: Engine, provider: Provider, machine_id: str) -> Machine:
     machine = _transition(db, machine_id, (MachineState.stopped, MachineState.ready), "start")
     provider.start_container(machine.container_name)
-    with session_scope(db) as session:
-        machine = get_machine(session, machine_id)
-        set_state(session, machine, MachineState.ready)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        set_state(tx, machine, MachineState.ready)
         return machine
 
 
@@ -308,9 +308,9 @@ def reset_machine(
     }
     _run_script(provider, settings, machine, _RESET_SCRIPT, env, "reset")
     run_setup(provider, settings, machine)
-    with session_scope(db) as session:
-        machine = get_machine(session, machine_id)
-        events.record(session, "machine.reset", machine.id, commit=machine.commit)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        events.record(tx, "machine.reset", machine.id, commit=machine.commit)
         return machine
 
 
@@ -318,8 +318,8 @@ def destroy_machine(
     *, db: Engine, provider: Provider, machine_id: str, even_if_leased: bool = False
 ) -> Machine:
     """``even_if_leased``: the lease layer recreating a machine whose lease just ended."""
-    with session_scope(db) as session:
-        machine = get_machine(session, machine_id)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
         if machine.state == MachineState.destroyed:
             return machine
         if machine.state == MachineState.leased and not even_if_leased:
@@ -328,15 +328,15 @@ def destroy_machine(
             )
     provider.remove_container(machine.container_name)
     provider.remove_volume(machine.volume_name)
-    with session_scope(db) as session:
-        machine = get_machine(session, machine_id)
-        set_state(session, machine, MachineState.destroyed)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        set_state(tx, machine, MachineState.destroyed)
         return machine
 
 
 def list_machines(
     *,
-    session: Session,
+    tx: Session,
     state: str | None = None,
     pool: str | None = None,
     label: str | None = None,
@@ -349,7 +349,7 @@ def list_machines(
         query = query.where(Machine.state != MachineState.destroyed)
     if pool:
         query = query.where(Machine.pool == pool)
-    machines = list(session.exec(query))
+    machines = list(tx.exec(query))
     if label:
         key, _, value = label.partition("=")
         machines = [
@@ -369,14 +369,10 @@ class ReconcileReport:
 
 def fail_interrupted(*, db: Engine, provider: Provider) -> list[str]:
     """At start-up: provisioning that a dead controller left half-done cannot resume."""
-    with session_scope(db) as session:
-        stuck = list(
-            session.exec(select(Machine).where(Machine.state == MachineState.provisioning))
-        )
+    with unit_of_work(db) as tx:
+        stuck = list(tx.exec(select(Machine).where(Machine.state == MachineState.provisioning)))
         for machine in stuck:
-            set_state(
-                session, machine, MachineState.failed, "controller restarted while provisioning"
-            )
+            set_state(tx, machine, MachineState.failed, "controller restarted while provisioning")
     for machine in stuck:
         _remove_resources(provider, machine)
     return [m.id for m in stuck]
@@ -403,9 +399,9 @@ def reconcile(
     now = now or datetime.now(UTC)
     by_machine = {c.labels.get(LABEL_MACHINE, ""): c for c in containers}
     # Read without the write lock (leases are granted meanwhile); write only what changed.
-    with session_scope(reader(db)) as session:
+    with unit_of_work(reader(db)) as tx:
         alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
-        machines = {machine_id: MachineState(state) for machine_id, state in session.exec(alive)}
+        machines = {machine_id: MachineState(state) for machine_id, state in tx.exec(alive)}
     settled = (MachineState.ready, MachineState.leased, MachineState.stopped)
     for machine_id, state in machines.items():
         container = by_machine.get(machine_id)
@@ -414,13 +410,11 @@ def reconcile(
         elif state in EXEC_READY and container and container.status in ("exited", "created"):
             report.restarted.append(machine_id)
     if report.lost:
-        with session_scope(db) as session:
+        with unit_of_work(db) as tx:
             for machine_id in report.lost:
-                machine = get_machine(session, machine_id)
+                machine = get_machine(tx, machine_id)
                 if machine.state in settled:  # not destroyed meanwhile
-                    set_state(
-                        session, machine, MachineState.lost, "container vanished from the engine"
-                    )
+                    set_state(tx, machine, MachineState.lost, "container vanished from the engine")
                 machines.pop(machine_id)  # no longer alive: what is left of it is an orphan
     for machine_id in report.restarted:
         try:
@@ -484,8 +478,8 @@ def make_spec(
 
 def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
     """Record a machine and provision it, in this thread when ``wait`` else in the background."""
-    with session_scope(ctl.db) as session:
-        machine = create_machine(session=session, spec=spec)
+    with unit_of_work(ctl.db) as tx:
+        machine = create_machine(tx=tx, spec=spec)
 
     def work() -> Machine:
         return provision(
@@ -504,8 +498,8 @@ def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
 
 def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> Machine:
     """The machine, if commands may run in it now. A leased machine needs its current token."""
-    with session_scope(reader(db)) as session:  # a read: takes no write lock
-        machine = get_machine(session, machine_id)
+    with unit_of_work(reader(db)) as tx:  # a read: takes no write lock
+        machine = get_machine(tx, machine_id)
     _check_command(machine_id, machine.state, machine.fence, lease_token)
     return machine
 

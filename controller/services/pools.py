@@ -18,7 +18,7 @@ from controller.errors import InvalidInput, NotFound, ShopfloorError
 from controller.services import leases, machines
 from controller.services.runtime import Controller
 from controller.store import events
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import ALIVE_STATES, Machine, MachineState, Pool, utcnow
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def get_pool(session: Session, name: str) -> Pool:
-    pool = session.get(Pool, name)
+def get_pool(tx: Session, name: str) -> Pool:
+    pool = tx.get(Pool, name)
     if pool is None:
-        known = ", ".join(sorted(session.exec(select(Pool.name)))) or "none yet"
+        known = ", ".join(sorted(tx.exec(select(Pool.name)))) or "none yet"
         raise NotFound(f"unknown pool {name!r}; pools: {known}")
     return pool
 
@@ -51,8 +51,8 @@ def put_pool(*, ctl: Controller, name: str, body: PoolBody) -> Pool:
             f"min_ready ({body.min_ready}) cannot exceed max_machines ({body.max_machines})"
         )
     machines.make_spec(ctl=ctl, template=body.template, pool=name)
-    with session_scope(ctl.db) as session:
-        pool = session.get(Pool, name)
+    with unit_of_work(ctl.db) as tx:
+        pool = tx.get(Pool, name)
         created = pool is None
         pool = pool or Pool(name=name)
         pool.template = body.template.model_dump()
@@ -63,9 +63,9 @@ def put_pool(*, ctl: Controller, name: str, body: PoolBody) -> Pool:
         )
         pool.reason = None
         pool.updated_at = utcnow()
-        session.add(pool)
+        tx.add(pool)
         events.record(
-            session,
+            tx,
             "pool.created" if created else "pool.updated",
             name,
             min_ready=body.min_ready,
@@ -75,8 +75,8 @@ def put_pool(*, ctl: Controller, name: str, body: PoolBody) -> Pool:
         return pool
 
 
-def counts(session: Session, name: str) -> dict[str, int]:
-    states = session.exec(
+def counts(tx: Session, name: str) -> dict[str, int]:
+    states = tx.exec(
         select(Machine.state).where(Machine.pool == name, Machine.state != MachineState.destroyed)
     )
     found = Counter(MachineState(state).value for state in states)
@@ -87,15 +87,15 @@ def counts(session: Session, name: str) -> dict[str, int]:
     }
 
 
-def list_pools(*, session: Session) -> list[tuple[Pool, dict[str, int]]]:
-    pools = session.exec(select(Pool).order_by(col(Pool.name)))
-    return [(pool, counts(session, pool.name)) for pool in pools]
+def list_pools(*, tx: Session) -> list[tuple[Pool, dict[str, int]]]:
+    pools = tx.exec(select(Pool).order_by(col(Pool.name)))
+    return [(pool, counts(tx, pool.name)) for pool in pools]
 
 
 def fill(*, ctl: Controller) -> dict[str, int]:
     """One tick of the pool loop: start the missing provisionings; say how many per pool."""
-    with session_scope(ctl.reader) as session:  # reads take no write lock (leases go on)
-        names = list(session.exec(select(Pool.name)))
+    with unit_of_work(ctl.reader) as tx:  # reads take no write lock (leases go on)
+        names = list(tx.exec(select(Pool.name)))
     started: dict[str, int] = {}
     for name in names:
         try:
@@ -107,10 +107,10 @@ def fill(*, ctl: Controller) -> dict[str, int]:
 
 
 def _fill_one(ctl: Controller, name: str) -> int:
-    with session_scope(ctl.reader) as session:
-        pool = get_pool(session, name)
-        by_state = counts(session, name)
-        failing = _failing_reason(ctl, session, pool)
+    with unit_of_work(ctl.reader) as tx:
+        pool = get_pool(tx, name)
+        by_state = counts(tx, name)
+        failing = _failing_reason(ctl, tx, pool)
     if failing:
         _stop(ctl, name, failing)
         return 0
@@ -130,11 +130,11 @@ def _fill_one(ctl: Controller, name: str) -> int:
     return wanted
 
 
-def _failing_reason(ctl: Controller, session: Session, pool: Pool) -> str | None:
+def _failing_reason(ctl: Controller, tx: Session, pool: Pool) -> str | None:
     """The reason, when the last few machines made since the template changed all failed."""
     limit = ctl.settings.pool_failure_backoff
     recent = list(
-        session.exec(
+        tx.exec(
             select(Machine)
             .where(Machine.pool == pool.name, Machine.created_at >= pool.updated_at)
             .order_by(col(Machine.created_at).desc())
@@ -150,18 +150,18 @@ def _failing_reason(ctl: Controller, session: Session, pool: Pool) -> str | None
 
 
 def _stop(ctl: Controller, name: str, reason: str) -> None:
-    with session_scope(ctl.db) as session:
-        pool = session.get(Pool, name)
+    with unit_of_work(ctl.db) as tx:
+        pool = tx.get(Pool, name)
         if pool is not None and pool.reason != reason:
             pool.reason = reason
-            session.add(pool)
-            events.record(session, "pool.failing", name, reason=reason)
+            tx.add(pool)
+            events.record(tx, "pool.failing", name, reason=reason)
 
 
 def _shrink(ctl: Controller, name: str, surplus: int) -> None:
     """``max_machines`` went down: destroy ready machines (never leased ones) to match."""
-    with session_scope(ctl.reader) as session:
-        spare = session.exec(
+    with unit_of_work(ctl.reader) as tx:
+        spare = tx.exec(
             select(Machine.id)
             .where(Machine.pool == name, Machine.state == MachineState.ready)
             .limit(surplus)
@@ -172,7 +172,7 @@ def _shrink(ctl: Controller, name: str, surplus: int) -> None:
         )
 
 
-def failing_reason(*, session: Session, name: str) -> str | None:
+def failing_reason(*, tx: Session, name: str) -> str | None:
     """Why the pool cannot give machines right now, if it cannot (runs fail with this)."""
-    pool = session.get(Pool, name)
+    pool = tx.get(Pool, name)
     return pool.reason if pool else f"pool {name} was deleted"

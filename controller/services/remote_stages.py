@@ -17,12 +17,12 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from agents.base import CONTEXT_DIR, RemoteReport
+from agents.base import HANDOFF_DIR, RemoteReport
 from controller.api.schemas import StageClaim, StageReportBody
 from controller.errors import Conflict, StaleLease
 from controller.services import runs
 from controller.store import events  # runs imports this module too: use it at call time
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import (
     ApiToken,
     Event,
@@ -39,13 +39,13 @@ REPORTED = "stage.reported"
 
 
 def claim(*, db: Engine, run_id: str, stage_name: str, caller: ApiToken) -> StageClaim:
-    with session_scope(db) as session:
-        run, stage = _running_remote_stage(session, run_id, stage_name)
-        lease = _active_lease(session, run)
-        machine = session.get(Machine, lease.machine_id)
+    with unit_of_work(db) as tx:
+        run, stage = _running_remote_stage(tx, run_id, stage_name)
+        lease = _active_lease(tx, run)
+        machine = tx.get(Machine, lease.machine_id)
         assert machine is not None
         events.record(
-            session,
+            tx,
             "stage.claimed",
             stage.id,
             run_id=run.id,
@@ -65,7 +65,7 @@ def claim(*, db: Engine, run_id: str, stage_name: str, caller: ApiToken) -> Stag
             machine_id=machine.id,
             lease_token=lease.token,
             workdir=machine.workdir,
-            context_dir=CONTEXT_DIR,
+            handoff_dir=HANDOFF_DIR,
         )
 
 
@@ -78,9 +78,9 @@ def report(
     lease_token: int | None,
     caller: ApiToken,
 ) -> None:
-    with session_scope(db) as session:
-        run, stage = _running_remote_stage(session, run_id, stage_name)
-        lease = _active_lease(session, run)
+    with unit_of_work(db) as tx:
+        run, stage = _running_remote_stage(tx, run_id, stage_name)
+        lease = _active_lease(tx, run)
         if lease_token is None:
             raise Conflict("a stage report must carry the run's lease token in X-Lease-Token")
         if lease_token != lease.token:
@@ -93,10 +93,10 @@ def report(
                 f"the report is for attempt {body.attempt}, but stage {stage.name} is on "
                 f"attempt {stage.attempts}"
             )
-        if _reported(session, stage.id, stage.attempts) is not None:
+        if _reported(tx, stage.id, stage.attempts) is not None:
             raise Conflict(f"attempt {stage.attempts} of stage {stage.name} was already reported")
         events.record(
-            session,
+            tx,
             REPORTED,
             stage.id,
             run_id=run.id,
@@ -108,23 +108,23 @@ def report(
 
 def reported(db: Engine, stage_id: str, attempt: int) -> RemoteReport | None:
     """What the driver gives the ``remote`` agent: this attempt's report, once it came."""
-    with session_scope(db) as session:
-        data = _reported(session, stage_id, attempt)
+    with unit_of_work(db) as tx:
+        data = _reported(tx, stage_id, attempt)
     if data is None:
         return None
     return RemoteReport(data["status"], data["summary"], dict(data.get("outputs") or {}))
 
 
-def _reported(session: Session, stage_id: str, attempt: int) -> dict[str, Any] | None:
-    found = session.exec(
+def _reported(tx: Session, stage_id: str, attempt: int) -> dict[str, Any] | None:
+    found = tx.exec(
         select(Event).where(col(Event.subject_id) == stage_id, col(Event.kind) == REPORTED)
     ).all()
     return next((e.data for e in found if e.data.get("attempt") == attempt), None)
 
 
-def _running_remote_stage(session: Session, run_id: str, stage_name: str) -> tuple[Run, Stage]:
-    run = runs.get_run(session, run_id)
-    stage = runs.get_stage(session, run_id, stage_name)
+def _running_remote_stage(tx: Session, run_id: str, stage_name: str) -> tuple[Run, Stage]:
+    run = runs.get_run(tx, run_id)
+    stage = runs.get_stage(tx, run_id, stage_name)
     if stage.agent != REMOTE_AGENT:
         raise Conflict(
             f"stage {stage_name} is done by the {stage.agent!r} agent in the controller; "
@@ -139,8 +139,8 @@ def _running_remote_stage(session: Session, run_id: str, stage_name: str) -> tup
     return run, stage
 
 
-def _active_lease(session: Session, run: Run) -> Lease:
-    lease = session.get(Lease, run.lease_id) if run.lease_id else None
+def _active_lease(tx: Session, run: Run) -> Lease:
+    lease = tx.get(Lease, run.lease_id) if run.lease_id else None
     if lease is None or lease.state != LeaseState.active:
         raise Conflict(f"run {run.id} holds no machine right now (it may be moving to another)")
     return lease

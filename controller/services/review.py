@@ -67,7 +67,7 @@ class RunsPage:
     has_next: bool
 
 
-def runs_page(*, session: Session, filters: RunFilters) -> RunsPage:
+def runs_page(*, tx: Session, filters: RunFilters) -> RunsPage:
     query = select(Run).outerjoin(Verdict, col(Verdict.run_id) == col(Run.id))
     if filters.status:
         query = query.where(Run.status == filters.status)
@@ -81,12 +81,12 @@ def runs_page(*, session: Session, filters: RunFilters) -> RunsPage:
         query = query.where(Verdict.decision == "reject")
     offset = (max(filters.page, 1) - 1) * RUNS_PER_PAGE
     query = query.order_by(col(Run.created_at).desc(), col(Run.id).desc())
-    found = list(session.exec(query.offset(offset).limit(RUNS_PER_PAGE + 1)))
+    found = list(tx.exec(query.offset(offset).limit(RUNS_PER_PAGE + 1)))
     runs = found[:RUNS_PER_PAGE]
     ids = [r.id for r in runs]
-    verdicts = verdicts_for(session, ids)
-    stages = stages_for(session, ids)
-    counts = artifact_counts(session, ids)
+    verdicts = verdicts_for(tx, ids)
+    stages = stages_for(tx, ids)
+    counts = artifact_counts(tx, ids)
     rows = [
         RunRow(
             run=r,
@@ -97,11 +97,11 @@ def runs_page(*, session: Session, filters: RunFilters) -> RunsPage:
         )
         for r in runs
     ]
-    repos = list(session.exec(select(Run.repo).distinct().order_by(col(Run.repo)).limit(200)))
+    repos = list(tx.exec(select(Run.repo).distinct().order_by(col(Run.repo)).limit(200)))
     return RunsPage(rows=rows, filters=filters, repos=repos, has_next=len(found) > len(runs))
 
 
-def artifact_counts(session: Session, run_ids: list[str]) -> dict[str, int]:
+def artifact_counts(tx: Session, run_ids: list[str]) -> dict[str, int]:
     if not run_ids:
         return {}
     query = (
@@ -109,7 +109,7 @@ def artifact_counts(session: Session, run_ids: list[str]) -> dict[str, int]:
         .where(col(Artifact.run_id).in_(run_ids))
         .group_by(col(Artifact.run_id))
     )
-    return {str(run_id): int(count) for run_id, count in session.exec(query)}
+    return {str(run_id): int(count) for run_id, count in tx.exec(query)}
 
 
 @dataclass
@@ -181,15 +181,15 @@ class RunPage:
         return dict(total)
 
 
-def run_page(*, session: Session, store: ArtifactStore, run_id: str) -> RunPage | None:
-    run = session.get(Run, run_id)
+def run_page(*, tx: Session, store: ArtifactStore, run_id: str) -> RunPage | None:
+    run = tx.get(Run, run_id)
     if run is None:
         return None
-    stages = stages_for(session, [run_id])[run_id]
-    verdict = verdicts_for(session, [run_id]).get(run_id)
-    counts = kind_counts(session, run_id)
-    by_kind = {kind: artifacts_of(session, run_id, kind) for kind in ArtifactKind if counts[kind]}
-    commits = stage_commits(session, run_id)
+    stages = stages_for(tx, [run_id])[run_id]
+    verdict = verdicts_for(tx, [run_id]).get(run_id)
+    counts = kind_counts(tx, run_id)
+    by_kind = {kind: artifacts_of(tx, run_id, kind) for kind in ArtifactKind if counts[kind]}
+    commits = stage_commits(tx, run_id)
     page = RunPage(
         run=run,
         stages=[stage_row(s, commits.get(s.name)) for s in stages],
@@ -216,17 +216,17 @@ def run_page(*, session: Session, store: ArtifactStore, run_id: str) -> RunPage 
     return page
 
 
-def kind_counts(session: Session, run_id: str) -> Counter[ArtifactKind]:
+def kind_counts(tx: Session, run_id: str) -> Counter[ArtifactKind]:
     query = (
         select(Artifact.kind, func.count())
         .where(Artifact.run_id == run_id)
         .group_by(col(Artifact.kind))
     )
-    return Counter({ArtifactKind(kind): count for kind, count in session.exec(query)})
+    return Counter({ArtifactKind(kind): count for kind, count in tx.exec(query)})
 
 
 def artifacts_of(
-    session: Session,
+    tx: Session,
     run_id: str,
     kind: ArtifactKind,
     *,
@@ -240,17 +240,17 @@ def artifacts_of(
         .offset(offset)
         .limit(limit)
     )
-    return list(session.exec(query))
+    return list(tx.exec(query))
 
 
-def stage_commits(session: Session, run_id: str) -> dict[str, str]:
+def stage_commits(tx: Session, run_id: str) -> dict[str, str]:
     """The newest commit each stage's evidence was recorded at."""
     query = (
         select(Artifact.stage, func.max(Artifact.commit))
         .where(Artifact.run_id == run_id, col(Artifact.commit).is_not(None))
         .group_by(col(Artifact.stage))
     )
-    return {stage: commit for stage, commit in session.exec(query) if commit}
+    return {stage: commit for stage, commit in tx.exec(query) if commit}
 
 
 def stage_row(stage: Stage, commit: str | None) -> StageRow:
@@ -331,7 +331,7 @@ def when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
 
 
-def trend(*, session: Session, days: int = 7) -> list[dict[str, Any]]:
+def trend(*, tx: Session, days: int = 7) -> list[dict[str, Any]]:
     """The headline share per day, from the flow service (controller/services/flow.py)."""
     from datetime import timedelta
 
@@ -342,6 +342,6 @@ def trend(*, session: Session, days: int = 7) -> list[dict[str, Any]]:
     points = []
     for back in range(days - 1, -1, -1):
         end = now - timedelta(days=back)
-        figure = flow.flow(session=session, window_h=24, now=end)["headline"]
+        figure = flow.flow(tx=tx, window_h=24, now=end)["headline"]
         points.append({"day": end.strftime("%Y-%m-%d"), **figure})
     return points

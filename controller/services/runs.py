@@ -26,14 +26,14 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from agents import registry
-from agents.base import CONTEXT_DIR, MachineHandle, StageContext, StageResult
+from agents.base import HANDOFF_DIR, Assignment, MachineHandle, StageResult
 from controller.api.schemas import LeasePublic, MachineTemplate, RunBody
 from controller.errors import Conflict, InvalidInput, NotFound, ShopfloorError
 from controller.services import leases, machines, pools, remote_stages, repos
 from controller.services.handles import handle_for
 from controller.services.runtime import Controller
 from controller.store import events
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import (
     FINISHED_RUN_STATUSES,
     ApiToken,
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_CHARS = 4000
 NOTE_FILE_CAP_BYTES = 64 * 1024
-"""Artifacts up to this size are also copied into the context folder (argv-safe)."""
+"""Artifacts up to this size are also copied into the handoff folder (argv-safe)."""
 
 
 # ---------------------------------------------------------------- creating and reading runs
@@ -75,12 +75,12 @@ def create_run(*, ctl: Controller, body: RunBody, caller: ApiToken | None) -> Ru
     check_agents(body)
     repo = repos.parse_repo(body.repo, roots=ctl.settings.repo_root_paths).value
     ref = repos.check_ref(body.ref) if body.ref else "HEAD"
-    with session_scope(ctl.db) as session:
+    with unit_of_work(ctl.db) as tx:
         if body.pool:
-            _check_pool_repo(session, body.pool, repo)
+            _check_pool_repo(tx, body.pool, repo)
     if not body.pool:
         machines.make_spec(ctl=ctl, template=MachineTemplate(repo=repo, ref=ref))
-    with session_scope(ctl.db) as session:
+    with unit_of_work(ctl.db) as tx:
         run = Run(
             task=body.task,
             repo=repo,
@@ -88,9 +88,9 @@ def create_run(*, ctl: Controller, body: RunBody, caller: ApiToken | None) -> Ru
             pool=body.pool,
             created_by=caller.id if caller else None,
         )
-        session.add(run)
+        tx.add(run)
         for position, spec in enumerate(body.stages):
-            session.add(
+            tx.add(
                 Stage(
                     run_id=run.id,
                     position=position,
@@ -102,7 +102,7 @@ def create_run(*, ctl: Controller, body: RunBody, caller: ApiToken | None) -> Ru
                 )
             )
         events.record(
-            session,
+            tx,
             "run.created",
             run.id,
             repo=repo,
@@ -113,8 +113,8 @@ def create_run(*, ctl: Controller, body: RunBody, caller: ApiToken | None) -> Ru
         return run
 
 
-def _check_pool_repo(session: Session, pool_name: str, repo: str) -> None:
-    pool = pools.get_pool(session, pool_name)
+def _check_pool_repo(tx: Session, pool_name: str, repo: str) -> None:
+    pool = pools.get_pool(tx, pool_name)
     pool_repo = pool.template.get("repo")
     if pool_repo and repos.parse_repo(pool_repo, roots=[]).value != repo:
         raise InvalidInput(
@@ -123,15 +123,15 @@ def _check_pool_repo(session: Session, pool_name: str, repo: str) -> None:
         )
 
 
-def get_run(session: Session, run_id: str) -> Run:
-    run = session.get(Run, run_id)
+def get_run(tx: Session, run_id: str) -> Run:
+    run = tx.get(Run, run_id)
     if run is None:
         raise NotFound(f"no run {run_id}")
     return run
 
 
-def get_stage(session: Session, run_id: str, name: str) -> Stage:
-    stage = session.exec(
+def get_stage(tx: Session, run_id: str, name: str) -> Stage:
+    stage = tx.exec(
         select(Stage).where(col(Stage.run_id) == run_id, col(Stage.name) == name)
     ).first()
     if stage is None:
@@ -139,13 +139,11 @@ def get_stage(session: Session, run_id: str, name: str) -> Stage:
     return stage
 
 
-def stages_of(session: Session, run_id: str) -> list[Stage]:
-    return list(
-        session.exec(select(Stage).where(Stage.run_id == run_id).order_by(col(Stage.position)))
-    )
+def stages_of(tx: Session, run_id: str) -> list[Stage]:
+    return list(tx.exec(select(Stage).where(Stage.run_id == run_id).order_by(col(Stage.position))))
 
 
-def events_of(session: Session, run: Run, stages: list[Stage], limit: int = 500) -> list[Event]:
+def events_of(tx: Session, run: Run, stages: list[Stage], limit: int = 500) -> list[Event]:
     subjects = [run.id, *(s.id for s in stages)]
     query = (
         select(Event)
@@ -153,42 +151,42 @@ def events_of(session: Session, run: Run, stages: list[Stage], limit: int = 500)
         .order_by(col(Event.id))
         .limit(limit)
     )
-    return list(session.exec(query))
+    return list(tx.exec(query))
 
 
-def list_runs(*, session: Session, status: str | None = None, limit: int = 100) -> list[Run]:
+def list_runs(*, tx: Session, status: str | None = None, limit: int = 100) -> list[Run]:
     query = select(Run).order_by(col(Run.created_at).desc()).limit(limit)
     if status:
         query = query.where(Run.status == status)
-    return list(session.exec(query))
+    return list(tx.exec(query))
 
 
 def cancel_run(*, db: Any, run_id: str) -> Run:
     """Queued runs end at once; running ones are stopped by their driver within a second."""
-    with session_scope(db) as session:
-        run = get_run(session, run_id)
+    with unit_of_work(db) as tx:
+        run = get_run(tx, run_id)
         if run.status in FINISHED_RUN_STATUSES:
             raise Conflict(f"run {run_id} already ended ({run.status.value})", state=run.status)
         run.cancel_requested = True
-        session.add(run)
-        events.record(session, "run.cancel_requested", run.id)
+        tx.add(run)
+        events.record(tx, "run.cancel_requested", run.id)
         if run.status == RunStatus.queued:
-            _end_run(session, run, RunStatus.cancelled, "cancelled before it started")
+            _end_run(tx, run, RunStatus.cancelled, "cancelled before it started")
         return run
 
 
-def _end_run(session: Session, run: Run, status: RunStatus, reason: str | None) -> None:
+def _end_run(tx: Session, run: Run, status: RunStatus, reason: str | None) -> None:
     run.status, run.reason, run.finished_at = status, reason, utcnow()
-    session.add(run)
-    for stage in stages_of(session, run.id):
+    tx.add(run)
+    for stage in stages_of(tx, run.id):
         if stage.status in (StageStatus.pending, StageStatus.running):
             stage.status = (
                 StageStatus.cancelled if status == RunStatus.cancelled else StageStatus.skipped
             )
             stage.finished_at = stage.finished_at or run.finished_at
-            session.add(stage)
-            events.record(session, "stage.state", stage.id, run_id=run.id, state=stage.status)
-    events.record(session, "run.finished", run.id, status=status.value, reason=reason)
+            tx.add(stage)
+            events.record(tx, "stage.state", stage.id, run_id=run.id, state=stage.status)
+    events.record(tx, "run.finished", run.id, status=status.value, reason=reason)
 
 
 # ---------------------------------------------------------------- the driver loop
@@ -209,8 +207,8 @@ def drivers(ctl: Controller) -> _Drivers:
 
 def drive_tick(*, ctl: Controller) -> list[str]:
     """Start a driver thread for each queued or orphaned running run; say which started."""
-    with session_scope(ctl.reader) as session:
-        waiting = session.exec(
+    with unit_of_work(ctl.reader) as tx:
+        waiting = tx.exec(
             select(Run.id)
             .where(col(Run.status).in_([RunStatus.queued, RunStatus.running]))
             .order_by(col(Run.created_at))
@@ -283,8 +281,8 @@ class RunDriver:
             return
         try:
             self._take_machine()
-            with session_scope(self.ctl.db) as session:
-                stage_ids = [s.id for s in stages_of(session, self.run_id)]
+            with unit_of_work(self.ctl.db) as tx:
+                stage_ids = [s.id for s in stages_of(tx, self.run_id)]
             for stage_id in stage_ids:
                 ended = self._drive_stage(stage_id)
                 if ended:
@@ -297,28 +295,28 @@ class RunDriver:
                 self._give_back()
 
     def _start(self) -> bool:
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
             if run.status in FINISHED_RUN_STATUSES:
                 return False
             if run.cancel_requested:
-                _end_run(session, run, RunStatus.cancelled, "cancelled before it started")
+                _end_run(tx, run, RunStatus.cancelled, "cancelled before it started")
                 return False
             if run.status == RunStatus.queued:
                 run.status, run.started_at = RunStatus.running, utcnow()
-                session.add(run)
-                events.record(session, "run.started", run.id)
+                tx.add(run)
+                events.record(tx, "run.started", run.id)
             else:
-                events.record(session, "run.resumed", run.id, reason="controller restarted")
+                events.record(tx, "run.resumed", run.id, reason="controller restarted")
         return True
 
     # ------------------------------------------------------------ the machine
 
     def _take_machine(self) -> None:
         """Adopt the run's lease if it is still valid, else lease a (fresh) machine."""
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
-            found = session.get(Lease, run.lease_id) if run.lease_id else None
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
+            found = tx.get(Lease, run.lease_id) if run.lease_id else None
             lease = LeasePublic.model_validate(found, from_attributes=True) if found else None
             had_machine = run.machine_id is not None
         if lease is not None and self._adopt(lease):
@@ -326,13 +324,13 @@ class RunDriver:
         if had_machine:
             self._record_recreation("the run's machine or lease was lost")
         self.lease = self._acquire()
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
             run.lease_id, run.machine_id = self.lease.id, self.lease.machine_id
-            session.add(run)
-            self.machine = machines.get_machine(session, self.lease.machine_id)
+            tx.add(run)
+            self.machine = machines.get_machine(tx, self.lease.machine_id)
             events.record(
-                session, "run.machine", run.id, machine_id=self.machine.id, lease_id=self.lease.id
+                tx, "run.machine", run.id, machine_id=self.machine.id, lease_id=self.lease.id
             )
         self.handle = handle_for(self.ctl, self.machine)
         self.renewed_at = time.monotonic()
@@ -354,8 +352,8 @@ class RunDriver:
         return True
 
     def _acquire(self) -> LeasePublic:
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
         target = leases.Target(pool=run.pool) if run.pool else self._private_machine(run)
         request = leases.LeaseRequest(
             target=target,
@@ -377,10 +375,10 @@ class RunDriver:
     def _give_up(self) -> str | None:
         if self._cancel_requested():
             return "cancelled"
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
             if run.pool:
-                reason = pools.failing_reason(session=session, name=run.pool)
+                reason = pools.failing_reason(tx=tx, name=run.pool)
                 return f"pool {run.pool} cannot provide machines: {reason}" if reason else None
         return None
 
@@ -398,12 +396,12 @@ class RunDriver:
         return leases.Target(machine_id=machine.id)
 
     def _record_recreation(self, why: str) -> None:
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
             run.context_recreations += 1
-            session.add(run)
+            tx.add(run)
             events.record(
-                session,
+                tx,
                 "run.context_recreated",
                 run.id,
                 previous_machine=run.machine_id,
@@ -414,21 +412,21 @@ class RunDriver:
     def _move_to_fresh_machine(self, why: str) -> None:
         lost = self.machine
         if lost is not None:
-            with session_scope(self.ctl.db) as session:
-                machine = session.get(Machine, lost.id)
+            with unit_of_work(self.ctl.db) as tx:
+                machine = tx.get(Machine, lost.id)
                 if machine is not None and machine.state in (
                     MachineState.leased,
                     MachineState.ready,
                 ):
-                    machines.set_state(session, machine, MachineState.lost, why)
+                    machines.set_state(tx, machine, MachineState.lost, why)
         self._end_lease()
         self._record_recreation(why)
         self.lease = self._acquire()
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
             run.lease_id, run.machine_id = self.lease.id, self.lease.machine_id
-            session.add(run)
-            self.machine = machines.get_machine(session, self.lease.machine_id)
+            tx.add(run)
+            self.machine = machines.get_machine(tx, self.lease.machine_id)
         self.handle = handle_for(self.ctl, self.machine)
 
     def _end_lease(self) -> None:
@@ -443,8 +441,8 @@ class RunDriver:
     def _give_back(self) -> None:
         machine = self.machine
         self._end_lease()
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
         if run.pool is None and machine is not None:
             self.ctl.workers.submit(_destroy_quietly, self.ctl, machine.id)
 
@@ -490,8 +488,8 @@ class RunDriver:
         return info is not None and info.running
 
     def _cancel_requested(self) -> bool:
-        with session_scope(self.ctl.db) as session:
-            return get_run(session, self.run_id).cancel_requested
+        with unit_of_work(self.ctl.db) as tx:
+            return get_run(tx, self.run_id).cancel_requested
 
     # ------------------------------------------------------------ stages
 
@@ -499,8 +497,8 @@ class RunDriver:
         """Run a stage's attempts; True when the run ended here (failed or cancelled)."""
         self._recover_interrupted(stage_id)
         while True:
-            with session_scope(self.ctl.db) as session:
-                stage = session.get(Stage, stage_id)
+            with unit_of_work(self.ctl.db) as tx:
+                stage = tx.get(Stage, stage_id)
                 assert stage is not None
             if stage.status == StageStatus.passed:
                 return False
@@ -521,8 +519,8 @@ class RunDriver:
 
     def _recover_interrupted(self, stage_id: str) -> None:
         """A stage left ``running`` by a dead controller: its attempt failed; clean the machine."""
-        with session_scope(self.ctl.db) as session:
-            stage = session.get(Stage, stage_id)
+        with unit_of_work(self.ctl.db) as tx:
+            stage = tx.get(Stage, stage_id)
             assert stage is not None
             if stage.status != StageStatus.running:
                 return
@@ -532,8 +530,8 @@ class RunDriver:
                 _history_entry(stage.attempts, "failed", reason, stage.machine_id, None, None),
             ]
             stage.status, stage.summary = StageStatus.pending, reason
-            session.add(stage)
-            events.record(session, "stage.interrupted", stage.id, run_id=self.run_id, reason=reason)
+            tx.add(stage)
+            events.record(tx, "stage.interrupted", stage.id, run_id=self.run_id, reason=reason)
         self._kill_leftovers()
 
     def _attempt(self, stage: Stage) -> _Outcome:
@@ -541,15 +539,15 @@ class RunDriver:
         assert self.handle is not None
         attempt = stage.attempts + 1
         started = utcnow()
-        with session_scope(self.ctl.db) as session:
-            current = session.get(Stage, stage.id)
+        with unit_of_work(self.ctl.db) as tx:
+            current = tx.get(Stage, stage.id)
             assert current is not None
             current.status, current.attempts = StageStatus.running, attempt
             current.started_at = current.started_at or started
             current.machine_id = self.machine.id
-            session.add(current)
+            tx.add(current)
             events.record(
-                session,
+                tx,
                 "stage.started",
                 stage.id,
                 run_id=self.run_id,
@@ -572,15 +570,15 @@ class RunDriver:
     def _run_agent(self, stage: Stage, attempt: int, lines: list[str]) -> _Outcome:
         assert self.machine is not None
         assert self.handle is not None
-        with session_scope(self.ctl.db) as session:
-            run = get_run(session, self.run_id)
+        with unit_of_work(self.ctl.db) as tx:
+            run = get_run(tx, self.run_id)
         try:
             self._write_run_json(run, stage, attempt)
         except ShopfloorError as exc:
             if not self._container_alive():
                 return _Outcome("failed", f"machine unreachable: {exc.message}", machine_lost=True)
             return _Outcome("failed", f"could not write run.json: {exc.message}")
-        ctx = StageContext(
+        work = Assignment(
             run_id=run.id,
             task=run.task,
             repo=run.repo,
@@ -595,13 +593,13 @@ class RunDriver:
         )
         box: dict[str, Any] = {}
 
-        def work() -> None:
+        def run_agent() -> None:
             try:
-                box["result"] = registry.get_agent(stage.agent).run(ctx)
+                box["result"] = registry.get_agent(stage.agent).run(work)
             except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
                 box["error"] = exc
 
-        worker = threading.Thread(target=work, name=f"stage-{stage.id}", daemon=True)
+        worker = threading.Thread(target=run_agent, name=f"stage-{stage.id}", daemon=True)
         worker.start()
         deadline = time.monotonic() + stage.timeout_s + KILL_GRACE_S + 10
         while worker.is_alive():
@@ -656,8 +654,8 @@ class RunDriver:
 
     def _write_run_json(self, run: Run, stage: Stage, attempt: int) -> None:
         assert self.handle is not None
-        with session_scope(self.ctl.db) as session:
-            stages = stages_of(session, run.id)
+        with unit_of_work(self.ctl.db) as tx:
+            stages = stages_of(tx, run.id)
         doc = {
             "run_id": run.id,
             "task": run.task,
@@ -673,18 +671,18 @@ class RunDriver:
                     "attempts": s.attempts,
                     "summary": s.summary,
                     "outputs": s.outputs,
-                    "dir": f"{CONTEXT_DIR}/{s.name}",
+                    "dir": f"{HANDOFF_DIR}/{s.name}",
                 }
                 for s in stages
             ],
         }
-        self.handle.write_file(f"{CONTEXT_DIR}/run.json", json.dumps(doc, indent=2).encode())
+        self.handle.write_file(f"{HANDOFF_DIR}/run.json", json.dumps(doc, indent=2).encode())
 
     def _write_stage_notes(
         self, stage: Stage, attempt: int, outcome: _Outcome, lines: list[str]
     ) -> None:
         assert self.handle is not None
-        folder = f"{CONTEXT_DIR}/{stage.name}"
+        folder = f"{HANDOFF_DIR}/{stage.name}"
         note = {
             "stage": stage.name,
             "attempt": attempt,
@@ -742,8 +740,8 @@ class RunDriver:
                 )
             except ShopfloorError as exc:
                 log.warning("stage log of %s not stored: %s", stage.name, exc.message)
-        with session_scope(self.ctl.db) as session:
-            current = session.get(Stage, stage.id)
+        with unit_of_work(self.ctl.db) as tx:
+            current = tx.get(Stage, stage.id)
             assert current is not None
             passed = outcome.status == "passed"
             last_try = attempt > current.retries and not outcome.machine_lost
@@ -773,9 +771,9 @@ class RunDriver:
                     log_tail=(log_text + "\n" + outcome.agent_log)[-LOG_TAIL_CHARS:],
                 ),
             ]
-            session.add(current)
+            tx.add(current)
             events.record(
-                session,
+                tx,
                 "stage.attempt",
                 stage.id,
                 run_id=self.run_id,
@@ -816,10 +814,10 @@ class _RunEnded(Exception):
 
 
 def _finish(ctl: Controller, run_id: str, status: RunStatus, reason: str | None) -> None:
-    with session_scope(ctl.db) as session:
-        run = get_run(session, run_id)
+    with unit_of_work(ctl.db) as tx:
+        run = get_run(tx, run_id)
         if run.status not in FINISHED_RUN_STATUSES:
-            _end_run(session, run, status, reason)
+            _end_run(tx, run, status, reason)
 
 
 def _destroy_quietly(ctl: Controller, machine_id: str) -> None:
@@ -845,9 +843,9 @@ def save_artifact(
     """Hand one piece of evidence to the evidence store (issue 5), in its own transaction."""
     from evidence import store
 
-    with session_scope(ctl.db) as session:
+    with unit_of_work(ctl.db) as tx:
         store.save_artifact(
-            session=session,
+            tx=tx,
             store=store.ArtifactStore.from_settings(ctl.settings),
             run_id=run_id,
             stage=stage,
@@ -862,10 +860,10 @@ def save_artifact(
         )
 
 
-def stale_run_leases(*, session: Session, older_than_s: float) -> list[str]:
+def stale_run_leases(*, tx: Session, older_than_s: float) -> list[str]:
     """Runs that ended but whose lease is still active (a crash between the two steps)."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    rows = session.exec(
+    rows = tx.exec(
         select(Run.lease_id)
         .join(Lease, col(Lease.id) == col(Run.lease_id))
         .where(
@@ -878,8 +876,8 @@ def stale_run_leases(*, session: Session, older_than_s: float) -> list[str]:
 
 
 def release_stale_run_leases(*, ctl: Controller) -> None:
-    with session_scope(ctl.reader) as session:
-        stale = stale_run_leases(session=session, older_than_s=5)
+    with unit_of_work(ctl.reader) as tx:
+        stale = stale_run_leases(tx=tx, older_than_s=5)
     for lease_id in stale:
         try:
             leases.release(ctl=ctl, lease_id=lease_id, caller=None)

@@ -168,15 +168,15 @@ def writer_lock(engine: Engine) -> WriterQueue | None:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
+def unit_of_work(engine: Engine) -> Iterator[Session]:
+    """One database transaction (`tx`): commits on success, rolls back on error."""
     lock = writer_lock(engine)
-    with lock or nullcontext(), Session(engine, expire_on_commit=False) as session:
+    with lock or nullcontext(), Session(engine, expire_on_commit=False) as tx:
         try:
-            yield session
-            session.commit()
+            yield tx
+            tx.commit()
         except BaseException:
-            session.rollback()
+            tx.rollback()
             raise
 
 

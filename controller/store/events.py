@@ -13,9 +13,9 @@ Change = tuple[str, str, dict[str, Any]]
 """An event not yet written: kind, subject id, data."""
 
 
-def record(session: Session, kind: str, subject_id: str, **data: Any) -> Event:
+def record(tx: Session, kind: str, subject_id: str, **data: Any) -> Event:
     event = Event(kind=kind, subject_id=subject_id, data=data)
-    session.add(event)
+    tx.add(event)
     return event
 
 

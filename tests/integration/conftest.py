@@ -26,7 +26,7 @@ from controller.api.app import create_app
 from controller.providers.docker import DockerProvider
 from controller.services import images
 from controller.settings import Settings
-from controller.store.db import make_engine, session_scope
+from controller.store.db import make_engine, unit_of_work
 from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 
@@ -74,8 +74,8 @@ def issue_token(settings: Settings, role: Role) -> str:
     from controller.services import auth
 
     engine = make_engine(settings.sqlalchemy_url)
-    with session_scope(engine) as session:
-        token = auth.create_token(session=session, role=role)
+    with unit_of_work(engine) as tx:
+        token = auth.create_token(tx=tx, role=role)
     engine.dispose()
     return token
 

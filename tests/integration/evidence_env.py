@@ -17,7 +17,7 @@ from make_repo import make_sample_repo
 
 from controller.api.app import create_app
 from controller.settings import Settings
-from controller.store.db import make_engine, session_scope
+from controller.store.db import make_engine, unit_of_work
 from controller.store.models import Role, Run, RunStatus, Stage, StageStatus
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 from tests.integration.conftest import issue_token
@@ -47,7 +47,7 @@ class EvidenceEnv:
         **extra: Any,
     ) -> str:
         engine = make_engine(self.settings.sqlalchemy_url)
-        with session_scope(engine) as session:
+        with unit_of_work(engine) as tx:
             run = Run(
                 task=task,
                 repo=repo or self.repo,
@@ -55,9 +55,9 @@ class EvidenceEnv:
                 machine_id=self.machine_id,
                 **extra,
             )
-            session.add(run)
+            tx.add(run)
             for position, name in enumerate(stages):
-                session.add(
+                tx.add(
                     Stage(
                         run_id=run.id,
                         position=position,
@@ -74,14 +74,14 @@ class EvidenceEnv:
         from sqlmodel import select
 
         engine = make_engine(self.settings.sqlalchemy_url)
-        with session_scope(engine) as session:
-            run = session.get(Run, run_id)
+        with unit_of_work(engine) as tx:
+            run = tx.get(Run, run_id)
             assert run is not None
             run.status = status
-            session.add(run)
-            for stage in session.exec(select(Stage).where(Stage.run_id == run_id)):
+            tx.add(run)
+            for stage in tx.exec(select(Stage).where(Stage.run_id == run_id)):
                 stage.status = stage_status
-                session.add(stage)
+                tx.add(stage)
         engine.dispose()
 
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from sqlmodel import Session
 
 from controller.settings import Settings
-from controller.store.db import make_engine, session_scope
+from controller.store.db import make_engine, unit_of_work
 from controller.store.models import ApiToken, Artifact, Run, RunStatus, Stage, StageStatus, utcnow
 from evidence.store import ArtifactStore, save_artifact
 from evidence.verdicts import give_verdict
@@ -49,7 +49,7 @@ def page_png(marked: bool) -> bytes:
 
 
 def make_run(
-    session: Session, *, repo: str, status: RunStatus, stage_status: StageStatus, task: str
+    tx: Session, *, repo: str, status: RunStatus, stage_status: StageStatus, task: str
 ) -> Run:
     done = status in (RunStatus.passed, RunStatus.failed)
     run = Run(
@@ -60,9 +60,9 @@ def make_run(
         started_at=utcnow(),
         finished_at=utcnow() if done else None,
     )
-    session.add(run)
+    tx.add(run)
     for position, name in enumerate(("plan", "implement", "test", "review", "qa")):
-        session.add(
+        tx.add(
             Stage(
                 run_id=run.id,
                 position=position,
@@ -76,12 +76,12 @@ def make_run(
                 summary=f"{name} finished",
             )
         )
-    session.flush()
+    tx.flush()
     return run
 
 
 def add(
-    session: Session,
+    tx: Session,
     store: ArtifactStore,
     run: Run,
     stage: str,
@@ -91,7 +91,7 @@ def add(
     **extra: Any,
 ) -> Artifact:
     return save_artifact(
-        session=session,
+        tx=tx,
         store=store,
         run_id=run.id,
         stage=stage,
@@ -109,18 +109,18 @@ def seed(settings: Settings, reviewer_token_id: str) -> dict[str, str]:
     """An approved baseline run, a finished run with all evidence, and a running run."""
     engine = make_engine(settings.sqlalchemy_url)
     store = ArtifactStore.from_settings(settings)
-    with session_scope(engine) as session:
-        reviewer = session.get(ApiToken, reviewer_token_id)
+    with unit_of_work(engine) as tx:
+        reviewer = tx.get(ApiToken, reviewer_token_id)
         assert reviewer is not None
         base = make_run(
-            session,
+            tx,
             repo=REPO,
             status=RunStatus.passed,
             stage_status=StageStatus.passed,
             task="First version of the page",
         )
         add(
-            session,
+            tx,
             store,
             base,
             "qa",
@@ -129,30 +129,30 @@ def seed(settings: Settings, reviewer_token_id: str) -> dict[str, str]:
             page_png(False),
             meta={"page": "/"},
         )
-        session.flush()
+        tx.flush()
         give_verdict(
-            session=session,
+            tx=tx,
             run_id=base.id,
             decision="approve",
             comment="baseline",
             reviewer=reviewer,
         )
-    with session_scope(engine) as session:
+    with unit_of_work(engine) as tx:
         run = make_run(
-            session,
+            tx,
             repo=REPO,
             status=RunStatus.passed,
             stage_status=StageStatus.passed,
             task="Change the title to New title",
         )
-        add(session, store, run, "plan", "plan", "plan.md", PLAN)
-        add(session, store, run, "implement", "diff", "change.diff", DIFF)
-        add(session, store, run, "test", "junit", "junit.xml", JUNIT)
-        add(session, store, run, "test", "log", "pytest.log", LOG)
-        add(session, store, run, "qa", "screenshot", "home.png", page_png(True), meta={"page": "/"})
-        add(session, store, run, "qa", "file", "notes.txt", b"notes")
+        add(tx, store, run, "plan", "plan", "plan.md", PLAN)
+        add(tx, store, run, "implement", "diff", "change.diff", DIFF)
+        add(tx, store, run, "test", "junit", "junit.xml", JUNIT)
+        add(tx, store, run, "test", "log", "pytest.log", LOG)
+        add(tx, store, run, "qa", "screenshot", "home.png", page_png(True), meta={"page": "/"})
+        add(tx, store, run, "qa", "file", "notes.txt", b"notes")
         going = make_run(
-            session,
+            tx,
             repo=OTHER_REPO,
             status=RunStatus.running,
             stage_status=StageStatus.running,

@@ -10,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from make_repo import make_sample_repo
 
-from agents.base import MachineHandle, StageContext, StageResult
+from agents.base import Assignment, MachineHandle, StageResult
 from agents.registry import get_agent
 from controller.services.handles import handle_for
 from controller.services.machines import get_machine
 from controller.services.runtime import Controller
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def repo_machine(module_client: TestClient, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture
 def handle(module_client: TestClient, repo_machine: str) -> Iterator[MachineHandle]:
     ctl: Controller = module_client.app.state.controller  # type: ignore[attr-defined]
-    with session_scope(ctl.db) as session:
-        machine = get_machine(session, repo_machine)
+    with unit_of_work(ctl.db) as tx:
+        machine = get_machine(tx, repo_machine)
     machine_handle = handle_for(ctl, machine)
     yield machine_handle
     machine_handle.run("git reset -q --hard && git clean -fdxq && rm -rf /workspace/.shopfloor")
@@ -39,7 +39,7 @@ def handle(module_client: TestClient, repo_machine: str) -> Iterator[MachineHand
 def stage(
     agent: str, handle: MachineHandle, task: str = "Add a farewell page", **params: Any
 ) -> StageResult:
-    ctx = StageContext(
+    work = Assignment(
         run_id="r-test",
         task=task,
         repo="sample-app",
@@ -50,7 +50,7 @@ def stage(
         machine=handle,
         timeout_s=120,
     )
-    return get_agent(agent).run(ctx)
+    return get_agent(agent).run(work)
 
 
 def kinds(result: StageResult) -> list[str]:

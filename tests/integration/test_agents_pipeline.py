@@ -102,7 +102,7 @@ def test_a_remote_agent_claims_a_stage_works_under_the_runs_lease_and_reports(
     claim = client.claim_stage(run_id, "implement")
     assert (claim.attempt, claim.task, claim.params) == (1, "remote", {"model": "any"})
     with claim.machine.session() as shell:  # the run's machine: the plan stage's notes are there
-        shell.run(f"cd {claim.context_dir}")
+        shell.run(f"cd {claim.handoff_dir}")
         assert shell.run("cat p").output == "planned\n"
         assert shell.run("touch remote-was-here").ok
     client.upload_artifact(

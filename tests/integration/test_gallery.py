@@ -1,4 +1,4 @@
-"""Gallery over plain HTTP: sign-in, cookie session, CSRF, redirects and safe headers."""
+"""Gallery over plain HTTP: sign-in, cookie sign-in, CSRF, redirects and safe headers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from controller.api.app import create_app
 from controller.settings import Settings
-from controller.store.db import make_engine, session_scope
+from controller.store.db import make_engine, unit_of_work
 from controller.store.models import ApiToken, Role, Verdict
 from tests.integration.gallery_seed import seed
 from tests.integration.test_gallery_browser import make_token
@@ -93,10 +93,8 @@ def test_tampered_cookie_and_revoked_token_end_the_session(site: Site) -> None:
     spare = site.browser("spare")
     assert spare.get("/gallery/runs").status_code == 200
     engine = make_engine(site.settings.sqlalchemy_url)
-    with session_scope(engine) as session:
-        session.delete(
-            session.exec(select(ApiToken).where(ApiToken.name == "spare-reviewer")).one()
-        )
+    with unit_of_work(engine) as tx:
+        tx.delete(tx.exec(select(ApiToken).where(ApiToken.name == "spare-reviewer")).one())
     engine.dispose()
     assert spare.get("/gallery/runs").status_code == 303
 
@@ -116,10 +114,8 @@ def test_verdict_form_checks_csrf_and_role(site: Site) -> None:
     agent_login = site.browser().post("/gallery/login", data={"token": site.tokens["agent"]})
     assert agent_login.status_code == 403
     engine = make_engine(site.settings.sqlalchemy_url)
-    with session_scope(engine) as session:
-        assert (
-            session.exec(select(Verdict).where(Verdict.run_id == site.runs["run"])).first() is None
-        )
+    with unit_of_work(engine) as tx:
+        assert tx.exec(select(Verdict).where(Verdict.run_id == site.runs["run"])).first() is None
     engine.dispose()
 
 

@@ -13,7 +13,7 @@ from sqlmodel import select
 from controller.api.app import create_app
 from controller.services import auth
 from controller.settings import Settings
-from controller.store.db import make_engine, session_scope
+from controller.store.db import make_engine, unit_of_work
 from controller.store.models import ApiToken, Role
 from tests.integration.gallery_seed import FAILURE, seed
 from tests.integration.gallery_server import CHROMIUM, CHROMIUM_ARGS, serve
@@ -33,10 +33,10 @@ class Gallery:
 
 def make_token(settings: Settings, role: Role, name: str) -> tuple[str, str]:
     engine = make_engine(settings.sqlalchemy_url)
-    with session_scope(engine) as session:
-        token = auth.create_token(session=session, role=role, name=name)
-    with session_scope(engine) as session:
-        record = session.exec(select(ApiToken).where(ApiToken.name == name)).one()
+    with unit_of_work(engine) as tx:
+        token = auth.create_token(tx=tx, role=role, name=name)
+    with unit_of_work(engine) as tx:
+        record = tx.exec(select(ApiToken).where(ApiToken.name == name)).one()
     engine.dispose()
     return token, record.id
 

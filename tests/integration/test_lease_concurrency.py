@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from sqlmodel import select
 
-from controller.store.db import make_engine, session_scope
+from controller.store.db import make_engine, unit_of_work
 from controller.store.models import Lease, LeaseState, Machine, Role
 from tests.integration.conftest import ControllerProcess
 
@@ -62,9 +62,9 @@ def _check(db_url: str, answers: list[dict[str, Any]]) -> None:
 
     engine = make_engine(db_url)
     try:
-        with session_scope(engine) as session:
-            leases = list(session.exec(select(Lease).where(Lease.holder.startswith("agent-"))))  # type: ignore[attr-defined]
-            machines = {m.id: m for m in session.exec(select(Machine))}
+        with unit_of_work(engine) as tx:
+            leases = list(tx.exec(select(Lease).where(Lease.holder.startswith("agent-"))))  # type: ignore[attr-defined]
+            machines = {m.id: m for m in tx.exec(select(Machine))}
     finally:
         engine.dispose()
     assert len(leases) == REQUESTS

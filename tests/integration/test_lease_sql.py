@@ -21,7 +21,7 @@ from controller.errors import Conflict, Forbidden, NotFound
 from controller.services import leases
 from controller.services.runtime import Controller
 from controller.settings import Settings
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import (
     ApiToken,
     Event,
@@ -52,18 +52,18 @@ def ctl(request: pytest.FixtureRequest, tmp_path: Path, runner_image: str) -> It
 
 
 def _reset_tables(ctl: Controller) -> None:
-    """The PostgreSQL cluster is shared by the session: start each test from empty tables."""
-    with session_scope(ctl.db) as session:
+    """The PostgreSQL cluster is shared by the test session: start each test from empty tables."""
+    with unit_of_work(ctl.db) as tx:
         for model in (Event, Lease, Machine, Pool, ApiToken):
-            for row in session.exec(select(model)).all():
-                session.delete(row)
+            for row in tx.exec(select(model)).all():
+                tx.delete(row)
 
 
 def _seed(ctl: Controller) -> None:
-    with session_scope(ctl.db) as session:
-        session.add(Pool(name="py", reset="keep"))
+    with unit_of_work(ctl.db) as tx:
+        tx.add(Pool(name="py", reset="keep"))
         for index, labels in enumerate(({"gpu": "no"}, {"gpu": "yes"})):
-            session.add(
+            tx.add(
                 Machine(
                     id=f"m-{index}",
                     state=MachineState.ready,
@@ -77,13 +77,13 @@ def _seed(ctl: Controller) -> None:
                     repo="https://example.invalid/r.git",
                 )
             )
-        session.add(ApiToken(id="t-agent", role=Role.agent, token_hash="a"))
-        session.add(ApiToken(id="t-other", role=Role.agent, token_hash="b"))
+        tx.add(ApiToken(id="t-agent", role=Role.agent, token_hash="a"))
+        tx.add(ApiToken(id="t-other", role=Role.agent, token_hash="b"))
 
 
 def _owner(ctl: Controller, token_id: str) -> ApiToken:
-    with session_scope(ctl.db) as session:
-        token = session.get(ApiToken, token_id)
+    with unit_of_work(ctl.db) as tx:
+        token = tx.get(ApiToken, token_id)
         assert token is not None
         return token
 
@@ -116,9 +116,9 @@ def test_grant_renew_release_round_trip(ctl: Controller) -> None:
     renewed = leases.renew(db=ctl.db, lease_id=lease.id, caller=_owner(ctl, "t-agent"), ttl_s=600)
     assert renewed.expires_at > lease.expires_at + timedelta(seconds=500)
 
-    with session_scope(ctl.db) as session:
-        stored = session.get(Lease, lease.id)
-        machine = session.get(Machine, lease.machine_id)
+    with unit_of_work(ctl.db) as tx:
+        stored = tx.get(Lease, lease.id)
+        machine = tx.get(Machine, lease.machine_id)
         assert stored is not None
         assert machine is not None
         assert stored.holder == hostile
@@ -126,8 +126,8 @@ def test_grant_renew_release_round_trip(ctl: Controller) -> None:
         assert machine.state == MachineState.leased
         assert stored.acquired_at == lease.acquired_at  # aware, to the microsecond
         assert stored.expires_at == renewed.expires_at
-        kinds = [e.kind for e in session.exec(select(Event).order_by(col(Event.id))).all()]
-        granted = session.exec(select(Event).where(Event.kind == "lease.granted")).one()
+        kinds = [e.kind for e in tx.exec(select(Event).order_by(col(Event.id))).all()]
+        granted = tx.exec(select(Event).where(Event.kind == "lease.granted")).one()
         assert granted.data["holder"] == hostile
         assert granted.data["token"] == 1
     assert kinds == ["machine.state", "lease.granted", "lease.renewed"]
@@ -138,8 +138,8 @@ def test_grant_renew_release_round_trip(ctl: Controller) -> None:
     assert ended.state == LeaseState.released
     with pytest.raises(Conflict, match="already released"):
         leases.release(ctl=ctl, lease_id=lease.id, caller=None)
-    with session_scope(ctl.db) as session:
-        machine = session.get(Machine, lease.machine_id)
+    with unit_of_work(ctl.db) as tx:
+        machine = tx.get(Machine, lease.machine_id)
         assert machine is not None
         assert machine.state == MachineState.ready
         assert machine.fence == 2
@@ -168,12 +168,12 @@ def test_selector_matches_labels(ctl: Controller) -> None:
 def test_reaper_expires_an_unrenewed_lease(ctl: Controller) -> None:
     lease = _grant(ctl, machine_id="m-0")
     assert lease is not None
-    with session_scope(ctl.db) as session:
+    with unit_of_work(ctl.db) as tx:
         past = utcnow() - timedelta(seconds=1)
-        session.exec(update(Lease).where(col(Lease.id) == lease.id).values(expires_at=past))
+        tx.exec(update(Lease).where(col(Lease.id) == lease.id).values(expires_at=past))
     assert leases.reap(ctl=ctl) == [lease.id]
-    with session_scope(ctl.db) as session:
-        stored, machine = session.get(Lease, lease.id), session.get(Machine, "m-0")
+    with unit_of_work(ctl.db) as tx:
+        stored, machine = tx.get(Lease, lease.id), tx.get(Machine, "m-0")
         assert stored is not None
         assert machine is not None
         assert stored.state == LeaseState.expired

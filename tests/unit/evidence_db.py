@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from controller.store.db import make_engine, migrate, session_scope
+from controller.store.db import make_engine, migrate, unit_of_work
 from controller.store.models import Run, RunStatus, Stage, StageStatus
 from evidence.store import ArtifactStore
 
@@ -27,9 +27,9 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def session(engine: Engine) -> Iterator[Session]:
-    with session_scope(engine) as session:
-        yield session
+def tx(engine: Engine) -> Iterator[Session]:
+    with unit_of_work(engine) as tx:
+        yield tx
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def store(tmp_path: Path) -> ArtifactStore:
 
 
 def make_run(
-    session: Session,
+    tx: Session,
     *,
     repo: str = "/repos/sample-app",
     status: RunStatus = RunStatus.passed,
@@ -47,12 +47,10 @@ def make_run(
     **extra: Any,
 ) -> Run:
     run = Run(task="change the title", repo=repo, status=status, **extra)
-    session.add(run)
+    tx.add(run)
     for position, name in enumerate(stages):
-        session.add(
-            Stage(run_id=run.id, position=position, name=name, agent=name, status=stage_status)
-        )
-    session.flush()
+        tx.add(Stage(run_id=run.id, position=position, name=name, agent=name, status=stage_status))
+    tx.flush()
     return run
 
 

@@ -6,7 +6,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.base import CommandResult, StageContext
+from agents.base import Assignment, CommandResult
 from agents.external import ExternalAgent, program, render
 from agents.planner import MAX_FILES, template_plan
 from agents.qa import QaAgent
@@ -43,8 +43,8 @@ class FakeMachine:
         return f"http://127.0.0.1:1{port}"
 
 
-def ctx(machine: FakeMachine, **params: Any) -> StageContext:
-    return StageContext(
+def work(machine: FakeMachine, **params: Any) -> Assignment:
+    return Assignment(
         run_id="r",
         task="do it",
         repo="app",
@@ -74,7 +74,7 @@ def test_program_skips_env_assignments() -> None:
 
 def test_external_not_installed_runs_nothing_else() -> None:
     machine = FakeMachine({"command -v": CommandResult(1, "", "", 1.0)})
-    result = ExternalAgent().run(ctx(machine, command="codex exec {task}"))
+    result = ExternalAgent().run(work(machine, command="codex exec {task}"))
     assert result.status == "failed"
     assert "'codex' is not installed" in result.summary
     assert len(machine.ran) == 1
@@ -108,7 +108,7 @@ def test_qa_reports_page_failures_and_stops_the_app() -> None:
         return shots
 
     result = QaAgent(capture).run(
-        ctx(machine, serve="app", port=8000, pages=["/", "/boom", "/hang"])
+        work(machine, serve="app", port=8000, pages=["/", "/boom", "/hang"])
     )
     assert result.status == "failed"
     assert result.summary == "pages failed: /boom: HTTP 500; /hang: did not load within 1s"
@@ -118,6 +118,6 @@ def test_qa_reports_page_failures_and_stops_the_app() -> None:
 
 
 def test_qa_without_config_says_what_is_missing() -> None:
-    result = QaAgent().run(ctx(FakeMachine(), serve="app"))
+    result = QaAgent().run(work(FakeMachine(), serve="app"))
     assert result.status == "failed"
     assert "qa needs port, pages" in result.summary

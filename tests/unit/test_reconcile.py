@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from controller.errors import EngineError
 from controller.providers.base import ContainerInfo, VolumeInfo
 from controller.services import machines
-from controller.store.db import make_engine, migrate, session_scope
+from controller.store.db import make_engine, migrate, unit_of_work
 from controller.store.models import Machine, MachineState
 
 OLD = datetime.now(UTC) - timedelta(hours=1)
@@ -61,8 +61,8 @@ def db(tmp_path: Path) -> Engine:
 
 
 def add_machine(db: Engine, machine_id: str, state: MachineState) -> None:
-    with session_scope(db) as session:
-        session.add(
+    with unit_of_work(db) as tx:
+        tx.add(
             Machine(
                 id=machine_id,
                 state=state,
@@ -80,8 +80,8 @@ def reconcile(db: Engine, engine: FakeEngine) -> machines.ReconcileReport:
 
 
 def state_of(db: Engine, machine_id: str) -> MachineState:
-    with session_scope(db) as session:
-        machine = session.get(Machine, machine_id)
+    with unit_of_work(db) as tx:
+        machine = tx.get(Machine, machine_id)
         assert machine
         return machine.state
 

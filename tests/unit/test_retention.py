@@ -9,13 +9,13 @@ from sqlmodel import Session, select
 from controller.store.models import Artifact, Baseline, utcnow
 from evidence.retention import apply_retention, collect_blobs, pin_run
 from evidence.store import ArtifactStore, save_artifact
-from tests.unit.evidence_db import engine, make_run, png, session, store
+from tests.unit.evidence_db import engine, make_run, png, store, tx
 
-__all__ = ["engine", "session", "store"]
+__all__ = ["engine", "tx", "store"]
 
 
 def add(
-    session: Session,
+    tx: Session,
     store: ArtifactStore,
     run_id: str,
     data: bytes,
@@ -24,7 +24,7 @@ def add(
     name: str = "f.bin",
 ) -> Artifact:
     artifact = save_artifact(
-        session=session,
+        tx=tx,
         store=store,
         run_id=run_id,
         stage="test",
@@ -36,22 +36,20 @@ def add(
         data=data,
     )
     artifact.created_at = utcnow() - timedelta(days=days_old)
-    session.add(artifact)
-    session.flush()
+    tx.add(artifact)
+    tx.flush()
     return artifact
 
 
-def test_old_evidence_expires_but_pinned_runs_stay(session: Session, store: ArtifactStore) -> None:
-    old, pinned, fresh = (make_run(session) for _ in range(3))
-    gone = add(session, store, old.id, b"old", days_old=40)
-    kept_pin = add(session, store, pinned.id, b"pinned", days_old=40)
-    kept_new = add(session, store, fresh.id, b"fresh", days_old=1)
-    pin_run(session=session, run_id=pinned.id)
+def test_old_evidence_expires_but_pinned_runs_stay(tx: Session, store: ArtifactStore) -> None:
+    old, pinned, fresh = (make_run(tx) for _ in range(3))
+    gone = add(tx, store, old.id, b"old", days_old=40)
+    kept_pin = add(tx, store, pinned.id, b"pinned", days_old=40)
+    kept_new = add(tx, store, fresh.id, b"fresh", days_old=1)
+    pin_run(tx=tx, run_id=pinned.id)
 
-    report = apply_retention(
-        session=session, store=store, max_age_days=30, max_total_bytes=0, grace_s=0
-    )
-    remaining = {a.id for a in session.exec(select(Artifact))}
+    report = apply_retention(tx=tx, store=store, max_age_days=30, max_total_bytes=0, grace_s=0)
+    remaining = {a.id for a in tx.exec(select(Artifact))}
     assert remaining == {kept_pin.id, kept_new.id}
     assert report.expired_artifacts == 1
     assert report.expired_runs == [old.id]
@@ -62,49 +60,43 @@ def test_old_evidence_expires_but_pinned_runs_stay(session: Session, store: Arti
     assert report.freed_bytes == 3
 
 
-def test_size_limit_drops_oldest_unpinned_runs_first(
-    session: Session, store: ArtifactStore
-) -> None:
-    runs = [make_run(session) for _ in range(4)]
+def test_size_limit_drops_oldest_unpinned_runs_first(tx: Session, store: ArtifactStore) -> None:
+    runs = [make_run(tx) for _ in range(4)]
     for age, run in zip((4, 3, 2, 1), runs, strict=True):
-        add(session, store, run.id, bytes([age]) * 1000, days_old=age)
-    pin_run(session=session, run_id=runs[0].id)
+        add(tx, store, run.id, bytes([age]) * 1000, days_old=age)
+    pin_run(tx=tx, run_id=runs[0].id)
 
-    report = apply_retention(
-        session=session, store=store, max_age_days=0, max_total_bytes=2500, grace_s=0
-    )
+    report = apply_retention(tx=tx, store=store, max_age_days=0, max_total_bytes=2500, grace_s=0)
     assert report.expired_runs == [runs[1].id, runs[2].id]
-    left = {a.run_id for a in session.exec(select(Artifact))}
+    left = {a.run_id for a in tx.exec(select(Artifact))}
     assert left == {runs[0].id, runs[3].id}
     assert sum(p.stat().st_size for _, p in store.iter_blobs()) == 2000
 
 
-def test_shared_blob_survives_while_referenced(session: Session, store: ArtifactStore) -> None:
-    old, new = make_run(session), make_run(session)
-    shared = add(session, store, old.id, b"same bytes", days_old=40)
-    add(session, store, new.id, b"same bytes")
-    apply_retention(session=session, store=store, max_age_days=30, max_total_bytes=0, grace_s=0)
+def test_shared_blob_survives_while_referenced(tx: Session, store: ArtifactStore) -> None:
+    old, new = make_run(tx), make_run(tx)
+    shared = add(tx, store, old.id, b"same bytes", days_old=40)
+    add(tx, store, new.id, b"same bytes")
+    apply_retention(tx=tx, store=store, max_age_days=30, max_total_bytes=0, grace_s=0)
     assert store.exists(shared.sha256)
 
 
-def test_baseline_and_thumbnail_blobs_are_referenced(
-    session: Session, store: ArtifactStore
-) -> None:
-    run = make_run(session)
+def test_baseline_and_thumbnail_blobs_are_referenced(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
     big = png((640, 480), box=(1, 1, 9, 9))
-    shot = add(session, store, run.id, big, days_old=40, kind="screenshot", name="home.png")
-    session.add(
+    shot = add(tx, store, run.id, big, days_old=40, kind="screenshot", name="home.png")
+    tx.add(
         Baseline(repo=run.repo, page="home", artifact_id=shot.id, run_id=run.id, sha256=shot.sha256)
     )
-    session.flush()
+    tx.flush()
     thumb = shot.facts["thumb_sha256"]
-    apply_retention(session=session, store=store, max_age_days=30, max_total_bytes=0, grace_s=0)
+    apply_retention(tx=tx, store=store, max_age_days=30, max_total_bytes=0, grace_s=0)
     assert store.exists(shot.sha256)  # still the baseline
     assert not store.exists(thumb)  # its record expired, so its thumbnail went too
 
 
-def test_young_unreferenced_blobs_are_in_grace(session: Session, store: ArtifactStore) -> None:
+def test_young_unreferenced_blobs_are_in_grace(tx: Session, store: ArtifactStore) -> None:
     sha = store.put(b"written, record not yet committed")
-    assert collect_blobs(session=session, store=store, grace_s=3600) == (0, 0)
+    assert collect_blobs(tx=tx, store=store, grace_s=3600) == (0, 0)
     assert store.exists(sha)
-    assert collect_blobs(session=session, store=store, grace_s=0)[0] == 1
+    assert collect_blobs(tx=tx, store=store, grace_s=0)[0] == 1

@@ -11,14 +11,14 @@ from sqlmodel import Session, select
 from controller.errors import InvalidInput, NotFound, TooLarge
 from controller.store.models import Artifact, Event
 from evidence.store import ArtifactStore, save_artifact, validate_name
-from tests.unit.evidence_db import engine, make_run, png, session, store
+from tests.unit.evidence_db import engine, make_run, png, store, tx
 
-__all__ = ["engine", "session", "store"]
+__all__ = ["engine", "tx", "store"]
 
 
-def save(session: Session, store: ArtifactStore, run_id: str, **overrides: Any) -> Artifact:
+def save(tx: Session, store: ArtifactStore, run_id: str, **overrides: Any) -> Artifact:
     values: dict[str, Any] = {
-        "session": session,
+        "tx": tx,
         "store": store,
         "run_id": run_id,
         "stage": "test",
@@ -43,12 +43,10 @@ def test_blob_is_stored_by_hash_once_and_atomically(store: ArtifactStore) -> Non
     assert store.get(sha) == b"hello"
 
 
-def test_save_links_record_to_run_stage_machine_commit(
-    session: Session, store: ArtifactStore
-) -> None:
-    run = make_run(session)
-    first = save(session, store, run.id)
-    second = save(session, store, run.id, name="again.log")
+def test_save_links_record_to_run_stage_machine_commit(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
+    first = save(tx, store, run.id)
+    second = save(tx, store, run.id, name="again.log")
     assert first.sha256 == second.sha256
     assert (first.run_id, first.stage, first.attempt, first.machine_id) == (
         run.id,
@@ -60,7 +58,7 @@ def test_save_links_record_to_run_stage_machine_commit(
     assert first.content_type.startswith("text/plain")
     assert first.facts == {"lines": 1}
     assert len(list(store.iter_blobs())) == 1
-    kinds = [e.kind for e in session.exec(select(Event).where(Event.subject_id == first.id))]
+    kinds = [e.kind for e in tx.exec(select(Event).where(Event.subject_id == first.id))]
     assert kinds == ["artifact.saved"]
 
 
@@ -94,39 +92,39 @@ def test_ordinary_names_pass(name: str) -> None:
     assert validate_name(name) == name
 
 
-def test_bad_names_leave_nothing_behind(session: Session, store: ArtifactStore) -> None:
-    run = make_run(session)
+def test_bad_names_leave_nothing_behind(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
     with pytest.raises(InvalidInput, match="relative"):
-        save(session, store, run.id, name="/abs/path.log")
+        save(tx, store, run.id, name="/abs/path.log")
     assert list(store.iter_blobs()) == []
-    assert session.exec(select(Artifact)).all() == []
+    assert tx.exec(select(Artifact)).all() == []
 
 
-def test_over_the_cap_is_too_large(session: Session, store: ArtifactStore) -> None:
-    run = make_run(session)
+def test_over_the_cap_is_too_large(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
     with pytest.raises(TooLarge, match="SHOPFLOOR_ARTIFACT_CAP_BYTES"):
-        save(session, store, run.id, data=b"x" * (store.cap_bytes + 1))
+        save(tx, store, run.id, data=b"x" * (store.cap_bytes + 1))
     assert list(store.iter_blobs()) == []
 
 
-def test_unknown_kind_and_run_are_refused(session: Session, store: ArtifactStore) -> None:
-    run = make_run(session)
+def test_unknown_kind_and_run_are_refused(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
     with pytest.raises(InvalidInput, match="use one of"):
-        save(session, store, run.id, kind="video")
+        save(tx, store, run.id, kind="video")
     with pytest.raises(NotFound):
-        save(session, store, "r-missing")
+        save(tx, store, "r-missing")
     with pytest.raises(InvalidInput, match="media type"):
-        save(session, store, run.id, content_type="text/html\r\nX-Evil: 1")
+        save(tx, store, run.id, content_type="text/html\r\nX-Evil: 1")
 
 
-def test_screenshot_must_really_be_png(session: Session, store: ArtifactStore) -> None:
-    run = make_run(session)
+def test_screenshot_must_really_be_png(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
     with pytest.raises(InvalidInput, match="PNG"):
-        save(session, store, run.id, kind="screenshot", name="home.png", data=b"<svg></svg>")
+        save(tx, store, run.id, kind="screenshot", name="home.png", data=b"<svg></svg>")
     truncated = png()[:40]
     with pytest.raises(InvalidInput, match="not a valid PNG"):
-        save(session, store, run.id, kind="screenshot", name="home.png", data=truncated)
-    shot = save(session, store, run.id, kind="screenshot", name="home.png", data=png())
+        save(tx, store, run.id, kind="screenshot", name="home.png", data=truncated)
+    shot = save(tx, store, run.id, kind="screenshot", name="home.png", data=png())
     assert shot.content_type == "image/png"
     assert shot.facts["width"] == 64
     assert shot.facts["page"] == "home"
@@ -134,22 +132,22 @@ def test_screenshot_must_really_be_png(session: Session, store: ArtifactStore) -
     assert shot.facts["comparison"] is None  # no approved run yet
 
 
-def test_screenshot_pixel_bomb_is_refused(session: Session, store: ArtifactStore) -> None:
-    run = make_run(session)
+def test_screenshot_pixel_bomb_is_refused(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
     small = ArtifactStore(store.root, image_max_pixels=1000)
     with pytest.raises(InvalidInput, match="at most 1000 pixels"):
-        save(session, small, run.id, kind="screenshot", name="big.png", data=png((100, 100)))
+        save(tx, small, run.id, kind="screenshot", name="big.png", data=png((100, 100)))
 
 
-def test_junit_counts_are_derived_on_save(session: Session, store: ArtifactStore) -> None:
-    run = make_run(session)
+def test_junit_counts_are_derived_on_save(tx: Session, store: ArtifactStore) -> None:
+    run = make_run(tx)
     report = (
         b'<testsuite name="t"><testcase classname="c" name="ok"/>'
         b'<testcase classname="c" name="bad"><failure message="no">trace</failure></testcase>'
         b"</testsuite>"
     )
-    artifact = save(session, store, run.id, kind="junit", name="junit.xml", data=report)
+    artifact = save(tx, store, run.id, kind="junit", name="junit.xml", data=report)
     assert artifact.facts["junit"]["failed"] == 1
     assert artifact.facts["junit"]["passed"] == 1
     with pytest.raises(InvalidInput):
-        save(session, store, run.id, kind="junit", name="junit.xml", data=b"<testsuite")
+        save(tx, store, run.id, kind="junit", name="junit.xml", data=b"<testsuite")

@@ -22,7 +22,7 @@ from controller.api.schemas import ArtifactPublic, ListOf
 from controller.errors import Conflict, InvalidInput, NotFound, TooLarge
 from controller.services import machines, runs
 from controller.services.runtime import Controller
-from controller.store.db import session_scope
+from controller.store.db import unit_of_work
 from controller.store.models import FINISHED_RUN_STATUSES, Artifact, Run
 from evidence import retention
 from evidence.store import ArtifactStore, list_artifacts, save_artifact
@@ -68,8 +68,8 @@ def blob_response(
 
 
 @router.get("/artifacts/{artifact_id}", response_class=FileResponse)
-def download_artifact(artifact_id: str, ctl: Ctl, session: SessionDep, _: AnyRole) -> FileResponse:
-    artifact = session.get(Artifact, artifact_id)
+def download_artifact(artifact_id: str, ctl: Ctl, tx: SessionDep, _: AnyRole) -> FileResponse:
+    artifact = tx.get(Artifact, artifact_id)
     if artifact is None:
         raise NotFound(f"artifact {artifact_id} does not exist")
     store = ArtifactStore.from_settings(ctl.settings)
@@ -79,18 +79,18 @@ def download_artifact(artifact_id: str, ctl: Ctl, session: SessionDep, _: AnyRol
 
 
 @router.get("/artifacts/{artifact_id}/meta")
-def describe_artifact(artifact_id: str, session: SessionDep, _: AnyRole) -> ArtifactPublic:
-    artifact = session.get(Artifact, artifact_id)
+def describe_artifact(artifact_id: str, tx: SessionDep, _: AnyRole) -> ArtifactPublic:
+    artifact = tx.get(Artifact, artifact_id)
     if artifact is None:
         raise NotFound(f"artifact {artifact_id} does not exist")
     return public(artifact)
 
 
 @router.get("/runs/{run_id}/artifacts")
-def run_artifacts(run_id: str, session: SessionDep, _: AnyRole) -> ListOf[ArtifactPublic]:
-    if session.get(Run, run_id) is None:
+def run_artifacts(run_id: str, tx: SessionDep, _: AnyRole) -> ListOf[ArtifactPublic]:
+    if tx.get(Run, run_id) is None:
         raise NotFound(f"run {run_id} does not exist")
-    found = list_artifacts(session, run_id)
+    found = list_artifacts(tx, run_id)
     return ListOf(data=[public(a) for a in found], count=len(found))
 
 
@@ -166,18 +166,18 @@ def _save_upload(
     content_type: str | None,
     data: bytes,
 ) -> Artifact:
-    with session_scope(ctl.db) as session:
-        run = session.get(Run, run_id)
+    with unit_of_work(ctl.db) as tx:
+        run = tx.get(Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
-        stage_row = runs.get_stage(session, run.id, stage)
+        stage_row = runs.get_stage(tx, run.id, stage)
         machine_id = _check_lease(ctl, run, lease_token)
     machine = machines.machine_for_command(
         db=ctl.db, machine_id=machine_id, lease_token=lease_token
     )
-    with session_scope(ctl.db) as session:
+    with unit_of_work(ctl.db) as tx:
         return save_artifact(
-            session=session,
+            tx=tx,
             store=ArtifactStore.from_settings(ctl.settings),
             run_id=run_id,
             stage=stage,
@@ -228,15 +228,15 @@ def _meta_field(fields: dict[str, str]) -> dict[str, Any]:
 
 
 @router.post("/runs/{run_id}/pin")
-def pin_run(run_id: str, session: SessionDep, _: OpsOnly) -> dict[str, Any]:
+def pin_run(run_id: str, tx: SessionDep, _: OpsOnly) -> dict[str, Any]:
     """Keep this run's evidence whatever the retention limits say."""
-    if session.get(Run, run_id) is None:
+    if tx.get(Run, run_id) is None:
         raise NotFound(f"run {run_id} does not exist")
-    retention.pin_run(session=session, run_id=run_id)
+    retention.pin_run(tx=tx, run_id=run_id)
     return {"run_id": run_id, "pinned": True}
 
 
 @router.delete("/runs/{run_id}/pin")
-def unpin_run(run_id: str, session: SessionDep, _: OpsOnly) -> dict[str, Any]:
-    retention.unpin_run(session=session, run_id=run_id)
+def unpin_run(run_id: str, tx: SessionDep, _: OpsOnly) -> dict[str, Any]:
+    retention.unpin_run(tx=tx, run_id=run_id)
     return {"run_id": run_id, "pinned": False}

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/events", tags=["events"])
 
 @router.get("")
 def list_events(
-    session: SessionDep,
+    tx: SessionDep,
     _: AnyRole,
     since: Annotated[int, Query(ge=0, description="return events with id > since")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -28,6 +28,6 @@ def list_events(
         query = query.where(col(Event.kind).startswith(kind))
     if subject:
         query = query.where(Event.subject_id == subject)
-    found = list(session.exec(query))
+    found = list(tx.exec(query))
     data = [EventPublic.model_validate(e, from_attributes=True) for e in found]
     return EventPage(data=data, count=len(data), next=found[-1].id if found else since)

@@ -14,8 +14,8 @@ router = APIRouter(prefix="/flow", tags=["flow"])
 
 @router.get("")
 def get_flow(
-    session: SessionDep,
+    tx: SessionDep,
     _: AnyRole,
     window_h: Annotated[float, Query(gt=0, le=24 * 366, description="hours back from now")] = 24,
 ) -> dict[str, Any]:
-    return flow.flow(session=session, window_h=window_h)
+    return flow.flow(tx=tx, window_h=window_h)

@@ -38,16 +38,14 @@ async def acquire(request: Request) -> Response:
 
 
 @router.get("")
-def list_leases(
-    session: SessionDep, _: OpsOrAgent, state: str | None = None
-) -> ListOf[LeasePublic]:
-    found = leases.list_leases(session=session, state=state)
+def list_leases(tx: SessionDep, _: OpsOrAgent, state: str | None = None) -> ListOf[LeasePublic]:
+    found = leases.list_leases(tx=tx, state=state)
     return ListOf(data=[public(lease) for lease in found], count=len(found))
 
 
 @router.get("/{lease_id}")
-def show_lease(lease_id: str, session: SessionDep, _: OpsOrAgent) -> LeasePublic:
-    return public(leases.get_lease(session, lease_id))
+def show_lease(lease_id: str, tx: SessionDep, _: OpsOrAgent) -> LeasePublic:
+    return public(leases.get_lease(tx, lease_id))
 
 
 @router.post("/{lease_id}/renew", response_model=LeasePublic, openapi_extra=json_body(RenewBody))

@@ -35,19 +35,19 @@ def create_machine(
 
 @router.get("")
 def list_machines(
-    session: SessionDep,
+    tx: SessionDep,
     _: OpsOrAgent,
     state: str | None = None,
     pool: str | None = None,
     label: Annotated[str | None, Query(description="key or key=value")] = None,
 ) -> ListOf[MachinePublic]:
-    found = machines.list_machines(session=session, state=state, pool=pool, label=label)
+    found = machines.list_machines(tx=tx, state=state, pool=pool, label=label)
     return ListOf(data=[public(m) for m in found], count=len(found))
 
 
 @router.get("/{machine_id}")
-def show_machine(machine_id: str, session: SessionDep, _: OpsOrAgent) -> MachinePublic:
-    return public(machines.get_machine(session, machine_id))
+def show_machine(machine_id: str, tx: SessionDep, _: OpsOrAgent) -> MachinePublic:
+    return public(machines.get_machine(tx, machine_id))
 
 
 @router.post("/{machine_id}/stop")

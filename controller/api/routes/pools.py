@@ -27,18 +27,18 @@ def public(pool: Pool, counts: dict[str, int]) -> PoolPublic:
 
 
 @router.put("/{name}")
-def put_pool(name: str, body: PoolBody, ctl: Ctl, session: SessionDep, _: OpsOnly) -> PoolPublic:
+def put_pool(name: str, body: PoolBody, ctl: Ctl, tx: SessionDep, _: OpsOnly) -> PoolPublic:
     pool = pools.put_pool(ctl=ctl, name=name, body=body)
-    return public(pool, pools.counts(session, name))
+    return public(pool, pools.counts(tx, name))
 
 
 @router.get("")
-def list_pools(session: SessionDep, _: OpsOrAgent) -> ListOf[PoolPublic]:
-    found = pools.list_pools(session=session)
+def list_pools(tx: SessionDep, _: OpsOrAgent) -> ListOf[PoolPublic]:
+    found = pools.list_pools(tx=tx)
     return ListOf(data=[public(p, c) for p, c in found], count=len(found))
 
 
 @router.get("/{name}")
-def show_pool(name: str, session: SessionDep, _: OpsOrAgent) -> PoolPublic:
-    pool = pools.get_pool(session, name)
-    return public(pool, pools.counts(session, name))
+def show_pool(name: str, tx: SessionDep, _: OpsOrAgent) -> PoolPublic:
+    pool = pools.get_pool(tx, name)
+    return public(pool, pools.counts(tx, name))

@@ -27,10 +27,10 @@ def stage_public(stage: Stage) -> StagePublic:
     return StagePublic.model_validate(stage, from_attributes=True)
 
 
-def public(session: Session, run: Run, *, with_events: bool = False) -> RunPublic:
-    stages = runs.stages_of(session, run.id)
-    found = runs.events_of(session, run, stages) if with_events else []
-    verdict = verdicts.get_verdict(session, run.id)
+def public(tx: Session, run: Run, *, with_events: bool = False) -> RunPublic:
+    stages = runs.stages_of(tx, run.id)
+    found = runs.events_of(tx, run, stages) if with_events else []
+    verdict = verdicts.get_verdict(tx, run.id)
     return RunPublic(
         **run.model_dump(exclude={"created_by"}),
         stages=[stage_public(s) for s in stages],
@@ -41,25 +41,25 @@ def public(session: Session, run: Run, *, with_events: bool = False) -> RunPubli
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_run(body: RunBody, ctl: Ctl, session: SessionDep, caller: OpsOrAgent) -> RunPublic:
+def create_run(body: RunBody, ctl: Ctl, tx: SessionDep, caller: OpsOrAgent) -> RunPublic:
     run = runs.create_run(ctl=ctl, body=body, caller=caller)
-    return public(session, runs.get_run(session, run.id))
+    return public(tx, runs.get_run(tx, run.id))
 
 
 @router.get("")
 def list_runs(
-    session: SessionDep,
+    tx: SessionDep,
     _: AnyRole,
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ListOf[RunPublic]:
-    found = runs.list_runs(session=session, status=status, limit=limit)
-    return ListOf(data=[public(session, r) for r in found], count=len(found))
+    found = runs.list_runs(tx=tx, status=status, limit=limit)
+    return ListOf(data=[public(tx, r) for r in found], count=len(found))
 
 
 @router.get("/{run_id}")
-def show_run(run_id: str, session: SessionDep, _: AnyRole) -> RunPublic:
-    return public(session, runs.get_run(session, run_id), with_events=True)
+def show_run(run_id: str, tx: SessionDep, _: AnyRole) -> RunPublic:
+    return public(tx, runs.get_run(tx, run_id), with_events=True)
 
 
 @router.post("/{run_id}/stages/{stage}/claim")
@@ -91,6 +91,6 @@ def report_stage(
 
 
 @router.post("/{run_id}/cancel")
-def cancel_run(run_id: str, ctl: Ctl, session: SessionDep, _: OpsOrAgent) -> RunPublic:
+def cancel_run(run_id: str, ctl: Ctl, tx: SessionDep, _: OpsOrAgent) -> RunPublic:
     runs.cancel_run(db=ctl.db, run_id=run_id)
-    return public(session, runs.get_run(session, run_id))
+    return public(tx, runs.get_run(tx, run_id))

@@ -11,9 +11,9 @@ from evidence import verdicts
 router = APIRouter(tags=["verdicts"])
 
 
-def public(session: SessionDep, run_id: str) -> VerdictPublic:
-    verdict = verdicts.get_verdict(session, run_id)
-    state, closed = verdicts.closed_for(session, [run_id])[run_id]
+def public(tx: SessionDep, run_id: str) -> VerdictPublic:
+    verdict = verdicts.get_verdict(tx, run_id)
+    state, closed = verdicts.closed_for(tx, [run_id])[run_id]
     return VerdictPublic(
         run_id=run_id,
         verdict=state.value,
@@ -26,19 +26,19 @@ def public(session: SessionDep, run_id: str) -> VerdictPublic:
 
 @router.post("/runs/{run_id}/verdict", status_code=status.HTTP_201_CREATED)
 def give_verdict(
-    run_id: str, body: VerdictBody, session: SessionDep, reviewer: Reviewer
+    run_id: str, body: VerdictBody, tx: SessionDep, reviewer: Reviewer
 ) -> VerdictPublic:
     verdicts.give_verdict(
-        session=session,
+        tx=tx,
         run_id=run_id,
         decision=body.decision,
         comment=body.comment,
         reviewer=reviewer,
     )
-    return public(session, run_id)
+    return public(tx, run_id)
 
 
 @router.get("/runs/{run_id}/verdict")
-def show_verdict(run_id: str, session: SessionDep, _: AnyRole) -> VerdictPublic:
-    verdicts.require_run(session, run_id)
-    return public(session, run_id)
+def show_verdict(run_id: str, tx: SessionDep, _: AnyRole) -> VerdictPublic:
+    verdicts.require_run(tx, run_id)
+    return public(tx, run_id)
