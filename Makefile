@@ -54,6 +54,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy controller agents evidence
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -31,7 +31,7 @@ from controller.api.routes import sessions as sessions_routes
 from controller.api.routes import verdicts as verdicts_routes
 from controller.errors import ShopfloorError
 from controller.providers.docker import DockerProvider
-from controller.services import images, leases, machines, pools, runs
+from controller.services import driver, images, leases, pools, reconcile
 from controller.services.runtime import Controller, read_install_id
 from controller.settings import Settings, get_settings
 from controller.store.db import checkpoint, make_engine, migrate
@@ -65,11 +65,11 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
 
 
 def start_loops(ctl: Controller) -> None:
-    machines.fail_interrupted(db=ctl.db, provider=ctl.provider)
+    reconcile.fail_interrupted(db=ctl.db, provider=ctl.provider)
     ctl.every(
         ctl.settings.reconcile_interval_s,
         "reconcile",
-        lambda: machines.reconcile(
+        lambda: reconcile.reconcile(
             db=ctl.db,
             provider=ctl.provider,
             install_id=ctl.install_id,
@@ -79,7 +79,7 @@ def start_loops(ctl: Controller) -> None:
     ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", lambda: leases.reap(ctl=ctl))
     ctl.every(CHECKPOINT_INTERVAL_S, "checkpoint", lambda: checkpoint(ctl.db))
     ctl.every(ctl.settings.pool_interval_s, "pools", lambda: pools.fill(ctl=ctl))
-    ctl.every(ctl.settings.run_poll_interval_s, "runs", lambda: runs.driver_tick(ctl=ctl))
+    ctl.every(ctl.settings.run_poll_interval_s, "runs", lambda: driver.driver_tick(ctl=ctl))
     ctl.every(
         ctl.settings.retention_interval_s,
         "retention",

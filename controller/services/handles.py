@@ -1,30 +1,30 @@
-"""Machine handles for agents: commands through an executor (SSH or the engine), files via exec.
+"""The machine handle the run driver gives agents: commands over the machine's SSH
+connection (the engine's exec where it has no sshd), files over SFTP, real port forwards.
 
-The base handle works on any machine; `handle_for` gives the SSH-backed one where it can.
+Agents are trusted code: paths are not confined to /workspace here, only in the API.
 """
 
 from __future__ import annotations
 
-import base64
-import shlex
-from typing import TYPE_CHECKING
+import posixpath
+import stat
+
+import paramiko
 
 from agents.base import CommandResult, MachineHandle
 from controller.errors import ShopfloorError
+from controller.services.runtime import Controller
 from controller.store.models import Machine
 from controller.transport import exec as commands
 
-if TYPE_CHECKING:
-    from controller.services.runtime import Controller
 
-
-class ExecMachineHandle:
-    def __init__(self, provider: commands.Executor, machine: Machine, *, output_cap: int) -> None:
-        self.provider = provider
+class SshMachineHandle:
+    def __init__(self, ctl: Controller, machine: Machine) -> None:
+        self.ctl = ctl
         self.machine_id = machine.id
         self.workdir = machine.workdir
         self.container = machine.container_name
-        self.output_cap = output_cap
+        self.commands = ctl.commands.for_container(machine.container_name)
 
     def run(
         self,
@@ -37,37 +37,59 @@ class ExecMachineHandle:
         request = commands.ExecRequest(
             cmd=cmd, cwd=cwd or self.workdir, env=env or {}, timeout_s=timeout_s
         )
-        result = commands.run(self.provider, self.container, request, cap=self.output_cap)
+        cap = self.ctl.settings.exec_output_cap
+        result = commands.run(self.commands, self.container, request, cap=cap)
         return CommandResult(**result.__dict__)
 
     def read_file(self, path: str) -> bytes:
-        result = self.run(f"base64 -w0 -- {shlex.quote(path)}", timeout_s=120)
-        if not result.ok:
-            raise ShopfloorError(
-                f"cannot read {path} in {self.machine_id}: {result.stderr.strip()}"
-            )
-        return base64.b64decode(result.stdout)
+        target = self._absolute(path)
+        with self._sftp() as sftp:
+            try:
+                with sftp.open(target, "rb") as fh:
+                    fh.prefetch()
+                    return bytes(fh.read())
+            except OSError as exc:
+                raise ShopfloorError(f"cannot read {target} in {self.machine_id}: {exc}") from exc
 
     def write_file(self, path: str, data: bytes) -> None:
-        encoded = base64.b64encode(data).decode()
-        quoted = shlex.quote(path)
-        cmd = f'mkdir -p -- "$(dirname -- {quoted})" && printf %s {encoded} | base64 -d > {quoted}'
-        result = self.run(cmd, timeout_s=120)
-        if not result.ok:
-            raise ShopfloorError(
-                f"cannot write {path} in {self.machine_id}: {result.stderr.strip()}"
-            )
+        target = self._absolute(path)
+        with self._sftp() as sftp:
+            try:
+                _makedirs(sftp, posixpath.dirname(target))
+                with sftp.open(target, "wb") as fh:
+                    fh.set_pipelined(True)
+                    fh.write(data)
+            except OSError as exc:
+                raise ShopfloorError(f"cannot write {target} in {self.machine_id}: {exc}") from exc
 
     def forward(self, port: int) -> str:
-        raise ShopfloorError("port forwarding needs the SSH transport")
+        forward = self.ctl.forwards.open(
+            machine_id=self.machine_id, container=self.container, port=port
+        )
+        return forward.url
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        client = paramiko.SFTPClient.from_transport(self.ctl.ssh.transport(self.container))
+        if client is None:
+            raise ShopfloorError(f"cannot open SFTP in {self.machine_id}")
+        return client
+
+    def _absolute(self, path: str) -> str:
+        return path if path.startswith("/") else posixpath.join(self.workdir, path)
 
 
 def handle_for(ctl: Controller, machine: Machine) -> MachineHandle:
-    """The one place the run driver gets a handle on a machine (swap the transport here).
-
-    Commands go through the engine's exec; files and forwards over the machine's pooled
-    SSH connection (:mod:`controller.services.ssh_handles`).
-    """
-    from controller.services.ssh_handles import SshMachineHandle  # imports the context
-
+    """The one place the run driver gets a handle on a machine (swap the transport here)."""
     return SshMachineHandle(ctl, machine)
+
+
+def _makedirs(sftp: paramiko.SFTPClient, directory: str) -> None:
+    try:
+        if stat.S_ISDIR(sftp.stat(directory).st_mode or 0):
+            return
+    except FileNotFoundError:
+        pass
+    parent = posixpath.dirname(directory)
+    if parent != directory:
+        _makedirs(sftp, parent)
+    sftp.mkdir(directory)

@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from controller.api.schemas import LeasePublic, LeaseSelector
+from controller.domain import LeasePublic, LeaseSelector, ResetPolicy
 from controller.errors import (
     Conflict,
     Forbidden,
@@ -55,7 +55,6 @@ from controller.store.rawsql import Row, Sql, Tx, Work, transaction
 
 log = logging.getLogger(__name__)
 
-ResetPolicy = Literal["keep", "clean", "recreate"]
 POLL_S = 0.25
 """Waiters re-check this often even without a wake-up (machines freed by another process)."""
 

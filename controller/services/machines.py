@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
-from controller.api.schemas import MachineTemplate
+from controller.domain import MachineTemplate
 from controller.errors import (
     Conflict,
     EngineError,
@@ -30,7 +29,7 @@ from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store import events
 from controller.store.db import reader, unit_of_work
-from controller.store.models import ALIVE_STATES, Machine, MachineState, utcnow
+from controller.store.models import Machine, MachineState, utcnow
 from controller.store.rawsql import Sql, transaction
 from controller.transport import exec as commands
 
@@ -164,7 +163,7 @@ def provision(
     except Exception as exc:  # noqa: BLE001 - any failure must end in `failed` with its reason
         reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
         log.warning("provisioning %s failed: %s", machine_id, reason)
-        _remove_resources(provider, machine)
+        remove_resources(provider, machine)
         with unit_of_work(db) as tx:
             current = get_machine(tx, machine_id)
             if current.state == MachineState.provisioning:
@@ -173,7 +172,7 @@ def provision(
     with unit_of_work(db) as tx:
         current = get_machine(tx, machine_id)
         if current.state != MachineState.provisioning:  # destroyed or failed meanwhile
-            _remove_resources(provider, machine)
+            remove_resources(provider, machine)
             return current
         current.commit, current.branch = machine.commit, machine.branch
         set_state(tx, current, MachineState.ready)
@@ -249,7 +248,7 @@ def run_setup(provider: Provider, settings: Settings, machine: Machine) -> None:
         _run_script(provider, settings, machine, cmd, {}, what, cwd=machine.workdir)
 
 
-def _remove_resources(provider: Provider, machine: Machine) -> None:
+def remove_resources(provider: Provider, machine: Machine) -> None:
     for remove, name in (
         (provider.remove_container, machine.container_name),
         (provider.remove_volume, machine.volume_name),
@@ -356,97 +355,6 @@ def list_machines(
             m for m in machines if key in m.labels and (not value or m.labels[key] == value)
         ]
     return machines
-
-
-@dataclass
-class ReconcileReport:
-    lost: list[str] = field(default_factory=list)
-    restarted: list[str] = field(default_factory=list)
-    removed_containers: list[str] = field(default_factory=list)
-    removed_volumes: list[str] = field(default_factory=list)
-    engine_error: str | None = None
-
-
-def fail_interrupted(*, db: Engine, provider: Provider) -> list[str]:
-    """At start-up: provisioning that a dead controller left half-done cannot resume."""
-    with unit_of_work(db) as tx:
-        stuck = list(tx.exec(select(Machine).where(Machine.state == MachineState.provisioning)))
-        for machine in stuck:
-            set_state(tx, machine, MachineState.failed, "controller restarted while provisioning")
-    for machine in stuck:
-        _remove_resources(provider, machine)
-    return [m.id for m in stuck]
-
-
-def reconcile(
-    *,
-    db: Engine,
-    provider: Provider,
-    install_id: str,
-    grace_s: float,
-    now: datetime | None = None,
-) -> ReconcileReport:
-    """Bring database and engine together. An engine error removes nothing."""
-    report = ReconcileReport()
-    owned = {LABEL_CONTROLLER: install_id}
-    try:
-        containers = provider.list_containers(owned)
-        volumes = provider.list_volumes(owned)
-    except EngineError as exc:
-        report.engine_error = exc.message
-        log.warning("reconcile skipped: %s", exc.message)
-        return report
-    now = now or datetime.now(UTC)
-    by_machine = {c.labels.get(LABEL_MACHINE, ""): c for c in containers}
-    # Read without the write lock (leases are granted meanwhile); write only what changed.
-    with unit_of_work(reader(db)) as tx:
-        alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
-        machines = {machine_id: MachineState(state) for machine_id, state in tx.exec(alive)}
-    settled = (MachineState.ready, MachineState.leased, MachineState.stopped)
-    for machine_id, state in machines.items():
-        container = by_machine.get(machine_id)
-        if state in settled and container is None:
-            report.lost.append(machine_id)
-        elif state in EXEC_READY and container and container.status in ("exited", "created"):
-            report.restarted.append(machine_id)
-    if report.lost:
-        with unit_of_work(db) as tx:
-            for machine_id in report.lost:
-                machine = get_machine(tx, machine_id)
-                if machine.state in settled:  # not destroyed meanwhile
-                    set_state(tx, machine, MachineState.lost, "container vanished from the engine")
-                machines.pop(machine_id)  # no longer alive: what is left of it is an orphan
-    for machine_id in report.restarted:
-        try:
-            provider.start_container(by_machine[machine_id].id)
-        except EngineError as exc:
-            log.warning("could not restart %s: %s", machine_id, exc.message)
-    old = now - timedelta(seconds=grace_s)
-
-    def orphaned(machine_id: str) -> bool:
-        return machine_id not in machines
-
-    for container in containers:
-        machine_id = container.labels.get(LABEL_MACHINE, "")
-        if orphaned(machine_id) and container.created_at < old:
-            _try(provider.remove_container, container.id, report.removed_containers)
-    live_volumes = {
-        c.labels.get(LABEL_MACHINE) for c in containers if c.id not in report.removed_containers
-    }
-    for volume in volumes:
-        machine_id = volume.labels.get(LABEL_MACHINE, "")
-        too_young = volume.created_at is not None and volume.created_at >= old
-        if orphaned(machine_id) and machine_id not in live_volumes and not too_young:
-            _try(provider.remove_volume, volume.name, report.removed_volumes)
-    return report
-
-
-def _try(remove: object, name: str, into: list[str]) -> None:
-    try:
-        remove(name)  # type: ignore[operator]
-        into.append(name)
-    except EngineError as exc:
-        log.warning("could not remove orphan %s: %s", name, exc.message)
 
 
 def make_spec(

@@ -13,7 +13,7 @@ from collections import Counter
 
 from sqlmodel import Session, col, select
 
-from controller.api.schemas import MachineTemplate, PoolBody
+from controller.domain import MachineTemplate, ResetPolicy
 from controller.errors import InvalidInput, NotFound, ShopfloorError
 from controller.services import leases, machines
 from controller.services.runtime import Controller
@@ -43,23 +43,29 @@ def get_pool(tx: Session, name: str) -> Pool:
     return pool
 
 
-def put_pool(*, ctl: Controller, name: str, body: PoolBody) -> Pool:
+def put_pool(
+    *,
+    ctl: Controller,
+    name: str,
+    template: MachineTemplate,
+    min_ready: int,
+    max_machines: int,
+    reset: ResetPolicy,
+) -> Pool:
     """Create or change a pool; the template is checked now (repo, ref, image) and kept."""
     check_name(name)
-    if body.min_ready > body.max_machines:
-        raise InvalidInput(
-            f"min_ready ({body.min_ready}) cannot exceed max_machines ({body.max_machines})"
-        )
-    machines.make_spec(ctl=ctl, template=body.template, pool=name)
+    if min_ready > max_machines:
+        raise InvalidInput(f"min_ready ({min_ready}) cannot exceed max_machines ({max_machines})")
+    machines.make_spec(ctl=ctl, template=template, pool=name)
     with unit_of_work(ctl.db) as tx:
         pool = tx.get(Pool, name)
         created = pool is None
         pool = pool or Pool(name=name)
-        pool.template = body.template.model_dump()
+        pool.template = template.model_dump()
         pool.min_ready, pool.max_machines, pool.reset = (
-            body.min_ready,
-            body.max_machines,
-            body.reset,
+            min_ready,
+            max_machines,
+            reset,
         )
         pool.reason = None
         pool.updated_at = utcnow()
@@ -68,9 +74,9 @@ def put_pool(*, ctl: Controller, name: str, body: PoolBody) -> Pool:
             tx,
             "pool.created" if created else "pool.updated",
             name,
-            min_ready=body.min_ready,
-            max_machines=body.max_machines,
-            reset=body.reset,
+            min_ready=min_ready,
+            max_machines=max_machines,
+            reset=reset,
         )
         return pool
 

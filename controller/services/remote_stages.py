@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from agents.base import HANDOFF_DIR, RemoteReport
-from controller.api.schemas import StageClaim, StageReportBody
+from controller.domain import StageClaim, StageReport
 from controller.errors import Conflict, StaleLease
 from controller.services import runs
 from controller.store import events  # runs imports this module too: use it at call time
@@ -74,7 +74,7 @@ def report(
     db: Engine,
     run_id: str,
     stage_name: str,
-    body: StageReportBody,
+    result: StageReport,
     lease_token: int | None,
     caller: ApiToken,
 ) -> None:
@@ -88,9 +88,9 @@ def report(
                 f"lease token {lease_token} is not the run's current one; "
                 "claim the stage again for the current token"
             )
-        if body.attempt != stage.attempts:
+        if result.attempt != stage.attempts:
             raise Conflict(
-                f"the report is for attempt {body.attempt}, but stage {stage.name} is on "
+                f"the report is for attempt {result.attempt}, but stage {stage.name} is on "
                 f"attempt {stage.attempts}"
             )
         if _reported(tx, stage.id, stage.attempts) is not None:
@@ -102,7 +102,7 @@ def report(
             run_id=run.id,
             stage=stage.name,
             by=caller.id,
-            **body.model_dump(),  # attempt, status, summary, outputs
+            **result.model_dump(),  # attempt, status, summary, outputs
         )
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from controller.api.app import build_controller
-from controller.api.schemas import LeasePublic, LeaseSelector
+from controller.domain import LeasePublic, LeaseSelector
 from controller.errors import Conflict, Forbidden, NotFound
 from controller.services import leases
 from controller.services.runtime import Controller

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from controller.api.app import create_app
 from controller.providers.base import ContainerSpec
 from controller.providers.docker import DockerProvider
-from controller.services import machines
+from controller.services import machines, reconcile
 from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store.models import Role
@@ -46,7 +46,7 @@ def test_container_removed_behind_our_back_becomes_lost(
     machine = client.post("/api/v1/machines?wait=true", json={}).json()
     provider.remove_container(f"shopfloor-{machine['id']}")
     ctl = controller_of(client)
-    report = machines.reconcile(
+    report = reconcile.reconcile(
         db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
     )
     assert machine["id"] in report.lost
@@ -86,11 +86,11 @@ def test_orphan_container_and_volume_are_removed(
             workspace_volume=f"shopfloor-ws-m-orphan{SUFFIX}",
         )
     )
-    young = machines.reconcile(
+    young = reconcile.reconcile(
         db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=3600
     )
     assert young.removed_containers == []  # inside the grace period: left alone
-    report = machines.reconcile(
+    report = reconcile.reconcile(
         db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
     )
     assert report.removed_volumes == [f"shopfloor-ws-m-orphan{SUFFIX}"]
@@ -115,7 +115,7 @@ def test_other_controllers_containers_are_not_touched(
         )
     )
     ctl = controller_of(client)
-    machines.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    reconcile.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
     assert provider.inspect_container(f"shopfloor-m-foreign{SUFFIX}") is not None
 
 
@@ -125,7 +125,7 @@ def test_stopped_engine_side_container_of_ready_machine_is_restarted(
     machine = client.post("/api/v1/machines?wait=true", json={}).json()
     provider.stop_container(f"shopfloor-{machine['id']}", timeout_s=1)
     ctl = controller_of(client)
-    report = machines.reconcile(
+    report = reconcile.reconcile(
         db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
     )
     assert report.restarted == [machine["id"]]

@@ -11,6 +11,8 @@ from sqlalchemy.engine import Engine
 from controller.errors import EngineError
 from controller.providers.base import ContainerInfo, VolumeInfo
 from controller.services import machines
+from controller.services.reconcile import ReconcileReport
+from controller.services.reconcile import reconcile as reconcile_engine
 from controller.store.db import make_engine, migrate, unit_of_work
 from controller.store.models import Machine, MachineState
 
@@ -75,8 +77,8 @@ def add_machine(db: Engine, machine_id: str, state: MachineState) -> None:
         )
 
 
-def reconcile(db: Engine, engine: FakeEngine) -> machines.ReconcileReport:
-    return machines.reconcile(db=db, provider=engine, install_id="me", grace_s=60)  # type: ignore[arg-type]
+def reconcile(db: Engine, engine: FakeEngine) -> ReconcileReport:
+    return reconcile_engine(db=db, provider=engine, install_id="me", grace_s=60)  # type: ignore[arg-type]
 
 
 def state_of(db: Engine, machine_id: str) -> MachineState:

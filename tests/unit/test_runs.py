@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from controller.api.schemas import RunBody
 from controller.errors import InvalidInput
-from controller.services.runs import _history_entry, check_agents
+from controller.services.driver import _history_entry
+from controller.services.runs import check_agents
 
 
 def body(*stages: dict[str, object]) -> RunBody:

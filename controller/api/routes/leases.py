@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request, Response, status
 
 from controller.api.deps import OpsOrAgent, SessionDep, agent_call, answer, json_body, parse_body
 from controller.api.fastlane import hot
-from controller.api.schemas import LeaseBody, LeasePublic, ListOf, RenewBody
+from controller.api.schemas import LeaseBody, ListOf, RenewBody
+from controller.domain import LeasePublic
 from controller.services import leases
 from controller.store.models import Lease
 

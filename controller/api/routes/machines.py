@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
 from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
-from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic, MachineTemplate
+from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
+from controller.domain import MachineTemplate
 from controller.services import machines
 from controller.store.models import Machine
 from controller.transport import exec as commands

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from controller.api.deps import Ctl, OpsOnly, OpsOrAgent, SessionDep
-from controller.api.schemas import ListOf, MachineTemplate, PoolBody, PoolPublic
+from controller.api.schemas import ListOf, PoolBody, PoolPublic
+from controller.domain import MachineTemplate
 from controller.services import pools
 from controller.store.models import Pool
 
@@ -28,7 +29,14 @@ def public(pool: Pool, counts: dict[str, int]) -> PoolPublic:
 
 @router.put("/{name}")
 def put_pool(name: str, body: PoolBody, ctl: Ctl, tx: SessionDep, _: OpsOnly) -> PoolPublic:
-    pool = pools.put_pool(ctl=ctl, name=name, body=body)
+    pool = pools.put_pool(
+        ctl=ctl,
+        name=name,
+        template=body.template,
+        min_ready=body.min_ready,
+        max_machines=body.max_machines,
+        reset=body.reset,
+    )
     return public(pool, pools.counts(tx, name))
 
 

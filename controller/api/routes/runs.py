@@ -12,10 +12,10 @@ from controller.api.schemas import (
     ListOf,
     RunBody,
     RunPublic,
-    StageClaim,
     StagePublic,
     StageReportBody,
 )
+from controller.domain import StageClaim
 from controller.services import remote_stages, runs
 from controller.store.models import Run, Stage
 from evidence import verdicts
@@ -42,7 +42,7 @@ def public(tx: Session, run: Run, *, with_events: bool = False) -> RunPublic:
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_run(body: RunBody, ctl: Ctl, tx: SessionDep, caller: OpsOrAgent) -> RunPublic:
-    run = runs.create_run(ctl=ctl, body=body, caller=caller)
+    run = runs.create_run(ctl=ctl, spec=body, caller=caller)
     return public(tx, runs.get_run(tx, run.id))
 
 
@@ -83,7 +83,7 @@ def report_stage(
         db=ctl.db,
         run_id=run_id,
         stage_name=stage,
-        body=body,
+        result=body,
         lease_token=x_lease_token,
         caller=caller,
     )

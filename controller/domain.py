@@ -1,0 +1,142 @@
+"""Values the services take and return: what a machine, a lease, a run and a stage report
+are, apart from how the API spells its bodies (``api/schemas.py``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+ResetPolicy = Literal["keep", "clean", "recreate"]
+"""What a machine gets between two leases: its workspace kept, cleaned to the ref, or made anew."""
+OUTPUTS_CAP_BYTES = 65536
+"""A stage's outputs go into run.json for every later stage: small facts, not files."""
+
+
+class MachineTemplate(BaseModel):
+    """How to make a machine; pools keep one of these too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str | None = Field(default=None, description="http(s)/ssh/git URL or absolute local path")
+    ref: str | None = Field(default=None, description="branch, tag or commit; default: repo HEAD")
+    image: str | None = Field(default=None, description="default: the runner image")
+    cpus: float = Field(default=1.0, gt=0, le=16)
+    memory_mb: int = Field(default=1024, ge=64, le=65536, description="at least 64")
+    network: Literal["none", "egress"] = "none"
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    setup: list[str] = Field(default_factory=list, max_length=32)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"label key {key!r} must match [a-z0-9][a-z0-9._-]*")
+            if len(value) > 256 or any(ord(c) < 32 for c in value):
+                raise ValueError(f"label {key} must be at most 256 printable characters")
+        return labels
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, setup: list[str]) -> list[str]:
+        for cmd in setup:
+            if not cmd.strip() or len(cmd) > 8192 or "\x00" in cmd:
+                raise ValueError("each setup command must be 1 to 8192 characters, no NUL")
+        return setup
+
+
+class LeaseSelector(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str | None = Field(default=None, max_length=4096)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+
+class LeasePublic(BaseModel):
+    id: str
+    machine_id: str
+    pool: str | None
+    holder: str
+    token: int
+    state: str
+    ttl_s: float
+    wait_ms: float
+    acquired_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=_NAME, description="lower-case, e.g. plan, implement, test")
+    agent: str = Field(min_length=1, max_length=63)
+    with_: dict[str, object] = Field(default_factory=dict, alias="with")
+    timeout_s: float = Field(default=600, gt=0, le=86400)
+    retries: int = Field(default=0, ge=0, le=5)
+
+
+class RunSpec(BaseModel):
+    """A task on a repo, carried through named stages on one machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=65536)
+    repo: str = Field(min_length=1, max_length=4096)
+    ref: str | None = Field(default=None, max_length=255)
+    pool: str | None = Field(default=None, max_length=63)
+    stages: list[StageSpec] = Field(min_length=1, max_length=32)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        names = [s.name for s in stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+        return stages
+
+
+class StageReport(BaseModel):
+    """A remote agent's result for the attempt it claimed (see ``remote_stages``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int = Field(ge=1, description="the attempt named in the claim")
+    status: Literal["passed", "failed"]
+    summary: str = Field(min_length=1, max_length=4000)
+    outputs: dict[str, object] = Field(
+        default_factory=dict, description="small JSON facts for run.json and the next stages"
+    )
+
+    @field_validator("outputs")
+    @classmethod
+    def _small(cls, outputs: dict[str, object]) -> dict[str, object]:
+        size = len(json.dumps(outputs))
+        if size > OUTPUTS_CAP_BYTES:
+            raise ValueError(f"outputs take {size} bytes as JSON; at most {OUTPUTS_CAP_BYTES}")
+        return outputs
+
+
+class StageClaim(BaseModel):
+    """What a remote agent needs to do a stage: its task and parameters, and the run's
+    machine with the lease token that its commands, files and report must carry."""
+
+    run_id: str
+    stage: str
+    attempt: int
+    task: str
+    repo: str
+    ref: str
+    params: dict[str, object]
+    timeout_s: float
+    machine_id: str
+    lease_token: int
+    workdir: str
+    handoff_dir: str

@@ -1,0 +1,719 @@
+"""The run driver: one thread per run takes it from its first unfinished stage to an end.
+
+A run leases one machine for its whole life (holder ``run:<id>``) and drives its stages on
+it in order, so each stage finds the workspace and the notes of the one before in
+``/workspace/.shopfloor/`` (``run.json`` plus ``<stage>/result.json`` and ``<stage>/log.txt``).
+Each attempt runs the stage's agent in a thread while the driver renews the lease, watches
+for cancellation and enforces the stage timeout (the exec transport already kills commands
+with SIGTERM, a grace and SIGKILL; the driver kills whatever is left in the machine).
+
+The driver is restartable: after a controller crash a ``running`` run is picked up again,
+the interrupted attempt is recorded as failed with the reason, the run's lease is adopted
+if it is still valid (same machine, same workspace) and otherwise a fresh machine is
+leased, which counts as a context re-creation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from agents import registry
+from agents.base import HANDOFF_DIR, Assignment, MachineHandle, StageResult
+from controller.domain import LeasePublic, MachineTemplate
+from controller.errors import Conflict, ShopfloorError
+from controller.services import leases, machines, pools, remote_stages, runs
+from controller.services.handles import handle_for
+from controller.services.runtime import Controller
+from controller.store import events
+from controller.store.db import unit_of_work
+from controller.store.models import (
+    FINISHED_RUN_STATUSES,
+    Lease,
+    LeaseState,
+    Machine,
+    MachineState,
+    Run,
+    RunStatus,
+    Stage,
+    StageStatus,
+    utcnow,
+)
+from controller.transport.exec import KILL_GRACE_S
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_CHARS = 4000
+NOTE_FILE_CAP_BYTES = 64 * 1024
+"""Artifacts up to this size are also copied into the handoff folder (argv-safe)."""
+
+
+@dataclass
+class _Drivers:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: dict[str, threading.Thread] = field(default_factory=dict)
+
+
+_DRIVERS: dict[int, _Drivers] = {}
+
+
+def drivers(ctl: Controller) -> _Drivers:
+    return _DRIVERS.setdefault(id(ctl), _Drivers())
+
+
+def drive_tick(*, ctl: Controller) -> list[str]:
+    """Start a driver thread for each queued or orphaned running run; say which started."""
+    with unit_of_work(ctl.reader) as tx:
+        waiting = tx.exec(
+            select(Run.id)
+            .where(col(Run.status).in_([RunStatus.queued, RunStatus.running]))
+            .order_by(col(Run.created_at))
+        ).all()
+    state = drivers(ctl)
+    started: list[str] = []
+    with state.lock:
+        for run_id in waiting:
+            if run_id in state.threads or ctl.stopping.is_set():
+                continue
+            thread = threading.Thread(
+                target=_drive_guarded, args=(ctl, run_id), name=f"run-{run_id}", daemon=True
+            )
+            state.threads[run_id] = thread
+            thread.start()
+            started.append(run_id)
+    return started
+
+
+def _drive_guarded(ctl: Controller, run_id: str) -> None:
+    try:
+        RunDriver(ctl, run_id).drive()
+    except _Stopping:
+        log.info("controller stopping; run %s will resume on restart", run_id)
+    except Exception as exc:  # noqa: BLE001 - a run must always end in a definite state
+        log.exception("driver of run %s failed", run_id)
+        reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
+        runs.finish_run(
+            ctl=ctl, run_id=run_id, status=RunStatus.failed, reason=f"driver error: {reason}"
+        )
+    finally:
+        with drivers(ctl).lock:
+            drivers(ctl).threads.pop(run_id, None)
+
+
+class _Stopping(Exception):
+    """The controller is shutting down: leave the run as it is for the next start."""
+
+
+@dataclass
+class _Outcome:
+    status: str
+    summary: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    machine_lost: bool = False
+    cancelled: bool = False
+    agent_log: str = ""
+    """The tail of the agent's own log artifacts, kept in the attempt's history."""
+    files: dict[str, bytes] = field(default_factory=dict)
+    """Small artifacts, copied into the stage's folder for the next stages."""
+
+
+class RunDriver:
+    """Drives one run from its first unfinished stage to a definite end."""
+
+    def __init__(self, ctl: Controller, run_id: str) -> None:
+        self.ctl = ctl
+        self.run_id = run_id
+        self.lease: LeasePublic | None = None
+        self.machine: Machine | None = None
+        self.handle: MachineHandle | None = None
+        self.renewed_at = 0.0
+
+    # ------------------------------------------------------------ the whole run
+
+    def drive(self) -> None:
+        if not self._start():
+            return
+        try:
+            self._take_machine()
+            with unit_of_work(self.ctl.db) as tx:
+                stage_ids = [s.id for s in runs.stages_of(tx, self.run_id)]
+            for stage_id in stage_ids:
+                ended = self._drive_stage(stage_id)
+                if ended:
+                    return
+            runs.finish_run(ctl=self.ctl, run_id=self.run_id, status=RunStatus.passed, reason=None)
+        except _RunEnded as end:
+            runs.finish_run(ctl=self.ctl, run_id=self.run_id, status=end.status, reason=end.reason)
+        finally:
+            if not self.ctl.stopping.is_set():
+                self._give_back()
+
+    def _start(self) -> bool:
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+            if run.status in FINISHED_RUN_STATUSES:
+                return False
+            if run.cancel_requested:
+                runs.end_run(tx, run, RunStatus.cancelled, "cancelled before it started")
+                return False
+            if run.status == RunStatus.queued:
+                run.status, run.started_at = RunStatus.running, utcnow()
+                tx.add(run)
+                events.record(tx, "run.started", run.id)
+            else:
+                events.record(tx, "run.resumed", run.id, reason="controller restarted")
+        return True
+
+    # ------------------------------------------------------------ the machine
+
+    def _take_machine(self) -> None:
+        """Adopt the run's lease if it is still valid, else lease a (fresh) machine."""
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+            found = tx.get(Lease, run.lease_id) if run.lease_id else None
+            lease = LeasePublic.model_validate(found, from_attributes=True) if found else None
+            had_machine = run.machine_id is not None
+        if lease is not None and self._adopt(lease):
+            return
+        if had_machine:
+            self._record_recreation("the run's machine or lease was lost")
+        self.lease = self._acquire()
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+            run.lease_id, run.machine_id = self.lease.id, self.lease.machine_id
+            tx.add(run)
+            self.machine = machines.get_machine(tx, self.lease.machine_id)
+            events.record(
+                tx, "run.machine", run.id, machine_id=self.machine.id, lease_id=self.lease.id
+            )
+        self.handle = handle_for(self.ctl, self.machine)
+        self.renewed_at = time.monotonic()
+
+    def _adopt(self, lease: LeasePublic) -> bool:
+        if lease.state != LeaseState.active:
+            return False
+        try:
+            leases.renew(db=self.ctl.db, lease_id=lease.id, caller=None)
+            machine = machines.machine_for_command(
+                db=self.ctl.db, machine_id=lease.machine_id, lease_token=lease.token
+            )
+        except ShopfloorError as exc:
+            log.info("run %s cannot adopt lease %s: %s", self.run_id, lease.id, exc.message)
+            return False
+        self.lease, self.machine = lease, machine
+        self.handle = handle_for(self.ctl, machine)
+        self.renewed_at = time.monotonic()
+        return True
+
+    def _acquire(self) -> LeasePublic:
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+        target = leases.Target(pool=run.pool) if run.pool else self._private_machine(run)
+        request = leases.LeaseRequest(
+            target=target,
+            holder=f"run:{self.run_id}",
+            ttl_s=self.ctl.settings.run_lease_ttl_s,
+            wait_s=self.ctl.settings.run_machine_wait_s,
+        )
+        try:
+            return leases.acquire_blocking(ctl=self.ctl, request=request, give_up=self._give_up)
+        except ShopfloorError as exc:
+            if self.ctl.stopping.is_set():
+                raise _Stopping() from exc
+            if self._cancel_requested():
+                raise _RunEnded(
+                    RunStatus.cancelled, "cancelled while waiting for a machine"
+                ) from exc
+            raise _RunEnded(RunStatus.failed, f"no machine for the run: {exc.message}") from exc
+
+    def _give_up(self) -> str | None:
+        if self._cancel_requested():
+            return "cancelled"
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+            if run.pool:
+                reason = pools.failing_reason(tx=tx, name=run.pool)
+                return f"pool {run.pool} cannot provide machines: {reason}" if reason else None
+        return None
+
+    def _private_machine(self, run: Run) -> leases.Target:
+        """A run without a pool gets its own machine of the run's repo and ref."""
+        spec = machines.make_spec(
+            ctl=self.ctl,
+            template=MachineTemplate(repo=run.repo, ref=run.ref, labels={"run": run.id}),
+        )
+        machine = machines.submit(ctl=self.ctl, spec=spec, wait=True)
+        if machine.state != MachineState.ready:
+            raise _RunEnded(
+                RunStatus.failed, f"the run's machine could not be provisioned: {machine.reason}"
+            )
+        return leases.Target(machine_id=machine.id)
+
+    def _record_recreation(self, why: str) -> None:
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+            run.context_recreations += 1
+            tx.add(run)
+            events.record(
+                tx,
+                "run.context_recreated",
+                run.id,
+                previous_machine=run.machine_id,
+                reason=why,
+                count=run.context_recreations,
+            )
+
+    def _move_to_fresh_machine(self, why: str) -> None:
+        lost = self.machine
+        if lost is not None:
+            with unit_of_work(self.ctl.db) as tx:
+                machine = tx.get(Machine, lost.id)
+                if machine is not None and machine.state in (
+                    MachineState.leased,
+                    MachineState.ready,
+                ):
+                    machines.set_state(tx, machine, MachineState.lost, why)
+        self._end_lease()
+        self._record_recreation(why)
+        self.lease = self._acquire()
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+            run.lease_id, run.machine_id = self.lease.id, self.lease.machine_id
+            tx.add(run)
+            self.machine = machines.get_machine(tx, self.lease.machine_id)
+        self.handle = handle_for(self.ctl, self.machine)
+
+    def _end_lease(self) -> None:
+        if self.lease is None:
+            return
+        try:
+            leases.release(ctl=self.ctl, lease_id=self.lease.id, caller=None)
+        except Conflict:
+            pass  # expired or released already
+        self.lease = None
+
+    def _give_back(self) -> None:
+        machine = self.machine
+        self._end_lease()
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+        if run.pool is None and machine is not None:
+            self.ctl.workers.submit(_destroy_quietly, self.ctl, machine.id)
+
+    def _renew_if_due(self) -> None:
+        if self.lease is None:
+            return
+        if time.monotonic() - self.renewed_at < self.ctl.settings.run_lease_ttl_s / 3:
+            return
+        try:
+            self.lease = leases.renew(db=self.ctl.db, lease_id=self.lease.id, caller=None)
+            self.renewed_at = time.monotonic()
+        except ShopfloorError as exc:
+            log.warning("run %s could not renew its lease: %s", self.run_id, exc.message)
+
+    def _still_ours(self, *, suspicious: bool = False) -> bool:
+        """Fencing for the driver itself: results count only if the lease is still current.
+
+        After a failed attempt (``suspicious``) the container is watched a little longer: a
+        container being removed kills its commands a moment before the engine says so.
+        """
+        if self.lease is None:
+            return False
+        try:
+            machines.machine_for_command(
+                db=self.ctl.db, machine_id=self.lease.machine_id, lease_token=self.lease.token
+            )
+        except ShopfloorError:
+            return False
+        for _ in range(4 if suspicious else 1):
+            if not self._container_alive():
+                return False
+            if suspicious:
+                time.sleep(0.5)
+        return True
+
+    def _container_alive(self) -> bool:
+        if self.machine is None:
+            return False
+        try:
+            info = self.ctl.provider.inspect_container(self.machine.container_name)
+        except ShopfloorError:
+            return True  # the engine is unreachable; that is not proof the machine is gone
+        return info is not None and info.running
+
+    def _cancel_requested(self) -> bool:
+        with unit_of_work(self.ctl.db) as tx:
+            return runs.get_run(tx, self.run_id).cancel_requested
+
+    # ------------------------------------------------------------ stages
+
+    def _drive_stage(self, stage_id: str) -> bool:
+        """Run a stage's attempts; True when the run ended here (failed or cancelled)."""
+        self._recover_interrupted(stage_id)
+        while True:
+            with unit_of_work(self.ctl.db) as tx:
+                stage = tx.get(Stage, stage_id)
+                assert stage is not None
+            if stage.status == StageStatus.passed:
+                return False
+            if self._cancel_requested():
+                raise _RunEnded(RunStatus.cancelled, f"cancelled before stage {stage.name}")
+            if stage.attempts > stage.retries:
+                raise _RunEnded(
+                    RunStatus.failed,
+                    f"stage {stage.name} failed after {stage.attempts} attempt(s): {stage.summary}",
+                )
+            outcome = self._attempt(stage)
+            if outcome.cancelled:
+                raise _RunEnded(RunStatus.cancelled, f"cancelled during stage {stage.name}")
+            if outcome.machine_lost:
+                self._move_to_fresh_machine(
+                    f"machine {stage.machine_id} was lost during stage {stage.name}"
+                )
+
+    def _recover_interrupted(self, stage_id: str) -> None:
+        """A stage left ``running`` by a dead controller: its attempt failed; clean the machine."""
+        with unit_of_work(self.ctl.db) as tx:
+            stage = tx.get(Stage, stage_id)
+            assert stage is not None
+            if stage.status != StageStatus.running:
+                return
+            reason = f"controller restarted during attempt {stage.attempts}"
+            stage.history = [
+                *stage.history,
+                _history_entry(stage.attempts, "failed", reason, stage.machine_id, None, None),
+            ]
+            stage.status, stage.summary = StageStatus.pending, reason
+            tx.add(stage)
+            events.record(tx, "stage.interrupted", stage.id, run_id=self.run_id, reason=reason)
+        self._kill_leftovers()
+
+    def _attempt(self, stage: Stage) -> _Outcome:
+        assert self.machine is not None
+        assert self.handle is not None
+        attempt = stage.attempts + 1
+        started = utcnow()
+        with unit_of_work(self.ctl.db) as tx:
+            current = tx.get(Stage, stage.id)
+            assert current is not None
+            current.status, current.attempts = StageStatus.running, attempt
+            current.started_at = current.started_at or started
+            current.machine_id = self.machine.id
+            tx.add(current)
+            events.record(
+                tx,
+                "stage.started",
+                stage.id,
+                run_id=self.run_id,
+                stage=stage.name,
+                attempt=attempt,
+                machine_id=self.machine.id,
+            )
+        lines: list[str] = []
+        outcome = self._run_agent(stage, attempt, lines)
+        if not outcome.cancelled and not self._still_ours(suspicious=outcome.status != "passed"):
+            outcome = _Outcome(
+                "failed", "the machine was lost during the attempt", machine_lost=True
+            )
+        finished = utcnow()
+        if not outcome.machine_lost:
+            self._write_stage_notes(stage, attempt, outcome, lines)
+        self._record_attempt(stage, attempt, outcome, started, finished, lines)
+        return outcome
+
+    def _run_agent(self, stage: Stage, attempt: int, lines: list[str]) -> _Outcome:
+        assert self.machine is not None
+        assert self.handle is not None
+        with unit_of_work(self.ctl.db) as tx:
+            run = runs.get_run(tx, self.run_id)
+        try:
+            self._write_run_json(run, stage, attempt)
+        except ShopfloorError as exc:
+            if not self._container_alive():
+                return _Outcome("failed", f"machine unreachable: {exc.message}", machine_lost=True)
+            return _Outcome("failed", f"could not write run.json: {exc.message}")
+        work = Assignment(
+            run_id=run.id,
+            task=run.task,
+            repo=run.repo,
+            ref=run.ref,
+            stage=stage.name,
+            attempt=attempt,
+            params=dict(stage.params),
+            machine=self.handle,
+            timeout_s=stage.timeout_s,
+            log=lines.append,
+            remote_report=lambda: remote_stages.reported(self.ctl.reader, stage.id, attempt),
+        )
+        box: dict[str, Any] = {}
+
+        def run_agent() -> None:
+            try:
+                box["result"] = registry.get_agent(stage.agent).run(work)
+            except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
+                box["error"] = exc
+
+        worker = threading.Thread(target=run_agent, name=f"stage-{stage.id}", daemon=True)
+        worker.start()
+        deadline = time.monotonic() + stage.timeout_s + KILL_GRACE_S + 10
+        while worker.is_alive():
+            worker.join(timeout=0.5)
+            self._renew_if_due()
+            if self.ctl.stopping.is_set():
+                raise _Stopping()
+            if self._cancel_requested():
+                self._kill_leftovers()
+                return _Outcome("cancelled", "cancelled during the attempt", cancelled=True)
+            if time.monotonic() > deadline:
+                self._kill_leftovers()
+                return _Outcome("failed", f"timed out after {stage.timeout_s:g}s and was killed")
+        if "error" in box:
+            error = box["error"]
+            text = (
+                error.message
+                if isinstance(error, ShopfloorError)
+                else f"{type(error).__name__}: {error}"
+            )
+            lines.append(f"[shopfloor: agent raised {text}]")
+            return _Outcome("failed", f"agent {stage.agent} raised: {text}")
+        result: StageResult = box["result"]
+        try:
+            self._store_artifacts(stage, attempt, result)
+        except ShopfloorError as exc:
+            return _Outcome("failed", f"the stage's evidence could not be stored: {exc.message}")
+        agent_log = "\n".join(
+            a.data.decode(errors="replace") for a in result.artifacts if a.kind == "log"
+        )
+        return _Outcome(
+            result.status,
+            result.summary,
+            dict(result.outputs),
+            agent_log=agent_log[-LOG_TAIL_CHARS:],
+            files={a.name: a.data for a in result.artifacts if len(a.data) <= NOTE_FILE_CAP_BYTES},
+        )
+
+    def _kill_leftovers(self) -> None:
+        """SIGTERM, a grace, then SIGKILL to every process the stage left in the machine."""
+        if self.handle is None:
+            return
+        for signal in ("TERM", "KILL"):
+            try:
+                self.handle.run(f"kill -{signal} -1 2>/dev/null; true", timeout_s=10)
+            except Exception as exc:  # noqa: BLE001 - the kill may take the transport down too
+                log.info("kill -%s in %s: %s", signal, self.handle.machine_id, exc)
+            if signal == "TERM":
+                time.sleep(self.ctl.settings.stage_kill_grace_s)
+
+    # ------------------------------------------------------------ notes and records
+
+    def _write_run_json(self, run: Run, stage: Stage, attempt: int) -> None:
+        assert self.handle is not None
+        with unit_of_work(self.ctl.db) as tx:
+            stages = runs.stages_of(tx, run.id)
+        doc = {
+            "run_id": run.id,
+            "task": run.task,
+            "repo": run.repo,
+            "ref": run.ref,
+            "current": {"stage": stage.name, "attempt": attempt},
+            "context_recreations": run.context_recreations,
+            "stages": [
+                {
+                    "name": s.name,
+                    "agent": s.agent,
+                    "status": s.status.value,
+                    "attempts": s.attempts,
+                    "summary": s.summary,
+                    "outputs": s.outputs,
+                    "dir": f"{HANDOFF_DIR}/{s.name}",
+                }
+                for s in stages
+            ],
+        }
+        self.handle.write_file(f"{HANDOFF_DIR}/run.json", json.dumps(doc, indent=2).encode())
+
+    def _write_stage_notes(
+        self, stage: Stage, attempt: int, outcome: _Outcome, lines: list[str]
+    ) -> None:
+        assert self.handle is not None
+        folder = f"{HANDOFF_DIR}/{stage.name}"
+        note = {
+            "stage": stage.name,
+            "attempt": attempt,
+            "status": outcome.status,
+            "summary": outcome.summary,
+            "outputs": outcome.outputs,
+        }
+        try:
+            self.handle.write_file(f"{folder}/result.json", json.dumps(note, indent=2).encode())
+            self.handle.write_file(f"{folder}/log.txt", "\n".join(lines).encode())
+            for name, data in outcome.files.items():
+                self.handle.write_file(f"{folder}/{name}", data)
+        except Exception as exc:  # noqa: BLE001 - notes are a courtesy; the record is in the DB
+            log.warning("could not write notes of %s: %s", stage.name, exc)
+
+    def _store_artifacts(self, stage: Stage, attempt: int, result: StageResult) -> None:
+        assert self.machine is not None
+        for artifact in result.artifacts:
+            runs.save_artifact(
+                ctl=self.ctl,
+                run_id=self.run_id,
+                stage=stage.name,
+                attempt=attempt,
+                machine=self.machine,
+                kind=artifact.kind,
+                name=artifact.name,
+                data=artifact.data,
+                content_type=artifact.content_type,
+                meta=dict(artifact.meta),
+            )
+
+    def _record_attempt(
+        self,
+        stage: Stage,
+        attempt: int,
+        outcome: _Outcome,
+        started: Any,
+        finished: Any,
+        lines: list[str],
+    ) -> None:
+        log_text = "\n".join(lines)
+        if lines and self.machine is not None:
+            try:
+                runs.save_artifact(
+                    ctl=self.ctl,
+                    run_id=self.run_id,
+                    stage=stage.name,
+                    attempt=attempt,
+                    machine=self.machine,
+                    kind="log",
+                    name=f"{stage.name}-attempt{attempt}.log",
+                    data=log_text.encode(),
+                    content_type="text/plain; charset=utf-8",
+                    meta={"source": "driver"},
+                )
+            except ShopfloorError as exc:
+                log.warning("stage log of %s not stored: %s", stage.name, exc.message)
+        with unit_of_work(self.ctl.db) as tx:
+            current = tx.get(Stage, stage.id)
+            assert current is not None
+            passed = outcome.status == "passed"
+            last_try = attempt > current.retries and not outcome.machine_lost
+            current.status = (
+                StageStatus.passed
+                if passed
+                else StageStatus.cancelled
+                if outcome.cancelled
+                else StageStatus.failed
+                if last_try
+                else StageStatus.pending
+            )
+            current.summary, current.outputs = outcome.summary, outcome.outputs
+            if passed or last_try or outcome.cancelled:
+                current.finished_at = finished
+            if outcome.machine_lost:
+                current.retries += 1  # a lost machine is not the stage's fault: one more try
+            current.history = [
+                *current.history,
+                _history_entry(
+                    attempt,
+                    outcome.status,
+                    outcome.summary,
+                    current.machine_id,
+                    started,
+                    finished,
+                    log_tail=(log_text + "\n" + outcome.agent_log)[-LOG_TAIL_CHARS:],
+                ),
+            ]
+            tx.add(current)
+            events.record(
+                tx,
+                "stage.attempt",
+                stage.id,
+                run_id=self.run_id,
+                stage=stage.name,
+                attempt=attempt,
+                status=outcome.status,
+                summary=outcome.summary[:500],
+                machine_lost=outcome.machine_lost,
+            )
+
+
+def _history_entry(
+    attempt: int,
+    status: str,
+    summary: str,
+    machine_id: str | None,
+    started: Any,
+    finished: Any,
+    log_tail: str = "",
+) -> dict[str, Any]:
+    duration = (finished - started).total_seconds() * 1000 if started and finished else None
+    return {
+        "attempt": attempt,
+        "status": status,
+        "summary": summary,
+        "machine_id": machine_id,
+        "started_at": started.isoformat() if started else None,
+        "finished_at": finished.isoformat() if finished else None,
+        "duration_ms": round(duration, 1) if duration is not None else None,
+        "log_tail": log_tail,
+    }
+
+
+class _RunEnded(Exception):
+    def __init__(self, status: RunStatus, reason: str | None) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _finish(ctl: Controller, run_id: str, status: RunStatus, reason: str | None) -> None:
+    with unit_of_work(ctl.db) as tx:
+        run = runs.get_run(tx, run_id)
+        if run.status not in FINISHED_RUN_STATUSES:
+            runs.end_run(tx, run, status, reason)
+
+
+def _destroy_quietly(ctl: Controller, machine_id: str) -> None:
+    try:
+        machines.destroy_machine(db=ctl.db, provider=ctl.provider, machine_id=machine_id)
+    except ShopfloorError as exc:
+        log.warning("could not destroy the run's machine %s: %s", machine_id, exc.message)
+
+
+def stale_run_leases(*, tx: Session, older_than_s: float) -> list[str]:
+    """Runs that ended but whose lease is still active (a crash between the two steps)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    rows = tx.exec(
+        select(Run.lease_id)
+        .join(Lease, col(Lease.id) == col(Run.lease_id))
+        .where(
+            col(Run.status).in_(list(FINISHED_RUN_STATUSES)),
+            Lease.state == LeaseState.active,
+            col(Run.finished_at) < cutoff,
+        )
+    )
+    return [r for r in rows if r]
+
+
+def release_stale_run_leases(*, ctl: Controller) -> None:
+    with unit_of_work(ctl.reader) as tx:
+        stale = stale_run_leases(tx=tx, older_than_s=5)
+    for lease_id in stale:
+        try:
+            leases.release(ctl=ctl, lease_id=lease_id, caller=None)
+        except Conflict:
+            pass
+
+
+def driver_tick(*, ctl: Controller) -> None:
+    """One tick of the run loop: start drivers, then tidy leases of runs that ended."""
+    drive_tick(ctl=ctl)
+    release_stale_run_leases(ctl=ctl)

@@ -1,0 +1,123 @@
+"""Reconcile: the database says what should exist, the engine what does; bring them together.
+
+A settled machine whose container vanished becomes ``lost``; a ready machine whose
+container stopped is started; a labelled container or volume with no live record, older
+than the grace, is removed. An engine error during the comparison removes nothing, and
+containers of another install are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.engine import Engine
+from sqlmodel import col, select
+
+from controller.errors import EngineError
+from controller.providers.base import Provider
+from controller.services import machines
+from controller.store.db import reader, unit_of_work
+from controller.store.models import ALIVE_STATES, Machine, MachineState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    lost: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    removed_containers: list[str] = field(default_factory=list)
+    removed_volumes: list[str] = field(default_factory=list)
+    engine_error: str | None = None
+
+
+def fail_interrupted(*, db: Engine, provider: Provider) -> list[str]:
+    """At start-up: provisioning that a dead controller left half-done cannot resume."""
+    with unit_of_work(db) as tx:
+        stuck = list(tx.exec(select(Machine).where(Machine.state == MachineState.provisioning)))
+        for machine in stuck:
+            machines.set_state(
+                tx, machine, MachineState.failed, "controller restarted while provisioning"
+            )
+    for machine in stuck:
+        machines.remove_resources(provider, machine)
+    return [m.id for m in stuck]
+
+
+def reconcile(
+    *,
+    db: Engine,
+    provider: Provider,
+    install_id: str,
+    grace_s: float,
+    now: datetime | None = None,
+) -> ReconcileReport:
+    """Bring database and engine together. An engine error removes nothing."""
+    report = ReconcileReport()
+    owned = {machines.LABEL_CONTROLLER: install_id}
+    try:
+        containers = provider.list_containers(owned)
+        volumes = provider.list_volumes(owned)
+    except EngineError as exc:
+        report.engine_error = exc.message
+        log.warning("reconcile skipped: %s", exc.message)
+        return report
+    now = now or datetime.now(UTC)
+    by_machine = {c.labels.get(machines.LABEL_MACHINE, ""): c for c in containers}
+    # Read without the write lock (leases are granted meanwhile); write only what changed.
+    with unit_of_work(reader(db)) as tx:
+        alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
+        alive_now = {machine_id: MachineState(state) for machine_id, state in tx.exec(alive)}
+    settled = (MachineState.ready, MachineState.leased, MachineState.stopped)
+    for machine_id, state in alive_now.items():
+        container = by_machine.get(machine_id)
+        if state in settled and container is None:
+            report.lost.append(machine_id)
+        elif (
+            state in machines.EXEC_READY and container and container.status in ("exited", "created")
+        ):
+            report.restarted.append(machine_id)
+    if report.lost:
+        with unit_of_work(db) as tx:
+            for machine_id in report.lost:
+                machine = machines.get_machine(tx, machine_id)
+                if machine.state in settled:  # not destroyed meanwhile
+                    machines.set_state(
+                        tx, machine, MachineState.lost, "container vanished from the engine"
+                    )
+                alive_now.pop(machine_id)  # no longer alive: what is left of it is an orphan
+    for machine_id in report.restarted:
+        try:
+            provider.start_container(by_machine[machine_id].id)
+        except EngineError as exc:
+            log.warning("could not restart %s: %s", machine_id, exc.message)
+    old = now - timedelta(seconds=grace_s)
+
+    def orphaned(machine_id: str) -> bool:
+        return machine_id not in alive_now
+
+    for container in containers:
+        machine_id = container.labels.get(machines.LABEL_MACHINE, "")
+        if orphaned(machine_id) and container.created_at < old:
+            _try(provider.remove_container, container.id, report.removed_containers)
+    live_volumes = {
+        c.labels.get(machines.LABEL_MACHINE)
+        for c in containers
+        if c.id not in report.removed_containers
+    }
+    for volume in volumes:
+        machine_id = volume.labels.get(machines.LABEL_MACHINE, "")
+        too_young = volume.created_at is not None and volume.created_at >= old
+        if orphaned(machine_id) and machine_id not in live_volumes and not too_young:
+            _try(provider.remove_volume, volume.name, report.removed_volumes)
+    return report
+
+
+def _try(remove: object, name: str, into: list[str]) -> None:
+    try:
+        remove(name)  # type: ignore[operator]
+        into.append(name)
+    except EngineError as exc:
+        log.warning("could not remove orphan %s: %s", name, exc.message)
