@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agents.client import Client
+from controller.errors import ShopfloorError
 from controller.settings import get_settings
 from controller.store.models import Role
 
@@ -59,14 +61,8 @@ def token_create(
 ) -> None:
     """Make a token; it is printed once, as the last word of the output."""
     from controller.services import auth
-    from controller.store.db import make_engine, migrate, unit_of_work
 
-    settings = get_settings()
-    migrate(settings.sqlalchemy_url)
-    engine = make_engine(settings.sqlalchemy_url)
-    with unit_of_work(engine) as tx:
-        token = auth.create_token(tx=tx, role=role, name=name)
-    engine.dispose()
+    token = auth.issue_token(database_url=get_settings().sqlalchemy_url, role=role, name=name)
     print(f"created {role.value} token: {token}")  # noqa: T201 - the token is the output
 
 
@@ -95,24 +91,14 @@ def _fail(message: str) -> NoReturn:
 
 
 def _call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
-    headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+    """One API call through the agents' own client; its typed errors become a message."""
     try:
-        response = httpx.request(
-            method,
-            f"{url.rstrip('/')}/api/v1{path}",
-            headers=headers,
-            timeout=kwargs.pop("timeout", 900),
-            **kwargs,
-        )
+        with Client(url, token, timeout_s=900) as client:
+            return client.call(method, path, **kwargs).json()
+    except ShopfloorError as exc:
+        _fail(f"{exc.status_code}: {exc.message}")
     except httpx.HTTPError as exc:
         _fail(f"cannot reach the controller at {url}: {exc}")
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        _fail(f"{response.status_code}: {detail}")
-    return response.json()
 
 
 def _machine_table(machines: list[dict[str, Any]]) -> Table:
@@ -197,9 +183,9 @@ def machines_exec(
     token: TokenOpt = "",
 ) -> None:
     """Run a command; its exit code becomes ours."""
-    headers = {"X-Lease-Token": str(lease_token)} if lease_token is not None else {}
     body = {"cmd": " ".join(cmd), "cwd": cwd, "timeout_s": timeout_s}
-    result = _call(url, token, "POST", f"/machines/{machine_id}/exec", json=body, headers=headers)
+    path = f"/machines/{machine_id}/exec"
+    result = _call(url, token, "POST", path, json=body, lease_token=lease_token)
     sys.stdout.write(result["stdout"])
     sys.stderr.write(result["stderr"])
     raise typer.Exit(result["exit_code"] if result["exit_code"] is not None else 1)

@@ -9,6 +9,7 @@ import time
 from sqlmodel import Session, select
 
 from controller.errors import Forbidden, Unauthorized
+from controller.store.db import make_engine, migrate, unit_of_work
 from controller.store.models import ApiToken, Role
 
 
@@ -20,6 +21,18 @@ def create_token(*, tx: Session, role: Role, name: str = "") -> str:
     token = f"sf_{role.value}_{secrets.token_urlsafe(32)}"
     tx.add(ApiToken(role=role, name=name, token_hash=hash_token(token)))
     return token
+
+
+def issue_token(*, database_url: str, role: Role, name: str = "") -> str:
+    """A new token in the database at ``database_url`` (migrated first): for the CLI and
+    tests, which run without a controller."""
+    migrate(database_url)
+    engine = make_engine(database_url)
+    try:
+        with unit_of_work(engine) as tx:
+            return create_token(tx=tx, role=role, name=name)
+    finally:
+        engine.dispose()
 
 
 def bearer(authorization: str | None) -> str:

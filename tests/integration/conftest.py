@@ -24,9 +24,8 @@ from make_repo import make_sample_repo
 
 from controller.api.app import create_app
 from controller.providers.docker import DockerProvider
-from controller.services import images
+from controller.services import auth, images
 from controller.settings import Settings
-from controller.store.db import make_engine, unit_of_work
 from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 
@@ -71,13 +70,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 def issue_token(settings: Settings, role: Role) -> str:
-    from controller.services import auth
-
-    engine = make_engine(settings.sqlalchemy_url)
-    with unit_of_work(engine) as tx:
-        token = auth.create_token(tx=tx, role=role)
-    engine.dispose()
-    return token
+    return auth.issue_token(database_url=settings.sqlalchemy_url, role=role)
 
 
 @pytest.fixture
