@@ -206,10 +206,10 @@ def _build(provider: Provider, settings: Settings, install_id: str, machine: Mac
 
 
 def _source_path(settings: Settings, repo: str) -> Path:
+    """The host-side mirror of the repo, brought up to date now: local repos too, so the
+    machine's user never reads the operator's folders and new commits show up."""
     source = repos.parse_repo(repo, roots=settings.repo_root_paths)
-    if source.local_path is not None:
-        return source.local_path
-    return repos.sync_mirror(settings.data_dir, source.value)
+    return repos.sync_mirror(settings.data_dir, source, timeout_s=settings.provision_timeout_s)
 
 
 def _run_script(

@@ -2,16 +2,23 @@
 
 Both end up as arguments to git, so they are checked against hostile forms (``ext::``
 transports, leading dashes that git would read as options, control characters) before
-git ever sees them. Remote repos are mirrored on the controller host and bind-mounted
-read-only, so machines with network ``none`` can clone them too.
+git ever sees them. Every repo, remote or local, is mirrored on the controller host by
+the controller itself and the mirror is bind-mounted read-only: machines with network
+``none`` clone remote repos too, and the machine's user never reads the operator's
+folders (see :func:`sync_mirror`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
+import shlex
+import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,27 +106,157 @@ def check_ref(ref: str) -> str:
     return ref
 
 
-def mirror_path(data_dir: Path, url: str) -> Path:
-    return data_dir / "mirrors" / (hashlib.sha256(url.encode()).hexdigest()[:20] + ".git")
+def mirror_path(data_dir: Path, value: str) -> Path:
+    """The one mirror of a repo (a URL, or a local repo's resolved path) on this host."""
+    return data_dir / "mirrors" / (hashlib.sha256(value.encode()).hexdigest()[:20] + ".git")
 
 
-def sync_mirror(data_dir: Path, url: str, *, timeout_s: float = 600) -> Path:
-    """Clone or fetch a bare mirror of a remote repo on the controller host."""
-    path = mirror_path(data_dir, url)
+def sync_mirror(data_dir: Path, source: RepoSource, *, timeout_s: float = 600) -> Path:
+    """Bring the host-side bare mirror of ``source`` up to date and return its path.
+
+    Machines clone from this mirror (mounted read-only), never from the repo itself:
+
+    - a remote repo is cloned or fetched here, so machines with network ``none`` clone too;
+    - a local repo is read by the controller, as the user it runs as: the machine's user
+      could not read an operator's folder (0700 under /root or from ``mktemp -d``, files
+      made under ``umask 077``, a repo of another uid). The mirror's HEAD follows the
+      repo's HEAD, so the default ref is the branch (or detached commit) checked out
+      there now. Only commits reach a machine: uncommitted changes in the operator's
+      working tree are not part of a clone, as with any ``git clone``.
+
+    Every machine of one repo shares its mirror: it is updated in place, under a lock
+    (``<mirror>.lock``, held across processes), and made readable by every user (git runs
+    with umask 022) since the machine's user is not the controller's.
+    """
+    path = mirror_path(data_dir, source.value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if (path / "HEAD").exists():
-        argv = ["git", "--git-dir", str(path), "fetch", "--prune", "--quiet", "origin"]
-    else:
-        argv = ["git", "clone", "--mirror", "--quiet", "--", url, str(path)]
-    result = subprocess.run(
-        argv,
+    with _locked(path.with_suffix(".lock")):
+        if source.local_path is None:
+            _sync_remote(path, source.value, timeout_s)
+        else:
+            _sync_local(path, source.local_path, timeout_s)
+    return path
+
+
+@contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # per open file: excludes other threads and processes
+        yield
+    finally:
+        os.close(fd)
+
+
+def _git(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", *argv],
         capture_output=True,
         text=True,
         errors="replace",
         timeout=timeout_s,
         env={**os.environ, **GIT_SAFE_ENV},
+        umask=0o022,  # the mirror is read by the machine's user, whatever ours is
         check=False,
     )
+
+
+def _tail(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stderr.strip()[-1000:]
+
+
+def _sync_remote(path: Path, url: str, timeout_s: float) -> None:
+    if (path / "HEAD").exists():
+        argv = ["--git-dir", str(path), "fetch", "--prune", "--quiet", "--", "origin"]
+    else:
+        _remove(path)
+        argv = ["clone", "--mirror", "--quiet", "--", url, str(path)]
+    result = _git(argv, timeout_s)
     if result.returncode != 0:
-        raise InvalidInput(f"git could not fetch {url}: {result.stderr.strip()[-1000:]}")
-    return path
+        raise InvalidInput(f"git could not fetch {url}: {_tail(result)}")
+
+
+def _sync_local(path: Path, repo: Path, timeout_s: float) -> None:
+    upload_pack = upload_pack_command(repo)
+    result = _git(
+        ["ls-remote", "--symref", "--upload-pack", upload_pack, "--", str(repo), "HEAD"],
+        timeout_s,
+    )
+    head = parse_head(result.stdout) if result.returncode == 0 else None
+    if result.returncode == 0:
+        # --no-local: through git's transport (upload-pack), never hard links to the
+        # repo's files, which would keep their owner and mode (0600 under umask 077).
+        if (path / "HEAD").exists():
+            argv = ["--git-dir", str(path), "fetch", "--prune", "--quiet"]
+            argv += ["--upload-pack", upload_pack, "--", "origin", "+refs/*:refs/*"]
+            if head and not head.startswith("refs/"):
+                argv.append("HEAD")  # a detached HEAD's commits may be on no branch
+        else:
+            _remove(path)
+            argv = ["clone", "--mirror", "--no-local", "--quiet", "--upload-pack", upload_pack]
+            argv += ["--", str(repo), str(path)]
+        result = _git(argv, timeout_s)
+    if result.returncode != 0:
+        raise InvalidInput(f"the controller cannot read the repo {repo}: {_tail(result)}")
+    if head is None:
+        return  # no commit yet: nothing to point at
+    if head.startswith("refs/"):
+        argv = ["--git-dir", str(path), "symbolic-ref", "--", "HEAD", head]
+    else:
+        argv = ["--git-dir", str(path), "update-ref", "--no-deref", "--", "HEAD", head]
+    result = _git(argv, timeout_s)
+    if result.returncode != 0:
+        raise InvalidInput(f"could not update the mirror of {repo}: {_tail(result)}")
+
+
+def _remove(path: Path) -> None:
+    """What an interrupted first clone left behind (we hold the lock)."""
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def safe_directories(repo: Path) -> list[Path]:
+    """Every path git may name as ``repo``'s repository in its ownership check: the folder
+    (a bare repo), its ``.git``, or the folder a ``.git`` file points to (a worktree)."""
+    found = [repo, repo / ".git"]
+    git_file = repo / ".git"
+    if git_file.is_file():
+        text = git_file.read_text(errors="replace").strip()
+        if text.startswith("gitdir:"):
+            found.append((repo / text.removeprefix("gitdir:").strip()).resolve())
+    return found
+
+
+def upload_pack_command(repo: Path) -> str:
+    """``git upload-pack`` that accepts ``repo`` even when another uid owns it.
+
+    ``-c safe.directory=...`` given to clone or fetch would not reach it: for a local
+    repo, git starts upload-pack with the caller's ``-c`` settings cleared, and runs it
+    through the shell, so each value is quoted. This trusts that one repo for that one
+    read; git's global configuration is left alone.
+    """
+    options = " ".join(
+        f"-c {shlex.quote(f'safe.directory={path}')}" for path in safe_directories(repo)
+    )
+    return f"git {options} upload-pack"
+
+
+_HEX_OID = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+
+
+def parse_head(ls_remote: str) -> str | None:
+    """The HEAD of ``git ls-remote --symref <repo> HEAD`` output: the branch it points to
+    (``refs/heads/...``), else its commit id (detached, or a branch name we would not
+    accept as a ref), None when there is no commit yet."""
+    symref = oid = None
+    for line in ls_remote.splitlines():
+        value, _, name = line.partition("\t")
+        if name != "HEAD":
+            continue
+        if value.startswith("ref: "):
+            branch = value.removeprefix("ref: refs/heads/")
+            if branch != value and _REF.match(branch) and ".." not in branch:
+                symref = value.removeprefix("ref: ")
+        elif _HEX_OID.match(value):
+            oid = value
+    return symref or oid
