@@ -72,6 +72,7 @@ def start_loops(ctl: Controller) -> None:
         lambda: reconcile.reconcile(
             db=ctl.db,
             provider=ctl.provider,
+            access=ctl.access,
             install_id=ctl.install_id,
             grace_s=ctl.settings.orphan_grace_s,
         ),

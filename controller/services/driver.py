@@ -29,7 +29,7 @@ from agents import registry
 from agents.base import HANDOFF_DIR, Assignment, MachineHandle, StageResult
 from controller.domain import LeasePublic, MachineTemplate
 from controller.errors import Conflict, ShopfloorError
-from controller.services import leases, machines, pools, remote_stages, runs
+from controller.services import access, leases, machines, pools, remote_stages, runs
 from controller.services.handles import handle_for
 from controller.services.runtime import Controller
 from controller.store import events
@@ -201,7 +201,7 @@ class RunDriver:
             return False
         try:
             leases.renew(db=self.ctl.db, lease_id=lease.id, caller=None)
-            machine = machines.machine_for_command(
+            machine = access.machine_for_command(
                 db=self.ctl.db, machine_id=lease.machine_id, lease_token=lease.token
             )
         except ShopfloorError as exc:
@@ -280,6 +280,7 @@ class RunDriver:
                     MachineState.ready,
                 ):
                     machines.set_state(tx, machine, MachineState.lost, why)
+            self.ctl.access.close_machine(machine=lost, why=f"the machine was lost: {why}")
         self._end_lease()
         self._record_recreation(why)
         self.lease = self._acquire()
@@ -327,7 +328,7 @@ class RunDriver:
         if self.lease is None:
             return False
         try:
-            machines.machine_for_command(
+            access.machine_for_command(
                 db=self.ctl.db, machine_id=self.lease.machine_id, lease_token=self.lease.token
             )
         except ShopfloorError:
@@ -683,7 +684,9 @@ def _finish(ctl: Controller, run_id: str, status: RunStatus, reason: str | None)
 
 def _destroy_quietly(ctl: Controller, machine_id: str) -> None:
     try:
-        machines.destroy_machine(db=ctl.db, provider=ctl.provider, machine_id=machine_id)
+        machines.destroy_machine(
+            db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+        )
     except ShopfloorError as exc:
         log.warning("could not destroy the run's machine %s: %s", machine_id, exc.message)
 

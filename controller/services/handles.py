@@ -1,5 +1,7 @@
 """The machine handle the run driver gives agents: commands over the machine's SSH
-connection (the engine's exec where it has no sshd), files over SFTP, real port forwards.
+connection (the engine's exec where it has no sshd), files over SFTP, real port forwards,
+all through the controller's machine access (``ctl.access``), under the fence of the lease
+the handle was made for: a forward it opens closes when that lease ends.
 
 Agents are trusted code: paths are not confined to /workspace here, only in the API.
 """
@@ -20,11 +22,14 @@ from controller.transport import exec as commands
 
 class SshMachineHandle:
     def __init__(self, ctl: Controller, machine: Machine) -> None:
-        self.ctl = ctl
+        self.access = ctl.access
+        self.settings = ctl.settings
+        self.machine = machine
         self.machine_id = machine.id
+        self.fence = machine.fence
         self.workdir = machine.workdir
         self.container = machine.container_name
-        self.commands = ctl.commands.for_container(machine.container_name)
+        self.commands = ctl.access.commands.for_container(machine.container_name)
 
     def run(
         self,
@@ -37,13 +42,13 @@ class SshMachineHandle:
         request = commands.ExecRequest(
             cmd=cmd, cwd=cwd or self.workdir, env=env or {}, timeout_s=timeout_s
         )
-        cap = self.ctl.settings.exec_output_cap
+        cap = self.settings.exec_output_cap
         result = commands.run(self.commands, self.container, request, cap=cap)
         return CommandResult(**result.__dict__)
 
     def read_file(self, path: str) -> bytes:
         target = self._absolute(path)
-        with self._sftp() as sftp:
+        with self.access.sftp(self.machine) as sftp:
             try:
                 with sftp.open(target, "rb") as fh:
                     fh.prefetch()
@@ -53,7 +58,7 @@ class SshMachineHandle:
 
     def write_file(self, path: str, data: bytes) -> None:
         target = self._absolute(path)
-        with self._sftp() as sftp:
+        with self.access.sftp(self.machine) as sftp:
             try:
                 _makedirs(sftp, posixpath.dirname(target))
                 with sftp.open(target, "wb") as fh:
@@ -63,16 +68,10 @@ class SshMachineHandle:
                 raise ShopfloorError(f"cannot write {target} in {self.machine_id}: {exc}") from exc
 
     def forward(self, port: int) -> str:
-        forward = self.ctl.forwards.open(
-            machine_id=self.machine_id, container=self.container, port=port
+        forward, _ = self.access.open_forward(
+            machine_id=self.machine_id, lease_token=self.fence, port=port
         )
         return forward.url
-
-    def _sftp(self) -> paramiko.SFTPClient:
-        client = paramiko.SFTPClient.from_transport(self.ctl.ssh.transport(self.container))
-        if client is None:
-            raise ShopfloorError(f"cannot open SFTP in {self.machine_id}")
-        return client
 
     def _absolute(self, path: str) -> str:
         return path if path.startswith("/") else posixpath.join(self.workdir, path)

@@ -36,7 +36,7 @@ from controller.errors import (
     ShopfloorError,
     WaitTimeout,
 )
-from controller.services import machines
+from controller.services import access, machines
 from controller.services.lease_runtime import LeaseRuntime
 from controller.services.runtime import Controller
 from controller.store import events
@@ -112,7 +112,7 @@ def check_target(tx: Tx, target: Target) -> None:
         known = ", ".join(row["name"] for row in tx.rows(_POOL_NAMES)) or "none yet"
         raise NotFound(f"unknown pool {target.pool!r}; pools: {known}")
     if target.machine_id:
-        machine = tx.one(machines.STATE_AND_FENCE, machine_id=target.machine_id)
+        machine = tx.one(access.STATE_AND_FENCE, machine_id=target.machine_id)
         if machine is None:
             raise NotFound(f"no machine {target.machine_id}")
         if machine["state"] not in LEASABLE:
@@ -325,6 +325,7 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeasePubli
                 lease = await ctl.group_commit.run(_grant(request, started, not tried))
                 tried = True
                 if lease is not None:
+                    _after_grant(ctl, lease)
                     return lease
             waiter.waiting = True
             remaining = started + request.wait_s - time.monotonic()
@@ -361,6 +362,7 @@ def acquire_blocking(
                     lease = _grant(request, started, not tried)(tx)
                 tried = True
                 if lease is not None:
+                    _after_grant(ctl, lease)
                     return lease
             waiter.waiting = True
             if give_up is not None and (reason := give_up()):
@@ -444,7 +446,7 @@ def _renew_in(
 def release(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
     with transaction(ctl.db) as tx:
         ended, policy = _release_in(tx, ctl=ctl, lease_id=lease_id, caller=caller)
-    _after_end(ctl, ended.machine_id, policy)
+    _after_end(ctl, ended, policy)
     return ended
 
 
@@ -452,7 +454,7 @@ async def release_async(*, ctl: Controller, lease_id: str, caller: ApiToken | No
     """:func:`release` from the event loop, in a group commit (see ``rawsql.GroupCommit``)."""
     work = functools.partial(_release_in, ctl=ctl, lease_id=lease_id, caller=caller)
     ended, policy = await ctl.group_commit.run(work)
-    _after_end(ctl, ended.machine_id, policy)
+    _after_end(ctl, ended, policy)
     return ended
 
 
@@ -501,7 +503,20 @@ def _end(
     return ended, policy
 
 
-def _after_end(ctl: Controller, machine_id: str, policy: ResetPolicy | None) -> None:
+def _after_grant(ctl: Controller, lease: LeasePublic) -> None:
+    """Channels opened before this lease (under an earlier fence) must not serve it."""
+    ctl.access.close_before_fence(
+        machine_id=lease.machine_id, fence=lease.token, why="the machine was leased again"
+    )
+
+
+def _after_end(ctl: Controller, ended: LeasePublic, policy: ResetPolicy | None) -> None:
+    """After the commit: the lease's channels close (its forwards refuse connections, its
+    sessions answer 410), and the machine comes back per its pool's policy."""
+    machine_id = ended.machine_id
+    ctl.access.close_before_fence(
+        machine_id=machine_id, fence=ended.token + 1, why="its lease ended"
+    )
     if policy in ("clean", "recreate") and not ctl.stopping.is_set():
         # When stopping, the next start finds the machine leased by nobody and returns it.
         ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
@@ -515,7 +530,11 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
     try:
         if policy == "recreate":
             machines.destroy_machine(
-                db=ctl.db, provider=ctl.provider, machine_id=machine_id, even_if_leased=True
+                db=ctl.db,
+                provider=ctl.provider,
+                access=ctl.access,
+                machine_id=machine_id,
+                even_if_leased=True,
             )
             return
         if policy == "clean":
@@ -523,6 +542,7 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
                 db=ctl.db,
                 provider=ctl.provider,
                 settings=ctl.settings,
+                access=ctl.access,
                 machine_id=machine_id,
                 allowed=(MachineState.leased,),
             )
@@ -567,9 +587,9 @@ def reap(*, ctl: Controller) -> list[str]:
             lease = _load_lease(tx, lease_id)
             if lease["state"] != LeaseState.active or lease["expires_at"] > utcnow():
                 continue  # renewed or released meanwhile
-            _, policy = _end(ctl, tx, lease, LeaseState.expired)
+            ended, policy = _end(ctl, tx, lease, LeaseState.expired)
         expired.append(lease_id)
-        _after_end(ctl, lease["machine_id"], policy)
+        _after_end(ctl, ended, policy)
     _return_orphans(ctl)
     return expired
 

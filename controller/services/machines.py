@@ -20,17 +20,16 @@ from controller.errors import (
     ImageNotFound,
     NotFound,
     ShopfloorError,
-    StaleLease,
 )
 from controller.providers.base import Bind, ContainerSpec, Provider
 from controller.services import repos
+from controller.services.access import MachineAccess
 from controller.services.images import RUNNER_CAPABILITIES
 from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store import events
-from controller.store.db import reader, unit_of_work
+from controller.store.db import unit_of_work
 from controller.store.models import Machine, MachineState, utcnow
-from controller.store.rawsql import Sql, transaction
 from controller.transport import exec as commands
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,6 @@ LABEL_MACHINE = "shopfloor.machine"
 LABEL_CONTROLLER = "shopfloor.controller"
 LABEL_POOL = "shopfloor.pool"
 SOURCE_MOUNT = "/source"
-EXEC_READY = (MachineState.ready, MachineState.leased)
 
 _CLONE_SCRIPT = r"""
 set -euo pipefail
@@ -272,13 +270,16 @@ def _transition(
         return machine
 
 
-def stop_machine(*, db: Engine, provider: Provider, machine_id: str) -> Machine:
+def stop_machine(
+    *, db: Engine, provider: Provider, access: MachineAccess, machine_id: str
+) -> Machine:
     machine = _transition(db, machine_id, (MachineState.ready, MachineState.stopped), "stop")
     provider.stop_container(machine.container_name)
     with unit_of_work(db) as tx:
         machine = get_machine(tx, machine_id)
         set_state(tx, machine, MachineState.stopped)
-        return machine
+    access.close_machine(machine=machine, why="the machine was stopped")
+    return machine
 
 
 def start_machine(*, db: Engine, provider: Provider, machine_id: str) -> Machine:
@@ -295,10 +296,12 @@ def reset_machine(
     db: Engine,
     provider: Provider,
     settings: Settings,
+    access: MachineAccess,
     machine_id: str,
     allowed: tuple[MachineState, ...] = (MachineState.ready,),
 ) -> Machine:
-    """Back to a clean checkout of the machine's commit, then the setup commands again."""
+    """Back to a clean checkout of the machine's commit, then the setup commands again; the
+    channels into it close (sessions, forwards: they knew the machine before)."""
     machine = _transition(db, machine_id, allowed, "reset")
     env = {
         "SF_REPO_NAME": machine.repo_name or "",
@@ -310,11 +313,17 @@ def reset_machine(
     with unit_of_work(db) as tx:
         machine = get_machine(tx, machine_id)
         events.record(tx, "machine.reset", machine.id, commit=machine.commit)
-        return machine
+    access.close_machine(machine=machine, why="the machine was reset")
+    return machine
 
 
 def destroy_machine(
-    *, db: Engine, provider: Provider, machine_id: str, even_if_leased: bool = False
+    *,
+    db: Engine,
+    provider: Provider,
+    access: MachineAccess,
+    machine_id: str,
+    even_if_leased: bool = False,
 ) -> Machine:
     """``even_if_leased``: the lease layer recreating a machine whose lease just ended."""
     with unit_of_work(db) as tx:
@@ -330,7 +339,8 @@ def destroy_machine(
     with unit_of_work(db) as tx:
         machine = get_machine(tx, machine_id)
         set_state(tx, machine, MachineState.destroyed)
-        return machine
+    access.close_machine(machine=machine, why="the machine was destroyed")
+    return machine
 
 
 def list_machines(
@@ -402,47 +412,3 @@ def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
         return work()
     ctl.workers.submit(work)
     return machine
-
-
-def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> Machine:
-    """The machine, if commands may run in it now. A leased machine needs its current token."""
-    with unit_of_work(reader(db)) as tx:  # a read: takes no write lock
-        machine = get_machine(tx, machine_id)
-    _check_command(machine_id, machine.state, machine.fence, lease_token)
-    return machine
-
-
-STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
-"""A machine's state and fence (the lease paths ask it too)."""
-
-
-def fence_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> int:
-    """The same check as :func:`machine_for_command` as one plain-SQL read (see ``rawsql``):
-    a session's command already knows its container, so only state and fence are needed."""
-    with transaction(db, write=False) as tx:
-        row = tx.one(STATE_AND_FENCE, machine_id=machine_id)
-    if row is None:
-        raise NotFound(f"no machine {machine_id}")
-    _check_command(machine_id, MachineState(row["state"]), row["fence"], lease_token)
-    return int(row["fence"])
-
-
-def _check_command(
-    machine_id: str, state: MachineState, fence: int, lease_token: int | None
-) -> None:
-    if state not in EXEC_READY:
-        raise Conflict(
-            f"machine {machine_id} is {state.value}; commands need it ready or leased",
-            state=state.value,
-        )
-    if state == MachineState.leased and lease_token is None:
-        raise Conflict(
-            f"machine {machine_id} is leased: send the lease's token in X-Lease-Token",
-            state="leased",
-        )
-    if lease_token is not None and lease_token != fence:
-        raise StaleLease(
-            f"lease token {lease_token} is stale: machine {machine_id} is at token {fence}",
-            state=state.value,
-            current_token=fence,
-        )

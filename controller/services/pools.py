@@ -174,7 +174,11 @@ def _shrink(ctl: Controller, name: str, surplus: int) -> None:
         ).all()
     for machine_id in spare:
         ctl.workers.submit(
-            machines.destroy_machine, db=ctl.db, provider=ctl.provider, machine_id=machine_id
+            machines.destroy_machine,
+            db=ctl.db,
+            provider=ctl.provider,
+            access=ctl.access,
+            machine_id=machine_id,
         )
 
 

@@ -18,6 +18,7 @@ from sqlmodel import col, select
 from controller.errors import EngineError
 from controller.providers.base import Provider
 from controller.services import machines
+from controller.services.access import EXEC_READY, MachineAccess
 from controller.store.db import reader, unit_of_work
 from controller.store.models import ALIVE_STATES, Machine, MachineState
 
@@ -50,11 +51,13 @@ def reconcile(
     *,
     db: Engine,
     provider: Provider,
+    access: MachineAccess,
     install_id: str,
     grace_s: float,
     now: datetime | None = None,
 ) -> ReconcileReport:
-    """Bring database and engine together. An engine error removes nothing."""
+    """Bring database and engine together. An engine error removes nothing. The channels
+    into a machine found lost close."""
     report = ReconcileReport()
     owned = {machines.LABEL_CONTROLLER: install_id}
     try:
@@ -75,19 +78,19 @@ def reconcile(
         container = by_machine.get(machine_id)
         if state in settled and container is None:
             report.lost.append(machine_id)
-        elif (
-            state in machines.EXEC_READY and container and container.status in ("exited", "created")
-        ):
+        elif state in EXEC_READY and container and container.status in ("exited", "created"):
             report.restarted.append(machine_id)
     if report.lost:
         with unit_of_work(db) as tx:
-            for machine_id in report.lost:
-                machine = machines.get_machine(tx, machine_id)
+            lost = [machines.get_machine(tx, machine_id) for machine_id in report.lost]
+            for machine in lost:
                 if machine.state in settled:  # not destroyed meanwhile
                     machines.set_state(
                         tx, machine, MachineState.lost, "container vanished from the engine"
                     )
-                alive_now.pop(machine_id)  # no longer alive: what is left of it is an orphan
+                alive_now.pop(machine.id)  # no longer alive: what is left of it is an orphan
+        for machine in lost:
+            access.close_machine(machine=machine, why="the machine's container vanished")
     for machine_id in report.restarted:
         try:
             provider.start_container(by_machine[machine_id].id)

@@ -13,15 +13,12 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from controller.providers.base import Provider
+from controller.services.access import MachineAccess
 from controller.services.auth import TokenCache
 from controller.services.lease_runtime import LeaseRuntime
 from controller.settings import Settings
 from controller.store.db import reader
 from controller.store.rawsql import GroupCommit
-from controller.transport.forward import ForwardRegistry
-from controller.transport.sessions import SessionRegistry
-from controller.transport.ssh import SshPool
-from controller.transport.sshexec import CommandRunner
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +44,8 @@ class Controller:
     )
     stopping: threading.Event = field(default_factory=threading.Event)
     loops: list[threading.Thread] = field(default_factory=list)
-    sessions: SessionRegistry = field(default_factory=SessionRegistry)
-    ssh: SshPool = field(init=False)
-    """One SSH connection per machine (direct or through the engine): sessions, files, ports."""
-    forwards: ForwardRegistry = field(init=False)
-    commands: CommandRunner = field(init=False)
-    """One-shot commands: over SSH where the machine has sshd, else the engine's exec."""
+    access: MachineAccess = field(init=False)
+    """Every live channel into the machines: SSH, sessions, SFTP, forwards, commands."""
 
     tokens: TokenCache = field(default_factory=TokenCache)
     lease_runtime: LeaseRuntime = field(default_factory=LeaseRuntime)
@@ -65,11 +58,7 @@ class Controller:
     def __post_init__(self) -> None:
         self.reader = reader(self.db)
         self.group_commit = GroupCommit(self.db)
-        self.ssh = SshPool(
-            self.provider, self.settings.data_dir, timeout_s=self.settings.ssh_connect_timeout_s
-        )
-        self.forwards = ForwardRegistry(self.ssh)
-        self.commands = CommandRunner(self.ssh, self.provider)
+        self.access = MachineAccess(db=self.db, provider=self.provider, settings=self.settings)
 
     def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
         """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""
@@ -91,7 +80,5 @@ class Controller:
         for thread in self.loops:
             thread.join(timeout=10)
         self.workers.shutdown(wait=False, cancel_futures=True)
-        self.forwards.close()
-        self.sessions.close()
-        self.ssh.close()
+        self.access.close()
         self.db.dispose()

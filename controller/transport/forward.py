@@ -1,9 +1,13 @@
-"""Port forwards: a 127.0.0.1 listener on the controller host per (machine, port).
+"""Port forwards: a 127.0.0.1 listener on the controller host per (machine, port, fence).
 
 Each accepted connection opens a ``direct-tcpip`` channel to 127.0.0.1:<port> inside the
 machine over its pooled SSH connection, so forwards work with network ``none``. When
 nothing listens there, the client gets an HTTP 502 that says so (most forwarded ports
 serve HTTP; a raw TCP client sees the connection close).
+
+A forward belongs to the lease it was opened under (``fence``): the next holder of the
+machine gets a listener of its own, and closing a forward ends the connections relayed
+through it too.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ class Forward:
     machine_id: str
     container: str
     port: int
+    fence: int
     listener: socket.socket
     pool: SshPool
     closed: threading.Event = field(default_factory=threading.Event)
+    _clients: set[socket.socket] = field(default_factory=set)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def local_port(self) -> int:
@@ -71,6 +78,11 @@ class Forward:
             raise ShopfloorError(f"nothing listens on port {self.port} ({exc.text})") from exc
 
     def _relay(self, client: socket.socket) -> None:
+        with self._guard:
+            if self.closed.is_set():
+                client.close()
+                return
+            self._clients.add(client)
         try:
             try:
                 channel = self.open_channel()
@@ -82,14 +94,20 @@ class Forward:
         except (OSError, EOFError, paramiko.SSHException) as exc:
             log.debug("forward %s:%s ended: %s", self.machine_id, self.port, exc)
         finally:
+            with self._guard:
+                self._clients.discard(client)
             client.close()
 
     def close(self) -> None:
-        self.closed.set()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        """Stop listening and end every connection relayed through this forward."""
+        with self._guard:
+            self.closed.set()
+            clients = list(self._clients)
+        for sock in (self.listener, *clients):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.listener.close()
 
 
@@ -118,37 +136,50 @@ def _drain(channel: paramiko.Channel, client: socket.socket) -> None:
 
 
 class ForwardRegistry:
-    """Forwards by (machine, port); one listener each, reused while it lives."""
+    """Forwards by (machine, port, fence); one listener each, reused while it lives."""
 
     def __init__(self, pool: SshPool) -> None:
         self.pool = pool
-        self._forwards: dict[tuple[str, int], Forward] = {}
+        self._forwards: dict[tuple[str, int, int], Forward] = {}
         self._guard = threading.Lock()
 
-    def open(self, *, machine_id: str, container: str, port: int) -> Forward:
+    def open(self, *, machine_id: str, container: str, port: int, fence: int) -> Forward:
+        key = (machine_id, port, fence)
         with self._guard:
-            existing = self._forwards.get((machine_id, port))
+            existing = self._forwards.get(key)
             if existing is not None and not existing.closed.is_set():
                 return existing
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.bind(("127.0.0.1", 0))
             listener.listen(64)
-            forward = Forward(machine_id, container, port, listener, self.pool)
-            self._forwards[(machine_id, port)] = forward
+            forward = Forward(machine_id, container, port, fence, listener, self.pool)
+            self._forwards[key] = forward
         threading.Thread(target=forward.serve, name=f"fwd-{machine_id}-{port}", daemon=True).start()
         return forward
 
-    def close_port(self, machine_id: str, port: int) -> bool:
+    def close_port(self, machine_id: str, port: int, fence: int) -> bool:
         with self._guard:
-            forward = self._forwards.pop((machine_id, port), None)
+            forward = self._forwards.pop((machine_id, port, fence), None)
         if forward is not None:
             forward.close()
         return forward is not None
 
-    def close_machine(self, machine_id: str) -> None:
-        for key in [k for k in self._forwards if k[0] == machine_id]:
-            self.close_port(*key)
+    def close_machine(self, machine_id: str, *, before_fence: int | None = None) -> int:
+        """Close the machine's forwards (only those opened under a fence older than
+        ``before_fence``, when given); answer how many."""
+        with self._guard:
+            keys = [
+                key
+                for key in self._forwards
+                if key[0] == machine_id and (before_fence is None or key[2] < before_fence)
+            ]
+            closing = [self._forwards.pop(key) for key in keys]
+        for forward in closing:
+            forward.close()
+        return len(closing)
 
     def close(self) -> None:
-        for key in list(self._forwards):
-            self.close_port(*key)
+        with self._guard:
+            closing, self._forwards = list(self._forwards.values()), {}
+        for forward in closing:
+            forward.close()

@@ -250,8 +250,8 @@ class Session:
         self._mark_lost(reason)
         raise SessionLost(f"session lost: {self.lost_reason}; open a new session", session=self.id)
 
-    def close(self) -> None:
-        self._mark_lost("it was closed")
+    def close(self, reason: str = "it was closed") -> None:
+        self._mark_lost(reason)
         try:
             if not self.channel.closed:
                 self.channel.sendall(_QUIT)  # the shell removes its kept state and ends
@@ -477,13 +477,21 @@ class SessionRegistry:
         session.close()
 
     def for_machine(self, machine_id: str) -> list[Session]:
-        return [s for s in self._sessions.values() if s.machine_id == machine_id]
+        with self._guard:
+            return [s for s in self._sessions.values() if s.machine_id == machine_id]
 
-    def close_machine(self, machine_id: str) -> None:
-        for session in self.for_machine(machine_id):
-            with self._guard:
-                self._sessions.pop(session.id, None)
-            session.close()
+    def end_machine(self, machine_id: str, reason: str, *, before_fence: int | None = None) -> int:
+        """Close the machine's sessions (only those opened under a fence older than
+        ``before_fence``, when given) but remember them, lost with ``reason``, so that their
+        next command is answered 410 rather than 404; answer how many were closed."""
+        ending = [
+            s
+            for s in self.for_machine(machine_id)
+            if s.lost_reason is None and (before_fence is None or s.fence < before_fence)
+        ]
+        for session in ending:
+            session.close(reason)
+        return len(ending)
 
     def _sweep(self) -> None:
         """Forget sessions that died long ago, so a busy controller does not grow forever."""

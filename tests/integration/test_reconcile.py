@@ -47,7 +47,7 @@ def test_container_removed_behind_our_back_becomes_lost(
     provider.remove_container(f"shopfloor-{machine['id']}")
     ctl = controller_of(client)
     report = reconcile.reconcile(
-        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
+        db=ctl.db, provider=ctl.provider, access=ctl.access, install_id=ctl.install_id, grace_s=0
     )
     assert machine["id"] in report.lost
     lost = client.get(f"/api/v1/machines/{machine['id']}").json()
@@ -87,11 +87,11 @@ def test_orphan_container_and_volume_are_removed(
         )
     )
     young = reconcile.reconcile(
-        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=3600
+        db=ctl.db, provider=ctl.provider, access=ctl.access, install_id=ctl.install_id, grace_s=3600
     )
     assert young.removed_containers == []  # inside the grace period: left alone
     report = reconcile.reconcile(
-        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
+        db=ctl.db, provider=ctl.provider, access=ctl.access, install_id=ctl.install_id, grace_s=0
     )
     assert report.removed_volumes == [f"shopfloor-ws-m-orphan{SUFFIX}"]
     assert provider.inspect_container(f"shopfloor-m-orphan{SUFFIX}") is None
@@ -115,7 +115,9 @@ def test_other_controllers_containers_are_not_touched(
         )
     )
     ctl = controller_of(client)
-    reconcile.reconcile(db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0)
+    reconcile.reconcile(
+        db=ctl.db, provider=ctl.provider, access=ctl.access, install_id=ctl.install_id, grace_s=0
+    )
     assert provider.inspect_container(f"shopfloor-m-foreign{SUFFIX}") is not None
 
 
@@ -126,7 +128,7 @@ def test_stopped_engine_side_container_of_ready_machine_is_restarted(
     provider.stop_container(f"shopfloor-{machine['id']}", timeout_s=1)
     ctl = controller_of(client)
     report = reconcile.reconcile(
-        db=ctl.db, provider=ctl.provider, install_id=ctl.install_id, grace_s=0
+        db=ctl.db, provider=ctl.provider, access=ctl.access, install_id=ctl.install_id, grace_s=0
     )
     assert report.restarted == [machine["id"]]
     deadline = time.monotonic() + 30

@@ -244,7 +244,7 @@ def _drop_connection(
 ) -> None:
     """Drop the connection and wait until the controller has seen its session's end."""
     kill_sshd(provider, machine_id)
-    session = client.app.state.controller.sessions.get(machine_id, sid)  # type: ignore[attr-defined]
+    session = client.app.state.controller.access.sessions.get(machine_id, sid)  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while session.alive:
         assert time.monotonic() < deadline, "the controller did not see the connection drop"

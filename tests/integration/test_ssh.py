@@ -42,7 +42,7 @@ def session_pwd(client: TestClient, machine_id: str) -> str:
 def test_the_pool_connects_straight_into_the_machine(
     module_client: TestClient, module_machine: str
 ) -> None:
-    conn = controller(module_client).ssh.get(f"shopfloor-{module_machine}")
+    conn = controller(module_client).access.ssh.get(f"shopfloor-{module_machine}")
     assert conn.direct
     assert conn.transport.sock.getpeername() == ("127.0.0.1", SSH_PORT)
     assert session_pwd(module_client, module_machine) == "/workspace\n"
@@ -53,7 +53,7 @@ def test_without_a_listening_sshd_the_engine_way_is_taken(
 ) -> None:
     machine_id = new_machine(module_client)
     kill_sshd(provider, machine_id)
-    assert not controller(module_client).ssh.get(f"shopfloor-{machine_id}").direct
+    assert not controller(module_client).access.ssh.get(f"shopfloor-{machine_id}").direct
     assert session_pwd(module_client, machine_id) == "/workspace\n"
 
 
@@ -73,7 +73,7 @@ def test_a_stranger_holding_the_ssh_port_is_refused(
         f"-p {SSH_PORT} -o PidFile=none -o AuthorizedKeysFile=/etc/shopfloor/authorized_keys",
     )
     with caplog.at_level(logging.WARNING, logger="controller.transport.ssh"):
-        conn = controller(module_client).ssh.get(f"shopfloor-{machine_id}")
+        conn = controller(module_client).access.ssh.get(f"shopfloor-{machine_id}")
     assert not conn.direct
     assert "wrong host key" in caplog.text
     assert session_pwd(module_client, machine_id) == "/workspace\n"

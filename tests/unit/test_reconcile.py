@@ -77,8 +77,24 @@ def add_machine(db: Engine, machine_id: str, state: MachineState) -> None:
         )
 
 
-def reconcile(db: Engine, engine: FakeEngine) -> ReconcileReport:
-    return reconcile_engine(db=db, provider=engine, install_id="me", grace_s=60)  # type: ignore[arg-type]
+class FakeAccess:
+    """Records which machines' channels were closed."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    def close_machine(self, *, machine: Machine, why: str) -> None:
+        self.closed.append(machine.id)
+
+
+def reconcile(db: Engine, engine: FakeEngine, access: FakeAccess | None = None) -> ReconcileReport:
+    return reconcile_engine(
+        db=db,
+        provider=engine,  # type: ignore[arg-type]
+        access=access or FakeAccess(),  # type: ignore[arg-type]
+        install_id="me",
+        grace_s=60,
+    )
 
 
 def state_of(db: Engine, machine_id: str) -> MachineState:
@@ -88,11 +104,13 @@ def state_of(db: Engine, machine_id: str) -> MachineState:
         return machine.state
 
 
-def test_vanished_container_makes_machine_lost(db: Engine) -> None:
+def test_vanished_container_makes_machine_lost_and_closes_its_channels(db: Engine) -> None:
     add_machine(db, "m-1", MachineState.ready)
-    report = reconcile(db, FakeEngine())
+    access = FakeAccess()
+    report = reconcile(db, FakeEngine(), access)
     assert report.lost == ["m-1"]
     assert state_of(db, "m-1") == MachineState.lost
+    assert access.closed == ["m-1"]
 
 
 def test_provisioning_machine_without_container_is_left_to_its_worker(db: Engine) -> None:

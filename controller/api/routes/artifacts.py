@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
 from controller.api.schemas import ArtifactPublic, ListOf
 from controller.errors import Conflict, InvalidInput, NotFound, TooLarge
-from controller.services import machines, runs
+from controller.services import access, runs
 from controller.services.runtime import Controller
 from controller.store.db import unit_of_work
 from controller.store.models import FINISHED_RUN_STATUSES, Artifact, Run
@@ -172,9 +172,7 @@ def _save_upload(
             raise NotFound(f"run {run_id} does not exist")
         stage_row = runs.get_stage(tx, run.id, stage)
         machine_id = _check_lease(ctl, run, lease_token)
-    machine = machines.machine_for_command(
-        db=ctl.db, machine_id=machine_id, lease_token=lease_token
-    )
+    machine = access.machine_for_command(db=ctl.db, machine_id=machine_id, lease_token=lease_token)
     with unit_of_work(ctl.db) as tx:
         return save_artifact(
             tx=tx,

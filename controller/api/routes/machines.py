@@ -12,7 +12,6 @@ from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
 from controller.domain import MachineTemplate
 from controller.services import machines
 from controller.store.models import Machine
-from controller.transport import exec as commands
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
@@ -53,7 +52,10 @@ def show_machine(machine_id: str, tx: SessionDep, _: OpsOrAgent) -> MachinePubli
 
 @router.post("/{machine_id}/stop")
 def stop_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
-    return public(machines.stop_machine(db=ctl.db, provider=ctl.provider, machine_id=machine_id))
+    machine = machines.stop_machine(
+        db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+    )
+    return public(machine)
 
 
 @router.post("/{machine_id}/start")
@@ -64,14 +66,21 @@ def start_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
 @router.post("/{machine_id}/reset")
 def reset_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
     machine = machines.reset_machine(
-        db=ctl.db, provider=ctl.provider, settings=ctl.settings, machine_id=machine_id
+        db=ctl.db,
+        provider=ctl.provider,
+        settings=ctl.settings,
+        access=ctl.access,
+        machine_id=machine_id,
     )
     return public(machine)
 
 
 @router.delete("/{machine_id}")
 def destroy_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
-    return public(machines.destroy_machine(db=ctl.db, provider=ctl.provider, machine_id=machine_id))
+    machine = machines.destroy_machine(
+        db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+    )
+    return public(machine)
 
 
 @router.post("/{machine_id}/exec", response_model=None)
@@ -83,19 +92,22 @@ def exec_in_machine(
     stream: bool = False,
     x_lease_token: LeaseToken = None,
 ) -> ExecAnswer | StreamingResponse:
-    machine = machines.machine_for_command(
-        db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
-    )
-    request = commands.ExecRequest(
+    if stream:
+        lines = ctl.access.stream_command(
+            machine_id=machine_id,
+            lease_token=x_lease_token,
+            cmd=body.cmd,
+            cwd=body.cwd,
+            env=body.env,
+            timeout_s=body.timeout_s,
+        )
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    result = ctl.access.run_command(
+        machine_id=machine_id,
+        lease_token=x_lease_token,
         cmd=body.cmd,
-        cwd=commands.check_cwd(body.cwd or machine.workdir),
-        env=commands.check_env(body.env),
+        cwd=body.cwd,
+        env=body.env,
         timeout_s=body.timeout_s,
     )
-    cap = ctl.settings.exec_output_cap
-    runner = ctl.commands.for_container(machine.container_name)  # SSH when it can
-    if stream:
-        lines = commands.stream(runner, machine.container_name, request, cap=cap)
-        return StreamingResponse(lines, media_type="application/x-ndjson")
-    result = commands.run(runner, machine.container_name, request, cap=cap)
     return ExecAnswer(**result.__dict__)

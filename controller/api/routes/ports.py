@@ -6,8 +6,6 @@ from fastapi import APIRouter, Response, status
 
 from controller.api.deps import Ctl, LeaseToken, OpsOrAgent
 from controller.api.schemas import PortBody, PortForwarded
-from controller.errors import NotFound
-from controller.services import access, machines
 
 router = APIRouter(prefix="/machines/{machine_id}/ports", tags=["ports"])
 
@@ -16,10 +14,9 @@ router = APIRouter(prefix="/machines/{machine_id}/ports", tags=["ports"])
 def forward_port(
     machine_id: str, body: PortBody, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
 ) -> PortForwarded:
-    machine = machines.machine_for_command(
-        db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
+    forward, listening = ctl.access.open_forward(
+        machine_id=machine_id, lease_token=x_lease_token, port=body.port
     )
-    forward, listening = access.open_forward(ctl=ctl, machine=machine, port=body.port)
     return PortForwarded(
         url=forward.url, port=body.port, local_port=forward.local_port, listening=listening
     )
@@ -29,7 +26,5 @@ def forward_port(
 def close_port(
     machine_id: str, port: int, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
 ) -> Response:
-    machines.machine_for_command(db=ctl.db, machine_id=machine_id, lease_token=x_lease_token)
-    if not ctl.forwards.close_port(machine_id, port):
-        raise NotFound(f"port {port} of {machine_id} is not forwarded")
+    ctl.access.close_forward(machine_id=machine_id, lease_token=x_lease_token, port=port)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

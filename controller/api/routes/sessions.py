@@ -17,8 +17,6 @@ from controller.api.deps import (
 )
 from controller.api.fastlane import hot
 from controller.api.schemas import SessionOpened, SessionRunAnswer, SessionRunBody
-from controller.services import access, machines
-from controller.store.db import run_read
 
 router = APIRouter(prefix="/machines/{machine_id}/sessions", tags=["sessions"])
 
@@ -27,11 +25,8 @@ router = APIRouter(prefix="/machines/{machine_id}/sessions", tags=["sessions"])
 def open_session(
     machine_id: str, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
 ) -> SessionOpened:
-    machine = machines.machine_for_command(
-        db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
-    )
-    session = access.open_session(ctl=ctl, machine=machine)
-    return SessionOpened(id=session.id, machine_id=machine.id)
+    session = ctl.access.open_session(machine_id=machine_id, lease_token=x_lease_token)
+    return SessionOpened(id=session.id, machine_id=session.machine_id)
 
 
 @router.post(
@@ -48,18 +43,10 @@ async def run_in_session(machine_id: str, session_id: str, request: Request) -> 
     loop."""
     ctl, _ = await agent_call(request)
     body = parse_body(SessionRunBody, await request.body())
-    fence = await run_read(
-        ctl.db,
-        machines.fence_for_command,
-        db=ctl.db,
+    result = await ctl.access.run_in_session(
         machine_id=machine_id,
-        lease_token=lease_token_header(request),
-    )
-    result = await access.run_in_session(
-        ctl=ctl,
-        machine_id=machine_id,
-        fence=fence,
         session_id=session_id,
+        lease_token=lease_token_header(request),
         cmd=body.cmd,
         timeout_s=body.timeout_s,
     )
@@ -70,8 +57,7 @@ async def run_in_session(machine_id: str, session_id: str, request: Request) -> 
 def close_session(
     machine_id: str, session_id: str, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
 ) -> Response:
-    machine = machines.machine_for_command(
-        db=ctl.db, machine_id=machine_id, lease_token=x_lease_token
+    ctl.access.close_session(
+        machine_id=machine_id, session_id=session_id, lease_token=x_lease_token
     )
-    access.close_session(ctl=ctl, machine=machine, session_id=session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
