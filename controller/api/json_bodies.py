@@ -103,6 +103,8 @@ def declared_json(scope: Scope) -> bool:
     """``application/json`` or ``application/*+json``, as FastAPI tells them."""
     for key, value in scope["headers"]:
         if key == b"content-type":
+            if value.startswith(b"application/json"):  # the common case, without parsing
+                return True
             header = MimeHeader()
             header["content-type"] = value.decode("latin-1")
             subtype = header.get_content_subtype()
