@@ -40,6 +40,7 @@ stop:
 	$(BIN)/python scripts/demo.py --stop
 
 test: setup engine browser postgres image
+	@bash scripts/ensure-packages.sh curl jq  # tests/integration/test_readme.py runs the README's examples
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: setup

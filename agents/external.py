@@ -8,10 +8,11 @@ task with quotes, ``$`` or newlines reaches the CLI as one argument and runs not
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 
 from agents import config
 from agents.base import Artifact, Assignment, StageResult
-from agents.reviewer import TEXT, diff_base, git_diff
+from agents.reviewer import TEXT, diff_base, git_diff, run_evidence
 
 NOT_FOUND = 127
 
@@ -46,11 +47,15 @@ class ExternalAgent:
                 "external agent needs a command template: 'command' in its 'with' block "
                 "or 'agent' in .shopfloor.toml (e.g. \"claude -p {task}\")",
             )
-        return run_external(work, template, prompt=work.task, name="external")
+        exclude = run_evidence(work, cfg.junit)
+        return run_external(work, template, prompt=work.task, name="external", exclude=exclude)
 
 
-def run_external(work: Assignment, template: str, *, prompt: str, name: str) -> StageResult:
-    """Shared with the planner: run the CLI, keep its transcript, record the diff it made."""
+def run_external(
+    work: Assignment, template: str, *, prompt: str, name: str, exclude: Sequence[str] = ()
+) -> StageResult:
+    """Shared with the planner: run the CLI, keep its transcript, record the diff it made
+    (without ``exclude``: the run's own evidence, see :func:`agents.reviewer.run_evidence`)."""
     exe = program(template)
     check = work.machine.run(f"command -v -- {shlex.quote(exe)}", timeout_s=30)
     if not check.ok:
@@ -73,7 +78,7 @@ def run_external(work: Assignment, template: str, *, prompt: str, name: str) -> 
         command, env={"SHOPFLOOR_CONTEXT_DIR": work.handoff_dir}, timeout_s=work.timeout_s
     )
     transcript = f"$ {command}\n{result.stdout}{result.stderr}"
-    patch = git_diff(work.machine, base)
+    patch = git_diff(work.machine, base, exclude=exclude)
     artifacts = [
         Artifact("log", f"{name}-transcript.log", transcript.encode(), TEXT, {"cmd": template}),
         Artifact("diff", f"{name}.patch", patch.encode(), "text/x-diff", {"base": base}),

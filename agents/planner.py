@@ -12,6 +12,7 @@ import posixpath
 from agents import config
 from agents.base import Artifact, Assignment, StageResult
 from agents.external import run_external
+from agents.reviewer import run_evidence
 
 MARKDOWN = "text/markdown; charset=utf-8"
 MAX_FILES = 200
@@ -46,7 +47,8 @@ class PlannerAgent:
         template = str(work.params.get("command") or cfg.agent or "")
         if template.strip():
             prompt = PROMPT.format(plan_path=plan_path, task=work.task)
-            result = run_external(work, template, prompt=prompt, name="planner")
+            exclude = run_evidence(work, cfg.junit)
+            result = run_external(work, template, prompt=prompt, name="planner", exclude=exclude)
             if result.status != "passed":
                 return result
             try:

@@ -17,6 +17,7 @@ from fastapi.telemetry import TelemetryConfig
 import evidence
 from controller.api import gallery
 from controller.api.fastlane import ShopfloorAPI
+from controller.api.json_bodies import JsonBodies
 from controller.api.routes import artifacts as artifacts_routes
 from controller.api.routes import events as events_routes
 from controller.api.routes import files as files_routes
@@ -116,6 +117,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         lifespan=lifespan,
         telemetry=None if settings.opentelemetry else TELEMETRY_OFF,
     )
+
+    app.add_middleware(JsonBodies)  # curl -d and clients without a Content-Type send JSON too
 
     @app.exception_handler(ShopfloorError)
     async def shopfloor_error(_: Request, exc: ShopfloorError) -> JSONResponse:

@@ -42,7 +42,14 @@ def test_plan_test_review_qa_leave_their_evidence(
     assert pool.status_code == 200, pool.text
     stages = [
         {"name": "plan", "agent": "planner"},
-        {"name": "test", "agent": "tester"},
+        {  # reports where the repo's .gitignore does not hide them
+            "name": "test",
+            "agent": "tester",
+            "with": {
+                "test": "python3 run_tests.py --junit reports/junit.xml",
+                "junit": "reports/*.xml",
+            },
+        },
         {"name": "review", "agent": "reviewer"},
         {"name": "qa", "agent": "qa", "with": {"pages": ["/", "/about"]}},
     ]
@@ -65,6 +72,9 @@ def test_plan_test_review_qa_leave_their_evidence(
     assert "plan" in by_stage["plan"]
     assert {"junit", "log"} <= by_stage["test"]
     assert "diff" in by_stage["review"]
+    review = run["stages"][2]  # the tester's reports are evidence, not a change of the run
+    assert review["outputs"]["files_changed"] == 0, review
+    assert review["summary"].startswith("0 file(s) changed"), review
     assert "screenshot" in by_stage["qa"]
 
 

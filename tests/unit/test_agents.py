@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shlex
-from dataclasses import dataclass, field
+import subprocess
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from agents.base import Assignment, CommandResult
@@ -121,3 +124,121 @@ def test_qa_without_config_says_what_is_missing() -> None:
     result = QaAgent().run(work(FakeMachine(), serve="app"))
     assert result.status == "failed"
     assert "qa needs port, pages" in result.summary
+
+
+# ---------------------------------------------------------------- the review diff
+
+
+@dataclass
+class LocalMachine(FakeMachine):
+    """Runs commands with bash in a local folder: the agents' git commands for real."""
+
+    def run(self, cmd: str, *, cwd: str | None = None, **_: Any) -> CommandResult:
+        self.ran.append(cmd)
+        done = subprocess.run(
+            ["bash", "-c", cmd],
+            cwd=cwd or self.workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return CommandResult(done.returncode, done.stdout, done.stderr, 1.0)
+
+    def read_file(self, path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    def write_file(self, path: str, data: bytes) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+
+
+def local_repo(top: Path, junit: str = "test-results/*.xml") -> LocalMachine:
+    """A committed repo at ``top`` whose tests write JUnit XML at ``junit`` (no .gitignore)."""
+    top.mkdir(parents=True)
+    (top / "app.py").write_text("print('hello')\n")
+    (top / ".shopfloor.toml").write_text(f'test = "true"\njunit = [{junit!r}]\n')
+    git = ["git", "-C", str(top), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", "--initial-branch=main"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "app"], check=True)
+    return LocalMachine(workdir=str(top))
+
+
+def leave_evidence(machine: LocalMachine, handoff: Path, junit_file: str) -> None:
+    """What the run's own stages write: the handoff folder and the tester's JUnit XML."""
+    (handoff / "plan").mkdir(parents=True)
+    (handoff / "run.json").write_text("{}\n")
+    (handoff / "plan" / "result.json").write_text("{}\n")
+    report = Path(machine.workdir) / junit_file
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("<testsuite tests='1'/>\n")
+
+
+def review(machine: LocalMachine, handoff: Path, **params: Any) -> Any:
+    from agents.reviewer import ReviewerAgent
+
+    return ReviewerAgent().run(replace(work(machine, **params), handoff_dir=str(handoff)))
+
+
+def test_review_counts_the_change_not_the_runs_own_evidence(tmp_path: Path) -> None:
+    """The checkout is /workspace itself here, so the handoff folder lies inside the repo."""
+    machine = local_repo(tmp_path / "workspace")
+    handoff = tmp_path / "workspace" / ".shopfloor"
+    leave_evidence(machine, handoff, "test-results/junit.xml")
+    (tmp_path / "workspace" / "app.py").write_text("print('bye')\n")
+    (tmp_path / "workspace" / "test-results" / "notes.txt").write_text("not a report\n")
+
+    result = review(machine, handoff)
+    patch = next(a for a in result.artifacts if a.name == "changes.patch").data.decode()
+    stat = next(a for a in result.artifacts if a.name == "diffstat.txt").data.decode()
+    assert result.outputs["files_changed"] == 2, stat
+    assert result.summary.startswith("2 file(s) changed")
+    assert "+++ b/app.py" in patch
+    assert "+++ b/test-results/notes.txt" in patch  # not a JUnit glob: a change like any other
+    for evidence in ("junit.xml", ".shopfloor", "run.json"):
+        assert evidence not in patch
+        assert evidence not in stat
+
+
+def test_review_excludes_the_globs_the_stage_was_given_and_runs_none_of_them(
+    tmp_path: Path,
+) -> None:
+    machine = local_repo(tmp_path / "workspace" / "app")
+    handoff = tmp_path / "workspace" / ".shopfloor"  # beside the checkout, as in a machine
+    odd = "out $(touch pwned) 'x'/*.xml"
+    leave_evidence(machine, handoff, "out $(touch pwned) 'x'/report.xml")
+    (tmp_path / "workspace" / "app" / "app.py").write_text("print('bye')\n")
+
+    result = review(machine, handoff, junit=[odd, "../elsewhere/*.xml", "/abs/*.xml"])
+    stat = next(a for a in result.artifacts if a.name == "diffstat.txt").data.decode()
+    assert result.outputs["files_changed"] == 1, stat
+    assert "app.py" in stat
+    assert not (tmp_path / "workspace" / "app" / "pwned").exists()
+    assert not list(tmp_path.rglob("pwned"))
+
+
+def test_external_agents_patch_leaves_out_the_runs_own_evidence(tmp_path: Path) -> None:
+    machine = local_repo(tmp_path / "workspace")
+    handoff = tmp_path / "workspace" / ".shopfloor"
+    leave_evidence(machine, handoff, "test-results/junit.xml")
+    command = "sed -i s/hello/bye/ app.py"
+    result = ExternalAgent().run(replace(work(machine, command=command), handoff_dir=str(handoff)))
+    assert result.status == "passed", result.summary
+    patch = next(a for a in result.artifacts if a.kind == "diff").data.decode()
+    assert "+print('bye')" in patch
+    assert "junit.xml" not in patch
+    assert ".shopfloor" not in patch
+
+
+def test_review_leaves_out_the_junit_files_a_test_stage_reported(tmp_path: Path) -> None:
+    """The test stage's ``with`` named other globs than the repo's file: run.json tells."""
+    machine = local_repo(tmp_path / "workspace")
+    handoff = tmp_path / "workspace" / ".shopfloor"
+    leave_evidence(machine, handoff, "reports/junit.xml")
+    stages = [{"name": "test", "agent": "tester", "outputs": {"junit": ["reports/junit.xml"]}}]
+    (handoff / "run.json").write_text(json.dumps({"stages": stages}))
+    (tmp_path / "workspace" / "app.py").write_text("print('bye')\n")
+    result = review(machine, handoff)
+    stat = next(a for a in result.artifacts if a.name == "diffstat.txt").data.decode()
+    assert result.outputs["files_changed"] == 1, stat
+    assert "reports" not in stat
