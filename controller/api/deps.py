@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from sqlmodel import Session
 
 from controller.errors import InvalidInput
-from controller.services import auth
+from controller.services import auth, callers
 from controller.services.runtime import Controller
-from controller.store.db import unit_of_work
 from controller.store.models import ApiToken, Role
 
 M = TypeVar("M", bound=BaseModel)
@@ -32,14 +30,6 @@ async def get_controller(request: Request) -> Controller:
 
 
 Ctl = Annotated[Controller, Depends(get_controller)]
-
-
-def get_session(ctl: Ctl) -> Iterator[Session]:
-    with unit_of_work(ctl.db) as tx:
-        yield tx
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def require(*roles: Role) -> Callable[..., Awaitable[ApiToken]]:
@@ -61,15 +51,12 @@ async def authenticate(
     token_hash = auth.hash_token(auth.bearer(authorization))
     token = ctl.tokens.get(token_hash)
     if token is None:
-        token = await anyio.to_thread.run_sync(_lookup, ctl, token_hash)
+        token = await anyio.to_thread.run_sync(
+            lambda: callers.token_for(ctl=ctl, token_hash=token_hash)
+        )
         ctl.tokens.put(token_hash, token)
     auth.require_role(token, roles)
     return token
-
-
-def _lookup(ctl: Controller, token_hash: str) -> ApiToken:
-    with unit_of_work(ctl.reader) as tx:
-        return auth.lookup(tx=tx, token_hash=token_hash)
 
 
 AGENT_ROLES = (Role.ops, Role.agent)

@@ -610,8 +610,14 @@ def _return_orphans(ctl: Controller) -> None:
         ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
 
 
-def list_leases(*, tx: Session, state: str | None = None, limit: int = 200) -> list[Lease]:
+def list_leases(*, ctl: Controller, state: str | None = None, limit: int = 200) -> list[Lease]:
     query = select(Lease).order_by(col(Lease.acquired_at).desc()).limit(limit)
     if state:
         query = query.where(Lease.state == state)
-    return list(tx.exec(query))
+    with unit_of_work(ctl.reader) as tx:
+        return list(tx.exec(query))
+
+
+def show_lease(*, ctl: Controller, lease_id: str) -> Lease:
+    with unit_of_work(ctl.reader) as tx:
+        return get_lease(tx, lease_id)

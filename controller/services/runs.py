@@ -7,6 +7,7 @@ driver (``driver.py``) does the work, these functions keep the books.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -29,7 +30,7 @@ from controller.store.models import (
     StageStatus,
     utcnow,
 )
-from evidence import store
+from evidence import store, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,28 @@ def check_agents(spec: RunSpec) -> None:
             )
 
 
-def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> Run:
+@dataclass(frozen=True)
+class RunView:
+    """A run as the API shows it: its stages, its verdict, whether it is closed, and (for
+    one run) its events."""
+
+    run: Run
+    stages: list[Stage]
+    verdict: verdicts.VerdictState
+    closed: bool
+    events: list[Event] = field(default_factory=list)
+
+
+def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> RunView:
     """Check everything that can be checked up front, then queue the run."""
     check_agents(spec)
     repo = repos.parse_repo(spec.repo, roots=ctl.settings.repo_root_paths).value
     ref = repos.check_ref(spec.ref) if spec.ref else "HEAD"
-    with unit_of_work(ctl.db) as tx:
-        if spec.pool:
-            _check_pool_repo(tx, spec.pool, repo)
     if not spec.pool:
         machines.make_spec(ctl=ctl, template=MachineTemplate(repo=repo, ref=ref))
     with unit_of_work(ctl.db) as tx:
+        if spec.pool:
+            _check_pool_repo(tx, spec.pool, repo)
         run = Run(
             task=spec.task,
             repo=repo,
@@ -87,7 +99,47 @@ def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> Ru
             pool=spec.pool,
             stages=[s.name for s in spec.stages],
         )
-        return run
+        tx.flush()
+        return _view(tx, run)
+
+
+def show_run(*, ctl: Controller, run_id: str) -> RunView:
+    """One run with its events."""
+    with unit_of_work(ctl.reader) as tx:
+        return _view(tx, get_run(tx, run_id), with_events=True)
+
+
+def list_runs(*, ctl: Controller, status: str | None = None, limit: int = 100) -> list[RunView]:
+    """The newest runs first; stages and verdicts read for all of them at once."""
+    with unit_of_work(ctl.reader) as tx:
+        query = select(Run).order_by(col(Run.created_at).desc()).limit(limit)
+        if status:
+            query = query.where(Run.status == status)
+        found = list(tx.exec(query))
+        ids = [run.id for run in found]
+        stages = verdicts.stages_for(tx, ids)
+        given = verdicts.verdicts_for(tx, ids)
+    return [
+        RunView(
+            run=run,
+            stages=stages[run.id],
+            verdict=verdicts.verdict_state(given.get(run.id)),
+            closed=verdicts.is_closed(stages[run.id], given.get(run.id)),
+        )
+        for run in found
+    ]
+
+
+def _view(tx: Session, run: Run, *, with_events: bool = False) -> RunView:
+    stages = stages_of(tx, run.id)
+    verdict = verdicts.get_verdict(tx, run.id)
+    return RunView(
+        run=run,
+        stages=stages,
+        verdict=verdicts.verdict_state(verdict),
+        closed=verdicts.is_closed(stages, verdict),
+        events=events_of(tx, run, stages) if with_events else [],
+    )
 
 
 def _check_pool_repo(tx: Session, pool_name: str, repo: str) -> None:
@@ -131,16 +183,9 @@ def events_of(tx: Session, run: Run, stages: list[Stage], limit: int = 500) -> l
     return list(tx.exec(query))
 
 
-def list_runs(*, tx: Session, status: str | None = None, limit: int = 100) -> list[Run]:
-    query = select(Run).order_by(col(Run.created_at).desc()).limit(limit)
-    if status:
-        query = query.where(Run.status == status)
-    return list(tx.exec(query))
-
-
-def cancel_run(*, db: Any, run_id: str) -> Run:
+def cancel_run(*, ctl: Controller, run_id: str) -> RunView:
     """Queued runs end at once; running ones are stopped by their driver within a second."""
-    with unit_of_work(db) as tx:
+    with unit_of_work(ctl.db) as tx:
         run = get_run(tx, run_id)
         if run.status in FINISHED_RUN_STATUSES:
             raise Conflict(f"run {run_id} already ended ({run.status.value})", state=run.status)
@@ -149,7 +194,8 @@ def cancel_run(*, db: Any, run_id: str) -> Run:
         events.record(tx, "run.cancel_requested", run.id)
         if run.status == RunStatus.queued:
             end_run(tx, run, RunStatus.cancelled, "cancelled before it started")
-        return run
+        tx.flush()
+        return _view(tx, run)
 
 
 def end_run(tx: Session, run: Run, status: RunStatus, reason: str | None) -> None:

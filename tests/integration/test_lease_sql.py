@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from controller.api.app import build_controller
 from controller.domain import LeasePublic, LeaseSelector
 from controller.errors import Conflict, Forbidden, NotFound
 from controller.services import leases
 from controller.services.runtime import Controller
+from controller.services.startup import build_controller
 from controller.settings import Settings
 from controller.store.db import unit_of_work
 from controller.store.models import (

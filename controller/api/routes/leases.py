@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
 
-from controller.api.deps import OpsOrAgent, SessionDep, agent_call, answer, json_body, parse_body
+from controller.api.deps import Ctl, OpsOrAgent, agent_call, answer, json_body, parse_body
 from controller.api.fastlane import hot
 from controller.api.schemas import LeaseBody, ListOf, RenewBody
 from controller.domain import LeasePublic
@@ -39,14 +39,14 @@ async def acquire(request: Request) -> Response:
 
 
 @router.get("")
-def list_leases(tx: SessionDep, _: OpsOrAgent, state: str | None = None) -> ListOf[LeasePublic]:
-    found = leases.list_leases(tx=tx, state=state)
+def list_leases(ctl: Ctl, _: OpsOrAgent, state: str | None = None) -> ListOf[LeasePublic]:
+    found = leases.list_leases(ctl=ctl, state=state)
     return ListOf(data=[public(lease) for lease in found], count=len(found))
 
 
 @router.get("/{lease_id}")
-def show_lease(lease_id: str, tx: SessionDep, _: OpsOrAgent) -> LeasePublic:
-    return public(leases.get_lease(tx, lease_id))
+def show_lease(lease_id: str, ctl: Ctl, _: OpsOrAgent) -> LeasePublic:
+    return public(leases.show_lease(ctl=ctl, lease_id=lease_id))
 
 
 @router.post("/{lease_id}/renew", response_model=LeasePublic, openapi_extra=json_body(RenewBody))

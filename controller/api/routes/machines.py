@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
-from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
+from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent
 from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
 from controller.domain import MachineTemplate
 from controller.services import machines
@@ -28,26 +28,24 @@ def public(machine: Machine) -> MachinePublic:
 def create_machine(
     body: MachineTemplate, ctl: Ctl, _: OpsOnly, wait: bool = False
 ) -> MachinePublic:
-    spec = machines.make_spec(ctl=ctl, template=body)
-    machine = machines.submit(ctl=ctl, spec=spec, wait=wait)
-    return public(machine)
+    return public(machines.request_machine(ctl=ctl, template=body, wait=wait))
 
 
 @router.get("")
 def list_machines(
-    tx: SessionDep,
+    ctl: Ctl,
     _: OpsOrAgent,
     state: str | None = None,
     pool: str | None = None,
     label: Annotated[str | None, Query(description="key or key=value")] = None,
 ) -> ListOf[MachinePublic]:
-    found = machines.list_machines(tx=tx, state=state, pool=pool, label=label)
+    found = machines.list_machines(ctl=ctl, state=state, pool=pool, label=label)
     return ListOf(data=[public(m) for m in found], count=len(found))
 
 
 @router.get("/{machine_id}")
-def show_machine(machine_id: str, tx: SessionDep, _: OpsOrAgent) -> MachinePublic:
-    return public(machines.get_machine(tx, machine_id))
+def show_machine(machine_id: str, ctl: Ctl, _: OpsOrAgent) -> MachinePublic:
+    return public(machines.show_machine(ctl=ctl, machine_id=machine_id))
 
 
 @router.post("/{machine_id}/stop")

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from sqlmodel import Session
 
-from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOrAgent, SessionDep
+from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOrAgent
 from controller.api.schemas import (
     ListOf,
     RunBody,
@@ -17,8 +16,7 @@ from controller.api.schemas import (
 )
 from controller.domain import StageClaim
 from controller.services import remote_stages, runs
-from controller.store.models import Run, Stage
-from evidence import verdicts
+from controller.store.models import Stage
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -27,39 +25,35 @@ def stage_public(stage: Stage) -> StagePublic:
     return StagePublic.model_validate(stage, from_attributes=True)
 
 
-def public(tx: Session, run: Run, *, with_events: bool = False) -> RunPublic:
-    stages = runs.stages_of(tx, run.id)
-    found = runs.events_of(tx, run, stages) if with_events else []
-    verdict = verdicts.get_verdict(tx, run.id)
+def public(view: runs.RunView) -> RunPublic:
     return RunPublic(
-        **run.model_dump(exclude={"created_by"}),
-        stages=[stage_public(s) for s in stages],
-        events=[e.model_dump(mode="json") for e in found],
-        verdict=verdicts.verdict_state(verdict).value,
-        closed=verdicts.is_closed(stages, verdict),
+        **view.run.model_dump(exclude={"created_by"}),
+        stages=[stage_public(s) for s in view.stages],
+        events=[e.model_dump(mode="json") for e in view.events],
+        verdict=view.verdict.value,
+        closed=view.closed,
     )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_run(body: RunBody, ctl: Ctl, tx: SessionDep, caller: OpsOrAgent) -> RunPublic:
-    run = runs.create_run(ctl=ctl, spec=body, caller=caller)
-    return public(tx, runs.get_run(tx, run.id))
+def create_run(body: RunBody, ctl: Ctl, caller: OpsOrAgent) -> RunPublic:
+    return public(runs.create_run(ctl=ctl, spec=body, caller=caller))
 
 
 @router.get("")
 def list_runs(
-    tx: SessionDep,
+    ctl: Ctl,
     _: AnyRole,
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ListOf[RunPublic]:
-    found = runs.list_runs(tx=tx, status=status, limit=limit)
-    return ListOf(data=[public(tx, r) for r in found], count=len(found))
+    found = runs.list_runs(ctl=ctl, status=status, limit=limit)
+    return ListOf(data=[public(view) for view in found], count=len(found))
 
 
 @router.get("/{run_id}")
-def show_run(run_id: str, tx: SessionDep, _: AnyRole) -> RunPublic:
-    return public(tx, runs.get_run(tx, run_id), with_events=True)
+def show_run(run_id: str, ctl: Ctl, _: AnyRole) -> RunPublic:
+    return public(runs.show_run(ctl=ctl, run_id=run_id))
 
 
 @router.post("/{run_id}/stages/{stage}/claim")
@@ -91,6 +85,5 @@ def report_stage(
 
 
 @router.post("/{run_id}/cancel")
-def cancel_run(run_id: str, ctl: Ctl, tx: SessionDep, _: OpsOrAgent) -> RunPublic:
-    runs.cancel_run(db=ctl.db, run_id=run_id)
-    return public(tx, runs.get_run(tx, run_id))
+def cancel_run(run_id: str, ctl: Ctl, _: OpsOrAgent) -> RunPublic:
+    return public(runs.cancel_run(ctl=ctl, run_id=run_id))
