@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from controller.errors import InvalidInput
-from controller.services import auth, callers
+from controller.services import access, auth, callers
 from controller.services.runtime import Controller
 from controller.store.models import ApiToken, Role
 
@@ -87,8 +87,11 @@ def parse_body(model: type[M], raw: bytes) -> M:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-LEASE_TOKEN_HELP = "the lease's token; required on a leased machine"
-LeaseToken = Annotated[int | None, Header(description=LEASE_TOKEN_HELP)]
+LEASE_TOKEN_HELP = (
+    "the secret a lease's grant (or a stage claim) answered as its token; required on a "
+    "leased machine, and only the API token that was granted it may use it"
+)
+LeaseToken = Annotated[str | None, Header(description=LEASE_TOKEN_HELP, max_length=256)]
 """X-Lease-Token as a parameter; the hot routes read it with :func:`lease_token_header`."""
 
 LEASE_TOKEN_DOC = {
@@ -96,19 +99,21 @@ LEASE_TOKEN_DOC = {
     "in": "header",
     "required": False,
     "description": LEASE_TOKEN_HELP,
-    "schema": {"type": "integer"},
+    "schema": {"type": "string", "maxLength": 256},
 }
 """OpenAPI text for the header :func:`lease_token_header` reads."""
 
 
-def lease_token_header(request: Request) -> int | None:
+def lease_token_header(request: Request) -> str | None:
     value = request.headers.get("x-lease-token")
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidInput(f"X-Lease-Token must be a whole number, got {value[:40]!r}") from None
+    if value is not None and len(value) > 256:
+        raise InvalidInput("X-Lease-Token is at most 256 characters")
+    return value
+
+
+def key(caller: ApiToken, lease_token: str | None) -> access.Key:
+    """Who reaches into a machine: the caller with what it sent in X-Lease-Token."""
+    return access.Key(caller=caller, secret=lease_token)
 
 
 def json_body(model: type[M]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def upload(
     ctl: Controller,
     run_id: str,
     stage: str,
-    lease_token: int | None,
+    key: access.Key,
     kind: str,
     name: str,
     data: bytes,
@@ -30,7 +30,8 @@ def upload(
     commit: str | None,
     meta: dict[str, Any],
 ) -> Artifact:
-    """Save an artifact of a running run's stage, from the holder of the run's lease.
+    """Save an artifact of a running run's stage, from the holder of the run's lease (or
+    of a claim on its remote stage), with its secret in ``key``; or from ops.
 
     ``attempt`` defaults to the stage's current attempt, ``commit`` to the machine's.
     """
@@ -39,8 +40,8 @@ def upload(
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
         stage_row = runs.get_stage(tx, run.id, stage)
-        machine = machines.get_machine(tx, _check_lease(run, lease_token))
-        access.check_command(machine.id, machine.state, machine.fence, lease_token)
+        machine = machines.get_machine(tx, _check_lease(run, key))
+        access.check_machine(tx, machine, key)
         return save_artifact(
             tx=tx,
             store=ArtifactStore.from_settings(ctl.settings),
@@ -57,12 +58,12 @@ def upload(
         )
 
 
-def _check_lease(run: Run, lease_token: int | None) -> str:
+def _check_lease(run: Run, key: access.Key) -> str:
     if run.status in FINISHED_RUN_STATUSES:
         raise Conflict(f"run {run.id} has finished ({run.status.value}); its evidence is sealed")
     if run.machine_id is None:
         raise Conflict(f"run {run.id} has no machine yet; upload once its stage is running")
-    if lease_token is None:
+    if key.secret is None:
         raise Conflict(
             f"send the lease token of machine {run.machine_id} in X-Lease-Token",
             machine_id=run.machine_id,

@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from agents import registry
 from controller.domain import MachineTemplate, RunSpec
-from controller.errors import Conflict, InvalidInput, NotFound
+from controller.errors import Conflict, Forbidden, InvalidInput, NotFound
 from controller.services import machines, pools, repos
 from controller.services.runtime import Controller
 from controller.store import events
@@ -24,6 +24,7 @@ from controller.store.models import (
     ApiToken,
     Event,
     Machine,
+    Role,
     Run,
     RunStatus,
     Stage,
@@ -183,10 +184,22 @@ def events_of(tx: Session, run: Run, stages: list[Stage], limit: int = 500) -> l
     return list(tx.exec(query))
 
 
-def cancel_run(*, ctl: Controller, run_id: str) -> RunView:
-    """Queued runs end at once; running ones are stopped by their driver within a second."""
+def check_creator(run: Run, caller: ApiToken | None, action: str) -> None:
+    """Only the API token that created the run, or an ops token, may ``action`` it."""
+    if caller is None or caller.role == Role.ops or run.created_by == caller.id:
+        return
+    raise Forbidden(
+        f"run {run.id} was created by another API token; only that token or an ops token "
+        f"may {action}"
+    )
+
+
+def cancel_run(*, ctl: Controller, run_id: str, caller: ApiToken | None) -> RunView:
+    """Queued runs end at once; running ones are stopped by their driver within a second.
+    Only the run's creator or ops may (``caller`` None: the controller itself)."""
     with unit_of_work(ctl.db) as tx:
         run = get_run(tx, run_id)
+        check_creator(run, caller, "cancel it")
         if run.status in FINISHED_RUN_STATUSES:
             raise Conflict(f"run {run_id} already ended ({run.status.value})", state=run.status)
         run.cancel_requested = True

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent
+from controller.api.deps import key as lease_key
 from controller.api.schemas import ArtifactPublic, ListOf
 from controller.errors import InvalidInput, NotFound, TooLarge
 from controller.services import artifacts
@@ -113,7 +114,7 @@ async def upload_artifact(
     stage: str,
     request: Request,
     ctl: Ctl,
-    _: OpsOrAgent,
+    caller: OpsOrAgent,
     x_lease_token: LeaseToken = None,
 ) -> ArtifactPublic:
     """Multipart upload (fields: file, kind, name?, attempt?, commit?, meta?) under the lease."""
@@ -137,7 +138,7 @@ async def upload_artifact(
             ctl=ctl,
             run_id=run_id,
             stage=stage,
-            lease_token=x_lease_token,
+            key=lease_key(caller, x_lease_token),
             kind=fields.get("kind", ""),
             name=fields.get("name") or filename,
             data=data,

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
-from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent
+from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, key
 from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
 from controller.domain import MachineTemplate
 from controller.services import machines
@@ -18,9 +18,8 @@ router = APIRouter(prefix="/machines", tags=["machines"])
 
 def public(machine: Machine) -> MachinePublic:
     return MachinePublic(
-        **machine.model_dump(exclude={"fence", "container_name", "volume_name", "branch"}),
+        **machine.model_dump(exclude={"container_name", "volume_name", "branch"}),
         workdir=machine.workdir,
-        lease_token=machine.fence,
     )
 
 
@@ -34,7 +33,7 @@ def create_machine(
 @router.get("")
 def list_machines(
     ctl: Ctl,
-    _: OpsOrAgent,
+    caller: OpsOrAgent,
     state: str | None = None,
     pool: str | None = None,
     label: Annotated[str | None, Query(description="key or key=value")] = None,
@@ -44,7 +43,7 @@ def list_machines(
 
 
 @router.get("/{machine_id}")
-def show_machine(machine_id: str, ctl: Ctl, _: OpsOrAgent) -> MachinePublic:
+def show_machine(machine_id: str, ctl: Ctl, caller: OpsOrAgent) -> MachinePublic:
     return public(machines.show_machine(ctl=ctl, machine_id=machine_id))
 
 
@@ -86,14 +85,14 @@ def exec_in_machine(
     machine_id: str,
     body: ExecBody,
     ctl: Ctl,
-    _: OpsOrAgent,
+    caller: OpsOrAgent,
     stream: bool = False,
     x_lease_token: LeaseToken = None,
 ) -> ExecAnswer | StreamingResponse:
     if stream:
         lines = ctl.access.stream_command(
             machine_id=machine_id,
-            lease_token=x_lease_token,
+            key=key(caller, x_lease_token),
             cmd=body.cmd,
             cwd=body.cwd,
             env=body.env,
@@ -102,7 +101,7 @@ def exec_in_machine(
         return StreamingResponse(lines, media_type="application/x-ndjson")
     result = ctl.access.run_command(
         machine_id=machine_id,
-        lease_token=x_lease_token,
+        key=key(caller, x_lease_token),
         cmd=body.cmd,
         cwd=body.cwd,
         env=body.env,

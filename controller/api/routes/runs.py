@@ -58,8 +58,10 @@ def show_run(run_id: str, ctl: Ctl, _: AnyRole) -> RunPublic:
 
 @router.post("/{run_id}/stages/{stage}/claim")
 def claim_stage(run_id: str, stage: str, ctl: Ctl, caller: OpsOrAgent) -> StageClaim:
-    """For a remote agent: a running stage whose agent is ``remote``, with the run's machine
-    and lease token. Claiming again answers the same (a crashed agent can come back)."""
+    """For a remote agent (the run's creator or ops): a running stage whose agent is
+    ``remote``, with the run's machine and a secret for it (``lease_token``) that only the
+    claiming API token may use. Claiming again (a crashed agent coming back, or ops taking
+    over) answers a new secret; the earlier one stops working."""
     return remote_stages.claim(db=ctl.db, run_id=run_id, stage_name=stage, caller=caller)
 
 
@@ -72,7 +74,8 @@ def report_stage(
     caller: OpsOrAgent,
     x_lease_token: LeaseToken = None,
 ) -> dict[str, object]:
-    """A remote agent's result for the attempt it claimed; the stage ends with it."""
+    """A remote agent's result for the attempt it claimed, with the claim's secret in
+    X-Lease-Token, from the API token that claimed; the stage ends with it."""
     remote_stages.report(
         db=ctl.db,
         run_id=run_id,
@@ -85,5 +88,6 @@ def report_stage(
 
 
 @router.post("/{run_id}/cancel")
-def cancel_run(run_id: str, ctl: Ctl, _: OpsOrAgent) -> RunPublic:
-    return public(runs.cancel_run(ctl=ctl, run_id=run_id))
+def cancel_run(run_id: str, ctl: Ctl, caller: OpsOrAgent) -> RunPublic:
+    """The run's creator or ops only."""
+    return public(runs.cancel_run(ctl=ctl, run_id=run_id, caller=caller))
