@@ -110,19 +110,19 @@ def lease_fence(client: Client, machine_id: str) -> int:
 
 
 def test_errors_come_back_typed(agent: Client, machine_id: str) -> None:
-    machine = agent.machine(machine_id)
-    with pytest.raises(InvalidInput) as bad:
-        machine.get("../etc/passwd")
-    assert "'..'" in bad.value.message
-    with pytest.raises(NotFound):
-        machine.get("no-such-file")
-    with pytest.raises(NotFound):
-        agent.machine("m-nope").exec("true")
-    with pytest.raises(InvalidInput):
-        machine.exec("true", timeout_s=0)
-    shell = machine.session()
-    with pytest.raises(SessionLost) as lost:
-        shell.run("exit 3")
-    assert "session lost" in lost.value.message
-    assert isinstance(lost.value, SessionLost)
-    assert lost.value.status_code == 410
+    with agent.lease(machine_id=machine_id, holder="errors", ttl_s=60) as machine:
+        with pytest.raises(InvalidInput) as bad:
+            machine.get("../etc/passwd")
+        assert "'..'" in bad.value.message
+        with pytest.raises(NotFound):
+            machine.get("no-such-file")
+        with pytest.raises(NotFound):
+            agent.machine("m-nope").exec("true")
+        with pytest.raises(InvalidInput):
+            machine.exec("true", timeout_s=0)
+        shell = machine.session()
+        with pytest.raises(SessionLost) as lost:
+            shell.run("exit 3")
+        assert "session lost" in lost.value.message
+        assert isinstance(lost.value, SessionLost)
+        assert lost.value.status_code == 410
