@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,17 +34,23 @@ LISTENER_WAIT_S = 2.0
 listener."""
 
 
-def _parse_time(value: str | None) -> datetime:
-    if not value:
-        return datetime.now(UTC)
-    # Docker gives RFC 3339 with nanoseconds; Python takes microseconds.
-    head, _, rest = value.partition(".")
-    frac = "".join(ch for ch in rest if ch.isdigit())[:6]
-    text = f"{head}.{frac or '0'}+00:00" if value.endswith("Z") or "+" not in rest else value
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return datetime.now(UTC)
+_RFC3339 = re.compile(
+    r"(?P<head>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<frac>\d+))?(?P<zone>Z|[+-]\d\d:\d\d)?$",
+    re.IGNORECASE,
+)
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    """The engine's RFC 3339 times: nanoseconds or no fraction at all (volumes), ``Z`` or an
+    offset. None when missing, unreadable or the zero time (never happened)."""
+    match = _RFC3339.match((value or "").strip())
+    if match is None:
+        return None
+    frac = (match["frac"] or "")[:6].ljust(6, "0")  # Python keeps microseconds
+    zone = match["zone"] or "Z"
+    zone = "+00:00" if zone.upper() == "Z" else zone
+    parsed = datetime.fromisoformat(f"{match['head']}.{frac}{zone}")
+    return None if parsed.year <= 1 else parsed
 
 
 def _label_filters(labels: dict[str, str]) -> list[str]:
@@ -307,7 +314,8 @@ class DockerProvider:
             if not pid:
                 return None
             # A machine that just started may not listen yet (its sshd starts with it).
-            just_started = datetime.now(UTC) - _parse_time(state.get("StartedAt")) < JUST_STARTED
+            started = _parse_time(state.get("StartedAt"))
+            just_started = started is not None and datetime.now(UTC) - started < JUST_STARTED
             wait_s = min(timeout_s, LISTENER_WAIT_S) if just_started else 0.0
             return connect_in_namespace(pid, port, timeout_s=timeout_s, wait_s=wait_s)
         except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
@@ -358,7 +366,7 @@ class DockerProvider:
             name=container.name or "",
             labels=attrs.get("Config", {}).get("Labels") or {},
             status=attrs.get("State", {}).get("Status", "unknown"),
-            created_at=_parse_time(attrs.get("Created")),
+            created_at=_parse_time(attrs.get("Created")) or datetime.now(UTC),
             ports=ports,
         )
 
