@@ -31,6 +31,7 @@ from controller.api.routes import runs as runs_routes
 from controller.api.routes import sessions as sessions_routes
 from controller.api.routes import verdicts as verdicts_routes
 from controller.errors import ShopfloorError
+from controller.providers.disks import DiskStore, unusable_reason
 from controller.providers.docker import DockerProvider
 from controller.services import driver, images, leases, pools, reconcile
 from controller.services.runtime import Controller, read_install_id
@@ -54,7 +55,7 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
     """``background``: the caller will run :func:`start_loops` (checkpoints among them)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.sqlalchemy_url)
-    provider = DockerProvider(settings.docker_host)
+    provider = DockerProvider(settings.docker_host, disks=_disks(settings))
     default_image = settings.runner_image or images.runner_image_tag(images.default_extra_ca())
     return Controller(
         settings=settings,
@@ -63,6 +64,16 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
         install_id=settings.install_id or read_install_id(settings.data_dir),
         default_image=default_image,
     )
+
+
+def _disks(settings: Settings) -> DiskStore | None:
+    if not settings.disk_limits:
+        return None
+    reason = unusable_reason()
+    if reason is not None:
+        log.warning("disk limits are off: %s", reason)
+        return None
+    return DiskStore(settings.data_dir / "disks")
 
 
 def start_loops(ctl: Controller) -> None:
@@ -76,6 +87,8 @@ def start_loops(ctl: Controller) -> None:
             access=ctl.access,
             install_id=ctl.install_id,
             grace_s=ctl.settings.orphan_grace_s,
+            disk_watch=ctl.disk_watch,
+            near_full=ctl.settings.disk_near_full,
         ),
     )
     ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", lambda: leases.reap(ctl=ctl))

@@ -48,7 +48,8 @@ def test_exec_sessions_and_forwards_work_past_1024_descriptors(
     for _ in range(3):
         ran = module_client.post(f"{base}/exec", json={"cmd": "echo hi; echo err >&2"})
         assert ran.status_code == 200, ran.text
-        assert ran.json()["stdout"] == "hi\n" and ran.json()["exit_code"] == 0
+        assert ran.json()["stdout"] == "hi\n"
+        assert ran.json()["exit_code"] == 0
     sid = module_client.post(f"{base}/sessions").json()["id"]
     done = module_client.post(f"{base}/sessions/{sid}/run", json={"cmd": "cd /tmp && pwd"})
     assert done.status_code == 200, done.text

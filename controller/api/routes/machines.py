@@ -11,16 +11,22 @@ from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
 from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
 from controller.domain import MachineTemplate
 from controller.services import machines
+from controller.services.runtime import Controller
 from controller.store.models import Machine
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
 
-def public(machine: Machine) -> MachinePublic:
+def public(machine: Machine, ctl: Controller | None = None) -> MachinePublic:
+    used, limit = (None, None)
+    if ctl is not None:
+        used, limit = ctl.disk_watch.usage.get(machine.id, (None, None))
     return MachinePublic(
         **machine.model_dump(exclude={"fence", "container_name", "volume_name", "branch"}),
         workdir=machine.workdir,
         lease_token=machine.fence,
+        disk_used_bytes=used,
+        disk_limit_bytes=limit,
     )
 
 
@@ -36,18 +42,19 @@ def create_machine(
 @router.get("")
 def list_machines(
     tx: SessionDep,
+    ctl: Ctl,
     _: OpsOrAgent,
     state: str | None = None,
     pool: str | None = None,
     label: Annotated[str | None, Query(description="key or key=value")] = None,
 ) -> ListOf[MachinePublic]:
     found = machines.list_machines(tx=tx, state=state, pool=pool, label=label)
-    return ListOf(data=[public(m) for m in found], count=len(found))
+    return ListOf(data=[public(m, ctl) for m in found], count=len(found))
 
 
 @router.get("/{machine_id}")
-def show_machine(machine_id: str, tx: SessionDep, _: OpsOrAgent) -> MachinePublic:
-    return public(machines.get_machine(tx, machine_id))
+def show_machine(machine_id: str, tx: SessionDep, ctl: Ctl, _: OpsOrAgent) -> MachinePublic:
+    return public(machines.get_machine(tx, machine_id), ctl)
 
 
 @router.post("/{machine_id}/stop")
