@@ -73,7 +73,8 @@ def _disks(settings: Settings) -> DiskStore | None:
     if reason is not None:
         log.warning("disk limits are off: %s", reason)
         return None
-    return DiskStore(settings.data_dir / "disks")
+    sizes = (settings.workspace_disk_bytes, settings.scratch_disk_bytes)
+    return DiskStore(settings.data_dir / "disks", spare_sizes=sizes)
 
 
 def start_loops(ctl: Controller) -> None:

@@ -172,9 +172,11 @@ class DockerProvider:
                 log.warning("disk limits are off: the engine is not on this host")
             else:
                 self.disks = disks
-                disks.mount_all()  # after a host reboot: before the engine starts machines
+                disks.start()  # remount after a host reboot, make the spares
 
     def close(self) -> None:
+        if self.disks is not None:
+            self.disks.close()
         self.client.close()
 
     def ping(self) -> None:

@@ -92,4 +92,7 @@ class Controller:
             thread.join(timeout=10)
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.access.close()
+        close_provider = getattr(self.provider, "close", None)  # the spare disks, the client
+        if callable(close_provider):
+            close_provider()
         self.db.dispose()

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from controller.api.app import create_app
+from controller.providers.disks import DiskDir, DiskStore
 from controller.providers.docker import DockerProvider
 from controller.services import machines, reconcile
 from controller.services.runtime import Controller
@@ -45,7 +46,7 @@ def disk_client(disk_settings: Settings) -> Iterator[TestClient]:
         yield test_client
         # machines left by a test go with their disks (the session cleanup has no disks)
         ctl = controller_of(test_client)
-        for owner in sorted(os.listdir(disk_settings.data_dir / "disks")):  # containers first
+        for owner in disk_owners(disk_settings):  # containers first
             kind, _, name = owner.partition("-")
             remove = ctl.provider.remove_container if kind == "container" else None
             (remove or ctl.provider.remove_volume)(name)
@@ -76,6 +77,11 @@ def allocated(path: Path) -> int:
 
 def disk_image(settings: Settings, owner: str) -> Path:
     return settings.data_dir / "disks" / owner / "disk.img"
+
+
+def disk_owners(settings: Settings) -> list[str]:
+    """The machines' disks, not the spares made ahead (``.spare-<size>``)."""
+    return sorted(n for n in os.listdir(settings.data_dir / "disks") if not n.startswith("."))
 
 
 def mounted(text: str) -> bool:
@@ -122,7 +128,7 @@ def test_disks_persist_across_restarts_and_mounts_come_back(
     # as after a host reboot: the disks lost their mounts; the engine cannot start the
     # machine on the host's own disk, and the controller mounts them again on start
     disks = disk_settings.data_dir / "disks"
-    for owner in sorted(os.listdir(disks)):
+    for owner in disk_owners(disk_settings):
         os.system(f"umount {disks / owner / 'mnt'}")  # noqa: S605 - a test path
         assert not mounted(str(disks / owner / "mnt"))
     assert disk_client.post(f"{base}/start").json()["state"] == "ready"
@@ -166,14 +172,15 @@ def test_destroy_removes_the_disks(
     disk_client: TestClient, disk_settings: Settings, machine_id: str
 ) -> None:
     disks = disk_settings.data_dir / "disks"
-    owners = sorted(os.listdir(disks))
+    owners = disk_owners(disk_settings)
     assert owners == [
         f"container-{machines.container_name(machine_id)}",
         f"volume-{machines.volume_name(machine_id)}",
     ]
     assert disk_client.delete(f"/api/v1/machines/{machine_id}").status_code == 200
-    assert os.listdir(disks) == []
-    assert not mounted(str(disks))
+    assert disk_owners(disk_settings) == []
+    for owner in owners:
+        assert not mounted(str(disks / owner))
 
 
 def test_orphan_volume_takes_its_disk_with_it(
@@ -194,3 +201,30 @@ def test_orphan_volume_takes_its_disk_with_it(
     assert name in report.removed_volumes
     assert not disk_image(disk_settings, f"volume-{name}").exists()
     assert not mounted(f"volume-{name}")
+
+
+def test_a_spare_disk_is_made_ahead_and_taken(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "disks", spare_sizes=(16 * MiB,))
+    spare = tmp_path / "disks" / f".spare-{16 * MiB}"
+    store.start()
+    try:
+        wait_for(lambda: mounted(str(spare / "mnt")))
+        data = store.create("volume-x", 16 * MiB, [DiskDir("", 1000, 0o755)])
+        assert data == tmp_path / "disks" / "volume-x" / "mnt" / "data"
+        assert mounted(str(tmp_path / "disks" / "volume-x" / "mnt"))  # the spare, renamed
+        assert data.stat().st_uid == 1000
+        assert store.owners() == ["volume-x"]  # spares are nobody's
+        wait_for(lambda: mounted(str(spare / "mnt")))  # the next one
+        assert store.usage("volume-x") is not None
+    finally:
+        store.remove("volume-x")
+        wait_for(lambda: store._filling == set())
+        store.close()
+    assert not mounted(str(tmp_path / "disks"))
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
