@@ -228,3 +228,17 @@ def wait_for(check: Callable[[], bool], timeout_s: float = 10) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_an_upload_into_a_full_workspace_is_507_and_leaves_nothing(
+    disk_client: TestClient, machine_id: str
+) -> None:
+    sh(disk_client, machine_id, "head -c 50M /dev/zero > /workspace/big || true")
+    files = f"/api/v1/machines/{machine_id}/files"
+    answer = disk_client.put(files, params={"path": "up.bin"}, content=b"x" * (20 * MiB))
+    assert answer.status_code == 507, answer.text
+    assert answer.json()["error"] == "storage_full"
+    assert "full" in answer.json()["detail"]
+    assert sh(disk_client, machine_id, "ls /workspace")["stdout"] == "big\n"
+    sh(disk_client, machine_id, "rm /workspace/big")
+    assert disk_client.put(files, params={"path": "up.bin"}, content=b"x" * MiB).status_code < 300
