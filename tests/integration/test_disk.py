@@ -242,3 +242,27 @@ def test_an_upload_into_a_full_workspace_is_507_and_leaves_nothing(
     assert sh(disk_client, machine_id, "ls /workspace")["stdout"] == "big\n"
     sh(disk_client, machine_id, "rm /workspace/big")
     assert disk_client.put(files, params={"path": "up.bin"}, content=b"x" * MiB).status_code < 300
+
+
+def test_the_engine_restarts_a_crashed_machine_on_its_disks(
+    disk_client: TestClient, provider: DockerProvider, machine_id: str
+) -> None:
+    """Restart policy unless-stopped: the engine brings the machine back by itself (as after
+    an engine restart), on the same disks, still limited."""
+    assert sh(disk_client, machine_id, "echo kept > /workspace/f")["exit_code"] == 0
+    container = provider.client.containers.get(machines.container_name(machine_id))
+    pid = int(container.attrs["State"]["Pid"])
+    os.kill(pid, 9)  # the machine's init dies: a crash, not a stop
+    deadline = time.monotonic() + 30
+    while True:
+        container.reload()
+        state = container.attrs["State"]
+        if state["Running"] and int(state["Pid"]) not in (0, pid):
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    found = provider.exec(container.name or "", ["sh", "-c", "cat /workspace/f; df -B1 /workspace"])
+    out = b"".join(chunk for _, chunk in found).decode()
+    assert out.startswith("kept\n")
+    size = int(out.splitlines()[-1].split()[1])
+    assert size <= WORKSPACE
