@@ -73,6 +73,8 @@ class DiskStore:
         self.spare_sizes = {size for size in spare_sizes if size > 0}
         self._guard = threading.Lock()
         self._filling: set[int] = set()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
 
     def _dir(self, owner: str) -> Path:
         if not owner or "/" in owner or owner.startswith("."):
@@ -133,12 +135,15 @@ class DiskStore:
     def refill(self, size_bytes: int) -> None:
         """Make the spare of ``size_bytes`` in the background, unless it is there or coming."""
         with self._guard:
-            if size_bytes in self._filling or (self.root / f"{SPARE}{size_bytes}").exists():
+            spare = self.root / f"{SPARE}{size_bytes}"
+            if self._closed or size_bytes in self._filling or spare.exists():
                 return
             self._filling.add(size_bytes)
-        threading.Thread(
-            target=self._fill, args=(size_bytes,), name=f"disk-spare-{size_bytes}", daemon=True
-        ).start()
+            thread = threading.Thread(
+                target=self._fill, args=(size_bytes,), name=f"disk-spare-{size_bytes}", daemon=True
+            )
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
     def _fill(self, size_bytes: int) -> None:
         making = self.root / f"{MAKING}{size_bytes}-{secrets.token_hex(4)}"
@@ -146,7 +151,10 @@ class DiskStore:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._make(making, size_bytes)
             with self._guard:
-                making.rename(self.root / f"{SPARE}{size_bytes}")
+                if not self._closed:
+                    making.rename(self.root / f"{SPARE}{size_bytes}")
+            if self._closed:  # the controller stopped meanwhile: leave nothing mounted
+                self._remove_folder(making)
         except (OSError, EngineError) as exc:
             log.warning("could not make a spare disk: %s", exc)
             self._remove_folder(making)
@@ -198,6 +206,11 @@ class DiskStore:
 
     def close(self) -> None:
         """Remove the spares (a controller that stops gives their loop devices back)."""
+        with self._guard:
+            self._closed = True
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=30)
         for size in self.spare_sizes:
             self._remove_folder(self.root / f"{SPARE}{size}")
 
