@@ -9,6 +9,7 @@ ShopfloorError                      500
 │   └── StaleLease                  409  a fencing token older than the machine's
 ├── TooLarge                        413
 ├── SessionLost                     410  a shell session's shell or connection is gone
+├── StorageFull                     507  a machine's disk is full (its limit, not the host's)
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
 └── EngineError                     502  the container engine failed or is unreachable
     ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
@@ -73,6 +74,11 @@ class TooLarge(ShopfloorError):
 class SessionLost(ShopfloorError):
     status_code = 410
     code = "session_lost"
+
+
+class StorageFull(ShopfloorError):
+    status_code = 507
+    code = "storage_full"
 
 
 class WaitTimeout(ShopfloorError, TimeoutError):

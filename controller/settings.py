@@ -35,6 +35,21 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 5.0
     orphan_grace_s: float = 60.0
     pids_limit: int = 512
+
+    # per-machine disk (issue 12)
+    disk_limits: bool = True
+    """Give each machine fixed-size disks (ext4 in sparse files under ``data_dir/disks``,
+    loop-mounted). Needs root and an engine on this host; without them machines run
+    unlimited and the controller says so in its log."""
+    workspace_disk_bytes: int = 10 * 1024**3
+    """Size of a machine's ``/workspace``; a write past it fails with ENOSPC. 0: no limit."""
+    scratch_disk_bytes: int = 2 * 1024**3
+    """One disk for everything else the machine's user can write (``/tmp``, ``/var/tmp``,
+    ``$HOME``); ``/dev/shm`` and ``/run/lock`` are sized tmpfs. 0: no limit."""
+    shm_bytes: int = 64 * 1024**2
+    """Size of ``/dev/shm`` (tmpfs, counted in the machine's memory)."""
+    disk_near_full: float = 0.9
+    """Share of the workspace disk past which reconcile writes a ``machine.disk_near_full`` event."""
     exec_output_cap: int = 1024 * 1024
     provision_timeout_s: float = 600.0
 

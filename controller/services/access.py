@@ -35,7 +35,9 @@ from controller.errors import (
     Forbidden,
     InvalidInput,
     NotFound,
+    ShopfloorError,
     StaleLease,
+    StorageFull,
     TooLarge,
     TransportError,
 )
@@ -201,6 +203,7 @@ class MachineAccess:
 
     def __init__(self, *, db: Engine, provider: Provider, settings: Settings) -> None:
         self.db = db
+        self.provider = provider
         self.settings = settings
         self.ssh = SshPool(provider, settings.data_dir, timeout_s=settings.ssh_connect_timeout_s)
         """One SSH connection per machine (direct or through the engine)."""
@@ -310,10 +313,29 @@ class MachineAccess:
         data = await _read_capped(body, declared_size, self.settings.file_cap_bytes)
 
         def write() -> str:
-            with self.sftp(machine) as client, _file_errors("write", path):
-                return sftp.write(client, path, data)
+            try:
+                with self.sftp(machine) as client, _file_errors("write", path):
+                    return sftp.write(client, path, data)
+            except Conflict as exc:
+                raise self._storage_full(machine, path, len(data)) or exc from exc
 
         return await anyio.to_thread.run_sync(write), len(data)
+
+    def _storage_full(self, machine: Machine, path: str, size: int) -> StorageFull | None:
+        """A failed write into a full workspace disk (SFTP says only "Failure"): 507, and
+        the partial file is removed."""
+        usage = self.provider.disk_usage(machine.volume_name)
+        if usage is None or usage[1] - usage[0] > size + FULL_MARGIN:
+            return None
+        with contextlib.suppress(OSError, ShopfloorError), self.sftp(machine) as client:
+            client.remove(sftp.confine(path))
+        used, limit = usage
+        return StorageFull(
+            f"cannot write {path!r}: the machine's workspace disk is full "
+            f"({used} of {limit} bytes used); remove files in /workspace",
+            used_bytes=used,
+            limit_bytes=limit,
+        )
 
     @contextlib.contextmanager
     def sftp(self, machine: Machine) -> Iterator[paramiko.SFTPClient]:
@@ -427,6 +449,10 @@ class MachineAccess:
         self.forwards.close()
         self.sessions.close()
         self.ssh.close()
+
+
+FULL_MARGIN = 1024 * 1024
+"""A write that failed with less than its size and this much free is put down to a full disk."""
 
 
 @contextlib.contextmanager

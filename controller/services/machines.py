@@ -21,7 +21,7 @@ from controller.errors import (
     NotFound,
     ShopfloorError,
 )
-from controller.providers.base import Bind, ContainerSpec, Provider
+from controller.providers.base import Bind, ContainerSpec, Provider, ScratchMount
 from controller.services import repos
 from controller.services.access import MachineAccess
 from controller.services.images import RUNNER_CAPABILITIES
@@ -87,6 +87,16 @@ class MachineSpec:
     labels: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     pool: str | None = None
+
+
+RUNNER_UID = 1000
+SCRATCH_MOUNTS = [
+    ScratchMount("/tmp"),
+    ScratchMount("/var/tmp"),
+    ScratchMount("/home/runner", uid=RUNNER_UID, mode=0o755),
+]
+"""Every folder of the runner image its user can write, apart from /workspace, /dev/shm and
+/run/lock (found with ``find / -xdev -writable`` as runner): kept on the scratch disk."""
 
 
 def container_name(machine_id: str) -> str:
@@ -183,7 +193,10 @@ def _build(provider: Provider, settings: Settings, install_id: str, machine: Mac
         source = _source_path(settings, machine.repo)
         binds.append(Bind(str(source), SOURCE_MOUNT, read_only=True))
     labels = ownership_labels(settings, install_id, machine)
-    provider.create_volume(machine.volume_name, labels)
+    sized = settings.disk_limits
+    provider.create_volume(
+        machine.volume_name, labels, size_bytes=settings.workspace_disk_bytes if sized else 0
+    )
     provider.run_container(
         ContainerSpec(
             name=machine.container_name,
@@ -196,6 +209,10 @@ def _build(provider: Provider, settings: Settings, install_id: str, machine: Mac
             pids_limit=settings.pids_limit,
             network="egress" if machine.network == "egress" else "none",
             cap_add=RUNNER_CAPABILITIES,
+            scratch_bytes=settings.scratch_disk_bytes if sized else 0,
+            scratch_mounts=SCRATCH_MOUNTS,
+            shm_bytes=settings.shm_bytes,
+            tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
         )
     )
     if machine.repo:

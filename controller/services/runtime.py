@@ -33,6 +33,16 @@ def read_install_id(data_dir: Path) -> str:
 
 
 @dataclass
+class DiskWatch:
+    """Workspace disk use per machine, as reconcile last measured it (not per request)."""
+
+    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """machine id -> (used, limit) bytes."""
+    near_full: set[str] = field(default_factory=set)
+    """Machines past the near-full share (an event was written when they crossed it)."""
+
+
+@dataclass
 class Controller:
     settings: Settings
     db: Engine
@@ -48,6 +58,7 @@ class Controller:
     """Every live channel into the machines: SSH, sessions, SFTP, forwards, commands."""
 
     tokens: TokenCache = field(default_factory=TokenCache)
+    disk_watch: DiskWatch = field(default_factory=DiskWatch)
     lease_runtime: LeaseRuntime = field(default_factory=LeaseRuntime)
     """Requests waiting for a machine, and machines being returned after a lease."""
     reader: Engine = field(init=False)
@@ -81,4 +92,7 @@ class Controller:
             thread.join(timeout=10)
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.access.close()
+        close_provider = getattr(self.provider, "close", None)  # the spare disks, the client
+        if callable(close_provider):
+            close_provider()
         self.db.dispose()

@@ -5,6 +5,9 @@ The API (``controller.api.app``) only builds the FastAPI app and calls these at 
 
 from __future__ import annotations
 
+import logging
+
+from controller.providers.disks import DiskStore, unusable_reason
 from controller.providers.docker import DockerProvider
 from controller.services import driver, images, leases, pools, reconcile
 from controller.services.runtime import Controller, read_install_id
@@ -12,6 +15,7 @@ from controller.settings import Settings
 from controller.store.db import checkpoint, make_engine, migrate
 from evidence import retention
 
+log = logging.getLogger(__name__)
 CHECKPOINT_INTERVAL_S = 0.25
 """Often, so that each checkpoint has little to copy and fsync (see db.checkpoint)."""
 
@@ -20,7 +24,7 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
     """``background``: the caller will run :func:`start_loops` (checkpoints among them)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.sqlalchemy_url)
-    provider = DockerProvider(settings.docker_host)
+    provider = DockerProvider(settings.docker_host, disks=_disks(settings))
     default_image = settings.runner_image or images.runner_image_tag(images.default_extra_ca())
     return Controller(
         settings=settings,
@@ -29,6 +33,19 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
         install_id=settings.install_id or read_install_id(settings.data_dir),
         default_image=default_image,
     )
+
+
+def _disks(settings: Settings) -> DiskStore | None:
+    """Disk images that cap each machine's workspace and scratch space, where this host can
+    make them (root, loop devices); otherwise machines run without disk limits."""
+    if not settings.disk_limits:
+        return None
+    reason = unusable_reason()
+    if reason is not None:
+        log.warning("disk limits are off: %s", reason)
+        return None
+    sizes = (settings.workspace_disk_bytes, settings.scratch_disk_bytes)
+    return DiskStore(settings.data_dir / "disks", spare_sizes=sizes)
 
 
 def start_loops(ctl: Controller) -> None:
@@ -42,6 +59,8 @@ def start_loops(ctl: Controller) -> None:
             access=ctl.access,
             install_id=ctl.install_id,
             grace_s=ctl.settings.orphan_grace_s,
+            disk_watch=ctl.disk_watch,
+            near_full=ctl.settings.disk_near_full,
         ),
     )
     ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", lambda: leases.reap(ctl=ctl))

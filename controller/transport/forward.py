@@ -13,7 +13,7 @@ through it too.
 from __future__ import annotations
 
 import logging
-import select
+import selectors
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -112,22 +112,25 @@ class Forward:
 
 
 def _pump(client: socket.socket, channel: paramiko.Channel) -> None:
-    """Copy both ways until either side closes."""
-    while True:
-        watched: list[socket.socket | paramiko.Channel] = [client, channel]
-        readable, _, _ = select.select(watched, [], [], 60)
-        if client in readable:
-            data = client.recv(_BUFFER)
-            if not data:
-                channel.shutdown_write()
-                _drain(channel, client)
-                return
-            channel.sendall(data)
-        if channel in readable:
-            data = channel.recv(_BUFFER)
-            if not data:
-                return
-            client.sendall(data)
+    """Copy both ways until either side closes (epoll, not select(): descriptors of a busy
+    controller go past 1,024)."""
+    with selectors.DefaultSelector() as waiting:
+        waiting.register(client, selectors.EVENT_READ)
+        waiting.register(channel, selectors.EVENT_READ)
+        while True:
+            readable = {key.fileobj for key, _ in waiting.select(60)}
+            if client in readable:
+                data = client.recv(_BUFFER)
+                if not data:
+                    channel.shutdown_write()
+                    _drain(channel, client)
+                    return
+                channel.sendall(data)
+            if channel in readable:
+                data = channel.recv(_BUFFER)
+                if not data:
+                    return
+                client.sendall(data)
 
 
 def _drain(channel: paramiko.Channel, client: socket.socket) -> None:

@@ -31,7 +31,7 @@ from tests.conftest import TEST_LABEL, TEST_RUN_ID
 
 
 @pytest.fixture(scope="session")
-def provider() -> Iterator[DockerProvider]:
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerProvider]:
     engine = DockerProvider(os.environ.get("SHOPFLOOR_DOCKER_HOST"))
     engine.ping()  # no engine is a failure, not a skip
     yield engine
@@ -41,6 +41,17 @@ def provider() -> Iterator[DockerProvider]:
     for volume in engine.list_volumes(labels):
         engine.remove_volume(volume.name)
     engine.close()
+    unmount_disks(tmp_path_factory.getbasetemp())
+
+
+def unmount_disks(under: Path) -> None:
+    """Unmount the machine disks (loop-mounted files) that this run's controllers left in
+    its temp folders; their loop devices go with the mounts."""
+    prefix = f"{under.resolve()}/"
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1]
+        if target.startswith(prefix) and "/disks/" in target:
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")

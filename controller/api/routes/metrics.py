@@ -82,6 +82,19 @@ class FlowCollector(Collector):
         yield durations
         yield failures
         yield retries
+        used = GaugeMetricFamily(
+            "shopfloor_machine_disk_used_bytes",
+            "Workspace disk used, as reconcile last measured it",
+            labels=["machine"],
+        )
+        limit = GaugeMetricFamily(
+            "shopfloor_machine_disk_limit_bytes", "Workspace disk size", labels=["machine"]
+        )
+        for machine_id, (used_bytes, limit_bytes) in sorted(self.ctl.disk_watch.usage.items()):
+            used.add_metric([machine_id], used_bytes)
+            limit.add_metric([machine_id], limit_bytes)
+        yield used
+        yield limit
 
 
 def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
