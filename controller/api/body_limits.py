@@ -47,11 +47,15 @@ def body_cap(setting: str, cap_of: CapOf) -> Callable[[F], F]:
 
 def too_large(limit: int, declared: int | None = None, setting: str = "") -> TooLarge:
     setting = setting or DEFAULT_SETTING
-    size = f"of {declared} bytes " if declared is not None else ""
+    size = f" of {declared} bytes" if declared is not None else ""
+    how = (
+        "send less: a file goes into a machine with PUT /machines/{id}/files, evidence with "
+        "the artifacts upload"
+        if setting == DEFAULT_SETTING
+        else "send a smaller file (or several parts, or an archive)"
+    )
     return TooLarge(
-        f"the request body {size}is over this route's limit of {limit} bytes ({setting}): "
-        "send less (a file goes in with PUT /machines/{id}/files, evidence with the "
-        "artifacts upload)",
+        f"the request body{size} is over this route's cap of {limit} bytes ({setting}); {how}",
         limit_bytes=limit,
     )
 
