@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy URL; default is SQLite in the data dir. ``postgresql+psycopg://`` selects PG."""
     repo_roots: str = ""
-    """Colon-separated folders that local repo paths must lie under; empty allows any."""
+    """Colon-separated folders that local repo paths must lie under. Empty: only ops may
+    name a local path (agents use URLs or their pools' repos). Never allowed, set or not:
+    a path in the engine's data root or in the controller's data dir."""
     install_id: str | None = None
     """Label value that marks containers as ours; default is read from the data dir."""
     docker_host: str | None = None
@@ -90,6 +92,24 @@ class Settings(BaseSettings):
     """Bytes of output a session command keeps (head and tail); the rest is counted, dropped."""
     file_cap_bytes: int = 64 * 1024 * 1024
     """Largest file the files API moves in or out of a machine; bigger gets 413."""
+
+    # limits on what one agent may hold (issue 12; docs/SECURITY.md lists them all)
+    sessions_per_machine: int = 16
+    """Shell sessions open at once in one machine; one more is 429 until one is closed."""
+    forwards_per_lease: int = 16
+    """Ports forwarded at once under one lease (or, for ops, one fence of an unleased
+    machine); one more is 429 until one is closed (or the lease ends)."""
+    files_in_flight: int = 8
+    """File reads and writes (the files API) in progress at once on one machine; one more
+    is 429 until one ends."""
+    body_limit_bytes: int = 1024 * 1024
+    """Largest request body on every route but file uploads (``file_cap_bytes``) and
+    artifact uploads (``artifact_cap_bytes``); bigger is 413, refused as soon as it is known."""
+    token_rate_per_s: float = 200.0
+    """Requests per second one API token may make (a token bucket per controller process);
+    past it, 429 with Retry-After. 0: no limit."""
+    token_rate_burst: int = 400
+    """How many requests a token may make at once before its rate applies."""
 
     opentelemetry: bool = False
     """FastAPI's OpenTelemetry spans, metrics and logs for every request, for a collector

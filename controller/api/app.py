@@ -17,6 +17,7 @@ from fastapi.telemetry import TelemetryConfig
 
 import evidence
 from controller.api import gallery
+from controller.api.body_limits import BodyLimits
 from controller.api.fastlane import ShopfloorAPI
 from controller.api.json_bodies import JsonBodies
 from controller.api.routes import artifacts as artifacts_routes
@@ -75,10 +76,13 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     )
 
     app.add_middleware(JsonBodies)  # curl -d and clients without a Content-Type send JSON too
+    # Outermost: every body is capped before anything reads it (the hot lane too: body_limit).
+    app.add_middleware(BodyLimits, settings=settings)
+    app.body_limit = settings.body_limit_bytes
 
     @app.exception_handler(ShopfloorError)
     async def shopfloor_error(_: Request, exc: ShopfloorError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -46,7 +46,9 @@ async def authenticate(
 ) -> ApiToken:
     """The caller's token, if it may act in one of ``roles``.
 
-    Async, and usually answered from memory: no worker-thread hop on the hot path.
+    Async, and usually answered from memory: no worker-thread hop on the hot path. Each
+    call takes one request from the token's bucket (``limits.TokenBuckets``, about a
+    microsecond): past its rate, 429 with Retry-After.
     """
     token_hash = auth.hash_token(auth.bearer(authorization))
     token = ctl.tokens.get(token_hash)
@@ -56,6 +58,7 @@ async def authenticate(
         )
         ctl.tokens.put(token_hash, token)
     auth.require_role(token, roles)
+    ctl.limits.check_rate(token.id, token.name)
     return token
 
 

@@ -78,7 +78,7 @@ class JsonBodies:
 def json_routes(routes: Iterable[BaseRoute]) -> list[tuple[str, re.Pattern[str]]]:
     """(method, path pattern) of each route under /api/ with a JSON body parameter."""
     found = []
-    for path, route in _flat(routes):
+    for path, route in flat_routes(routes):
         body = getattr(route, "body_field", None)
         if body is None or isinstance(body.field_info, params.Form):  # File is a Form too
             continue
@@ -88,7 +88,7 @@ def json_routes(routes: Iterable[BaseRoute]) -> list[tuple[str, re.Pattern[str]]
     return found
 
 
-def _flat(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, Any]]:
+def flat_routes(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, Any]]:
     """Each route with its full path: FastAPI from 0.16x keeps included routers as such
     (``iter_route_contexts`` walks them, as its OpenAPI does); before, they were copied in."""
     walk = getattr(routing, "iter_route_contexts", None)

@@ -114,6 +114,11 @@ class DuplexStream(Protocol):
 class Provider(Protocol):
     def ping(self) -> None: ...
 
+    def data_root(self) -> str:
+        """The folder where the engine keeps its data (layers, volumes) on its host
+        (``docker info``: DockerRootDir). Every machine's workspace lies under it."""
+        ...
+
     # images
     def image_exists(self, ref: str) -> bool: ...
 

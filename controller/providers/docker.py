@@ -166,6 +166,7 @@ class DockerProvider:
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
         self.api = self.client.api
+        self._data_root: str | None = None
         self.disks: DiskStore | None = None
         if disks is not None:
             if self.api.base_url != LOCAL_ENGINE_URL:
@@ -182,6 +183,12 @@ class DockerProvider:
     def ping(self) -> None:
         with _engine_errors("ping the engine"):
             self.client.ping()
+
+    def data_root(self) -> str:
+        if self._data_root is None:  # an engine's data root does not move while it runs
+            with _engine_errors("ask the engine for its data root"):
+                self._data_root = str(self.client.info()["DockerRootDir"])
+        return self._data_root
 
     # images
     def image_exists(self, ref: str) -> bool:

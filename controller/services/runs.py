@@ -62,15 +62,21 @@ class RunView:
 
 
 def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> RunView:
-    """Check everything that can be checked up front, then queue the run."""
+    """Check everything that can be checked up front, then queue the run.
+
+    The repo policy: a run naming a pool of a repo takes the pool's repo (which ops
+    named); otherwise an agent may name a local path only under ``SHOPFLOOR_REPO_ROOTS``
+    (403 when it is unset), and nobody one in the engine's or the controller's data.
+    """
     check_agents(spec)
-    repo = repos.parse_repo(spec.repo, roots=ctl.settings.repo_root_paths).value
     ref = repos.check_ref(spec.ref) if spec.ref else "HEAD"
+    repo = ""
     if not spec.pool:
+        repo = _own_repo(ctl, spec.repo, caller)
         machines.make_spec(ctl=ctl, template=MachineTemplate(repo=repo, ref=ref))
     with unit_of_work(ctl.db) as tx:
         if spec.pool:
-            _check_pool_repo(tx, spec.pool, repo)
+            repo = _pool_repo(ctl, tx, spec.pool, spec.repo, caller)
         run = Run(
             task=spec.task,
             repo=repo,
@@ -143,14 +149,32 @@ def _view(tx: Session, run: Run, *, with_events: bool = False) -> RunView:
     )
 
 
-def _check_pool_repo(tx: Session, pool_name: str, repo: str) -> None:
+def _own_repo(ctl: Controller, value: str, caller: ApiToken | None) -> str:
+    """A repo the run names itself (no pool, or a pool without a repo), under the policy."""
+    agent = caller is not None and caller.role != Role.ops
+    if agent and not ctl.settings.repo_roots.strip() and repos.local_text(value) is not None:
+        raise Forbidden(  # before the path is looked at: no answer says what the host holds
+            "an agent may not name a local path as a repo: use a URL, or a pool of that repo "
+            "(ops put pools), or ask ops to allow a folder with SHOPFLOOR_REPO_ROOTS"
+        )
+    return machines.repo_source(provider=ctl.provider, settings=ctl.settings, value=value).value
+
+
+def _pool_repo(
+    ctl: Controller, tx: Session, pool_name: str, value: str, caller: ApiToken | None
+) -> str:
+    """The pool's repo, which ``value`` must name (422 otherwise)."""
     pool = pools.get_pool(tx, pool_name)
     pool_repo = pool.template.get("repo")
-    if pool_repo and repos.parse_repo(pool_repo, roots=[]).value != repo:
+    if not pool_repo:
+        return _own_repo(ctl, value, caller)
+    resolved = repos.parse_repo(pool_repo, roots=[]).value
+    if not repos.same_repo(value, pool_repo, resolved):
         raise InvalidInput(
-            f"pool {pool_name!r} holds checkouts of {pool_repo}, not {repo}; "
+            f"pool {pool_name!r} holds checkouts of {pool_repo}, not {value}; "
             "pick a pool of this repo or leave pool out"
         )
+    return resolved
 
 
 def get_run(tx: Session, run_id: str) -> Run:

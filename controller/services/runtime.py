@@ -16,6 +16,7 @@ from controller.providers.base import Provider
 from controller.services.access import MachineAccess
 from controller.services.auth import TokenCache
 from controller.services.lease_runtime import LeaseRuntime
+from controller.services.limits import Limits
 from controller.settings import Settings
 from controller.store.db import reader
 from controller.store.rawsql import GroupCommit
@@ -54,6 +55,8 @@ class Controller:
     )
     stopping: threading.Event = field(default_factory=threading.Event)
     loops: list[threading.Thread] = field(default_factory=list)
+    limits: Limits = field(init=False)
+    """Request rates per token, files in flight, refusals by limit (docs/SECURITY.md)."""
     access: MachineAccess = field(init=False)
     """Every live channel into the machines: SSH, sessions, SFTP, forwards, commands."""
 
@@ -69,7 +72,10 @@ class Controller:
     def __post_init__(self) -> None:
         self.reader = reader(self.db)
         self.group_commit = GroupCommit(self.db)
-        self.access = MachineAccess(db=self.db, provider=self.provider, settings=self.settings)
+        self.limits = Limits(self.settings)
+        self.access = MachineAccess(
+            db=self.db, provider=self.provider, settings=self.settings, limits=self.limits
+        )
 
     def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
         """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""

@@ -71,7 +71,7 @@ def test_repo_outside_allowed_roots(
     with TestClient(create_app(settings, background=False)) as client:
         client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
         response = client.post("/api/v1/machines", json={"repo": str(sample_repo)})
-        assert response.status_code == 422
+        assert response.status_code == 403
         assert "SHOPFLOOR_REPO_ROOTS" in response.json()["detail"]
 
 
