@@ -11,6 +11,8 @@ ShopfloorError                      500
 ├── SessionLost                     410  a shell session's shell or connection is gone
 ├── StorageFull                     507  a machine's disk is full (its limit, not the host's)
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
+├── DatabaseUnavailable             503  the database does not answer; Retry-After says when
+├── InsufficientStorage             507  the data dir (or the database's disk) is full
 └── EngineError                     502  the container engine failed or is unreachable
     ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
     └── ImageNotFound (InvalidInput)    an image the engine does not have: 422
@@ -24,6 +26,8 @@ from typing import Any
 class ShopfloorError(Exception):
     status_code = 500
     code = "internal"
+    headers: dict[str, str] = {}
+    """HTTP headers the answer carries (``Retry-After``)."""
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -84,6 +88,17 @@ class StorageFull(ShopfloorError):
 class WaitTimeout(ShopfloorError, TimeoutError):
     status_code = 408
     code = "wait_timeout"
+
+
+class DatabaseUnavailable(ShopfloorError):
+    status_code = 503
+    code = "database_unavailable"
+    headers = {"Retry-After": "2"}
+
+
+class InsufficientStorage(ShopfloorError):
+    status_code = 507
+    code = "insufficient_storage"
 
 
 class EngineError(ShopfloorError):

@@ -305,8 +305,9 @@ def _check_owner(lease: Row, caller: ApiToken | None) -> None:
 
 def _check_active(lease: Row, action: str) -> None:
     if lease["state"] != LeaseState.active:
+        why = f" ({lease['reason']})" if lease.get("reason") else ""
         raise Conflict(
-            f"cannot {action} lease {lease['id']}: it is already {lease['state']}",
+            f"cannot {action} lease {lease['id']}: it is already {lease['state']}{why}",
             state=lease["state"],
         )
     if lease["expires_at"] <= utcnow():

@@ -38,7 +38,7 @@ _INSERT_LEASE = Sql(
     f"INSERT INTO leases ({_LEASE_COLUMNS}) "
     f"VALUES ({', '.join(':' + name for name in _LEASE_COLUMNS.split(', '))})"
 )
-_SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = :lease_id")
+_SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS}, reason FROM leases WHERE id = :lease_id")
 _END_LEASE = Sql("UPDATE leases SET state = :new_state, ended_at = :now WHERE id = :lease_id")
 _RENEW_LEASE = Sql(
     "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
