@@ -25,8 +25,9 @@ from pathlib import Path
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import col
+from sqlmodel import Session, col
 
+from controller.errors import Conflict
 from controller.services.runtime import Controller, read_install_id
 from controller.store import events
 from controller.store.db import unit_of_work
@@ -71,6 +72,15 @@ def try_lead(*, db: Engine, name: str, holder: str, ttl_s: float) -> int | None:
             return fence
     except sa_exc.IntegrityError:  # another controller inserted the row first
         return None
+
+
+def check_fence(tx: Session, *, name: str, holder: str, fence: int) -> None:
+    """Inside a led loop's write: :class:`Conflict` (nothing written) unless ``holder`` still
+    holds the lease under ``fence``. The row stays locked until ``tx`` ends (PostgreSQL), so
+    no takeover slips in between the check and the write."""
+    row = tx.get(Leader, name, with_for_update=True)
+    if row is None or row.holder != holder or row.fence != fence or row.expires_at < utcnow():
+        raise Conflict(f"controller {holder} no longer leads {name} (fence {fence})")
 
 
 def step_down(*, db: Engine, name: str, holder: str) -> None:

@@ -9,6 +9,7 @@ containers of another install are never touched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -76,9 +77,11 @@ def reconcile(
     now: datetime | None = None,
     disk_watch: DiskWatch | None = None,
     near_full: float = 0.9,
+    fenced: Callable[[Session], None] | None = None,
 ) -> ReconcileReport:
     """Bring database and engine together. An engine error removes nothing. The channels
-    into a machine found lost close."""
+    into a machine found lost close. ``fenced`` checks, in the transaction that marks
+    machines lost, that this controller still leads (raises otherwise)."""
     report = ReconcileReport()
     owned = {machines.LABEL_CONTROLLER: install_id}
     try:
@@ -103,6 +106,8 @@ def reconcile(
             report.restarted.append(machine_id)
     if report.lost:
         with unit_of_work(db) as tx:
+            if fenced is not None:
+                fenced(tx)
             lost = [machines.get_machine(tx, machine_id) for machine_id in report.lost]
             for machine in lost:
                 if machine.state in settled:  # not destroyed meanwhile

@@ -104,4 +104,7 @@ def _reconcile(ctl: Controller) -> None:
         grace_s=ctl.settings.orphan_grace_s,
         disk_watch=ctl.disk_watch,
         near_full=ctl.settings.disk_near_full,
+        fenced=lambda tx: leadership.check_fence(
+            tx, name=leadership.LOOPS, holder=ctl.instance_id, fence=ctl.fence
+        ),
     )
