@@ -31,7 +31,7 @@ from controller.errors import Conflict
 from controller.services.runtime import Controller, read_install_id
 from controller.store import events
 from controller.store.db import unit_of_work
-from controller.store.models import InstallMeta, Leader, utcnow
+from controller.store.models import InstallMeta, Leader, Run, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,23 @@ def keep_lead(*, ctl: Controller) -> None:
     if fence != ctl.fence:
         log.info("controller %s leads the loops (fence %d)", ctl.instance_id, fence)
     ctl.lead_until, ctl.fence = started + ttl_s * LOCAL_SHARE, fence
+
+
+def expire_the_dead(*, ctl: Controller) -> None:
+    """At start-up on SQLite (one controller per database): whoever held the leader lease
+    and the runs' claims before is this controller's dead predecessor; take over at once
+    instead of waiting out their TTLs."""
+    now = utcnow()
+    with unit_of_work(ctl.db) as tx:
+        connection = tx.connection()
+        connection.execute(
+            update(Leader).where(col(Leader.holder) != ctl.instance_id).values(expires_at=now)
+        )
+        connection.execute(
+            update(Run)
+            .where(col(Run.driver) != ctl.instance_id, col(Run.driver_expires_at) > now)
+            .values(driver_expires_at=now)
+        )
 
 
 def resign(*, ctl: Controller) -> None:

@@ -58,6 +58,7 @@ def start_loops(ctl: Controller) -> None:
     if ctl.db.dialect.name == "sqlite":
         # One controller per SQLite database: provisioning left half-done is a dead one's.
         reconcile.fail_interrupted(db=ctl.db, provider=ctl.provider)
+        leadership.expire_the_dead(ctl=ctl)
     try:
         leadership.keep_lead(ctl=ctl)  # before the led loops' first tick
     except Exception:
