@@ -10,9 +10,9 @@ ShopfloorError                      500
 ├── TooLarge                        413
 ├── SessionLost                     410  a shell session's shell or connection is gone
 ├── StorageFull                     507  a machine's disk is full (its limit, not the host's)
+│   └── InsufficientStorage         507  the controller's data dir (or the database's disk) is full
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
 ├── DatabaseUnavailable             503  the database does not answer; Retry-After says when
-├── InsufficientStorage             507  the data dir (or the database's disk) is full
 └── EngineError                     502  the container engine failed or is unreachable
     ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
     └── ImageNotFound (InvalidInput)    an image the engine does not have: 422
@@ -96,8 +96,7 @@ class DatabaseUnavailable(ShopfloorError):
     headers = {"Retry-After": "2"}
 
 
-class InsufficientStorage(ShopfloorError):
-    status_code = 507
+class InsufficientStorage(StorageFull):
     code = "insufficient_storage"
 
 

@@ -6,8 +6,9 @@ a driver for every queued run (a stage ran on two machines; the run ended ``fail
 all its stages ``passed``). Now the loops run in the leader only, each run is claimed by
 one driver with a heartbeat, and all controllers on one database share its install id.
 
-The two share one data dir, as controllers of one install do (evidence blobs, the SSH key
-into the machines, repo mirrors); the install id lives in the database either way.
+Each has its own data dir (its SSH key, mirrors, disks): the install id they label
+containers with comes from the database, not from the data dir, so with two data dirs the
+old code gave them two ids and each judged the other's machines lost.
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
         "SHOPFLOOR_RUN_CLAIM_TTL_S": "4",
         "SHOPFLOOR_RUN_LEASE_TTL_S": "60",
     }
-    data = tmp_path / "data"
-    first = ControllerProcess(data, runner_image, **env).start()
-    second = ControllerProcess(data, runner_image, **env).start()
+    first = ControllerProcess(tmp_path / "a" / "data", runner_image, **env).start()
+    second = ControllerProcess(tmp_path / "b" / "data", runner_image, **env).start()
     try:
         ops = {"Authorization": f"Bearer {first.token(Role.ops)}"}
         one = httpx.Client(base_url=first.url, headers=ops, timeout=60)
