@@ -49,6 +49,8 @@ def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
         "SHOPFLOOR_RUN_CLAIM_TTL_S": "4",
         "SHOPFLOOR_RUN_LEASE_TTL_S": "60",
     }
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
     first = ControllerProcess(tmp_path / "a" / "data", runner_image, **env).start()
     second = ControllerProcess(tmp_path / "b" / "data", runner_image, **env).start()
     try:
