@@ -12,7 +12,9 @@ ShopfloorError                      500
 │                                        to free it, Retry-After when waiting is the way
 ├── SessionLost                     410  a shell session's shell or connection is gone
 ├── StorageFull                     507  a machine's disk is full (its limit, not the host's)
+│   └── InsufficientStorage         507  the controller's data dir (or the database's disk) is full
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
+├── DatabaseUnavailable             503  the database does not answer; Retry-After says when
 └── EngineError                     502  the container engine failed or is unreachable
     ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
     └── ImageNotFound (InvalidInput)    an image the engine does not have: 422
@@ -108,6 +110,16 @@ class StorageFull(ShopfloorError):
 class WaitTimeout(ShopfloorError, TimeoutError):
     status_code = 408
     code = "wait_timeout"
+
+
+class DatabaseUnavailable(ShopfloorError):
+    status_code = 503
+    code = "database_unavailable"
+    headers = {"Retry-After": "2"}
+
+
+class InsufficientStorage(StorageFull):
+    code = "insufficient_storage"
 
 
 class EngineError(ShopfloorError):

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     run_machine_wait_s: float = 600.0
     """How long a run waits for a machine from its pool before it fails."""
     stage_kill_grace_s: float = 2.0
+    leader_ttl_s: float = 10.0
+    """Several controllers on one database: the leader lease of the loops that must run once
+    lasts this long; another controller takes over within it when the leader dies."""
+    run_claim_ttl_s: float = 15.0
+    """A run's driver heartbeats its claim; another controller takes the run over once the
+    claim is this old."""
     pool_failure_backoff: int = 3
     """Failed provisionings in a row after which a pool stops trying until its template changes."""
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 from controller.api import body_limits
+from controller.api.json_bodies import nul_in_address, refuse
 from controller.errors import TooLarge
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class ShopfloorAPI(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.root_path:
+            if problem := nul_in_address(scope):
+                await refuse(problem)(scope, receive, send)
+                return
             for lane in self._lanes:
                 if lane.method == scope["method"] and (found := lane.path.match(scope["path"])):
                     await self._serve(lane.endpoint, found.groupdict(), scope, receive, send)
@@ -100,4 +104,4 @@ class ShopfloorAPI(FastAPI):
                 answer: Response = await handler(request, exc)
                 return answer
         log.exception("error in %s %s", request.method, request.url.path)
-        return PlainTextResponse("Internal Server Error", status_code=500)
+        return JSONResponse({"error": "internal", "detail": "internal error"}, status_code=500)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from agents import registry
@@ -249,9 +251,19 @@ def end_run(tx: Session, run: Run, status: RunStatus, reason: str | None) -> Non
     events.record(tx, "run.finished", run.id, status=status.value, reason=reason)
 
 
-def finish_run(*, ctl: Controller, run_id: str, status: RunStatus, reason: str | None) -> None:
-    """End a run that has not ended yet, skipping or cancelling its unfinished stages."""
+def finish_run(
+    *,
+    ctl: Controller,
+    run_id: str,
+    status: RunStatus,
+    reason: str | None,
+    driver: str | None = None,
+) -> None:
+    """End a run that has not ended yet, skipping or cancelling its unfinished stages;
+    ``driver``: only if that driver still holds the run (:class:`ClaimLost` otherwise)."""
     with unit_of_work(ctl.db) as tx:
+        if driver is not None:
+            hold_claim(tx, run_id, driver=driver, ttl_s=ctl.settings.run_claim_ttl_s)
         run = get_run(tx, run_id)
         if run.status not in FINISHED_RUN_STATUSES:
             end_run(tx, run, status, reason)
@@ -285,4 +297,50 @@ def save_artifact(
             data=data,
             content_type=content_type,
             meta=meta,
+        )
+
+
+# ---------------------------------------------------------------- who drives a run
+
+
+class ClaimLost(Conflict):
+    """Another driver took the run over (this one stopped heartbeating): stop, write nothing."""
+
+    code = "run_claim_lost"
+
+
+def claim_in(tx: Session, run: Run, *, driver: str, ttl_s: float) -> str | None:
+    """Claim ``run`` for ``driver`` unless another driver's claim is alive; answer the
+    previous driver when it is taken over. Raises :class:`ClaimLost` when it is not free."""
+    now = utcnow()
+    previous = run.driver
+    alive = run.driver_expires_at is not None and run.driver_expires_at > now
+    if previous not in (None, driver) and alive:
+        raise ClaimLost(f"run {run.id} is driven by {previous}")
+    run.driver, run.driver_expires_at = driver, now + timedelta(seconds=ttl_s)
+    tx.add(run)
+    if previous not in (None, driver):
+        events.record(tx, "run.claimed", run.id, driver=driver, previous=previous)
+    return previous if previous != driver else None
+
+
+def hold_claim(tx: Session, run_id: str, *, driver: str, ttl_s: float) -> None:
+    """Extend ``driver``'s claim on the run inside ``tx`` (a heartbeat, and the fence of the
+    driver's writes in the same transaction): :class:`ClaimLost` if it is not its any more."""
+    renewed = tx.connection().execute(
+        update(Run)
+        .where(col(Run.id) == run_id, col(Run.driver) == driver)
+        .values(driver_expires_at=utcnow() + timedelta(seconds=ttl_s))
+    )
+    if renewed.rowcount != 1:
+        raise ClaimLost(f"run {run_id} was taken over by another driver")
+
+
+def drop_claim(*, ctl: Controller, run_id: str, driver: str) -> None:
+    """A controller stopping lets another take the run over at once."""
+    with unit_of_work(ctl.db) as tx:
+        tx.connection().execute(
+            update(Run)
+            .where(col(Run.id) == run_id, col(Run.driver) == driver)
+            .values(driver_expires_at=utcnow())
         )

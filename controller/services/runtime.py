@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +67,16 @@ class Controller:
     disk_watch: DiskWatch = field(default_factory=DiskWatch)
     lease_runtime: LeaseRuntime = field(default_factory=LeaseRuntime)
     """Requests waiting for a machine, and machines being returned after a lease."""
+    instance_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    )
+    """This controller process: the holder of its leader lease and run claims."""
+    lead_until: float = 0.0
+    """Monotonic deadline until which this controller leads the loops (leadership.py)."""
+    fence: int = 0
+    """The leader lease's fence when this controller last took or kept it."""
+    on_close: list[Callable[[], object]] = field(default_factory=list)
+    """Run first by :meth:`close` (the leader steps down)."""
     reader: Engine = field(init=False)
     """The same database for read-only transactions (no write lock on SQLite)."""
     group_commit: GroupCommit = field(init=False)
@@ -76,6 +89,10 @@ class Controller:
         self.access = MachineAccess(
             db=self.db, provider=self.provider, settings=self.settings, limits=self.limits
         )
+
+    def leads(self) -> bool:
+        """Whether the loops that must run once run here now (``leadership.keep_lead``)."""
+        return time.monotonic() < self.lead_until
 
     def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
         """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""
@@ -96,6 +113,11 @@ class Controller:
         self.stopping.set()
         for thread in self.loops:
             thread.join(timeout=10)
+        for hook in self.on_close:
+            try:
+                hook()
+            except Exception:
+                log.exception("closing the controller")
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.access.close()
         close_provider = getattr(self.provider, "close", None)  # the spare disks, the client

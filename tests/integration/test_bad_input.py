@@ -22,7 +22,8 @@ def engine_objects(provider: DockerProvider, install_id: str) -> tuple[int, int]
 
 
 def install_id(client: TestClient) -> str:
-    return str(client.get("/healthz").json()["install_id"])
+    ctl = client.app.state.controller  # type: ignore[attr-defined]
+    return str(ctl.install_id)
 
 
 @pytest.mark.parametrize(
