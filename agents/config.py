@@ -11,10 +11,21 @@ refused with a message naming the key, so a typo does not silently do nothing.
     pages = ["/", "/about"]
     lint = "python3 -m pyflakes ."
     agent = "claude -p {task}"
+
+    [verify]                        # when a change counts as finished (see VerifyPolicy)
+    required_stages = ["plan", "implement", "test", "review", "qa"]
+    approvals = 1
+    max_changed_pixels = 0.02
+    console_errors = "fail"
+    flaky = "quarantine"
+
+    [owners]                        # who answers for a stage: stage = "owner"
+    test = "qa-team"
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -46,6 +57,36 @@ class RepoConfig:
     """How long one page may take to load before QA records it as not loading."""
 
 
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """When a run counts as finished: each field is one criterion of its checklist."""
+
+    required_stages: list[str] | None = None
+    """Stages that must have passed; None: every stage the run has (unless its ``with`` says
+    ``required: false``)."""
+    approvals: int = 1
+    """Reviewer approvals needed."""
+    max_changed_pixels: float | None = None
+    """Largest share of a page's pixels that may differ from its baseline; None: no limit."""
+    console_errors: str = "warn"
+    """``fail``: a page that logged console errors fails the criterion; ``warn``: shown only."""
+    flaky: str = "fail"
+    """``quarantine``: failures of quarantined tests do not fail the test stage."""
+
+
+@dataclass(frozen=True)
+class RepoPolicy:
+    """What a repo's ``.shopfloor.toml`` says about the factory: ``[verify]`` and ``[owners]``."""
+
+    verify: VerifyPolicy = field(default_factory=VerifyPolicy)
+    owners: dict[str, str] = field(default_factory=dict)
+    """Stage name -> owner (a team or person's handle)."""
+
+
+SECTIONS = {"verify", "owners"}
+_CHOICES = {"console_errors": ("fail", "warn"), "flaky": ("fail", "quarantine")}
+_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
+_STAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _LISTS = {"setup", "junit", "pages"}
 _STRINGS = {"test", "serve", "lint", "agent"}
 _NUMBERS = {"ready_timeout_s", "page_timeout_s"}
@@ -69,11 +110,67 @@ def build(*layers: dict[str, Any]) -> RepoConfig:
 
 
 def check_file(data: dict[str, Any]) -> None:
-    unknown = sorted(set(data) - KNOWN)
+    known = KNOWN | SECTIONS
+    unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidInput(
-            f"{CONFIG_FILE}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}"
+            f"{CONFIG_FILE}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+
+
+def policy(data: dict[str, Any]) -> RepoPolicy:
+    """The ``[verify]`` and ``[owners]`` tables, checked key by key (the message names it)."""
+    return RepoPolicy(
+        verify=_verify(_table(data, "verify")), owners=_owners(_table(data, "owners"))
+    )
+
+
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise InvalidInput(f"{CONFIG_FILE}: [{name}] must be a table")
+    return table
+
+
+def _verify(table: dict[str, Any]) -> VerifyPolicy:
+    known = {f.name for f in fields(VerifyPolicy)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InvalidInput(
+            f"{CONFIG_FILE} [verify]: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{CONFIG_FILE} [verify] {key}"
+        if key == "required_stages":
+            if not isinstance(value, list) or not all(
+                isinstance(v, str) and _STAGE.match(v) for v in value
+            ):
+                raise InvalidInput(f"{where} must be a list of stage names")
+        elif key == "approvals":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:
+                raise InvalidInput(f"{where} must be a whole number from 0 to 10")
+        elif key == "max_changed_pixels":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise InvalidInput(f"{where} must be a share from 0 to 1")
+            value = float(value)
+        elif value not in _CHOICES[key]:
+            raise InvalidInput(f"{where} must be one of {', '.join(_CHOICES[key])}")
+        values[key] = value
+    return VerifyPolicy(**values)
+
+
+def _owners(table: dict[str, Any]) -> dict[str, str]:
+    for stage, owner in table.items():
+        if not _STAGE.match(stage):
+            raise InvalidInput(f"{CONFIG_FILE} [owners]: {stage!r} is not a stage name")
+        if not isinstance(owner, str) or not _OWNER.match(owner):
+            raise InvalidInput(
+                f"{CONFIG_FILE} [owners] {stage} must be an owner's name "
+                "(letters, digits, '.', '_', '@', '-')"
+            )
+    return dict(table)
 
 
 def _check(key: str, value: Any) -> Any:
@@ -104,12 +201,23 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
-def load(read: Any, workdir: str, params: dict[str, Any]) -> RepoConfig:
-    """The repo's file (if any) under the stage's ``with``; ``read`` is the handle's read_file."""
+def read_file(read: Any, workdir: str) -> dict[str, Any]:
+    """The repo's file as a checked table ({} when there is none); ``read`` is the handle's
+    read_file."""
     try:
         text = read(f"{workdir}/{CONFIG_FILE}").decode("utf-8", errors="replace")
     except Exception:  # noqa: BLE001 - no file is the common case: defaults apply
         text = ""
     data = parse(text) if text else {}
     check_file(data)
-    return build(data, params)
+    return data
+
+
+def load(read: Any, workdir: str, params: dict[str, Any]) -> RepoConfig:
+    """The repo's file (if any) under the stage's ``with``."""
+    return build(read_file(read, workdir), params)
+
+
+def load_policy(read: Any, workdir: str) -> RepoPolicy:
+    """The repo's ``[verify]`` and ``[owners]`` (defaults when the file says nothing)."""
+    return policy(read_file(read, workdir))

@@ -19,16 +19,16 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
 
-from agents import registry
+from agents import config, registry
 from agents.base import HANDOFF_DIR, Assignment, MachineHandle, StageResult
 from controller.domain import LeasePublic, MachineTemplate
-from controller.errors import Conflict, ShopfloorError
+from controller.errors import Conflict, InvalidInput, ShopfloorError
 from controller.services import access, leases, machines, pools, remote_stages, runs
 from controller.services.handles import handle_for
 from controller.services.runtime import Controller
@@ -175,6 +175,7 @@ class RunDriver:
             self._take_machine()
             with unit_of_work(self.ctl.db) as tx:
                 stage_ids = [s.id for s in runs.stages_of(tx, self.run_id)]
+            self._read_policy(stage_ids[0])
             for stage_id in stage_ids:
                 ended = self._drive_stage(stage_id)
                 if ended:
@@ -233,6 +234,23 @@ class RunDriver:
                 if time.monotonic() - kept > self.claim_ttl_s * 0.75:
                     self.claim_lost.set()
                     return
+
+    def _read_policy(self, first_stage_id: str) -> None:
+        """The repo's ``[verify]`` and ``[owners]``, read once per run from its checkout; a
+        section that is wrong fails the run's first stage with the message naming the key."""
+        assert self.handle is not None
+        assert self.machine is not None
+        with unit_of_work(self.ctl.reader) as tx:
+            if runs.get_run(tx, self.run_id).policy is not None:
+                return
+        try:
+            found = config.load_policy(self.handle.read_file, self.machine.workdir)
+        except InvalidInput as exc:
+            runs.fail_stage(
+                ctl=self.ctl, stage_id=first_stage_id, summary=exc.message, driver=self.me
+            )
+            raise _RunEnded(RunStatus.failed, exc.message) from exc
+        runs.set_policy(ctl=self.ctl, run_id=self.run_id, policy=asdict(found), driver=self.me)
 
     def _check_claim(self) -> None:
         if self.claim_lost.is_set():

@@ -324,6 +324,30 @@ def claim_in(tx: Session, run: Run, *, driver: str, ttl_s: float) -> str | None:
     return previous if previous != driver else None
 
 
+def set_policy(*, ctl: Controller, run_id: str, policy: dict[str, Any], driver: str) -> None:
+    """Keep the repo's policy on the run (read by its driver when the run starts)."""
+    with unit_of_work(ctl.db) as tx:
+        hold_claim(tx, run_id, driver=driver, ttl_s=ctl.settings.run_claim_ttl_s)
+        run = get_run(tx, run_id)
+        run.policy = policy
+        tx.add(run)
+        events.record(tx, "run.policy", run.id, **policy)
+
+
+def fail_stage(*, ctl: Controller, stage_id: str, summary: str, driver: str) -> None:
+    """A stage that failed before its agent could start (its repo's policy is wrong)."""
+    with unit_of_work(ctl.db) as tx:
+        stage = tx.get(Stage, stage_id)
+        if stage is None:
+            raise NotFound(f"stage {stage_id} does not exist")
+        hold_claim(tx, stage.run_id, driver=driver, ttl_s=ctl.settings.run_claim_ttl_s)
+        now = utcnow()
+        stage.status, stage.summary = StageStatus.failed, summary
+        stage.started_at, stage.finished_at = stage.started_at or now, now
+        tx.add(stage)
+        events.record(tx, "stage.state", stage.id, run_id=stage.run_id, state=stage.status)
+
+
 def hold_claim(tx: Session, run_id: str, *, driver: str, ttl_s: float) -> None:
     """Extend ``driver``'s claim on the run inside ``tx`` (a heartbeat, and the fence of the
     driver's writes in the same transaction): :class:`ClaimLost` if it is not its any more."""

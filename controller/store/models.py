@@ -301,6 +301,9 @@ class Run(SQLModel, table=True):
     """The controller process driving the run (its claim); another takes over once
     ``driver_expires_at`` passes without a heartbeat."""
     driver_expires_at: datetime | None = ts_field(nullable=True)
+    policy: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """The repo's ``[verify]`` and ``[owners]`` (``agents.config.RepoPolicy``), read from its
+    checkout when the run starts; None until then."""
 
 
 class Stage(SQLModel, table=True):

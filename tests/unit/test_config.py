@@ -78,3 +78,29 @@ def test_load_without_a_file_uses_the_with_block() -> None:
 
     assert load(present, "/workspace/app", {}).port == 8000
     assert read_paths == ["/workspace/app/.shopfloor.toml"]
+
+
+def test_verify_and_owners_are_read_and_checked_key_by_key() -> None:
+    from agents.config import policy
+
+    found = policy(
+        parse(
+            "[verify]\nrequired_stages = ['plan', 'test']\napprovals = 2\n"
+            "max_changed_pixels = 0.02\nconsole_errors = 'fail'\nflaky = 'quarantine'\n"
+            "[owners]\ntest = 'qa-team'\n"
+        )
+    )
+    assert found.verify.required_stages == ["plan", "test"]
+    assert (found.verify.approvals, found.verify.flaky) == (2, "quarantine")
+    assert found.owners == {"test": "qa-team"}
+    assert policy({}).verify.approvals == 1
+    for text, named in [
+        ("[verify]\napproval = 1\n", "approval"),
+        ("[verify]\napprovals = 'one'\n", "approvals"),
+        ("[verify]\nflaky = 'ignore'\n", "flaky"),
+        ("[verify]\nmax_changed_pixels = 2\n", "max_changed_pixels"),
+        ("[owners]\ntest = 3\n", "test"),
+        ("verify = 1\n", "[verify]"),
+    ]:
+        with pytest.raises(InvalidInput, match=named):
+            policy(parse(text))
