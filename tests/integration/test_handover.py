@@ -1,0 +1,132 @@
+"""Hand-over between lease holders: nothing of the previous holder reaches the next one.
+
+Every lease end, whatever the pool's reset policy, kills the machine's user's processes and
+wipes its home, /tmp, /dev/shm and whatever else it owns outside /workspace; ``keep`` keeps
+only the workspace. A machine whose processes cannot be killed is never handed out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.api.app import create_app
+from controller.settings import Settings
+from controller.store.models import Role
+from tests.integration.conftest import issue_token, wait_state
+from tests.integration.test_leases import agent, exec_with, lease, put_pool, wait_ready
+
+API = "/api/v1"
+
+LEAVE_BEHIND = r"""
+set -e
+mkdir -p /tmp/loot
+setsid nohup sh -c 'while sleep 0.2; do cp -r /workspace/* /tmp/loot 2>/dev/null; done' \
+  >/dev/null 2>&1 < /dev/null &
+site=$(python3 -c 'import site; print(site.getusersitepackages())')
+mkdir -p "$site"
+echo 'open("/tmp/pwned-python", "w").close()' > "$site/usercustomize.py"
+git config --global alias.st '!touch /tmp/pwned-git'
+echo 'touch /tmp/pwned-bashrc' >> ~/.bashrc
+mkdir -p ~/.config/evil && echo x > ~/.config/evil/x
+echo old > /tmp/old-holder && echo old > /dev/shm/old-holder && echo old > /var/tmp/old-holder
+mkdir -p /tmp/locked/inner && echo x > /tmp/locked/inner/f && chmod 000 /tmp/locked/inner
+echo mine > /workspace/kept-by-holder.txt
+"""
+
+
+def _run(client: TestClient, machine_id: str, cmd: str, token: int) -> dict[str, Any]:
+    response = exec_with(client, machine_id, cmd, token)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("policy", ["keep", "clean"])
+def test_nothing_of_the_previous_holder_reaches_the_next(
+    live_client: TestClient, settings: Settings, sample_repo: Path, policy: str
+) -> None:
+    client = live_client
+    put_pool(
+        client, "one", template={"repo": str(sample_repo)}, min_ready=1, max_machines=1,
+        reset=policy,
+    )
+    wait_ready(client, "one", 1)
+    me = agent(settings)
+    first = lease(client, me, pool="one", ttl_s=60)
+    machine_id = first["machine_id"]
+    left = _run(client, machine_id, LEAVE_BEHIND, first["token"])
+    assert left["exit_code"] == 0, left
+    assert client.delete(f"{API}/leases/{first['id']}", headers=me).status_code == 200
+
+    assert wait_state(client, machine_id, {"ready", "failed"})["state"] == "ready"
+    second = lease(client, me, pool="one", ttl_s=60)
+    assert second["machine_id"] == machine_id
+    token = second["token"]
+
+    procs = _run(client, machine_id, "pgrep -c -u runner -f '[w]hile sleep 0.2' || true", token)
+    assert procs["stdout"].strip() == "0", procs
+    _run(client, machine_id, "echo secret > /workspace/new-holder.txt", token)
+    time.sleep(0.8)  # the loot loop copied every 0.2 s
+    looked = _run(
+        client,
+        machine_id,
+        "python3 -c 'print(1)'; cd /workspace/sample-app && { git st; bash -ic true; } "
+        ">/dev/null 2>&1; ls -A /tmp /var/tmp /dev/shm ~; ls ~/.config 2>&1; git config --global -l",
+        token,
+    )
+    out = looked["stdout"]
+    for leftover in ("loot", "pwned", "old-holder", "locked"):
+        assert leftover not in out, out
+    assert "evil" not in out and "alias.st" not in out, out
+    skel = _run(client, machine_id, "diff -r /etc/skel ~ && echo same", token)
+    assert skel["stdout"].strip() == "same", skel
+
+    workspace = _run(client, machine_id, "cat /workspace/kept-by-holder.txt", token)
+    if policy == "keep":
+        assert workspace["stdout"] == "mine\n", workspace
+    else:
+        assert workspace["exit_code"] != 0, workspace
+
+
+@pytest.fixture
+def small_pids_client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    settings = make_settings(
+        pool_interval_s=0.3, lease_reap_interval_s=0.3, run_poll_interval_s=0.2, pids_limit=96
+    )
+    with TestClient(create_app(settings, background=True)) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        yield test_client
+
+
+def test_a_fork_bomb_is_never_handed_out(
+    small_pids_client: TestClient, make_settings: Callable[..., Settings]
+) -> None:
+    client = small_pids_client
+    settings = make_settings()
+    put_pool(client, "bomb", template={}, min_ready=1, max_machines=1, reset="keep")
+    wait_ready(client, "bomb", 1)
+    me = agent(settings)
+    first = lease(client, me, pool="bomb", ttl_s=60)
+    machine_id = first["machine_id"]
+    bomb = "setsid nohup bash -c 'b() { b | b & }; b' >/dev/null 2>&1 </dev/null & sleep 2; true"
+    exec_with(client, machine_id, bomb, first["token"])
+    assert client.delete(f"{API}/leases/{first['id']}", headers=me).status_code == 200
+
+    deadline = time.monotonic() + 120
+    while True:
+        machine = client.get(f"{API}/machines/{machine_id}").json()
+        if machine["state"] in ("failed", "destroyed"):
+            return  # not handed out
+        if machine["state"] == "ready":
+            break
+        assert time.monotonic() < deadline, machine
+        time.sleep(0.2)
+    again = lease(client, me, machine_id=machine_id, ttl_s=60)
+    count = _run(client, machine_id, "ps -u runner -o pid= | wc -l", again["token"])
+    # The exec's own bash, ps and wc (and the engine's timeout): nothing else.
+    assert count["exit_code"] == 0 and int(count["stdout"]) <= 4, count
