@@ -10,6 +10,7 @@ ShopfloorError                      500
 ├── TooLarge                        413
 ├── SessionLost                     410  a shell session's shell or connection is gone
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
+├── ProcessesSurvive                500  a machine's user kept processes through a hand-over
 └── EngineError                     502  the container engine failed or is unreachable
     ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
     └── ImageNotFound (InvalidInput)    an image the engine does not have: 422
@@ -78,6 +79,13 @@ class SessionLost(ShopfloorError):
 class WaitTimeout(ShopfloorError, TimeoutError):
     status_code = 408
     code = "wait_timeout"
+
+
+class ProcessesSurvive(ShopfloorError):
+    """A hand-over could not end every process of the machine's user (a fork bomb at the
+    pid limit, an engine that could not even start the kill): the machine is recreated."""
+
+    code = "processes_survive"
 
 
 class EngineError(ShopfloorError):

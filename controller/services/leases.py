@@ -33,6 +33,7 @@ from controller.errors import (
     Forbidden,
     InvalidInput,
     NotFound,
+    ProcessesSurvive,
     ShopfloorError,
     WaitTimeout,
 )
@@ -155,10 +156,6 @@ _MACHINE_AND_POLICY = Sql(
     "WHERE m.id = :machine_id"
 )
 _FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
-_BACK_TO_READY = Sql(
-    "UPDATE machines SET state = 'ready', reason = NULL, fence = fence + 1, updated_at = :now, "
-    "ready_at = COALESCE(ready_at, :now) WHERE id = :machine_id"
-)
 _DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
 _ORPHANS = Sql(
     "SELECT m.id, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
@@ -491,14 +488,11 @@ def _end(
     ):
         events.insert(tx, *changes)
         return ended, None
-    # The old token is stale from now on, even once the machine is ready again.
+    # The old token is stale from now on, even once the machine is ready again. Whatever
+    # the policy, the machine stays leased (by nobody) until its hand-over is done.
     policy: ResetPolicy = machine["reset"] or "keep"
-    if policy == "keep":
-        tx.run(_BACK_TO_READY, machine_id=machine_id, now=now)
-        changes.append(events.machine_state(machine_id, MachineState.ready, MachineState.leased))
-    else:
-        tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
-        runtime(ctl).returning.add(machine_id)
+    tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
+    runtime(ctl).returning.add(machine_id)
     events.insert(tx, *changes)
     return ended, policy
 
@@ -517,14 +511,19 @@ def _after_end(ctl: Controller, ended: LeasePublic, policy: ResetPolicy | None) 
     ctl.access.close_before_fence(
         machine_id=machine_id, fence=ended.token + 1, why="its lease ended"
     )
-    if policy in ("clean", "recreate") and not ctl.stopping.is_set():
+    if policy is not None and not ctl.stopping.is_set():
         # When stopping, the next start finds the machine leased by nobody and returns it.
         ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
     runtime(ctl).notify()
 
 
 def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
-    """Off the request path: clean or recreate a machine whose lease ended, then free it."""
+    """Off the request path: hand a machine whose lease ended over to the next holder, then
+    free it. ``recreate`` destroys it (the pool makes a new one); ``keep`` and ``clean``
+    end every process of the machine's user and wipe what it owns outside /workspace
+    (``machines.hand_over``), ``clean`` also restores the checkout and reruns setup. A
+    machine whose processes could not all be ended is recreated in place; one whose
+    hand-over failed otherwise is ``failed`` with the reason. Never ``ready`` before that."""
     rt = runtime(ctl)
     rt.returning.add(machine_id)
     try:
@@ -537,15 +536,27 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
                 even_if_leased=True,
             )
             return
-        if policy == "clean":
-            machines.reset_machine(
+        try:
+            machines.hand_over(
                 db=ctl.db,
                 provider=ctl.provider,
                 settings=ctl.settings,
                 access=ctl.access,
                 machine_id=machine_id,
-                allowed=(MachineState.leased,),
+                restore_checkout=policy == "clean",
             )
+        except ProcessesSurvive as exc:
+            log.warning("recreating %s: %s", machine_id, exc.message)
+            machines.recreate_machine(
+                db=ctl.db,
+                provider=ctl.provider,
+                settings=ctl.settings,
+                access=ctl.access,
+                install_id=ctl.install_id,
+                machine_id=machine_id,
+                why=exc.message,
+            )
+            return
         _settle_if_unleased(ctl.db, machine_id, MachineState.ready)
     except ShopfloorError as exc:
         log.warning("returning %s after its lease failed: %s", machine_id, exc.message)

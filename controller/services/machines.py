@@ -7,6 +7,7 @@ settings) as keyword arguments so they run the same under HTTP, the CLI and test
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from controller.errors import (
     EngineError,
     ImageNotFound,
     NotFound,
+    ProcessesSurvive,
     ShopfloorError,
 )
 from controller.providers.base import Bind, ContainerSpec, Provider
@@ -31,6 +33,7 @@ from controller.store import events
 from controller.store.db import unit_of_work
 from controller.store.models import Machine, MachineState, utcnow
 from controller.transport import exec as commands
+from controller.transport.output import HeadTail
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,69 @@ if [ -n "$SF_REPO_NAME" ] && [ -d "/workspace/$SF_REPO_NAME/.git" ]; then
   fi
   git reset --quiet --hard "$SF_COMMIT"
   git clean -ffdxq
+fi
+"""
+
+# The hand-over between two holders of a machine (every lease end, every policy), as the
+# machine's user in one engine exec. Not as root: root in a machine holds neither CAP_KILL
+# nor CAP_FOWNER/DAC_OVERRIDE, so it can neither signal the user's processes nor remove the
+# user's files from /tmp; the user can do both to its own. `kill -KILL -1` (a builtin: no
+# fork, which a fork bomb at the pid limit would refuse) signals every process of the user
+# but this shell, again until /proc shows none (zombies included; kill's own status cannot
+# tell: it succeeds whenever any other process exists). Then everything the
+# user owns outside /workspace goes: home (rebuilt from /etc/skel, which is what the
+# image's `useradd --create-home` put there), /tmp, /var/tmp, /run/lock, /dev/shm,
+# /dev/mqueue, System V IPC, and any other file of the user on the root filesystem (/usr is
+# skipped: the image gives the user no directory there, and it holds most of the files).
+# Exit 17: processes survived. With SF_RESET the checkout is restored too (policy clean).
+HANDOVER_KILL_ROUNDS = 400
+SURVIVORS_EXIT = 17
+_HANDOVER_SCRIPT = r"""
+others() {  # is any process but this shell the user's? (/proc/<pid>/status: Uid real eff saved)
+  local d line
+  for d in /proc/[1-9]*; do
+    [ "${d#/proc/}" = "$$" ] && continue
+    while IFS= read -r line; do
+      case $line in
+        Uid:*) set -- $line
+               [ "$2" = "$UID" ] || [ "$3" = "$UID" ] || [ "$4" = "$UID" ] && return 0
+               break ;;
+      esac
+    done 2>/dev/null < "$d/status"
+  done
+  return 1
+}
+n=0
+while others; do
+  kill -KILL -1 2>/dev/null
+  n=$((n + 1))
+  if [ "$n" -gt "$SF_KILL_ROUNDS" ]; then
+    echo "processes of uid $UID survived $SF_KILL_ROUNDS rounds of SIGKILL" >&2
+    exit 17
+  fi
+  [ "$n" -lt 20 ] || sleep 0.01 || true
+done
+set -u
+cd /
+home=$(getent passwd "$(id -un)" | cut -d: -f6)
+shared="/tmp /var/tmp /run/lock /dev/shm /dev/mqueue"
+# Folders the user made unwritable or unreadable would stop rm.
+find "$home" $shared -mindepth 1 -type d -user "$(id -u)" ! -perm -u=rwx   -exec chmod u+rwx -- {} + 2>/dev/null || true
+find "$home" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} +
+find $shared -mindepth 1 -maxdepth 1 -user "$(id -u)" -exec rm -rf -- {} + 2>/dev/null || true
+find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /usr -o -path /workspace   -o -path "$home" -o -path /tmp -o -path /var/tmp -o -path /run/lock \) -prune   -o -user "$(id -u)" -print0 2>/dev/null | xargs -0r rm -rf --
+ipcrm --all 2>/dev/null || true
+chmod 0755 "$home"
+cp -R --preserve=mode,timestamps /etc/skel/. "$home"/
+left=$(find "$home" -mindepth 1 ! -user "$(id -u)" -print -quit; \
+  find $shared -mindepth 1 -maxdepth 1 -user "$(id -u)" -print -quit 2>/dev/null)
+if [ -n "$left" ]; then echo "could not remove $left" >&2; exit 3; fi
+if others; then
+  echo "a process of uid $UID started during the hand-over" >&2
+  exit 17
+fi
+if [ -n "${SF_RESET:-}" ]; then
+  bash -c "$SF_RESET"
 fi
 """
 
@@ -315,6 +381,92 @@ def reset_machine(
         events.record(tx, "machine.reset", machine.id, commit=machine.commit)
     access.close_machine(machine=machine, why="the machine was reset")
     return machine
+
+
+def hand_over(
+    *,
+    db: Engine,
+    provider: Provider,
+    settings: Settings,
+    access: MachineAccess,
+    machine_id: str,
+    restore_checkout: bool,
+) -> Machine:
+    """Between two holders: end every channel and every process of the machine's user and
+    wipe what it owns outside /workspace (see ``_HANDOVER_SCRIPT``); with
+    ``restore_checkout`` (policy ``clean``) the checkout is restored and setup runs again.
+
+    Raises :class:`ProcessesSurvive` when processes could not all be ended (the caller
+    recreates the machine), :class:`ShopfloorError` when the wipe or reset failed."""
+    machine = _transition(db, machine_id, (MachineState.leased,), "hand over")
+    started = time.monotonic()
+    access.close_machine(machine=machine, why="its lease ended")
+    env = {"SF_KILL_ROUNDS": str(HANDOVER_KILL_ROUNDS)}
+    if restore_checkout:
+        env.update(
+            SF_RESET=_RESET_SCRIPT,
+            SF_REPO_NAME=machine.repo_name or "",
+            SF_COMMIT=machine.commit or "",
+            SF_BRANCH=machine.branch or "",
+        )
+    try:
+        handle = provider.exec(
+            machine.container_name, ["bash", "-c", _HANDOVER_SCRIPT], workdir="/", env=env
+        )
+        errors = HeadTail(16 * 1024)
+        for stream, chunk in handle:
+            if stream == "stderr":
+                errors.write(chunk)
+        exit_code = handle.exit_code()
+    except EngineError as exc:
+        # Could not even start: at the pid limit the engine cannot add a process.
+        raise ProcessesSurvive(f"the hand-over could not run: {exc.message}") from exc
+    detail = errors.text().strip()[-2000:]
+    if exit_code == SURVIVORS_EXIT or exit_code is None or exit_code >= 126:
+        raise ProcessesSurvive(
+            f"the hand-over could not end every process (exit {exit_code}): {detail}"
+        )
+    if exit_code != 0:
+        raise ShopfloorError(f"hand-over failed (exit {exit_code}): {detail}")
+    if restore_checkout:
+        run_setup(provider, settings, machine)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        events.record(
+            tx,
+            "machine.handed_over",
+            machine.id,
+            reset=restore_checkout,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+    return machine
+
+
+def recreate_machine(
+    *,
+    db: Engine,
+    provider: Provider,
+    settings: Settings,
+    access: MachineAccess,
+    install_id: str,
+    machine_id: str,
+    why: str,
+) -> Machine:
+    """Replace a machine nobody holds by a new one of the same id and template: new
+    container, new volume, new checkout (a machine whose processes could not be ended)."""
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        if machine.state != MachineState.leased:
+            raise Conflict(
+                f"cannot recreate machine {machine_id} while it is {machine.state.value}",
+                state=machine.state.value,
+            )
+        set_state(tx, machine, MachineState.provisioning, f"recreating: {why}")
+    access.close_machine(machine=machine, why="the machine is recreated")
+    remove_resources(provider, machine)
+    return provision(
+        db=db, provider=provider, settings=settings, install_id=install_id, machine_id=machine_id
+    )
 
 
 def destroy_machine(
