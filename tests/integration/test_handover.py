@@ -16,6 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from controller.api.app import create_app
+from controller.providers.docker import DockerProvider
+from controller.services import machines
 from controller.settings import Settings
 from controller.store.models import Role
 from tests.integration.conftest import issue_token, wait_state
@@ -86,7 +88,8 @@ def test_nothing_of_the_previous_holder_reaches_the_next(
     out = looked["stdout"]
     for leftover in ("loot", "pwned", "old-holder", "locked"):
         assert leftover not in out, out
-    assert "evil" not in out and "alias.st" not in out, out
+    assert "evil" not in out, out
+    assert "alias.st" not in out, out
     skel = _run(client, machine_id, "diff -r /etc/skel ~ && echo same", token)
     assert skel["stdout"].strip() == "same", skel
 
@@ -136,3 +139,48 @@ def test_a_fork_bomb_is_never_handed_out(
     )
     # None of the bomb's processes (the grep pattern does not match its own text).
     assert count["stdout"].strip() == "0", count
+
+
+def test_a_machine_whose_processes_survive_is_recreated(
+    live_client: TestClient,
+    settings: Settings,
+    provider: DockerProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Processes still there after the bounded kill loop (here: a bound of no rounds at
+    all): the machine is rebuilt (new container, same id), never handed out with them."""
+    client = live_client
+    put_pool(client, "stuck", template={}, min_ready=1, max_machines=1, reset="keep")
+    wait_ready(client, "stuck", 1)
+    me = agent(settings)
+    first = lease(client, me, pool="stuck", ttl_s=60)
+    machine_id = first["machine_id"]
+    container = f"shopfloor-{machine_id}"
+    before = provider.inspect_container(container)
+    assert before is not None
+    leave = "setsid nohup sh -c 'while sleep 0.2; do :; done' >/dev/null 2>&1 </dev/null &"
+    _run(client, machine_id, leave, first["token"])
+    monkeypatch.setattr(machines, "HANDOVER_KILL_ROUNDS", 0)
+    assert client.delete(f"{API}/leases/{first['id']}", headers=me).status_code == 200
+
+    machine = wait_for_state(client, machine_id, "ready")
+    assert machine["state"] == "ready", machine
+    after = provider.inspect_container(container)
+    assert after is not None
+    assert after.id != before.id, "the container was not recreated"
+    events = client.get(f"{API}/events", params={"subject": machine_id, "limit": 1000}).json()
+    reasons = [str(e) for e in events["data"]]
+    assert any("recreating: the hand-over could not end every process" in r for r in reasons)
+    again = lease(client, me, pool="stuck", ttl_s=60)
+    left = _run(client, machine_id, "pgrep -c -u runner -f '[w]hile sleep' || true", again["token"])
+    assert left["stdout"].strip() == "0", left
+
+
+def wait_for_state(client: TestClient, machine_id: str, state: str) -> dict[str, Any]:
+    """Through provisioning (a recreate) until ``state`` or failed."""
+    deadline = time.monotonic() + 120
+    while True:
+        machine: dict[str, Any] = client.get(f"{API}/machines/{machine_id}").json()
+        if machine["state"] in (state, "failed") or time.monotonic() > deadline:
+            return machine
+        time.sleep(0.2)
