@@ -76,67 +76,70 @@ if [ -n "$SF_REPO_NAME" ] && [ -d "/workspace/$SF_REPO_NAME/.git" ]; then
 fi
 """
 
-# The hand-over between two holders of a machine (every lease end, every policy), as the
-# machine's user in one engine exec. Not as root: root in a machine holds neither CAP_KILL
-# nor CAP_FOWNER/DAC_OVERRIDE, so it can neither signal the user's processes nor remove the
-# user's files from /tmp; the user can do both to its own. `kill -KILL -1` (a builtin: no
-# fork, which a fork bomb at the pid limit would refuse) signals every process of the user
-# but this shell, again until /proc shows none (zombies included; kill's own status cannot
-# tell: it succeeds whenever any other process exists). Then everything the
-# user owns outside /workspace goes: home (rebuilt from /etc/skel, which is what the
-# image's `useradd --create-home` put there), /tmp, /var/tmp, /run/lock, /dev/shm,
-# /dev/mqueue, System V IPC, and any other file of the user on the root filesystem (/usr is
-# skipped: the image gives the user no directory there, and it holds most of the files).
-# Exit 17: processes survived. With SF_RESET the checkout is restored too (policy clean).
+# The hand-over between two holders of a machine (every lease end, every policy), in one
+# engine exec started as root. Root in a machine holds neither CAP_KILL nor CAP_FOWNER or
+# DAC_OVERRIDE, so it can neither signal the user's processes nor remove the user's files
+# from /tmp; the user can do both to its own, so those steps run as the user (setpriv).
+# Root keeps the count: it reads /proc/<pid>/status (real, effective, saved uid) with
+# builtins only, and a process of the user cannot trace or change a root process.
+# `kill -KILL -1` as the user signals every process of the user, again until /proc shows
+# none (zombies included), for at most SF_KILL_ROUNDS rounds; exit 17 when some survive
+# (a fork bomb at the pid limit), and the machine is recreated. Then, with no process of
+# the user left to interfere, the user removes everything it owns outside /workspace: the
+# contents of its home (rebuilt from /etc/skel, which is what the image's
+# `useradd --create-home` put there), of /tmp, /var/tmp, /run/lock, /dev/shm and
+# /dev/mqueue, any other file of its on the root filesystem (/usr is skipped: the image
+# gives the user no directory there, and it holds most of the files), and its System V
+# IPC objects. With SF_RESET the checkout is restored too (policy clean).
 HANDOVER_KILL_ROUNDS = 400
 SURVIVORS_EXIT = 17
+_HANDOVER_WIPE = r"""
+set -u
+cd /
+find / /dev/shm /dev/mqueue -xdev \( -path /proc -o -path /sys -o -path /usr -o -path /workspace \) \
+  -prune -o -user "$UID" ! -path "$HOME" \( -type d ! -perm -u=rwx -exec chmod u+rwx {} \; \
+  -o -true \) -print0 2>/dev/null | xargs -0r rm -rf --
+[ "${PIPESTATUS[1]}" = 0 ] || { echo "could not remove every file of $USER" >&2; exit 3; }
+ipcrm --all 2>/dev/null
+chmod 0755 "$HOME" && cp -R --preserve=mode,timestamps /etc/skel/. "$HOME"/ || exit 3
+if [ -n "${SF_RESET:-}" ]; then
+  exec bash -c "$SF_RESET"
+fi
+"""
 _HANDOVER_SCRIPT = r"""
-others() {  # is any process but this shell the user's? (/proc/<pid>/status: Uid real eff saved)
+uid=$(id -u "$SF_USER") || exit 3
+others() {  # a process of the user? (/proc/<pid>/status: Uid real effective saved fs)
   local d line
   for d in /proc/[1-9]*; do
-    [ "${d#/proc/}" = "$$" ] && continue
     while IFS= read -r line; do
       case $line in
         Uid:*) set -- $line
-               [ "$2" = "$UID" ] || [ "$3" = "$UID" ] || [ "$4" = "$UID" ] && return 0
+               [ "$2" = "$uid" ] || [ "$3" = "$uid" ] || [ "$4" = "$uid" ] && return 0
                break ;;
       esac
     done 2>/dev/null < "$d/status"
   done
   return 1
 }
+as_user() { setpriv --reuid="$uid" --regid="$uid" --init-groups --reset-env -- "$@"; }
 n=0
 while others; do
-  kill -KILL -1 2>/dev/null
+  as_user kill -KILL -1 2>/dev/null
   n=$((n + 1))
   if [ "$n" -gt "$SF_KILL_ROUNDS" ]; then
-    echo "processes of uid $UID survived $SF_KILL_ROUNDS rounds of SIGKILL" >&2
+    echo "processes of $SF_USER survived $SF_KILL_ROUNDS rounds of SIGKILL" >&2
     exit 17
   fi
   [ "$n" -lt 20 ] || sleep 0.01 || true
 done
-set -u
-cd /
-home=$(getent passwd "$(id -un)" | cut -d: -f6)
-shared="/tmp /var/tmp /run/lock /dev/shm /dev/mqueue"
-# Folders the user made unwritable or unreadable would stop rm.
-find "$home" $shared -mindepth 1 -type d -user "$(id -u)" ! -perm -u=rwx   -exec chmod u+rwx -- {} + 2>/dev/null || true
-find "$home" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} +
-find $shared -mindepth 1 -maxdepth 1 -user "$(id -u)" -exec rm -rf -- {} + 2>/dev/null || true
-find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /usr -o -path /workspace   -o -path "$home" -o -path /tmp -o -path /var/tmp -o -path /run/lock \) -prune   -o -user "$(id -u)" -print0 2>/dev/null | xargs -0r rm -rf --
-ipcrm --all 2>/dev/null || true
-chmod 0755 "$home"
-cp -R --preserve=mode,timestamps /etc/skel/. "$home"/
-left=$(find "$home" -mindepth 1 ! -user "$(id -u)" -print -quit; \
-  find $shared -mindepth 1 -maxdepth 1 -user "$(id -u)" -print -quit 2>/dev/null)
-if [ -n "$left" ]; then echo "could not remove $left" >&2; exit 3; fi
+as_user env SF_RESET="${SF_RESET:-}" SF_REPO_NAME="${SF_REPO_NAME:-}" SF_COMMIT="${SF_COMMIT:-}" \
+  SF_BRANCH="${SF_BRANCH:-}" bash -c "$SF_WIPE"
+status=$?
 if others; then
-  echo "a process of uid $UID started during the hand-over" >&2
+  echo "a process of $SF_USER started during the hand-over" >&2
   exit 17
 fi
-if [ -n "${SF_RESET:-}" ]; then
-  bash -c "$SF_RESET"
-fi
+exit "$status"
 """
 
 
@@ -401,7 +404,11 @@ def hand_over(
     machine = _transition(db, machine_id, (MachineState.leased,), "hand over")
     started = time.monotonic()
     access.close_machine(machine=machine, why="its lease ended")
-    env = {"SF_KILL_ROUNDS": str(HANDOVER_KILL_ROUNDS)}
+    env = {
+        "SF_KILL_ROUNDS": str(HANDOVER_KILL_ROUNDS),
+        "SF_USER": "runner",
+        "SF_WIPE": _HANDOVER_WIPE,
+    }
     if restore_checkout:
         env.update(
             SF_RESET=_RESET_SCRIPT,
@@ -411,7 +418,11 @@ def hand_over(
         )
     try:
         handle = provider.exec(
-            machine.container_name, ["bash", "-c", _HANDOVER_SCRIPT], workdir="/", env=env
+            machine.container_name,
+            ["bash", "-c", _HANDOVER_SCRIPT],
+            user="root",
+            workdir="/",
+            env=env,
         )
         errors = HeadTail(16 * 1024)
         for stream, chunk in handle:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
 from controller.store.models import Role
-from tests.integration.conftest import issue_token, kill_sshd
+from tests.integration.conftest import issue_token, kill_sshd, wait_state
 
 
 def open_session(client: TestClient, machine_id: str) -> str:
@@ -186,8 +186,9 @@ def test_leased_machine_needs_the_current_token(
         assert stale.json()["error"] == "stale_lease"
     finally:
         assert module_client.delete(f"/api/v1/leases/{lease}").status_code == 200
-    second = module_client.post(
-        "/api/v1/leases", json={"machine_id": module_machine, "holder": "u", "ttl_s": 60}
+    second = module_client.post(  # waits for the hand-over between the two leases
+        "/api/v1/leases",
+        json={"machine_id": module_machine, "holder": "u", "ttl_s": 60, "wait_s": 60},
     )
     new_token = second.json()["token"]
     try:
@@ -198,6 +199,7 @@ def test_leased_machine_needs_the_current_token(
         assert "earlier lease" in reused.json()["detail"]
     finally:
         module_client.delete(f"/api/v1/leases/{second.json()['id']}")
+        assert wait_state(module_client, module_machine, {"ready"})["state"] == "ready"
 
 
 def test_stopping_the_machine_loses_its_sessions(
