@@ -111,7 +111,9 @@ class StageClaim:
     handoff_dir: str
     """run.json and the earlier stages' notes."""
     machine: Machine
-    """The run's machine, under the run's lease token."""
+    """The run's machine, under the claim's secret (only this client's API token may use it)."""
+    fence: int
+    """The run's lease's fence when claimed."""
 
 
 class Client:
@@ -136,12 +138,12 @@ class Client:
         self.close()
 
     def call(
-        self, method: str, path: str, *, lease_token: int | None = None, **kwargs: Any
+        self, method: str, path: str, *, lease_token: str | None = None, **kwargs: Any
     ) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}) or {})
         headers["Authorization"] = self._auth
         if lease_token is not None:
-            headers["X-Lease-Token"] = str(lease_token)
+            headers["X-Lease-Token"] = lease_token
         response = self.http.request(method, f"/api/v1{path}", headers=headers, **kwargs)
         raise_for(response)
         return response
@@ -160,7 +162,9 @@ class Client:
         body = {k: v for k, v in which.items() if v is not None}
         body.update(holder=holder, ttl_s=ttl_s, wait_s=wait_s)
         answer = self.call("POST", "/leases", json=body, timeout=wait_s + 60).json()
-        return Lease(self, answer["id"], answer["machine_id"], int(answer["token"]), ttl_s)
+        return Lease(
+            self, answer["id"], answer["machine_id"], answer["token"], int(answer["fence"]), ttl_s
+        )
 
     @contextmanager
     def lease(self, **kwargs: Any) -> Iterator[Machine]:
@@ -172,8 +176,8 @@ class Client:
         finally:
             lease.release()
 
-    def machine(self, machine_id: str, lease_token: int | None = None) -> Machine:
-        """A machine used without a lease of ours (ops), or with a token we already hold."""
+    def machine(self, machine_id: str, lease_token: str | None = None) -> Machine:
+        """A machine used without a lease of ours (ops), or with a lease's secret we hold."""
         return Machine(self, machine_id, lease_token)
 
     def upload_artifact(
@@ -186,7 +190,7 @@ class Client:
         name: str,
         meta: dict[str, Any] | None = None,
         attempt: int | None = None,
-        lease_token: int | None = None,
+        lease_token: str | None = None,
         content_type: str = "application/octet-stream",
     ) -> dict[str, Any]:
         form: dict[str, str] = {"kind": kind, "name": name, "meta": json.dumps(meta or {})}
@@ -204,9 +208,10 @@ class Client:
 
     def claim_stage(self, run_id: str, stage: str) -> StageClaim:
         """A running stage of a run whose agent is ``remote``: its task, parameters, and the
-        run's machine under the run's lease token."""
+        run's machine under the claim's secret, which only this client's API token may use.
+        Claiming again answers a new secret (the earlier one stops working)."""
         answer = self.call("POST", f"/runs/{run_id}/stages/{stage}/claim").json()
-        machine = Machine(self, answer["machine_id"], int(answer["lease_token"]))
+        machine = Machine(self, answer["machine_id"], answer["lease_token"])
         return StageClaim(
             run_id=answer["run_id"],
             stage=answer["stage"],
@@ -217,6 +222,7 @@ class Client:
             workdir=answer["workdir"],
             handoff_dir=answer["handoff_dir"],
             machine=machine,
+            fence=int(answer["fence"]),
         )
 
     def report_stage(
@@ -246,11 +252,21 @@ class Client:
 
 
 class Lease:
-    def __init__(self, client: Client, lease_id: str, machine_id: str, token: int, ttl_s: float):
+    def __init__(
+        self,
+        client: Client,
+        lease_id: str,
+        machine_id: str,
+        token: str,
+        fence: int,
+        ttl_s: float,
+    ) -> None:
         self.client = client
         self.id = lease_id
         self.machine_id = machine_id
         self.token = token
+        """The lease's secret (X-Lease-Token): the controller shows it only once, here."""
+        self.fence = fence
         self.ttl_s = ttl_s
         self.machine = Machine(client, machine_id, token)
         self.renew_error: ShopfloorError | None = None
@@ -286,7 +302,7 @@ class Lease:
 
 
 class Machine:
-    def __init__(self, client: Client, machine_id: str, token: int | None) -> None:
+    def __init__(self, client: Client, machine_id: str, token: str | None) -> None:
         self.client = client
         self.id = machine_id
         self.token = token

@@ -178,7 +178,10 @@ def machines_exec(
     cmd: Annotated[list[str], typer.Argument(help="Command (joined with spaces, run by bash).")],
     cwd: str | None = None,
     timeout_s: float = 600,
-    lease_token: Annotated[int | None, typer.Option(envvar="SHOPFLOOR_LEASE_TOKEN")] = None,
+    lease_token: Annotated[
+        str | None,
+        typer.Option(envvar="SHOPFLOOR_LEASE_TOKEN", help="The lease's token (its secret)."),
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
 ) -> None:

@@ -59,17 +59,27 @@ class LeaseSelector(BaseModel):
 
 
 class LeasePublic(BaseModel):
+    """A lease as anyone may see it: never its secret."""
+
     id: str
     machine_id: str
     pool: str | None
     holder: str
-    token: int
+    fence: int = Field(description="the machine's fence at the grant; grows with each lease")
     state: str
     ttl_s: float
     wait_ms: float
     acquired_at: datetime
     expires_at: datetime
     ended_at: datetime | None
+
+
+class LeaseGranted(LeasePublic):
+    """A grant, as its caller alone sees it, once: with the lease's secret."""
+
+    token: str = Field(
+        description="the lease's secret: send it in X-Lease-Token; shown only in this answer"
+    )
 
 
 class StageSpec(BaseModel):
@@ -126,7 +136,9 @@ class StageReport(BaseModel):
 
 class StageClaim(BaseModel):
     """What a remote agent needs to do a stage: its task and parameters, and the run's
-    machine with the lease token that its commands, files and report must carry."""
+    machine with the claim's secret, which its commands, files and report must carry in
+    X-Lease-Token. The secret works only for the API token that claimed, only while the
+    run holds this lease, and only until the stage is claimed again."""
 
     run_id: str
     stage: str
@@ -137,6 +149,7 @@ class StageClaim(BaseModel):
     params: dict[str, object]
     timeout_s: float
     machine_id: str
-    lease_token: int
+    lease_token: str
+    fence: int
     workdir: str
     handoff_dir: str

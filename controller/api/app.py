@@ -1,4 +1,5 @@
-"""The FastAPI app: wiring, background loops, and the one place errors become HTTP."""
+"""The FastAPI app: its routes, its start-up (``services.startup``), and the one place errors
+become HTTP."""
 
 from __future__ import annotations
 
@@ -31,62 +32,17 @@ from controller.api.routes import runs as runs_routes
 from controller.api.routes import sessions as sessions_routes
 from controller.api.routes import verdicts as verdicts_routes
 from controller.errors import ShopfloorError
-from controller.providers.docker import DockerProvider
-from controller.services import driver, images, leases, pools, reconcile
-from controller.services.runtime import Controller, read_install_id
+from controller.services.startup import build_controller, start_loops
 from controller.settings import Settings, get_settings
-from controller.store.db import checkpoint, make_engine, migrate
-from evidence import retention
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
-CHECKPOINT_INTERVAL_S = 0.25
-"""Often, so that each checkpoint has little to copy and fsync (see db.checkpoint)."""
 TELEMETRY_OFF: TelemetryConfig = {
     "tracing": False,
     "metrics": False,
     "logs": False,
     "operation_spans": False,
 }
-
-
-def build_controller(settings: Settings, *, background: bool = False) -> Controller:
-    """``background``: the caller will run :func:`start_loops` (checkpoints among them)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    migrate(settings.sqlalchemy_url)
-    provider = DockerProvider(settings.docker_host)
-    default_image = settings.runner_image or images.runner_image_tag(images.default_extra_ca())
-    return Controller(
-        settings=settings,
-        db=make_engine(settings.sqlalchemy_url, checkpoint_loop=background),
-        provider=provider,
-        install_id=settings.install_id or read_install_id(settings.data_dir),
-        default_image=default_image,
-    )
-
-
-def start_loops(ctl: Controller) -> None:
-    reconcile.fail_interrupted(db=ctl.db, provider=ctl.provider)
-    ctl.every(
-        ctl.settings.reconcile_interval_s,
-        "reconcile",
-        lambda: reconcile.reconcile(
-            db=ctl.db,
-            provider=ctl.provider,
-            access=ctl.access,
-            install_id=ctl.install_id,
-            grace_s=ctl.settings.orphan_grace_s,
-        ),
-    )
-    ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", lambda: leases.reap(ctl=ctl))
-    ctl.every(CHECKPOINT_INTERVAL_S, "checkpoint", lambda: checkpoint(ctl.db))
-    ctl.every(ctl.settings.pool_interval_s, "pools", lambda: pools.fill(ctl=ctl))
-    ctl.every(ctl.settings.run_poll_interval_s, "runs", lambda: driver.driver_tick(ctl=ctl))
-    ctl.every(
-        ctl.settings.retention_interval_s,
-        "retention",
-        lambda: retention.retention_tick(db=ctl.db, settings=ctl.settings),
-    )
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from sqlmodel import Session
 
 from controller.errors import InvalidInput
-from controller.services import auth
+from controller.services import access, auth, callers
 from controller.services.runtime import Controller
-from controller.store.db import unit_of_work
 from controller.store.models import ApiToken, Role
 
 M = TypeVar("M", bound=BaseModel)
@@ -32,14 +30,6 @@ async def get_controller(request: Request) -> Controller:
 
 
 Ctl = Annotated[Controller, Depends(get_controller)]
-
-
-def get_session(ctl: Ctl) -> Iterator[Session]:
-    with unit_of_work(ctl.db) as tx:
-        yield tx
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def require(*roles: Role) -> Callable[..., Awaitable[ApiToken]]:
@@ -61,15 +51,12 @@ async def authenticate(
     token_hash = auth.hash_token(auth.bearer(authorization))
     token = ctl.tokens.get(token_hash)
     if token is None:
-        token = await anyio.to_thread.run_sync(_lookup, ctl, token_hash)
+        token = await anyio.to_thread.run_sync(
+            lambda: callers.token_for(ctl=ctl, token_hash=token_hash)
+        )
         ctl.tokens.put(token_hash, token)
     auth.require_role(token, roles)
     return token
-
-
-def _lookup(ctl: Controller, token_hash: str) -> ApiToken:
-    with unit_of_work(ctl.reader) as tx:
-        return auth.lookup(tx=tx, token_hash=token_hash)
 
 
 AGENT_ROLES = (Role.ops, Role.agent)
@@ -100,8 +87,11 @@ def parse_body(model: type[M], raw: bytes) -> M:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-LEASE_TOKEN_HELP = "the lease's token; required on a leased machine"
-LeaseToken = Annotated[int | None, Header(description=LEASE_TOKEN_HELP)]
+LEASE_TOKEN_HELP = (
+    "the secret a lease's grant (or a stage claim) answered as its token; required on a "
+    "leased machine, and only the API token that was granted it may use it"
+)
+LeaseToken = Annotated[str | None, Header(description=LEASE_TOKEN_HELP, max_length=256)]
 """X-Lease-Token as a parameter; the hot routes read it with :func:`lease_token_header`."""
 
 LEASE_TOKEN_DOC = {
@@ -109,19 +99,21 @@ LEASE_TOKEN_DOC = {
     "in": "header",
     "required": False,
     "description": LEASE_TOKEN_HELP,
-    "schema": {"type": "integer"},
+    "schema": {"type": "string", "maxLength": 256},
 }
 """OpenAPI text for the header :func:`lease_token_header` reads."""
 
 
-def lease_token_header(request: Request) -> int | None:
+def lease_token_header(request: Request) -> str | None:
     value = request.headers.get("x-lease-token")
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidInput(f"X-Lease-Token must be a whole number, got {value[:40]!r}") from None
+    if value is not None and len(value) > 256:
+        raise InvalidInput("X-Lease-Token is at most 256 characters")
+    return value
+
+
+def key(caller: ApiToken, lease_token: str | None) -> access.Key:
+    """Who reaches into a machine: the caller with what it sent in X-Lease-Token."""
+    return access.Key(caller=caller, secret=lease_token)
 
 
 def json_body(model: type[M]) -> dict[str, Any]:

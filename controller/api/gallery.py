@@ -23,12 +23,12 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from controller.api.deps import Ctl
 from controller.api.routes.artifacts import blob_response
 from controller.errors import NotFound, ShopfloorError, Unauthorized
-from controller.services import auth, review
+from controller.services import artifacts, auth, callers, review, verdicts
 from controller.services.runtime import Controller
-from controller.store.db import unit_of_work
-from controller.store.models import ApiToken, Artifact, ArtifactKind, Role, Run, RunStatus
-from evidence import TEMPLATES_DIR, junit, logs, verdicts
+from controller.store.models import ApiToken, Artifact, ArtifactKind, Role, RunStatus
+from evidence import TEMPLATES_DIR, junit, logs
 from evidence.store import ArtifactStore
+from evidence.verdicts import VerdictState
 
 COOKIE = "shopfloor_gallery"
 SIGN_IN_MAX_AGE_S = 12 * 3600
@@ -85,8 +85,7 @@ def _viewer(request: Request, ctl: Controller) -> Viewer | None:
         payload: dict[str, str] = _signer(ctl).loads(raw, max_age=SIGN_IN_MAX_AGE_S)
     except BadSignature:
         return None
-    with unit_of_work(ctl.db) as tx:
-        token = tx.get(ApiToken, payload.get("tid", ""))
+    token = callers.token_by_id(ctl=ctl, token_id=payload.get("tid", ""))
     if token is None or token.role not in VIEWER_ROLES:
         return None
     return Viewer(token=token, csrf=payload.get("csrf", ""))
@@ -138,8 +137,8 @@ def login(
     next: Annotated[str, Form()] = "/gallery/runs",  # noqa: A002
 ) -> Response:
     try:
-        with unit_of_work(ctl.db) as tx:
-            record = auth.authenticate(tx=tx, authorization=f"Bearer {token}")
+        token_hash = auth.hash_token(auth.bearer(f"Bearer {token}"))
+        record = callers.token_for(ctl=ctl, token_hash=token_hash)
         auth.require_role(record, VIEWER_ROLES)
     except ShopfloorError as exc:
         context = {"next": _safe_next(next), "error": exc.message}
@@ -188,11 +187,10 @@ def runs_list(
     filters = review.RunFilters(
         status=status if status in {s.value for s in RunStatus} else "",
         repo=repo[:1000],
-        verdict=verdict if verdict in {v.value for v in verdicts.VerdictState} else "",
+        verdict=verdict if verdict in {v.value for v in VerdictState} else "",
         page=page,
     )
-    with unit_of_work(ctl.db) as tx:
-        data = review.runs_page(tx=tx, filters=filters)
+    data = review.runs_page(ctl=ctl, filters=filters)
     return render(request, "runs.html", {"viewer": viewer, "data": data})
 
 
@@ -214,8 +212,7 @@ def _run_response(
     status_code: int = 200,
     comment: str = "",
 ) -> HTMLResponse:
-    with unit_of_work(ctl.db) as tx:
-        data = review.run_page(tx=tx, store=_store(ctl), run_id=run_id)
+    data = review.run_page(ctl=ctl, run_id=run_id)
     if data is None:
         return _not_found(request, viewer, f"run {run_id} does not exist")
     context = {
@@ -247,14 +244,13 @@ def verdict_form(
         problem = auth_error(viewer)
     else:
         try:
-            with unit_of_work(ctl.db) as tx:
-                verdicts.give_verdict(
-                    tx=tx,
-                    run_id=run_id,
-                    decision=decision,
-                    comment=comment,
-                    reviewer=viewer.token,
-                )
+            verdicts.give_verdict(
+                ctl=ctl,
+                run_id=run_id,
+                decision=decision,
+                comment=comment,
+                reviewer=viewer.token,
+            )
         except ShopfloorError as exc:
             problem = exc
     if problem is not None:
@@ -291,13 +287,12 @@ def run_artifacts(
         return _to_login(request)
     chosen = ArtifactKind(kind) if kind in {k.value for k in ArtifactKind} else ArtifactKind.log
     per_page = review.SHOWN_PER_KIND
-    with unit_of_work(ctl.db) as tx:
-        run = tx.get(Run, run_id)
-        if run is None:
-            return _not_found(request, viewer, f"run {run_id} does not exist")
-        found = review.artifacts_of(
-            tx, run_id, chosen, limit=per_page + 1, offset=(page - 1) * per_page
-        )
+    shown = review.artifacts_page(
+        ctl=ctl, run_id=run_id, kind=chosen, limit=per_page + 1, offset=(page - 1) * per_page
+    )
+    if shown is None:
+        return _not_found(request, viewer, f"run {run_id} does not exist")
+    run, found = shown
     context = {
         "viewer": viewer,
         "run": run,
@@ -316,9 +311,7 @@ def artifact_view(request: Request, artifact_id: str, ctl: Ctl) -> Response:
     if viewer is None:
         return _to_login(request)
     store = _store(ctl)
-    with unit_of_work(ctl.db) as tx:
-        artifact = tx.get(Artifact, artifact_id)
-        run = tx.get(Run, artifact.run_id) if artifact else None
+    artifact, run = artifacts.find_artifact(ctl=ctl, artifact_id=artifact_id)
     if artifact is None or run is None:
         return _not_found(request, viewer, f"artifact {artifact_id} does not exist")
     context: dict[str, Any] = {"viewer": viewer, "artifact": artifact, "run": run}
@@ -357,8 +350,7 @@ def artifact_blob(request: Request, artifact_id: str, variant: str, ctl: Ctl) ->
     viewer = _viewer(request, ctl)
     if viewer is None:
         return _to_login(request)
-    with unit_of_work(ctl.db) as tx:
-        artifact = tx.get(Artifact, artifact_id)
+    artifact, _ = artifacts.find_artifact(ctl=ctl, artifact_id=artifact_id)
     if artifact is None or variant not in VARIANTS:
         raise NotFound(f"no {variant} for artifact {artifact_id}")
     sha, content_type, name = _variant(artifact, variant)
@@ -386,12 +378,8 @@ def overview(request: Request, ctl: Ctl, window_h: float = 24 * 7) -> Response:
     viewer = _viewer(request, ctl)
     if viewer is None:
         return _to_login(request)
-    from controller.services import flow
-
     window_h = min(max(window_h, 1.0), 24 * 365)
-    with unit_of_work(ctl.db) as tx:
-        figures = flow.flow(tx=tx, window_h=window_h)
-        points = review.trend(tx=tx)
+    figures, points = review.overview(ctl=ctl, window_h=window_h)
     context = {"viewer": viewer, "flow": figures, "trend": points, "window_h": window_h}
     return render(request, "overview.html", context)
 

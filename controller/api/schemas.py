@@ -40,7 +40,10 @@ class MachinePublic(BaseModel):
     setup: list[str]
     pool: str | None
     workdir: str
-    lease_token: int
+    fence: int = Field(
+        description="grows with each lease granted or ended; never a credential (a lease's "
+        "token is shown only to the caller it was granted to)"
+    )
     created_at: datetime
     updated_at: datetime
     ready_at: datetime | None

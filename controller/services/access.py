@@ -2,9 +2,10 @@
 
 One :class:`MachineAccess` per controller (``ctl.access``) owns the SSH connections, shell
 sessions, SFTP, port forwards and one-shot commands. Each call that opens or uses a channel
-checks the machine's state and the caller's lease token first (:func:`machine_for_command`:
-a leased machine needs its current token, a stale one is 409), and each channel is
-registered with the machine and the fence (lease token) it was opened under.
+checks the machine's state and the caller's key first (:func:`authorize`: a leased machine
+needs the secret of its current lease, from the API token that took it; a stale one is 409;
+an unleased machine is for ops), and each channel is registered with the machine and the
+fence it was opened under.
 
 Channels never outlive what they were opened under: when a machine's fence moves (a lease
 is granted or ends: :meth:`MachineAccess.close_before_fence`) the channels of older fences
@@ -16,15 +17,18 @@ connections and ends those it relayed; a closed session answers 410 (``SessionLo
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import re
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import anyio.to_thread
 import paramiko
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 
 from controller.errors import (
     Conflict,
@@ -36,10 +40,12 @@ from controller.errors import (
     TransportError,
 )
 from controller.providers.base import Provider
+from controller.services import auth
 from controller.settings import Settings
+from controller.store import leases as lease_rows
 from controller.store.db import reader, run_read, unit_of_work
-from controller.store.models import Machine, MachineState
-from controller.store.rawsql import Sql, transaction
+from controller.store.models import ApiToken, Lease, LeaseState, Machine, MachineState, Role
+from controller.store.rawsql import Row, transaction
 from controller.transport import exec as commands
 from controller.transport import sessions, sftp
 from controller.transport.forward import Forward, ForwardRegistry
@@ -51,51 +57,134 @@ log = logging.getLogger(__name__)
 EXEC_READY = (MachineState.ready, MachineState.leased)
 """The states in which commands and channels may reach a machine."""
 SESSION_ID = re.compile(r"s-[0-9a-f]{16}")
-STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
-"""A machine's state and fence (the lease paths ask it too)."""
 
 
 # ---------------------------------------------------------------- who may reach in
 
 
-def machine_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> Machine:
-    """The machine, if commands may run in it now. A leased machine needs its current token."""
+@dataclass(frozen=True)
+class Key:
+    """Who reaches into a machine, with what.
+
+    An API caller (``caller``) sends the secret of a lease or of a stage claim in
+    X-Lease-Token (``secret``). The controller's own code (the run driver and the handles
+    it gives agents: ``caller`` None) holds its lease in memory and names its ``fence``.
+    """
+
+    caller: ApiToken | None
+    secret: str | None = None
+    fence: int | None = None
+
+    @staticmethod
+    def of(caller: ApiToken, lease_token: str | None) -> Key:
+        return Key(caller=caller, secret=lease_token)
+
+    @staticmethod
+    def internal(fence: int) -> Key:
+        return Key(caller=None, fence=fence)
+
+
+def machine_for_command(*, db: Engine, machine_id: str, key: Key) -> Machine:
+    """The machine, if ``key`` may run commands in it now (see :func:`authorize`)."""
     with unit_of_work(reader(db)) as tx:  # a read: takes no write lock
         machine = _get_machine(tx.get(Machine, machine_id), machine_id)
-    check_command(machine_id, machine.state, machine.fence, lease_token)
+        check_machine(tx, machine, key)
     return machine
 
 
-def fence_for_command(*, db: Engine, machine_id: str, lease_token: int | None) -> int:
+def check_machine(tx: Session, machine: Machine, key: Key) -> None:
+    """:func:`authorize` for a machine read in ``tx`` (with its active lease)."""
+    lease = tx.exec(
+        select(Lease).where(Lease.machine_id == machine.id, Lease.state == LeaseState.active)
+    ).first()
+    row: Row = {"state": machine.state, "fence": machine.fence, "lease_id": None}
+    if lease is not None:
+        row.update(
+            lease_id=lease.id,
+            lease_fence=lease.fence,
+            token_hash=lease.token_hash,
+            owner_token_id=lease.owner_token_id,
+            claim_hash=lease.claim_hash,
+            claimed_by=lease.claimed_by,
+        )
+    authorize(machine.id, row, key)
+
+
+def fence_for_command(*, db: Engine, machine_id: str, key: Key) -> int:
     """The same check as :func:`machine_for_command` as one plain-SQL read (see ``rawsql``):
-    a session's command already knows its container, so only state and fence are needed."""
+    a session's command already knows its container, so it needs only the machine's state
+    and fence and its active lease's fence, owner and secret hashes; answers the fence."""
     with transaction(db, write=False) as tx:
-        row = tx.one(STATE_AND_FENCE, machine_id=machine_id)
+        row = lease_rows.access_row(tx, machine_id)
     if row is None:
         raise NotFound(f"no machine {machine_id}")
-    check_command(machine_id, MachineState(row["state"]), row["fence"], lease_token)
+    authorize(machine_id, row, key)
     return int(row["fence"])
 
 
-def check_command(
-    machine_id: str, state: MachineState, fence: int, lease_token: int | None
-) -> None:
+def authorize(machine_id: str, row: Row, key: Key) -> None:
+    """Whether ``key`` may reach into the machine whose :data:`store.leases.ACCESS` row
+    this is; raise when not.
+
+    - The machine must be ready or leased (409).
+    - The controller's own code passes with the current fence (else 409 stale).
+    - A secret must be the secret of the machine's active lease, or of the stage claim
+      made under it, whose fence is the machine's; any other (a lease that ended, a guess,
+      a fence number) is 409 stale. The lease's secret serves only the API token that took
+      the lease, the claim's only the token that claimed (403 for any other agent token).
+    - Without a secret: ops may reach into any machine; an agent gets 409 on a leased
+      machine (send the token) and 403 on an unleased one (lease it first).
+    """
+    state = MachineState(row["state"])
     if state not in EXEC_READY:
         raise Conflict(
             f"machine {machine_id} is {state.value}; commands need it ready or leased",
             state=state.value,
         )
-    if state == MachineState.leased and lease_token is None:
-        raise Conflict(
-            f"machine {machine_id} is leased: send the lease's token in X-Lease-Token",
-            state="leased",
+    if key.caller is None:
+        if key.fence is not None and key.fence != row["fence"]:
+            raise StaleLease(
+                f"machine {machine_id} moved past fence {key.fence}",
+                state=state.value,
+                fence=row["fence"],
+            )
+        return
+    ops = key.caller.role == Role.ops
+    if key.secret is None:
+        if ops:
+            return
+        if state == MachineState.leased:
+            raise Conflict(
+                f"machine {machine_id} is leased: send the lease's token in X-Lease-Token",
+                state="leased",
+            )
+        raise Forbidden(
+            f"machine {machine_id} is not leased: lease it first (POST /leases with "
+            f'{{"machine_id": "{machine_id}"}}) and send the lease\'s token in X-Lease-Token'
         )
-    if lease_token is not None and lease_token != fence:
+    given = auth.hash_token(key.secret)
+    current = row.get("lease_id") is not None and row.get("lease_fence") == row["fence"]
+    if current and _same(given, row.get("token_hash")):
+        holder = row.get("owner_token_id")
+    elif current and _same(given, row.get("claim_hash")):
+        holder = row.get("claimed_by")
+    else:
         raise StaleLease(
-            f"lease token {lease_token} is stale: machine {machine_id} is at token {fence}",
+            f"X-Lease-Token is not the token of machine {machine_id}'s current lease "
+            "(the lease ended, or the token was never granted); lease the machine again",
             state=state.value,
-            current_token=fence,
+            fence=row["fence"],
         )
+    if not ops and holder != key.caller.id:
+        raise Forbidden(
+            f"the lease on machine {machine_id} belongs to another API token; "
+            "only that token (or an ops token) may use its token"
+        )
+
+
+def _same(given_hash: str, stored_hash: str | None) -> bool:
+    """Constant time, on hashes of the secrets."""
+    return stored_hash is not None and hmac.compare_digest(given_hash, stored_hash)
 
 
 def _get_machine(machine: Machine | None, machine_id: str) -> Machine:
@@ -123,8 +212,8 @@ class MachineAccess:
 
     # ------------------------------------------------------------ sessions
 
-    def open_session(self, *, machine_id: str, lease_token: int | None) -> sessions.Session:
-        machine = machine_for_command(db=self.db, machine_id=machine_id, lease_token=lease_token)
+    def open_session(self, *, machine_id: str, key: Key) -> sessions.Session:
+        machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
         return self._start_session(machine, f"s-{secrets.token_hex(8)}", restore=False)
 
     async def run_in_session(
@@ -132,14 +221,14 @@ class MachineAccess:
         *,
         machine_id: str,
         session_id: str,
-        lease_token: int | None,
+        key: Key,
         cmd: str,
         timeout_s: float,
     ) -> sessions.SessionResult:
         """The hot path: the state and fence check is one plain-SQL read (inline on SQLite),
         and the command waits on the channel from the event loop."""
         fence = await run_read(
-            self.db, fence_for_command, db=self.db, machine_id=machine_id, lease_token=lease_token
+            self.db, fence_for_command, db=self.db, machine_id=machine_id, key=key
         )
         session = self.sessions.find(machine_id, session_id)
         if session is None:  # not in this process's memory: in the machine, perhaps
@@ -149,8 +238,8 @@ class MachineAccess:
             raise sessions.earlier_lease(session_id, machine_id)
         return await session.run_async(cmd, timeout_s)
 
-    def close_session(self, *, machine_id: str, session_id: str, lease_token: int | None) -> None:
-        machine_for_command(db=self.db, machine_id=machine_id, lease_token=lease_token)
+    def close_session(self, *, machine_id: str, session_id: str, key: Key) -> None:
+        machine_for_command(db=self.db, machine_id=machine_id, key=key)
         self._known_session(machine_id, session_id)
         self.sessions.remove(machine_id, session_id)
 
@@ -200,8 +289,8 @@ class MachineAccess:
 
     # ------------------------------------------------------------ files
 
-    def read_file(self, *, machine_id: str, lease_token: int | None, path: str) -> bytes:
-        machine = machine_for_command(db=self.db, machine_id=machine_id, lease_token=lease_token)
+    def read_file(self, *, machine_id: str, key: Key, path: str) -> bytes:
+        machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
         with self.sftp(machine) as client, _file_errors("read", path):
             return sftp.read(client, path, cap=self.settings.file_cap_bytes)
 
@@ -209,7 +298,7 @@ class MachineAccess:
         self,
         *,
         machine_id: str,
-        lease_token: int | None,
+        key: Key,
         path: str,
         body: AsyncIterator[bytes],
         declared_size: int | None,
@@ -217,7 +306,7 @@ class MachineAccess:
         """Check the machine, read the body up to the cap, write it; the path written and
         its size."""
         machine = await anyio.to_thread.run_sync(
-            lambda: machine_for_command(db=self.db, machine_id=machine_id, lease_token=lease_token)
+            lambda: machine_for_command(db=self.db, machine_id=machine_id, key=key)
         )
         data = await _read_capped(body, declared_size, self.settings.file_cap_bytes)
 
@@ -242,18 +331,16 @@ class MachineAccess:
 
     # ------------------------------------------------------------ ports
 
-    def open_forward(
-        self, *, machine_id: str, lease_token: int | None, port: int
-    ) -> tuple[Forward, bool]:
+    def open_forward(self, *, machine_id: str, key: Key, port: int) -> tuple[Forward, bool]:
         """The forward (one per machine, port and fence) and whether something listens now."""
-        machine = machine_for_command(db=self.db, machine_id=machine_id, lease_token=lease_token)
+        machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
         if not 1 <= port <= 65535:
             raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
         forward = self.forwards.open(
             machine_id=machine.id, container=machine.container_name, port=port, fence=machine.fence
         )
         try:  # a lease that ended meanwhile closed channels before ours was registered
-            fence_for_command(db=self.db, machine_id=machine_id, lease_token=machine.fence)
+            fence_for_command(db=self.db, machine_id=machine_id, key=Key.internal(machine.fence))
         except (Conflict, NotFound):
             self.forwards.close_port(machine.id, port, machine.fence)
             raise
@@ -264,8 +351,8 @@ class MachineAccess:
             listening = False
         return forward, listening
 
-    def close_forward(self, *, machine_id: str, lease_token: int | None, port: int) -> None:
-        machine = machine_for_command(db=self.db, machine_id=machine_id, lease_token=lease_token)
+    def close_forward(self, *, machine_id: str, key: Key, port: int) -> None:
+        machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
         if not self.forwards.close_port(machine.id, port, machine.fence):
             raise NotFound(f"port {port} of {machine_id} is not forwarded")
 
@@ -275,22 +362,20 @@ class MachineAccess:
         self,
         *,
         machine_id: str,
-        lease_token: int | None,
+        key: Key,
         cmd: str,
         cwd: str | None,
         env: dict[str, str],
         timeout_s: float,
     ) -> commands.ExecResult:
-        runner, container, request = self._command(
-            machine_id, lease_token, cmd, cwd, env, timeout_s
-        )
+        runner, container, request = self._command(machine_id, key, cmd, cwd, env, timeout_s)
         return commands.run(runner, container, request, cap=self.settings.exec_output_cap)
 
     def stream_command(
         self,
         *,
         machine_id: str,
-        lease_token: int | None,
+        key: Key,
         cmd: str,
         cwd: str | None,
         env: dict[str, str],
@@ -298,21 +383,19 @@ class MachineAccess:
     ) -> Iterator[str]:
         """NDJSON lines as output arrives; the machine and token are checked before the
         first one."""
-        runner, container, request = self._command(
-            machine_id, lease_token, cmd, cwd, env, timeout_s
-        )
+        runner, container, request = self._command(machine_id, key, cmd, cwd, env, timeout_s)
         return commands.stream(runner, container, request, cap=self.settings.exec_output_cap)
 
     def _command(
         self,
         machine_id: str,
-        lease_token: int | None,
+        key: Key,
         cmd: str,
         cwd: str | None,
         env: dict[str, str],
         timeout_s: float,
     ) -> tuple[SshCommands | Provider, str, commands.ExecRequest]:
-        machine = machine_for_command(db=self.db, machine_id=machine_id, lease_token=lease_token)
+        machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
         request = commands.ExecRequest(
             cmd=cmd,
             cwd=commands.check_cwd(cwd or machine.workdir),

@@ -202,7 +202,9 @@ class RunDriver:
         try:
             leases.renew(db=self.ctl.db, lease_id=lease.id, caller=None)
             machine = access.machine_for_command(
-                db=self.ctl.db, machine_id=lease.machine_id, lease_token=lease.token
+                db=self.ctl.db,
+                machine_id=lease.machine_id,
+                key=access.Key.internal(lease.fence),
             )
         except ShopfloorError as exc:
             log.info("run %s cannot adopt lease %s: %s", self.run_id, lease.id, exc.message)
@@ -329,7 +331,9 @@ class RunDriver:
             return False
         try:
             access.machine_for_command(
-                db=self.ctl.db, machine_id=self.lease.machine_id, lease_token=self.lease.token
+                db=self.ctl.db,
+                machine_id=self.lease.machine_id,
+                key=access.Key.internal(self.lease.fence),
             )
         except ShopfloorError:
             return False

@@ -15,6 +15,8 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from controller.services.runtime import Controller
+from controller.store.db import unit_of_work
 from controller.store.models import (
     FINISHED_RUN_STATUSES,
     Lease,
@@ -72,6 +74,12 @@ class StageFigures:
             "duration_ms_p50": percentile(self.durations_ms, 50),
             "duration_ms_p95": percentile(self.durations_ms, 95),
         }
+
+
+def figures(*, ctl: Controller, window_h: float) -> dict[str, Any]:
+    """:func:`flow` over the last ``window_h`` hours, read without the write lock."""
+    with unit_of_work(ctl.reader) as tx:
+        return flow(tx=tx, window_h=window_h)
 
 
 def flow(*, tx: Session, window_h: float, now: datetime | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import paramiko
 
 from agents.base import CommandResult, MachineHandle
 from controller.errors import ShopfloorError
+from controller.services import access
 from controller.services.runtime import Controller
 from controller.store.models import Machine
 from controller.transport import exec as commands
@@ -69,7 +70,7 @@ class SshMachineHandle:
 
     def forward(self, port: int) -> str:
         forward, _ = self.access.open_forward(
-            machine_id=self.machine_id, lease_token=self.fence, port=port
+            machine_id=self.machine_id, key=access.Key.internal(self.fence), port=port
         )
         return forward.url
 

@@ -1,7 +1,8 @@
-"""Leases: acquire, renew, release, expire, with a fencing token per machine.
+"""Leases: acquire, renew, release, expire, with a secret per lease and a fence per machine.
 
 A grant is one database transaction that flips a ``ready`` machine to ``leased`` and bumps
-its fence (``Machine.fence``); the new fence is the lease's token. SQLite serializes the
+its fence (``Machine.fence``); the lease records that fence and the SHA-256 of a new random
+secret, which only the grant's answer shows (``LeaseGranted.token``). SQLite serializes the
 transaction with ``BEGIN IMMEDIATE`` (see ``db.make_engine``); on PostgreSQL the candidate
 row is taken with ``SELECT ... FOR UPDATE SKIP LOCKED`` and flipped by an ``UPDATE`` that
 re-checks ``state = 'ready'``, so no machine is ever held by two leases. Ending a lease
@@ -17,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from controller.domain import LeasePublic, LeaseSelector, ResetPolicy
+from controller.domain import LeaseGranted, LeasePublic, LeaseSelector, ResetPolicy
 from controller.errors import (
     Conflict,
     Forbidden,
@@ -37,10 +39,10 @@ from controller.errors import (
     ShopfloorError,
     WaitTimeout,
 )
-from controller.services import access, machines
+from controller.services import auth, machines
 from controller.services.lease_runtime import LeaseRuntime
 from controller.services.runtime import Controller
-from controller.store import events
+from controller.store import leases as rows
 from controller.store.db import unit_of_work
 from controller.store.models import (
     ApiToken,
@@ -49,10 +51,9 @@ from controller.store.models import (
     Machine,
     MachineState,
     Role,
-    new_id,
     utcnow,
 )
-from controller.store.rawsql import Row, Sql, Tx, Work, transaction
+from controller.store.rawsql import Row, Tx, Work, transaction
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,12 @@ def check_target(tx: Tx, target: Target) -> None:
     Asked only when a grant found no machine, so the hot path skips this read.
     """
     if target.pool:
-        if tx.one(_POOL_NAMED, pool=target.pool):
+        if rows.pool_exists(tx, target.pool):
             return
-        known = ", ".join(row["name"] for row in tx.rows(_POOL_NAMES)) or "none yet"
+        known = ", ".join(rows.pool_names(tx)) or "none yet"
         raise NotFound(f"unknown pool {target.pool!r}; pools: {known}")
     if target.machine_id:
-        machine = tx.one(access.STATE_AND_FENCE, machine_id=target.machine_id)
+        machine = rows.machine_state(tx, target.machine_id)
         if machine is None:
             raise NotFound(f"no machine {target.machine_id}")
         if machine["state"] not in LEASABLE:
@@ -126,72 +127,13 @@ def check_target(tx: Tx, target: Target) -> None:
 LEASABLE = (MachineState.ready, MachineState.leased, MachineState.provisioning)
 
 
-# ---------------------------------------------------------------- statements
-
-# Every agent's lease and release runs these, so they are plain SQL on the driver's
-# connection (see controller/store/rawsql.py): no ORM objects, no statement building per call.
-
-_POOL_NAMED = Sql("SELECT name FROM pools WHERE name = :pool")
-_POOL_NAMES = Sql("SELECT name FROM pools ORDER BY name")
-_LEASED_NOW = "SET state = 'leased', fence = fence + 1, updated_at = :now"
-_FLIP_BY_ID = Sql(
-    f"UPDATE machines {_LEASED_NOW} WHERE id = :candidate AND state = 'ready' "
-    "RETURNING id, fence, pool"
-)
-_LEASE_COLUMNS = (
-    "id, machine_id, pool, holder, owner_token_id, token, state, ttl_s, wait_ms, "
-    "requested_at, acquired_at, expires_at, ended_at"
-)
-_INSERT_LEASE = Sql(
-    f"INSERT INTO leases ({_LEASE_COLUMNS}) "
-    f"VALUES ({', '.join(':' + name for name in _LEASE_COLUMNS.split(', '))})"
-)
-_SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = :lease_id")
-_END_LEASE = Sql("UPDATE leases SET state = :new_state, ended_at = :now WHERE id = :lease_id")
-_RENEW_LEASE = Sql(
-    "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
-)
-_MACHINE_AND_POLICY = Sql(
-    "SELECT m.state, m.fence, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
-    "WHERE m.id = :machine_id"
-)
-_FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
-_DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
-_ORPHANS = Sql(
-    "SELECT m.id, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
-    "WHERE m.state = 'leased' AND NOT EXISTS "
-    "(SELECT 1 FROM leases l WHERE l.machine_id = m.id AND l.state = 'active')"
-)
-_FILTERS = ("pool", "id", "repo")
-"""Columns a target may filter on; only these names ever reach the SQL text."""
-
-
-@functools.cache
-def _claim_first(by: tuple[str, ...]) -> Sql:
-    """``UPDATE ... WHERE id = (SELECT the longest-ready fitting id)``, per filter set.
-
-    On PostgreSQL the inner select skips rows another transaction is taking
-    (``FOR UPDATE SKIP LOCKED``); the outer ``state = 'ready'`` check makes the flip safe
-    on both databases.
-    """
-    return Sql(
-        f"UPDATE machines {_LEASED_NOW} WHERE state = 'ready' AND id = "
-        f"(SELECT id FROM machines WHERE {_fits(by)} ORDER BY updated_at LIMIT 1 {{skip_locked}}) "
-        "RETURNING id, fence, pool"
-    )
-
-
-@functools.cache
-def _candidates(by: tuple[str, ...]) -> Sql:
-    return Sql(f"SELECT id, labels FROM machines WHERE {_fits(by)} ORDER BY updated_at")
-
-
-def _fits(by: tuple[str, ...]) -> str:
-    assert set(by) <= set(_FILTERS), by
-    return " AND ".join(["state = 'ready'", *(f"{column} = :want_{column}" for column in by)])
-
-
 # ---------------------------------------------------------------- the atomic grant
+
+
+def new_secret() -> tuple[str, str]:
+    """A lease's secret (unguessable: 256 random bits) and the SHA-256 stored in its place."""
+    secret = secrets.token_urlsafe(32)
+    return secret, auth.hash_token(secret)
 
 
 def grant_in(
@@ -203,63 +145,26 @@ def grant_in(
     owner: ApiToken | None,
     requested_at_monotonic: float,
     first_try: bool = False,
-) -> LeasePublic | None:
+) -> LeaseGranted | None:
     """Take a ready machine that fits, bump its fence, write the lease, all within ``tx``
     (one transaction, or one savepoint of a group commit); None when nothing fits."""
-    claimed = _claim(tx, target)
-    if claimed is None:
+    given = {"pool": target.pool, "id": target.machine_id, "repo": target.repo}
+    secret, token_hash = new_secret()
+    lease = rows.grant(
+        tx,
+        filters={column: value for column, value in given.items() if value is not None},
+        labels_fit=target.matches_labels if target.labels else None,
+        holder=holder,
+        ttl_s=ttl_s,
+        owner_token_id=owner.id if owner else None,
+        token_hash=token_hash,
+        wait_ms=round((time.monotonic() - requested_at_monotonic) * 1000, 3),
+    )
+    if lease is None:
         if first_try:
             check_target(tx, target)
         return None
-    now = utcnow()
-    wait_ms = round((time.monotonic() - requested_at_monotonic) * 1000, 3)
-    lease = {
-        "id": new_id("l"),
-        "machine_id": claimed["id"],
-        "pool": claimed["pool"],
-        "holder": holder,
-        "owner_token_id": owner.id if owner else None,
-        "token": claimed["fence"],
-        "state": LeaseState.active,
-        "ttl_s": ttl_s,
-        "wait_ms": wait_ms,
-        "requested_at": now - timedelta(milliseconds=wait_ms),
-        "acquired_at": now,
-        "expires_at": now + timedelta(seconds=ttl_s),
-        "ended_at": None,
-    }
-    tx.run(_INSERT_LEASE, **lease)
-    events.insert(
-        tx,
-        events.machine_state(claimed["id"], MachineState.leased, MachineState.ready),
-        (
-            "lease.granted",
-            lease["id"],
-            {
-                "machine_id": claimed["id"],
-                "holder": holder,
-                "token": claimed["fence"],
-                "ttl_s": ttl_s,
-                "wait_ms": wait_ms,
-            },
-        ),
-    )
-    return LeasePublic.model_validate(lease)
-
-
-def _claim(tx: Tx, target: Target) -> Row | None:
-    """Flip the longest-ready fitting machine to leased; answer its id, new fence and pool."""
-    given = {"pool": target.pool, "id": target.machine_id, "repo": target.repo}
-    by = tuple(column for column, value in given.items() if value is not None)
-    params: dict[str, Any] = {f"want_{column}": given[column] for column in by}
-    now = utcnow()
-    if not target.labels:
-        return tx.one(_claim_first(by), now=now, **params)
-    for candidate in tx.rows(_candidates(by), **params):
-        if target.matches_labels(candidate["labels"] or {}):
-            if row := tx.one(_FLIP_BY_ID, candidate=candidate["id"], now=now):
-                return row
-    return None
+    return LeaseGranted.model_validate({**lease, "token": secret})
 
 
 def runtime(ctl: Controller) -> LeaseRuntime:
@@ -275,7 +180,7 @@ class LeaseRequest:
     owner: ApiToken | None = None
 
 
-def _grant(request: LeaseRequest, started: float, check: bool) -> Work[LeasePublic | None]:
+def _grant(request: LeaseRequest, started: float, check: bool) -> Work[LeaseGranted | None]:
     """The request's grant, as work for a transaction (see :func:`grant_in`)."""
     return functools.partial(
         grant_in,
@@ -302,7 +207,7 @@ def _timeout(request: LeaseRequest) -> WaitTimeout:
     )
 
 
-async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeasePublic:
+async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeaseGranted:
     """Grant at once or wait up to ``wait_s`` without holding a worker thread while waiting."""
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -340,7 +245,7 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeasePubli
 
 def acquire_blocking(
     *, ctl: Controller, request: LeaseRequest, give_up: Callable[[], str | None] | None = None
-) -> LeasePublic:
+) -> LeaseGranted:
     """The same as :func:`acquire_async` for threads (the run driver).
 
     ``give_up`` is asked while waiting; a non-empty answer ends the wait with that reason.
@@ -384,7 +289,7 @@ def get_lease(tx: Session, lease_id: str) -> Lease:
 
 
 def _load_lease(tx: Tx, lease_id: str) -> Row:
-    row = tx.one(_SELECT_LEASE, lease_id=lease_id)
+    row = rows.load(tx, lease_id)
     if row is None:
         raise NotFound(f"no lease {lease_id}")
     return row
@@ -435,8 +340,7 @@ def _renew_in(
     _check_active(lease, "renew")
     ttl_s = lease["ttl_s"] if ttl_s is None else ttl_s
     expires_at = utcnow() + timedelta(seconds=ttl_s)
-    tx.run(_RENEW_LEASE, lease_id=lease_id, new_ttl=ttl_s, new_expiry=expires_at)
-    events.insert(tx, ("lease.renewed", lease_id, {"expires_at": expires_at.isoformat()}))
+    rows.renew(tx, lease_id, ttl_s=ttl_s, expires_at=expires_at)
     return _public(lease, ttl_s=ttl_s, expires_at=expires_at)
 
 
@@ -474,33 +378,16 @@ def _end(
 ) -> tuple[LeasePublic, ResetPolicy | None]:
     """End the lease and fence the machine; say how the machine must come back (or None)."""
     now = utcnow()
-    machine_id = lease["machine_id"]
-    tx.run(_END_LEASE, lease_id=lease["id"], new_state=state, now=now)
-    changes: list[events.Change] = [
-        (f"lease.{state.value}", lease["id"], {"machine_id": machine_id, "token": lease["token"]})
-    ]
-    ended = _public(lease, state=state, ended_at=now)
-    machine = tx.one(_MACHINE_AND_POLICY, machine_id=machine_id)
-    if (
-        machine is None
-        or machine["state"] != MachineState.leased
-        or machine["fence"] != lease["token"]
-    ):
-        events.insert(tx, *changes)
-        return ended, None
-    # The old token is stale from now on, even once the machine is ready again. Whatever
-    # the policy, the machine stays leased (by nobody) until its hand-over is done.
-    policy: ResetPolicy = machine["reset"] or "keep"
-    tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
-    runtime(ctl).returning.add(machine_id)
-    events.insert(tx, *changes)
-    return ended, policy
+    policy = cast("ResetPolicy | None", rows.end(tx, lease, state, now))
+    if policy is not None:  # every policy: the machine waits leased for its hand-over
+        runtime(ctl).returning.add(lease["machine_id"])
+    return _public(lease, state=state, ended_at=now), policy
 
 
 def _after_grant(ctl: Controller, lease: LeasePublic) -> None:
     """Channels opened before this lease (under an earlier fence) must not serve it."""
     ctl.access.close_before_fence(
-        machine_id=lease.machine_id, fence=lease.token, why="the machine was leased again"
+        machine_id=lease.machine_id, fence=lease.fence, why="the machine was leased again"
     )
 
 
@@ -509,7 +396,7 @@ def _after_end(ctl: Controller, ended: LeasePublic, policy: ResetPolicy | None) 
     sessions answer 410), and the machine comes back per its pool's policy."""
     machine_id = ended.machine_id
     ctl.access.close_before_fence(
-        machine_id=machine_id, fence=ended.token + 1, why="its lease ended"
+        machine_id=machine_id, fence=ended.fence + 1, why="its lease ended"
     )
     if policy is not None and not ctl.stopping.is_set():
         # When stopping, the next start finds the machine leased by nobody and returns it.
@@ -592,7 +479,7 @@ def reap(*, ctl: Controller) -> list[str]:
     """Expire leases past their time and bring back leased machines nobody holds."""
     expired: list[str] = []
     with transaction(ctl.reader, write=False) as tx:
-        due = [row["id"] for row in tx.rows(_DUE_LEASES, now=utcnow())]
+        due = rows.due(tx, utcnow())
     for lease_id in due:
         with transaction(ctl.db) as tx:
             lease = _load_lease(tx, lease_id)
@@ -611,7 +498,7 @@ def _return_orphans(ctl: Controller) -> None:
     with transaction(ctl.reader, write=False) as tx:
         orphans: list[tuple[str, ResetPolicy]] = [
             (row["id"], row["reset"] or "keep")
-            for row in tx.rows(_ORPHANS)
+            for row in rows.orphans(tx)
             if row["id"] not in rt.returning
         ]
     for machine_id, policy in orphans:
@@ -621,8 +508,14 @@ def _return_orphans(ctl: Controller) -> None:
         ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
 
 
-def list_leases(*, tx: Session, state: str | None = None, limit: int = 200) -> list[Lease]:
+def list_leases(*, ctl: Controller, state: str | None = None, limit: int = 200) -> list[Lease]:
     query = select(Lease).order_by(col(Lease.acquired_at).desc()).limit(limit)
     if state:
         query = query.where(Lease.state == state)
-    return list(tx.exec(query))
+    with unit_of_work(ctl.reader) as tx:
+        return list(tx.exec(query))
+
+
+def show_lease(*, ctl: Controller, lease_id: str) -> Lease:
+    with unit_of_work(ctl.reader) as tx:
+        return get_lease(tx, lease_id)

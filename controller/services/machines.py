@@ -508,7 +508,7 @@ def destroy_machine(
 
 def list_machines(
     *,
-    tx: Session,
+    ctl: Controller,
     state: str | None = None,
     pool: str | None = None,
     label: str | None = None,
@@ -521,13 +521,19 @@ def list_machines(
         query = query.where(Machine.state != MachineState.destroyed)
     if pool:
         query = query.where(Machine.pool == pool)
-    machines = list(tx.exec(query))
+    with unit_of_work(ctl.reader) as tx:
+        machines = list(tx.exec(query))
     if label:
         key, _, value = label.partition("=")
         machines = [
             m for m in machines if key in m.labels and (not value or m.labels[key] == value)
         ]
     return machines
+
+
+def show_machine(*, ctl: Controller, machine_id: str) -> Machine:
+    with unit_of_work(ctl.reader) as tx:
+        return get_machine(tx, machine_id)
 
 
 def make_spec(
@@ -555,6 +561,11 @@ def make_spec(
         setup=list(template.setup),
         pool=pool,
     )
+
+
+def request_machine(*, ctl: Controller, template: MachineTemplate, wait: bool) -> Machine:
+    """A machine from a template: checked, recorded, and provisioned (see :func:`submit`)."""
+    return submit(ctl=ctl, spec=make_spec(ctl=ctl, template=template), wait=wait)
 
 
 def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:

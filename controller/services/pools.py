@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
@@ -35,6 +36,14 @@ def check_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class PoolView:
+    """A pool with its machines counted by state (destroyed ones left out)."""
+
+    pool: Pool
+    counts: dict[str, int]
+
+
 def get_pool(tx: Session, name: str) -> Pool:
     pool = tx.get(Pool, name)
     if pool is None:
@@ -51,7 +60,7 @@ def put_pool(
     min_ready: int,
     max_machines: int,
     reset: ResetPolicy,
-) -> Pool:
+) -> PoolView:
     """Create or change a pool; the template is checked now (repo, ref, image) and kept."""
     check_name(name)
     if min_ready > max_machines:
@@ -78,7 +87,18 @@ def put_pool(
             max_machines=max_machines,
             reset=reset,
         )
-        return pool
+        return PoolView(pool, counts(tx, name))
+
+
+def show_pool(*, ctl: Controller, name: str) -> PoolView:
+    with unit_of_work(ctl.reader) as tx:
+        return PoolView(get_pool(tx, name), counts(tx, name))
+
+
+def list_pools(*, ctl: Controller) -> list[PoolView]:
+    with unit_of_work(ctl.reader) as tx:
+        found = tx.exec(select(Pool).order_by(col(Pool.name)))
+        return [PoolView(pool, counts(tx, pool.name)) for pool in found]
 
 
 def counts(tx: Session, name: str) -> dict[str, int]:
@@ -91,11 +111,6 @@ def counts(tx: Session, name: str) -> dict[str, int]:
         for state in MachineState
         if state.value != "destroyed"
     }
-
-
-def list_pools(*, tx: Session) -> list[tuple[Pool, dict[str, int]]]:
-    pools = tx.exec(select(Pool).order_by(col(Pool.name)))
-    return [(pool, counts(tx, pool.name)) for pool in pools]
 
 
 def fill(*, ctl: Controller) -> dict[str, int]:

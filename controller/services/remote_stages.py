@@ -2,16 +2,23 @@
 on the run's machine under the run's lease, and reports its result.
 
 The ``remote`` agent (agents/remote.py) holds the stage open until the report arrives or
-the stage's timeout passes. A claim hands out what the agent needs (the task, the stage's
-``with`` block, the machine and the run's lease token); the report must carry that token
-(``X-Lease-Token``) and the attempt it is for, so a report from an agent that lost the
-machine, or from an earlier attempt, is refused with 409 and changes nothing. Reports are
-events (``stage.reported``), written under the writer lock with their checks, so a stage
-attempt takes exactly one.
+the stage's timeout passes. Only the run's creator or ops may claim (403 otherwise). A
+claim hands out what the agent needs (the task, the stage's ``with`` block, the machine)
+and a new secret bound to the run's current lease and to the claiming API token: the
+run's own lease secret stays with the driver. The lease row keeps the secret's SHA-256
+(``claim_hash``) and the claimer (``claimed_by``), so machine access accepts the secret
+from that token alone, while the run holds that lease; a new claim replaces it. The report
+must carry that secret (``X-Lease-Token``), come from the claiming token (403 otherwise)
+and name the attempt it is for, so a report from an agent that lost the machine, or from
+an earlier attempt, is refused with 409 and changes nothing. Reports are events
+(``stage.reported``), written under the writer lock with their checks, so a stage attempt
+takes exactly one.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -19,8 +26,8 @@ from sqlmodel import Session, col, select
 
 from agents.base import HANDOFF_DIR, RemoteReport
 from controller.domain import StageClaim, StageReport
-from controller.errors import Conflict, StaleLease
-from controller.services import runs
+from controller.errors import Conflict, Forbidden, StaleLease
+from controller.services import auth, runs
 from controller.store import events  # runs imports this module too: use it at call time
 from controller.store.db import unit_of_work
 from controller.store.models import (
@@ -41,9 +48,13 @@ REPORTED = "stage.reported"
 def claim(*, db: Engine, run_id: str, stage_name: str, caller: ApiToken) -> StageClaim:
     with unit_of_work(db) as tx:
         run, stage = _running_remote_stage(tx, run_id, stage_name)
+        runs.check_creator(run, caller, "claim its stages")
         lease = _active_lease(tx, run)
         machine = tx.get(Machine, lease.machine_id)
         assert machine is not None
+        secret = secrets.token_urlsafe(32)
+        lease.claim_hash, lease.claimed_by = auth.hash_token(secret), caller.id
+        tx.add(lease)
         events.record(
             tx,
             "stage.claimed",
@@ -63,7 +74,8 @@ def claim(*, db: Engine, run_id: str, stage_name: str, caller: ApiToken) -> Stag
             params=dict(stage.params),
             timeout_s=stage.timeout_s,
             machine_id=machine.id,
-            lease_token=lease.token,
+            lease_token=secret,
+            fence=lease.fence,
             workdir=machine.workdir,
             handoff_dir=HANDOFF_DIR,
         )
@@ -75,18 +87,25 @@ def report(
     run_id: str,
     stage_name: str,
     result: StageReport,
-    lease_token: int | None,
+    lease_token: str | None,
     caller: ApiToken,
 ) -> None:
     with unit_of_work(db) as tx:
         run, stage = _running_remote_stage(tx, run_id, stage_name)
+        runs.check_creator(run, caller, "report its stages")
         lease = _active_lease(tx, run)
         if lease_token is None:
-            raise Conflict("a stage report must carry the run's lease token in X-Lease-Token")
-        if lease_token != lease.token:
+            raise Conflict("a stage report must carry the claim's token in X-Lease-Token")
+        if lease.claim_hash is None or not hmac.compare_digest(
+            auth.hash_token(lease_token), lease.claim_hash
+        ):
             raise StaleLease(
-                f"lease token {lease_token} is not the run's current one; "
-                "claim the stage again for the current token"
+                "X-Lease-Token is not the token of the stage's current claim (the run moved "
+                "to another lease, or the stage was claimed again); claim the stage again"
+            )
+        if lease.claimed_by != caller.id:
+            raise Forbidden(
+                f"stage {stage.name} was claimed by another API token; only it may report"
             )
         if result.attempt != stage.attempts:
             raise Conflict(

@@ -16,6 +16,9 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from controller.errors import ShopfloorError
+from controller.services import flow
+from controller.services.runtime import Controller
+from controller.store.db import unit_of_work
 from controller.store.models import Artifact, ArtifactKind, Run, RunStatus, Stage, Verdict
 from evidence import junit, logs
 from evidence.store import ArtifactStore
@@ -67,7 +70,12 @@ class RunsPage:
     has_next: bool
 
 
-def runs_page(*, tx: Session, filters: RunFilters) -> RunsPage:
+def runs_page(*, ctl: Controller, filters: RunFilters) -> RunsPage:
+    with unit_of_work(ctl.reader) as tx:
+        return _runs_page(tx, filters)
+
+
+def _runs_page(tx: Session, filters: RunFilters) -> RunsPage:
     query = select(Run).outerjoin(Verdict, col(Verdict.run_id) == col(Run.id))
     if filters.status:
         query = query.where(Run.status == filters.status)
@@ -181,7 +189,31 @@ class RunPage:
         return dict(total)
 
 
-def run_page(*, tx: Session, store: ArtifactStore, run_id: str) -> RunPage | None:
+def run_page(*, ctl: Controller, run_id: str) -> RunPage | None:
+    """What the run page shows, or None when there is no such run."""
+    store = ArtifactStore.from_settings(ctl.settings)
+    with unit_of_work(ctl.reader) as tx:
+        return _run_page(tx, store, run_id)
+
+
+def artifacts_page(
+    *, ctl: Controller, run_id: str, kind: ArtifactKind, limit: int, offset: int
+) -> tuple[Run, list[Artifact]] | None:
+    """A run and a page of its artifacts of one kind, or None when there is no such run."""
+    with unit_of_work(ctl.reader) as tx:
+        run = tx.get(Run, run_id)
+        if run is None:
+            return None
+        return run, artifacts_of(tx, run_id, kind, limit=limit, offset=offset)
+
+
+def overview(*, ctl: Controller, window_h: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The flow figures over the window, and the headline share per day of the last week."""
+    with unit_of_work(ctl.reader) as tx:
+        return flow.flow(tx=tx, window_h=window_h), trend(tx=tx)
+
+
+def _run_page(tx: Session, store: ArtifactStore, run_id: str) -> RunPage | None:
     run = tx.get(Run, run_id)
     if run is None:
         return None
@@ -335,7 +367,6 @@ def trend(*, tx: Session, days: int = 7) -> list[dict[str, Any]]:
     """The headline share per day, from the flow service (controller/services/flow.py)."""
     from datetime import timedelta
 
-    from controller.services import flow
     from controller.store.models import utcnow
 
     now = utcnow()

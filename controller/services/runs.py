@@ -7,13 +7,14 @@ driver (``driver.py``) does the work, these functions keep the books.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from agents import registry
 from controller.domain import MachineTemplate, RunSpec
-from controller.errors import Conflict, InvalidInput, NotFound
+from controller.errors import Conflict, Forbidden, InvalidInput, NotFound
 from controller.services import machines, pools, repos
 from controller.services.runtime import Controller
 from controller.store import events
@@ -23,13 +24,14 @@ from controller.store.models import (
     ApiToken,
     Event,
     Machine,
+    Role,
     Run,
     RunStatus,
     Stage,
     StageStatus,
     utcnow,
 )
-from evidence import store
+from evidence import store, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,28 @@ def check_agents(spec: RunSpec) -> None:
             )
 
 
-def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> Run:
+@dataclass(frozen=True)
+class RunView:
+    """A run as the API shows it: its stages, its verdict, whether it is closed, and (for
+    one run) its events."""
+
+    run: Run
+    stages: list[Stage]
+    verdict: verdicts.VerdictState
+    closed: bool
+    events: list[Event] = field(default_factory=list)
+
+
+def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> RunView:
     """Check everything that can be checked up front, then queue the run."""
     check_agents(spec)
     repo = repos.parse_repo(spec.repo, roots=ctl.settings.repo_root_paths).value
     ref = repos.check_ref(spec.ref) if spec.ref else "HEAD"
-    with unit_of_work(ctl.db) as tx:
-        if spec.pool:
-            _check_pool_repo(tx, spec.pool, repo)
     if not spec.pool:
         machines.make_spec(ctl=ctl, template=MachineTemplate(repo=repo, ref=ref))
     with unit_of_work(ctl.db) as tx:
+        if spec.pool:
+            _check_pool_repo(tx, spec.pool, repo)
         run = Run(
             task=spec.task,
             repo=repo,
@@ -87,7 +100,47 @@ def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> Ru
             pool=spec.pool,
             stages=[s.name for s in spec.stages],
         )
-        return run
+        tx.flush()
+        return _view(tx, run)
+
+
+def show_run(*, ctl: Controller, run_id: str) -> RunView:
+    """One run with its events."""
+    with unit_of_work(ctl.reader) as tx:
+        return _view(tx, get_run(tx, run_id), with_events=True)
+
+
+def list_runs(*, ctl: Controller, status: str | None = None, limit: int = 100) -> list[RunView]:
+    """The newest runs first; stages and verdicts read for all of them at once."""
+    with unit_of_work(ctl.reader) as tx:
+        query = select(Run).order_by(col(Run.created_at).desc()).limit(limit)
+        if status:
+            query = query.where(Run.status == status)
+        found = list(tx.exec(query))
+        ids = [run.id for run in found]
+        stages = verdicts.stages_for(tx, ids)
+        given = verdicts.verdicts_for(tx, ids)
+    return [
+        RunView(
+            run=run,
+            stages=stages[run.id],
+            verdict=verdicts.verdict_state(given.get(run.id)),
+            closed=verdicts.is_closed(stages[run.id], given.get(run.id)),
+        )
+        for run in found
+    ]
+
+
+def _view(tx: Session, run: Run, *, with_events: bool = False) -> RunView:
+    stages = stages_of(tx, run.id)
+    verdict = verdicts.get_verdict(tx, run.id)
+    return RunView(
+        run=run,
+        stages=stages,
+        verdict=verdicts.verdict_state(verdict),
+        closed=verdicts.is_closed(stages, verdict),
+        events=events_of(tx, run, stages) if with_events else [],
+    )
 
 
 def _check_pool_repo(tx: Session, pool_name: str, repo: str) -> None:
@@ -131,17 +184,22 @@ def events_of(tx: Session, run: Run, stages: list[Stage], limit: int = 500) -> l
     return list(tx.exec(query))
 
 
-def list_runs(*, tx: Session, status: str | None = None, limit: int = 100) -> list[Run]:
-    query = select(Run).order_by(col(Run.created_at).desc()).limit(limit)
-    if status:
-        query = query.where(Run.status == status)
-    return list(tx.exec(query))
+def check_creator(run: Run, caller: ApiToken | None, action: str) -> None:
+    """Only the API token that created the run, or an ops token, may ``action`` it."""
+    if caller is None or caller.role == Role.ops or run.created_by == caller.id:
+        return
+    raise Forbidden(
+        f"run {run.id} was created by another API token; only that token or an ops token "
+        f"may {action}"
+    )
 
 
-def cancel_run(*, db: Any, run_id: str) -> Run:
-    """Queued runs end at once; running ones are stopped by their driver within a second."""
-    with unit_of_work(db) as tx:
+def cancel_run(*, ctl: Controller, run_id: str, caller: ApiToken | None) -> RunView:
+    """Queued runs end at once; running ones are stopped by their driver within a second.
+    Only the run's creator or ops may (``caller`` None: the controller itself)."""
+    with unit_of_work(ctl.db) as tx:
         run = get_run(tx, run_id)
+        check_creator(run, caller, "cancel it")
         if run.status in FINISHED_RUN_STATUSES:
             raise Conflict(f"run {run_id} already ended ({run.status.value})", state=run.status)
         run.cancel_requested = True
@@ -149,7 +207,8 @@ def cancel_run(*, db: Any, run_id: str) -> Run:
         events.record(tx, "run.cancel_requested", run.id)
         if run.status == RunStatus.queued:
             end_run(tx, run, RunStatus.cancelled, "cancelled before it started")
-        return run
+        tx.flush()
+        return _view(tx, run)
 
 
 def end_run(tx: Session, run: Run, status: RunStatus, reason: str | None) -> None:

@@ -93,7 +93,7 @@ class Machine(SQLModel, table=True):
     container_name: str
     volume_name: str
     fence: int = 0
-    """Fencing counter: the newest lease token granted on this machine."""
+    """Fencing counter: grows with each lease granted or ended on this machine."""
     created_at: datetime = ts_field()
     updated_at: datetime = ts_field()
     ready_at: datetime | None = ts_field(nullable=True)
@@ -245,7 +245,10 @@ class Pool(SQLModel, table=True):
 
 
 class Lease(SQLModel, table=True):
-    """One holder's exclusive, time-bounded right to a machine; ``token`` is the fence."""
+    """One holder's exclusive, time-bounded right to a machine.
+
+    Its secret (the ``X-Lease-Token`` its holder sends) is stored only as a SHA-256 hash;
+    ``fence`` is the machine's fence at the grant."""
 
     __tablename__ = "leases"
 
@@ -254,8 +257,14 @@ class Lease(SQLModel, table=True):
     pool: str | None = Field(default=None, index=True)
     holder: str
     owner_token_id: str | None = None
-    """The API token that took the lease; only it (or ops) may renew or release."""
-    token: int
+    """The API token that took the lease; only it (or ops) may use, renew or release it."""
+    fence: int
+    token_hash: str | None = None
+    """SHA-256 of the lease's secret (None: a lease ended at the upgrade that made secrets)."""
+    claim_hash: str | None = None
+    """SHA-256 of the secret of a claim on the run's remote stage made under this lease."""
+    claimed_by: str | None = None
+    """The API token that made that claim; only it may use the claim's secret."""
     state: LeaseState = Field(default=LeaseState.active, index=True)
     ttl_s: float
     wait_ms: float = 0.0

@@ -30,7 +30,8 @@ class EvidenceEnv:
     """Carries an ops token."""
     tokens: dict[str, str]
     machine_id: str
-    lease_token: int
+    lease_token: str
+    lease_fence: int
     repo: str
 
     def headers(self, role: str) -> dict[str, str]:
@@ -109,6 +110,7 @@ def evidence_env(
         lease = client.post(
             "/api/v1/leases",
             json={"machine_id": machine["id"], "holder": "evidence-tests", "ttl_s": 3600},
+            headers={"Authorization": f"Bearer {tokens['agent']}"},  # the uploader's lease
         )
         assert lease.status_code == 201, lease.text
         yield EvidenceEnv(
@@ -116,7 +118,8 @@ def evidence_env(
             client=client,
             tokens=tokens,
             machine_id=machine["id"],
-            lease_token=int(lease.json()["token"]),
+            lease_token=lease.json()["token"],
+            lease_fence=int(lease.json()["fence"]),
             repo=str(repo),
         )
         client.delete(f"/api/v1/machines/{machine['id']}")

@@ -99,12 +99,14 @@ def test_a_remote_agent_claims_a_stage_works_under_the_runs_lease_and_reports(
         {"name": "implement", "agent": "remote", "with": {"model": "any"}, "timeout_s": 120},
         {"name": "test", "agent": "command", "with": {"cmd": "cat ../.shopfloor/remote-was-here"}},
     ]
-    created = live_client.post(
+    token = issue_token(settings, Role.agent)
+    created = live_client.post(  # the agent's own run: it may claim and report its stages
         "/api/v1/runs",
         json={"task": "remote", "repo": str(sample_repo), "pool": "remote", "stages": stages},
+        headers={"Authorization": f"Bearer {token}"},
     )
     run_id = created.json()["id"]
-    client = Client("http://testserver", issue_token(settings, Role.agent), http=live_client)
+    client = Client("http://testserver", token, http=live_client)
 
     with pytest.raises(Conflict, match="done by the 'command' agent"):
         client.claim_stage(run_id, "plan")
@@ -120,9 +122,13 @@ def test_a_remote_agent_claims_a_stage_works_under_the_runs_lease_and_reports(
         lease_token=claim.machine.token,
     )  # fmt: skip
 
-    stale = replace(claim, machine=client.machine(claim.machine.id, claim.machine.token - 1))
-    with pytest.raises(StaleLease):  # a token the run does not hold: refused, nothing kept
+    stale = replace(claim, machine=client.machine(claim.machine.id, str(claim.fence)))
+    with pytest.raises(StaleLease):  # not the claim's token: refused, nothing kept
         client.report_stage(stale, status="failed", summary="from an old lease")
+    earlier, claim = claim, client.claim_stage(run_id, "implement")  # a new claim, a new token
+    assert claim.machine.token != earlier.machine.token
+    with pytest.raises(StaleLease):  # the earlier claim's token stopped working
+        client.report_stage(earlier, status="failed", summary="from an earlier claim")
     with pytest.raises(Conflict, match="is on attempt 1"):
         client.report_stage(replace(claim, attempt=2), status="passed", summary="wrong attempt")
     with pytest.raises(InvalidInput):

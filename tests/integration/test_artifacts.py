@@ -30,16 +30,16 @@ def upload(
     kind: str = "log",
     name: str | None = "out.log",
     stage: str = "test",
-    token: int | None | str = "lease",
+    token: str | None = "lease",
     role: str = "agent",
     content_type: str = "text/plain",
     **fields: str,
 ) -> httpx.Response:
     headers = env.headers(role)
     if token == "lease":
-        headers["X-Lease-Token"] = str(env.lease_token)
+        headers["X-Lease-Token"] = env.lease_token
     elif token is not None:
-        headers["X-Lease-Token"] = str(token)
+        headers["X-Lease-Token"] = token
     form: dict[str, Any] = {"kind": kind, **fields}
     if name is not None:
         form["name"] = name
@@ -183,7 +183,7 @@ def test_lease_token_is_checked(evidence_env: EvidenceEnv) -> None:
     missing = upload(env, run_id, token=None)
     assert missing.status_code == 409
     assert "X-Lease-Token" in missing.json()["detail"]
-    stale = upload(env, run_id, token=env.lease_token - 1)
+    stale = upload(env, run_id, token=str(env.lease_fence))
     assert stale.status_code == 409
     assert stale.json()["error"] == "stale_lease"
     assert upload(env, run_id, role="reviewer").status_code == 403

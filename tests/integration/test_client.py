@@ -14,7 +14,14 @@ import uvicorn
 
 from agents.client import Client
 from controller.api.app import create_app
-from controller.errors import Conflict, InvalidInput, NotFound, SessionLost, StaleLease
+from controller.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    SessionLost,
+    StaleLease,
+)
 from controller.settings import Settings
 from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
@@ -87,9 +94,9 @@ def test_lease_session_files_forward_and_release(
         assert machine.get("c/notes.txt") == b"from the client"
         url = machine.forward(8777)
         assert httpx.get(url, timeout=10).status_code == 502
-        token = machine.token
-        with pytest.raises(StaleLease):  # an older token than the machine's is refused
-            agent.machine(machine_id, lease_token=(token or 1) - 1).exec("true")
+        assert machine.token is not None
+        with pytest.raises(StaleLease):  # not the lease's token (a fence number) is refused
+            agent.machine(machine_id, lease_token=str(lease_fence(agent, machine_id))).exec("true")
         with pytest.raises(Conflict):  # leased: no token, no command
             agent.machine(machine_id).exec("true")
     deadline = time.monotonic() + 60  # released: ready once its hand-over is done
@@ -97,23 +104,28 @@ def test_lease_session_files_forward_and_release(
         assert time.monotonic() < deadline, "the hand-over did not finish"
         time.sleep(0.05)
     assert state == "ready"
-    assert agent.machine(machine_id).exec("echo free").stdout == "free\n"
+    with pytest.raises(Forbidden, match="lease it first"):  # unleased: ops only
+        agent.machine(machine_id).exec("echo free")
+
+
+def lease_fence(client: Client, machine_id: str) -> int:
+    return int(client.call("GET", f"/machines/{machine_id}").json()["fence"])
 
 
 def test_errors_come_back_typed(agent: Client, machine_id: str) -> None:
-    machine = agent.machine(machine_id)
-    with pytest.raises(InvalidInput) as bad:
-        machine.get("../etc/passwd")
-    assert "'..'" in bad.value.message
-    with pytest.raises(NotFound):
-        machine.get("no-such-file")
-    with pytest.raises(NotFound):
-        agent.machine("m-nope").exec("true")
-    with pytest.raises(InvalidInput):
-        machine.exec("true", timeout_s=0)
-    shell = machine.session()
-    with pytest.raises(SessionLost) as lost:
-        shell.run("exit 3")
-    assert "session lost" in lost.value.message
-    assert isinstance(lost.value, SessionLost)
-    assert lost.value.status_code == 410
+    with agent.lease(machine_id=machine_id, holder="errors", ttl_s=60) as machine:
+        with pytest.raises(InvalidInput) as bad:
+            machine.get("../etc/passwd")
+        assert "'..'" in bad.value.message
+        with pytest.raises(NotFound):
+            machine.get("no-such-file")
+        with pytest.raises(NotFound):
+            agent.machine("m-nope").exec("true")
+        with pytest.raises(InvalidInput):
+            machine.exec("true", timeout_s=0)
+        shell = machine.session()
+        with pytest.raises(SessionLost) as lost:
+            shell.run("exit 3")
+        assert "session lost" in lost.value.message
+        assert isinstance(lost.value, SessionLost)
+        assert lost.value.status_code == 410

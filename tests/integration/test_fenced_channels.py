@@ -34,17 +34,17 @@ def new_machine(client: TestClient) -> str:
     return machine_id
 
 
-def token_header(token: int | None) -> dict[str, str]:
+def token_header(token: str | None) -> dict[str, str]:
     return {} if token is None else {"X-Lease-Token": str(token)}
 
 
-def forward(client: TestClient, machine_id: str, token: int | None) -> httpx.Response:
+def forward(client: TestClient, machine_id: str, token: str | None) -> httpx.Response:
     return client.post(
         f"{API}/machines/{machine_id}/ports", json={"port": PORT}, headers=token_header(token)
     )
 
 
-def open_channels(client: TestClient, machine_id: str, token: int | None) -> dict[str, Any]:
+def open_channels(client: TestClient, machine_id: str, token: str | None) -> dict[str, Any]:
     """A forward (checked to serve), a raw connection through it and a session."""
     answer = forward(client, machine_id, token)
     assert answer.status_code == 201, answer.text
@@ -60,7 +60,7 @@ def open_channels(client: TestClient, machine_id: str, token: int | None) -> dic
     return {"url": url, "raw": raw, "session": session_id}
 
 
-def run(client: TestClient, machine_id: str, session_id: str, token: int | None) -> httpx.Response:
+def run(client: TestClient, machine_id: str, session_id: str, token: str | None) -> httpx.Response:
     return client.post(
         f"{API}/machines/{machine_id}/sessions/{session_id}/run",
         json={"cmd": "echo hi"},

@@ -42,8 +42,10 @@ echo mine > /workspace/kept-by-holder.txt
 """
 
 
-def _run(client: TestClient, machine_id: str, cmd: str, token: int) -> dict[str, Any]:
-    response = exec_with(client, machine_id, cmd, token)
+def _run(
+    client: TestClient, machine_id: str, cmd: str, token: str, caller: dict[str, str]
+) -> dict[str, Any]:
+    response = exec_with(client, machine_id, cmd, token, caller)
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -65,7 +67,7 @@ def test_nothing_of_the_previous_holder_reaches_the_next(
     me = agent(settings)
     first = lease(client, me, pool="one", ttl_s=60)
     machine_id = first["machine_id"]
-    left = _run(client, machine_id, LEAVE_BEHIND, first["token"])
+    left = _run(client, machine_id, LEAVE_BEHIND, first["token"], me)
     assert left["exit_code"] == 0, left
     assert client.delete(f"{API}/leases/{first['id']}", headers=me).status_code == 200
 
@@ -74,9 +76,9 @@ def test_nothing_of_the_previous_holder_reaches_the_next(
     assert second["machine_id"] == machine_id
     token = second["token"]
 
-    procs = _run(client, machine_id, "pgrep -c -u runner -f '[w]hile sleep 0.2' || true", token)
+    procs = _run(client, machine_id, "pgrep -c -u runner -f '[w]hile sleep 0.2' || true", token, me)
     assert procs["stdout"].strip() == "0", procs
-    _run(client, machine_id, "echo secret > /workspace/new-holder.txt", token)
+    _run(client, machine_id, "echo secret > /workspace/new-holder.txt", token, me)
     time.sleep(0.8)  # the loot loop copied every 0.2 s
     looked = _run(
         client,
@@ -84,16 +86,17 @@ def test_nothing_of_the_previous_holder_reaches_the_next(
         "python3 -c 'print(1)'; cd /workspace/sample-app && { git st; bash -ic true; } "
         ">/dev/null 2>&1; ls -A /tmp /var/tmp /dev/shm ~; ls ~/.config 2>&1; git config --global -l",
         token,
+        me,
     )
     out = looked["stdout"]
     for leftover in ("loot", "pwned", "old-holder", "locked"):
         assert leftover not in out, out
     assert "evil" not in out, out
     assert "alias.st" not in out, out
-    skel = _run(client, machine_id, "diff -r /etc/skel ~ && echo same", token)
+    skel = _run(client, machine_id, "diff -r /etc/skel ~ && echo same", token, me)
     assert skel["stdout"].strip() == "same", skel
 
-    workspace = _run(client, machine_id, "cat /workspace/kept-by-holder.txt", token)
+    workspace = _run(client, machine_id, "cat /workspace/kept-by-holder.txt", token, me)
     if policy == "keep":
         assert workspace["stdout"] == "mine\n", workspace
     else:
@@ -121,7 +124,7 @@ def test_a_fork_bomb_is_never_handed_out(
     first = lease(client, me, pool="bomb", ttl_s=60)
     machine_id = first["machine_id"]
     bomb = "setsid nohup bash -c 'b() { b | b & }; b' >/dev/null 2>&1 </dev/null & sleep 2; true"
-    exec_with(client, machine_id, bomb, first["token"])
+    exec_with(client, machine_id, bomb, first["token"], me)
     assert client.delete(f"{API}/leases/{first['id']}", headers=me).status_code == 200
 
     deadline = time.monotonic() + 120
@@ -135,7 +138,7 @@ def test_a_fork_bomb_is_never_handed_out(
         time.sleep(0.2)
     again = lease(client, me, machine_id=machine_id, ttl_s=60)
     count = _run(
-        client, machine_id, "ps -u runner -o args= | grep -c '[b] | b' || true", again["token"]
+        client, machine_id, "ps -u runner -o args= | grep -c '[b] | b' || true", again["token"], me
     )
     # None of the bomb's processes (the grep pattern does not match its own text).
     assert count["stdout"].strip() == "0", count
@@ -159,7 +162,7 @@ def test_a_machine_whose_processes_survive_is_recreated(
     before = provider.inspect_container(container)
     assert before is not None
     leave = "setsid nohup sh -c 'while sleep 0.2; do :; done' >/dev/null 2>&1 </dev/null &"
-    _run(client, machine_id, leave, first["token"])
+    _run(client, machine_id, leave, first["token"], me)
     monkeypatch.setattr(machines, "HANDOVER_KILL_ROUNDS", 0)
     assert client.delete(f"{API}/leases/{first['id']}", headers=me).status_code == 200
 
@@ -172,7 +175,9 @@ def test_a_machine_whose_processes_survive_is_recreated(
     reasons = [str(e) for e in events["data"]]
     assert any("recreating: the hand-over could not end every process" in r for r in reasons)
     again = lease(client, me, pool="stuck", ttl_s=60)
-    left = _run(client, machine_id, "pgrep -c -u runner -f '[w]hile sleep' || true", again["token"])
+    left = _run(
+        client, machine_id, "pgrep -c -u runner -f '[w]hile sleep' || true", again["token"], me
+    )
     assert left["stdout"].strip() == "0", left
 
 

@@ -57,7 +57,7 @@ def _check(db_url: str, answers: list[dict[str, Any]]) -> None:
     assert not failed, f"{len(failed)} requests lost or refused, e.g. {failed[:3]}"
     lease_ids = [a["body"]["id"] for a in answers]
     assert len(set(lease_ids)) == REQUESTS
-    grants = {(a["body"]["machine_id"], a["body"]["token"]) for a in answers}
+    grants = {(a["body"]["machine_id"], a["body"]["fence"]) for a in answers}
     assert len(grants) == REQUESTS, "two grants carried the same machine and token"
 
     engine = make_engine(db_url)
@@ -74,8 +74,8 @@ def _check(db_url: str, answers: list[dict[str, Any]]) -> None:
         by_machine[lease.machine_id].append(lease)
     assert len(by_machine) == MACHINES, "the grants did not spread over the pool"
     for machine_id, held in by_machine.items():
-        held.sort(key=lambda lease: lease.token)
-        tokens = [lease.token for lease in held]
+        held.sort(key=lambda lease: lease.fence)
+        tokens = [lease.fence for lease in held]
         assert tokens == sorted(set(tokens)), f"tokens not strictly increasing on {machine_id}"
         for before, after in zip(held, held[1:], strict=False):
             assert before.ended_at is not None

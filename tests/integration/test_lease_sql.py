@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from controller.api.app import build_controller
 from controller.domain import LeasePublic, LeaseSelector
 from controller.errors import Conflict, Forbidden, NotFound
 from controller.services import leases
 from controller.services.runtime import Controller
+from controller.services.startup import build_controller
 from controller.settings import Settings
 from controller.store.db import unit_of_work
 from controller.store.models import (
@@ -133,7 +133,7 @@ def test_grant_renew_release_round_trip(ctl: Controller, hand_overs: list[tuple[
     hostile = "x'); DROP TABLE leases; --"
     lease = _grant(ctl, pool="py", holder=hostile)
     assert lease is not None
-    assert lease.token == 1
+    assert lease.fence == 1
 
     renewed = leases.renew(db=ctl.db, lease_id=lease.id, caller=_owner(ctl, "t-agent"), ttl_s=600)
     assert renewed.expires_at > lease.expires_at + timedelta(seconds=500)
@@ -151,7 +151,7 @@ def test_grant_renew_release_round_trip(ctl: Controller, hand_overs: list[tuple[
         kinds = [e.kind for e in tx.exec(select(Event).order_by(col(Event.id))).all()]
         granted = tx.exec(select(Event).where(Event.kind == "lease.granted")).one()
         assert granted.data["holder"] == hostile
-        assert granted.data["token"] == 1
+        assert granted.data["fence"] == 1
     assert kinds == ["machine.state", "lease.granted", "lease.renewed"]
 
     with pytest.raises(Forbidden):

@@ -55,8 +55,14 @@ def lease(client: TestClient, headers: dict[str, str], **body: Any) -> dict[str,
     return response.json()  # type: ignore[no-any-return]
 
 
-def exec_with(client: TestClient, machine_id: str, cmd: str, token: int | None) -> Any:
-    headers = {} if token is None else {"X-Lease-Token": str(token)}
+def exec_with(
+    client: TestClient,
+    machine_id: str,
+    cmd: str,
+    token: str | None,
+    caller: dict[str, str] | None = None,
+) -> Any:
+    headers = {**(caller or {}), **({} if token is None else {"X-Lease-Token": token})}
     return client.post(f"{API}/machines/{machine_id}/exec", json={"cmd": cmd}, headers=headers)
 
 
@@ -82,8 +88,8 @@ def test_pool_lease_fencing_and_clean_return(
     machine_id, token = granted["machine_id"], granted["token"]
     assert client.get(f"{API}/machines/{machine_id}").json()["state"] == "leased"
 
-    assert exec_with(client, machine_id, "true", None).status_code == 409
-    assert exec_with(client, machine_id, "true", token - 1).status_code == 409
+    assert exec_with(client, machine_id, "true", None, me).status_code == 409
+    assert exec_with(client, machine_id, "true", str(granted["fence"]), me).status_code == 409
     wrote = exec_with(client, machine_id, "echo dirty > scratch.txt && cat app.py | wc -l", token)
     assert wrote.status_code == 200
     assert wrote.json()["exit_code"] == 0
@@ -118,7 +124,8 @@ def test_pool_lease_fencing_and_clean_return(
     assert "No such file" in after.json()["stderr"]
 
     again = lease(client, me, machine_id=machine_id, ttl_s=30)
-    assert again["token"] > token
+    assert again["fence"] > granted["fence"]
+    assert again["token"] != token
 
 
 def test_unrenewed_lease_expires_and_old_token_is_refused(
@@ -170,7 +177,7 @@ def test_waiting_request_gets_the_machine_when_it_is_released(
     second = answers[0]
     assert second.status_code == 201, second.text
     assert second.json()["machine_id"] == first["machine_id"]
-    assert second.json()["token"] > first["token"]
+    assert second.json()["fence"] > first["fence"]
     assert second.json()["wait_ms"] > 0
 
 

@@ -131,7 +131,7 @@ def test_delete_closes_and_unknown_session_is_404(
         (b'{"cmd": "true", "shell": "zsh"}', {}, "shell: Extra inputs are not permitted"),
         (b'{"cmd": "echo \\u0000"}', {}, "NUL"),
         (b"\xff\xfe", {}, "JSON"),
-        (b'{"cmd": "true"}', {"X-Lease-Token": "7; rm -rf /"}, "X-Lease-Token must be a whole"),
+        (b'{"cmd": "true"}', {"X-Lease-Token": "7" * 257}, "X-Lease-Token is at most 256"),
     ],
 )
 def test_run_refuses_bad_input_with_a_clear_422(
@@ -160,32 +160,33 @@ def test_sessions_are_independent(module_client: TestClient, module_machine: str
 
 
 def test_leased_machine_needs_the_current_token(
-    module_client: TestClient, module_machine: str
+    module_client: TestClient, module_settings: Settings, module_machine: str
 ) -> None:
     base = f"/api/v1/machines/{module_machine}/sessions"
+    me = {"Authorization": f"Bearer {issue_token(module_settings, Role.agent)}"}
     first = module_client.post(
-        "/api/v1/leases", json={"machine_id": module_machine, "holder": "t", "ttl_s": 60}
+        "/api/v1/leases",
+        json={"machine_id": module_machine, "holder": "t", "ttl_s": 60},
+        headers=me,
     )
     assert first.status_code == 201, first.text
     lease, token = first.json()["id"], first.json()["token"]
     try:
-        refused = module_client.post(base)
+        refused = module_client.post(base, headers=me)
         assert refused.status_code == 409
         assert "X-Lease-Token" in refused.json()["detail"]
-        opened = module_client.post(base, headers={"X-Lease-Token": str(token)})
+        mine = {**me, "X-Lease-Token": token}
+        opened = module_client.post(base, headers=mine)
         assert opened.status_code == 201, opened.text
         sid = opened.json()["id"]
-        ran = module_client.post(
-            f"{base}/{sid}/run", json={"cmd": "echo mine"}, headers={"X-Lease-Token": str(token)}
-        )
+        ran = module_client.post(f"{base}/{sid}/run", json={"cmd": "echo mine"}, headers=mine)
         assert ran.json()["output"] == "mine\n"
-        stale = module_client.post(
-            f"{base}/{sid}/run", json={"cmd": "true"}, headers={"X-Lease-Token": str(token - 1)}
-        )
+        fence = {**me, "X-Lease-Token": str(first.json()["fence"])}
+        stale = module_client.post(f"{base}/{sid}/run", json={"cmd": "true"}, headers=fence)
         assert stale.status_code == 409
         assert stale.json()["error"] == "stale_lease"
     finally:
-        assert module_client.delete(f"/api/v1/leases/{lease}").status_code == 200
+        assert module_client.delete(f"/api/v1/leases/{lease}", headers=me).status_code == 200
     second = module_client.post(  # waits for the hand-over between the two leases
         "/api/v1/leases",
         json={"machine_id": module_machine, "holder": "u", "ttl_s": 60, "wait_s": 60},
@@ -193,7 +194,7 @@ def test_leased_machine_needs_the_current_token(
     new_token = second.json()["token"]
     try:
         reused = module_client.post(
-            f"{base}/{sid}/run", json={"cmd": "true"}, headers={"X-Lease-Token": str(new_token)}
+            f"{base}/{sid}/run", json={"cmd": "true"}, headers={"X-Lease-Token": new_token}
         )
         assert reused.status_code == 410  # the next holder cannot use the last one's shell
         assert "earlier lease" in reused.json()["detail"]
@@ -238,7 +239,8 @@ def test_session_calls_need_an_agent_or_ops_token(
     as_agent = module_client.post(
         url, json={"cmd": "true"}, headers={"Authorization": f"Bearer {agent}"}
     )
-    assert as_agent.status_code == 200
+    assert as_agent.status_code == 403  # an unleased machine is for ops (issue 12)
+    assert "lease it first" in as_agent.json()["detail"]
 
 
 def _drop_connection(

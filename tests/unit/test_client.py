@@ -31,7 +31,7 @@ def test_error_codes_become_the_controllers_classes(
     status: int, code: str, cls: type[errors.ShopfloorError]
 ) -> None:
     with pytest.raises(cls) as caught:
-        raise_for(answer(status, {"error": code, "detail": "what to fix", "current_token": 7}))
+        raise_for(answer(status, {"error": code, "detail": "what to fix", "fence": 7}))
     assert type(caught.value) is cls
     assert caught.value.message == "what to fix"
     assert caught.value.status_code == status
@@ -58,7 +58,9 @@ def test_lease_renews_in_the_background_and_releases_on_exit() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append((request.method, request.url.path, dict(request.headers)))
         if request.url.path == "/api/v1/leases":
-            return httpx.Response(201, json={"id": "l-1", "machine_id": "m-1", "token": 5})
+            return httpx.Response(
+                201, json={"id": "l-1", "machine_id": "m-1", "token": "s3cret", "fence": 5}
+            )
         if request.url.path.endswith("/exec"):
             return httpx.Response(
                 200,
@@ -83,5 +85,5 @@ def test_lease_renews_in_the_background_and_releases_on_exit() -> None:
     assert ("POST", "/api/v1/leases/l-1/renew") in paths
     assert paths[-1] == ("DELETE", "/api/v1/leases/l-1")
     exec_headers = next(h for m, p, h in calls if p.endswith("/exec"))
-    assert exec_headers["x-lease-token"] == "5"
+    assert exec_headers["x-lease-token"] == "s3cret"
     assert exec_headers["authorization"] == "Bearer tok"

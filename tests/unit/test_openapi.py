@@ -10,7 +10,8 @@ from controller.settings import Settings
 
 
 def test_hot_routes_document_body_headers_and_answer(tmp_path: Path) -> None:
-    paths = create_app(Settings(data_dir=tmp_path), background=False).openapi()["paths"]
+    spec = create_app(Settings(data_dir=tmp_path), background=False).openapi()
+    paths = spec["paths"]
     run = paths["/api/v1/machines/{machine_id}/sessions/{session_id}/run"]["post"]
     grant = paths["/api/v1/leases"]["post"]
     renew = paths["/api/v1/leases/{lease_id}/renew"]["post"]
@@ -26,6 +27,10 @@ def test_hot_routes_document_body_headers_and_answer(tmp_path: Path) -> None:
     assert body_title(grant) == "LeaseBody"
     assert body_title(renew) == "RenewBody"
     assert answer_ref(run, "200").endswith("/SessionRunAnswer")
-    assert answer_ref(grant, "201").endswith("/LeasePublic")
+    assert answer_ref(grant, "201").endswith("/LeaseGranted")
     assert answer_ref(release, "200").endswith("/LeasePublic")
+    schemas = spec["components"]["schemas"]
+    assert {"token", "fence"} <= set(schemas["LeaseGranted"]["properties"])
+    assert "token" not in schemas["LeasePublic"]["properties"]  # a secret, shown once
+    assert "lease_token" not in schemas["MachinePublic"]["properties"]
     assert "x-lease-token" in [p["name"] for p in run["parameters"]]

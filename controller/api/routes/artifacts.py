@@ -17,15 +17,13 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
+from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent
+from controller.api.deps import key as lease_key
 from controller.api.schemas import ArtifactPublic, ListOf
-from controller.errors import Conflict, InvalidInput, NotFound, TooLarge
-from controller.services import access, runs
-from controller.services.runtime import Controller
-from controller.store.db import unit_of_work
-from controller.store.models import FINISHED_RUN_STATUSES, Artifact, Run
-from evidence import retention
-from evidence.store import ArtifactStore, list_artifacts, save_artifact
+from controller.errors import InvalidInput, NotFound, TooLarge
+from controller.services import artifacts
+from controller.store.models import Artifact
+from evidence.store import ArtifactStore
 
 router = APIRouter(tags=["evidence"])
 
@@ -68,10 +66,8 @@ def blob_response(
 
 
 @router.get("/artifacts/{artifact_id}", response_class=FileResponse)
-def download_artifact(artifact_id: str, ctl: Ctl, tx: SessionDep, _: AnyRole) -> FileResponse:
-    artifact = tx.get(Artifact, artifact_id)
-    if artifact is None:
-        raise NotFound(f"artifact {artifact_id} does not exist")
+def download_artifact(artifact_id: str, ctl: Ctl, _: AnyRole) -> FileResponse:
+    artifact = artifacts.show_artifact(ctl=ctl, artifact_id=artifact_id)
     store = ArtifactStore.from_settings(ctl.settings)
     return blob_response(
         store, artifact.sha256, content_type=artifact.content_type, name=artifact.name
@@ -79,18 +75,13 @@ def download_artifact(artifact_id: str, ctl: Ctl, tx: SessionDep, _: AnyRole) ->
 
 
 @router.get("/artifacts/{artifact_id}/meta")
-def describe_artifact(artifact_id: str, tx: SessionDep, _: AnyRole) -> ArtifactPublic:
-    artifact = tx.get(Artifact, artifact_id)
-    if artifact is None:
-        raise NotFound(f"artifact {artifact_id} does not exist")
-    return public(artifact)
+def describe_artifact(artifact_id: str, ctl: Ctl, _: AnyRole) -> ArtifactPublic:
+    return public(artifacts.show_artifact(ctl=ctl, artifact_id=artifact_id))
 
 
 @router.get("/runs/{run_id}/artifacts")
-def run_artifacts(run_id: str, tx: SessionDep, _: AnyRole) -> ListOf[ArtifactPublic]:
-    if tx.get(Run, run_id) is None:
-        raise NotFound(f"run {run_id} does not exist")
-    found = list_artifacts(tx, run_id)
+def run_artifacts(run_id: str, ctl: Ctl, _: AnyRole) -> ListOf[ArtifactPublic]:
+    found = artifacts.run_artifacts(ctl=ctl, run_id=run_id)
     return ListOf(data=[public(a) for a in found], count=len(found))
 
 
@@ -123,7 +114,7 @@ async def upload_artifact(
     stage: str,
     request: Request,
     ctl: Ctl,
-    _: OpsOrAgent,
+    caller: OpsOrAgent,
     x_lease_token: LeaseToken = None,
 ) -> ArtifactPublic:
     """Multipart upload (fields: file, kind, name?, attempt?, commit?, meta?) under the lease."""
@@ -141,72 +132,29 @@ async def upload_artifact(
         content_type = upload.content_type
     if len(data) > cap:
         raise TooLarge(f"the artifact is larger than the cap of {cap} bytes", cap_bytes=cap)
+    attempt, meta = _int_field(fields, "attempt"), _meta_field(fields)
     saved = await run_in_threadpool(
-        _save_upload,
-        ctl=ctl,
-        run_id=run_id,
-        stage=stage,
-        lease_token=x_lease_token,
-        fields=fields,
-        filename=filename,
-        content_type=content_type,
-        data=data,
-    )
-    return public(saved)
-
-
-def _save_upload(
-    *,
-    ctl: Controller,
-    run_id: str,
-    stage: str,
-    lease_token: int | None,
-    fields: dict[str, str],
-    filename: str,
-    content_type: str | None,
-    data: bytes,
-) -> Artifact:
-    with unit_of_work(ctl.db) as tx:
-        run = tx.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"run {run_id} does not exist")
-        stage_row = runs.get_stage(tx, run.id, stage)
-        machine_id = _check_lease(ctl, run, lease_token)
-    machine = access.machine_for_command(db=ctl.db, machine_id=machine_id, lease_token=lease_token)
-    with unit_of_work(ctl.db) as tx:
-        return save_artifact(
-            tx=tx,
-            store=ArtifactStore.from_settings(ctl.settings),
+        lambda: artifacts.upload(
+            ctl=ctl,
             run_id=run_id,
             stage=stage,
-            attempt=_int_field(fields, "attempt", default=max(stage_row.attempts, 1)),
-            machine_id=machine.id,
-            commit=fields.get("commit") or machine.commit,
+            key=lease_key(caller, x_lease_token),
             kind=fields.get("kind", ""),
             name=fields.get("name") or filename,
             data=data,
             content_type=content_type,
-            meta=_meta_field(fields),
+            attempt=attempt,
+            commit=fields.get("commit"),
+            meta=meta,
         )
+    )
+    return public(saved)
 
 
-def _check_lease(ctl: Controller, run: Run, lease_token: int | None) -> str:
-    if run.status in FINISHED_RUN_STATUSES:
-        raise Conflict(f"run {run.id} has finished ({run.status.value}); its evidence is sealed")
-    if run.machine_id is None:
-        raise Conflict(f"run {run.id} has no machine yet; upload once its stage is running")
-    if lease_token is None:
-        raise Conflict(
-            f"send the lease token of machine {run.machine_id} in X-Lease-Token",
-            machine_id=run.machine_id,
-        )
-    return run.machine_id
-
-
-def _int_field(fields: dict[str, str], key: str, *, default: int) -> int:
+def _int_field(fields: dict[str, str], key: str) -> int | None:
     raw = fields.get(key)
     if raw is None or raw == "":
-        return default
+        return None
     if not raw.isdigit():
         raise InvalidInput(f"{key} must be a whole number")
     return int(raw)
@@ -226,15 +174,13 @@ def _meta_field(fields: dict[str, str]) -> dict[str, Any]:
 
 
 @router.post("/runs/{run_id}/pin")
-def pin_run(run_id: str, tx: SessionDep, _: OpsOnly) -> dict[str, Any]:
+def pin_run(run_id: str, ctl: Ctl, _: OpsOnly) -> dict[str, Any]:
     """Keep this run's evidence whatever the retention limits say."""
-    if tx.get(Run, run_id) is None:
-        raise NotFound(f"run {run_id} does not exist")
-    retention.pin_run(tx=tx, run_id=run_id)
+    artifacts.pin_run(ctl=ctl, run_id=run_id)
     return {"run_id": run_id, "pinned": True}
 
 
 @router.delete("/runs/{run_id}/pin")
-def unpin_run(run_id: str, tx: SessionDep, _: OpsOnly) -> dict[str, Any]:
-    retention.unpin_run(tx=tx, run_id=run_id)
+def unpin_run(run_id: str, ctl: Ctl, _: OpsOnly) -> dict[str, Any]:
+    artifacts.unpin_run(ctl=ctl, run_id=run_id)
     return {"run_id": run_id, "pinned": False}

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from controller.api.deps import Ctl, LeaseToken, OpsOrAgent
+from controller.api.deps import Ctl, LeaseToken, OpsOrAgent, key
 from controller.api.schemas import FileWritten
 
 router = APIRouter(prefix="/machines/{machine_id}/files", tags=["files"])
@@ -15,9 +15,9 @@ PathQuery = Annotated[str, Query(description="inside /workspace: relative, or ab
 
 @router.get("")
 def get_file(
-    machine_id: str, path: PathQuery, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
+    machine_id: str, path: PathQuery, ctl: Ctl, caller: OpsOrAgent, x_lease_token: LeaseToken = None
 ) -> Response:
-    data = ctl.access.read_file(machine_id=machine_id, lease_token=x_lease_token, path=path)
+    data = ctl.access.read_file(machine_id=machine_id, key=key(caller, x_lease_token), path=path)
     return Response(content=data, media_type="application/octet-stream")
 
 
@@ -27,13 +27,13 @@ async def put_file(
     path: PathQuery,
     request: Request,
     ctl: Ctl,
-    _: OpsOrAgent,
+    caller: OpsOrAgent,
     x_lease_token: LeaseToken = None,
 ) -> FileWritten:
     declared = request.headers.get("content-length")
     written, size = await ctl.access.write_file(
         machine_id=machine_id,
-        lease_token=x_lease_token,
+        key=key(caller, x_lease_token),
         path=path,
         body=request.stream(),
         declared_size=int(declared) if declared and declared.isdigit() else None,

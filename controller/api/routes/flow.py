@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from controller.api.deps import AnyRole, SessionDep
+from controller.api.deps import AnyRole, Ctl
 from controller.services import flow
 
 router = APIRouter(prefix="/flow", tags=["flow"])
@@ -14,8 +14,8 @@ router = APIRouter(prefix="/flow", tags=["flow"])
 
 @router.get("")
 def get_flow(
-    tx: SessionDep,
+    ctl: Ctl,
     _: AnyRole,
     window_h: Annotated[float, Query(gt=0, le=24 * 366, description="hours back from now")] = 24,
 ) -> dict[str, Any]:
-    return flow.flow(tx=tx, window_h=window_h)
+    return flow.figures(ctl=ctl, window_h=window_h)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
 
-from controller.api.deps import OpsOrAgent, SessionDep, agent_call, answer, json_body, parse_body
+from controller.api.deps import Ctl, OpsOrAgent, agent_call, answer, json_body, parse_body
 from controller.api.fastlane import hot
 from controller.api.schemas import LeaseBody, ListOf, RenewBody
-from controller.domain import LeasePublic
+from controller.domain import LeaseGranted, LeasePublic
 from controller.services import leases
 from controller.store.models import Lease
 
@@ -15,19 +15,21 @@ router = APIRouter(prefix="/leases", tags=["leases"])
 
 
 def public(lease: Lease) -> LeasePublic:
-    return LeasePublic(**lease.model_dump(exclude={"owner_token_id", "requested_at"}))
+    """Never the secret: only its grant's answer shows that (``LeaseGranted``)."""
+    return LeasePublic.model_validate(lease, from_attributes=True)
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    response_model=LeasePublic,
+    response_model=LeaseGranted,
     openapi_extra=json_body(LeaseBody),
 )
 @hot
 async def acquire(request: Request) -> Response:
     """A hot path (see bench/lease.py): no dependencies (see routes/deps.py). Async so that
-    waiting requests hold no worker thread (see leases.acquire_async)."""
+    waiting requests hold no worker thread (see leases.acquire_async). The answer alone
+    carries the lease's secret (``token``), for the caller's X-Lease-Token."""
     ctl, caller = await agent_call(request)
     body = parse_body(LeaseBody, await request.body())
     target = leases.make_target(pool=body.pool, machine_id=body.machine_id, selector=body.selector)
@@ -39,14 +41,14 @@ async def acquire(request: Request) -> Response:
 
 
 @router.get("")
-def list_leases(tx: SessionDep, _: OpsOrAgent, state: str | None = None) -> ListOf[LeasePublic]:
-    found = leases.list_leases(tx=tx, state=state)
+def list_leases(ctl: Ctl, _: OpsOrAgent, state: str | None = None) -> ListOf[LeasePublic]:
+    found = leases.list_leases(ctl=ctl, state=state)
     return ListOf(data=[public(lease) for lease in found], count=len(found))
 
 
 @router.get("/{lease_id}")
-def show_lease(lease_id: str, tx: SessionDep, _: OpsOrAgent) -> LeasePublic:
-    return public(leases.get_lease(tx, lease_id))
+def show_lease(lease_id: str, ctl: Ctl, _: OpsOrAgent) -> LeasePublic:
+    return public(leases.show_lease(ctl=ctl, lease_id=lease_id))
 
 
 @router.post("/{lease_id}/renew", response_model=LeasePublic, openapi_extra=json_body(RenewBody))

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
-from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, SessionDep
+from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, key
 from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
 from controller.domain import MachineTemplate
 from controller.services import machines
@@ -18,9 +18,8 @@ router = APIRouter(prefix="/machines", tags=["machines"])
 
 def public(machine: Machine) -> MachinePublic:
     return MachinePublic(
-        **machine.model_dump(exclude={"fence", "container_name", "volume_name", "branch"}),
+        **machine.model_dump(exclude={"container_name", "volume_name", "branch"}),
         workdir=machine.workdir,
-        lease_token=machine.fence,
     )
 
 
@@ -28,26 +27,24 @@ def public(machine: Machine) -> MachinePublic:
 def create_machine(
     body: MachineTemplate, ctl: Ctl, _: OpsOnly, wait: bool = False
 ) -> MachinePublic:
-    spec = machines.make_spec(ctl=ctl, template=body)
-    machine = machines.submit(ctl=ctl, spec=spec, wait=wait)
-    return public(machine)
+    return public(machines.request_machine(ctl=ctl, template=body, wait=wait))
 
 
 @router.get("")
 def list_machines(
-    tx: SessionDep,
-    _: OpsOrAgent,
+    ctl: Ctl,
+    caller: OpsOrAgent,
     state: str | None = None,
     pool: str | None = None,
     label: Annotated[str | None, Query(description="key or key=value")] = None,
 ) -> ListOf[MachinePublic]:
-    found = machines.list_machines(tx=tx, state=state, pool=pool, label=label)
+    found = machines.list_machines(ctl=ctl, state=state, pool=pool, label=label)
     return ListOf(data=[public(m) for m in found], count=len(found))
 
 
 @router.get("/{machine_id}")
-def show_machine(machine_id: str, tx: SessionDep, _: OpsOrAgent) -> MachinePublic:
-    return public(machines.get_machine(tx, machine_id))
+def show_machine(machine_id: str, ctl: Ctl, caller: OpsOrAgent) -> MachinePublic:
+    return public(machines.show_machine(ctl=ctl, machine_id=machine_id))
 
 
 @router.post("/{machine_id}/stop")
@@ -88,14 +85,14 @@ def exec_in_machine(
     machine_id: str,
     body: ExecBody,
     ctl: Ctl,
-    _: OpsOrAgent,
+    caller: OpsOrAgent,
     stream: bool = False,
     x_lease_token: LeaseToken = None,
 ) -> ExecAnswer | StreamingResponse:
     if stream:
         lines = ctl.access.stream_command(
             machine_id=machine_id,
-            lease_token=x_lease_token,
+            key=key(caller, x_lease_token),
             cmd=body.cmd,
             cwd=body.cwd,
             env=body.env,
@@ -104,7 +101,7 @@ def exec_in_machine(
         return StreamingResponse(lines, media_type="application/x-ndjson")
     result = ctl.access.run_command(
         machine_id=machine_id,
-        lease_token=x_lease_token,
+        key=key(caller, x_lease_token),
         cmd=body.cmd,
         cwd=body.cwd,
         env=body.env,

@@ -12,7 +12,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from controller.api.deps import Ctl
 from controller.services import flow
 from controller.services.runtime import Controller
-from controller.store.db import unit_of_work
 
 router = APIRouter(tags=["system"])
 
@@ -26,8 +25,7 @@ class FlowCollector(Collector):
         self.ctl = ctl
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        with unit_of_work(self.ctl.db) as tx:
-            figures = flow.flow(tx=tx, window_h=WINDOW_H)
+        figures = flow.figures(ctl=self.ctl, window_h=WINDOW_H)
         head = figures["headline"]
         yield _gauge(
             "shopfloor_flow_runs_finished", "Finished runs in the window", head["denominator"]

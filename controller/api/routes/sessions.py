@@ -12,6 +12,7 @@ from controller.api.deps import (
     agent_call,
     answer,
     json_body,
+    key,
     lease_token_header,
     parse_body,
 )
@@ -23,9 +24,9 @@ router = APIRouter(prefix="/machines/{machine_id}/sessions", tags=["sessions"])
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def open_session(
-    machine_id: str, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
+    machine_id: str, ctl: Ctl, caller: OpsOrAgent, x_lease_token: LeaseToken = None
 ) -> SessionOpened:
-    session = ctl.access.open_session(machine_id=machine_id, lease_token=x_lease_token)
+    session = ctl.access.open_session(machine_id=machine_id, key=key(caller, x_lease_token))
     return SessionOpened(id=session.id, machine_id=session.machine_id)
 
 
@@ -41,12 +42,12 @@ async def run_in_session(machine_id: str, session_id: str, request: Request) -> 
     Authorization and X-Lease-Token headers and a ``SessionRunBody`` itself. The state and
     fence check is one plain-SQL read, and the command waits on the channel from the event
     loop."""
-    ctl, _ = await agent_call(request)
+    ctl, caller = await agent_call(request)
     body = parse_body(SessionRunBody, await request.body())
     result = await ctl.access.run_in_session(
         machine_id=machine_id,
         session_id=session_id,
-        lease_token=lease_token_header(request),
+        key=key(caller, lease_token_header(request)),
         cmd=body.cmd,
         timeout_s=body.timeout_s,
     )
@@ -55,9 +56,9 @@ async def run_in_session(machine_id: str, session_id: str, request: Request) -> 
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
 def close_session(
-    machine_id: str, session_id: str, ctl: Ctl, _: OpsOrAgent, x_lease_token: LeaseToken = None
+    machine_id: str, session_id: str, ctl: Ctl, caller: OpsOrAgent, x_lease_token: LeaseToken = None
 ) -> Response:
     ctl.access.close_session(
-        machine_id=machine_id, session_id=session_id, lease_token=x_lease_token
+        machine_id=machine_id, session_id=session_id, key=key(caller, x_lease_token)
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

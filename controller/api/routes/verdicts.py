@@ -4,41 +4,37 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from controller.api.deps import AnyRole, Reviewer, SessionDep
+from controller.api.deps import AnyRole, Ctl, Reviewer
 from controller.api.schemas import VerdictBody, VerdictPublic
-from evidence import verdicts
+from controller.services import verdicts
 
 router = APIRouter(tags=["verdicts"])
 
 
-def public(tx: SessionDep, run_id: str) -> VerdictPublic:
-    verdict = verdicts.get_verdict(tx, run_id)
-    state, closed = verdicts.closed_for(tx, [run_id])[run_id]
+def public(view: verdicts.VerdictView) -> VerdictPublic:
+    verdict = view.verdict
     return VerdictPublic(
-        run_id=run_id,
-        verdict=state.value,
+        run_id=view.run_id,
+        verdict=view.state.value,
         comment=verdict.comment if verdict else "",
         reviewer=(verdict.reviewer_name or verdict.reviewer_token_id) if verdict else "",
         created_at=verdict.created_at if verdict else None,
-        closed=closed,
+        closed=view.closed,
     )
 
 
 @router.post("/runs/{run_id}/verdict", status_code=status.HTTP_201_CREATED)
-def give_verdict(
-    run_id: str, body: VerdictBody, tx: SessionDep, reviewer: Reviewer
-) -> VerdictPublic:
-    verdicts.give_verdict(
-        tx=tx,
+def give_verdict(run_id: str, body: VerdictBody, ctl: Ctl, reviewer: Reviewer) -> VerdictPublic:
+    view = verdicts.give_verdict(
+        ctl=ctl,
         run_id=run_id,
         decision=body.decision,
         comment=body.comment,
         reviewer=reviewer,
     )
-    return public(tx, run_id)
+    return public(view)
 
 
 @router.get("/runs/{run_id}/verdict")
-def show_verdict(run_id: str, tx: SessionDep, _: AnyRole) -> VerdictPublic:
-    verdicts.require_run(tx, run_id)
-    return public(tx, run_id)
+def show_verdict(run_id: str, ctl: Ctl, _: AnyRole) -> VerdictPublic:
+    return public(verdicts.show_verdict(ctl=ctl, run_id=run_id))
