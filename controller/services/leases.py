@@ -410,9 +410,44 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
     end every process of the machine's user and wipe what it owns outside /workspace
     (``machines.hand_over``), ``clean`` also restores the checkout and reruns setup. A
     machine whose processes could not all be ended is recreated in place; one whose
-    hand-over failed otherwise is ``failed`` with the reason. Never ``ready`` before that."""
+    hand-over failed otherwise is ``failed`` with the reason. Never ``ready`` before that.
+
+    One at a time per machine, and only for a machine still leased by nobody: the reaper
+    may ask again for a machine it saw orphaned just before its hand-over ended, and a
+    second hand-over must never run beside the first or on the next holder's machine."""
     rt = runtime(ctl)
     rt.returning.add(machine_id)
+    try:
+        with _returning_lock(machine_id):
+            if _held_or_back(ctl.db, machine_id):
+                return
+            _return(ctl, machine_id, policy)
+    finally:
+        rt.returning.discard(machine_id)
+        rt.notify()
+
+
+_RETURN_LOCKS: dict[str, threading.Lock] = {}
+_RETURN_LOCKS_GUARD = threading.Lock()
+
+
+def _returning_lock(machine_id: str) -> threading.Lock:
+    with _RETURN_LOCKS_GUARD:
+        return _RETURN_LOCKS.setdefault(machine_id, threading.Lock())
+
+
+def _held_or_back(db: Engine, machine_id: str) -> bool:
+    """Is the machine no longer leased by nobody (back, failed, or leased again)?"""
+    with unit_of_work(db) as tx:
+        machine = tx.get(Machine, machine_id)
+        return (
+            machine is None
+            or machine.state != MachineState.leased
+            or _active_lease(tx, machine_id) is not None
+        )
+
+
+def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
     try:
         if policy == "recreate":
             machines.destroy_machine(
@@ -433,6 +468,8 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
                 restore_checkout=policy == "clean",
             )
         except ProcessesSurvive as exc:
+            if ctl.stopping.is_set():
+                raise  # failed with the reason: no new container while the controller stops
             log.warning("recreating %s: %s", machine_id, exc.message)
             machines.recreate_machine(
                 db=ctl.db,
@@ -454,9 +491,6 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
         log.exception("returning %s after its lease failed", machine_id)
         reason = f"{policy} after lease failed: {type(exc).__name__}: {exc}"
         _settle_if_unleased(ctl.db, machine_id, MachineState.failed, reason)
-    finally:
-        rt.returning.discard(machine_id)
-        rt.notify()
 
 
 def _active_lease(tx: Session, machine_id: str) -> Lease | None:

@@ -88,17 +88,19 @@ fi
 # the user left to interfere, the user removes everything it owns outside /workspace: the
 # contents of its home (rebuilt from /etc/skel, which is what the image's
 # `useradd --create-home` put there), of /tmp, /var/tmp, /run/lock, /dev/shm and
-# /dev/mqueue, any other file of its on the root filesystem (/usr is skipped: the image
-# gives the user no directory there, and it holds most of the files), and its System V
-# IPC objects. With SF_RESET the checkout is restored too (policy clean).
+# /dev/mqueue (each its own starting point: any of them may be a mount of its own, a
+# scratch disk or a tmpfs, which -xdev would not enter from /), any other file of its on
+# the root filesystem (/usr is skipped: the image gives the user no directory there, and
+# it holds most of the files), and its System V IPC objects. With SF_RESET the checkout is restored too (policy clean).
 HANDOVER_KILL_ROUNDS = 400
 SURVIVORS_EXIT = 17
 _HANDOVER_WIPE = r"""
 set -u
 cd /
-find / /dev/shm /dev/mqueue -xdev \( -path /proc -o -path /sys -o -path /usr -o -path /workspace \) \
-  -prune -o -user "$UID" ! -path "$HOME" \( -type d ! -perm -u=rwx -exec chmod u+rwx {} \; \
-  -o -true \) -print0 2>/dev/null | xargs -0r rm -rf --
+find / "$HOME" /tmp /var/tmp /run/lock /dev/shm /dev/mqueue -xdev \
+  \( -path /proc -o -path /sys -o -path /usr -o -path /workspace \) -prune \
+  -o -user "$UID" ! -path "$HOME" \( -type d ! -perm -u=rwx -exec chmod u+rwx {} \; -o -true \) \
+  -print0 2>/dev/null | xargs -0r rm -rf --
 [ "${PIPESTATUS[1]}" = 0 ] || { echo "could not remove every file of $USER" >&2; exit 3; }
 ipcrm --all 2>/dev/null
 chmod 0755 "$HOME" && cp -R --preserve=mode,timestamps /etc/skel/. "$HOME"/ || exit 3
@@ -430,6 +432,8 @@ def hand_over(
                 errors.write(chunk)
         exit_code = handle.exit_code()
     except EngineError as exc:
+        if provider.inspect_container(machine.container_name) is None:
+            raise  # the container is gone (destroyed meanwhile): nothing to recreate
         # Could not even start: at the pid limit the engine cannot add a process.
         raise ProcessesSurvive(f"the hand-over could not run: {exc.message}") from exc
     detail = errors.text().strip()[-2000:]
