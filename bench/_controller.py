@@ -88,6 +88,10 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
         "SHOPFLOOR_DATA_DIR": str(data_dir),
         "SHOPFLOOR_EXTRA_LABELS": f"{BENCH_LABEL}={BENCH_RUN}",
         "SHOPFLOOR_RUNNER_IMAGE": image,
+        # One token stands for every agent here (50 at once, back to back): its bucket
+        # still runs on every request (its cost is in the figures) but never refuses.
+        "SHOPFLOOR_TOKEN_RATE_PER_S": "1000000",
+        "SHOPFLOOR_TOKEN_RATE_BURST": "1000000",
     }
     port = free_port()
     server = subprocess.Popen(

@@ -7,10 +7,15 @@ ShopfloorError                      500
 ├── NotFound (LookupError)          404
 ├── Conflict                        409  the object is in a state that forbids it
 │   └── StaleLease                  409  a fencing token older than the machine's
-├── TooLarge                        413
+├── TooLarge                        413  a request body or file over its cap
+├── LimitReached                    429  a limit on a shared resource; the message says how
+│                                        to free it, Retry-After when waiting is the way
 ├── SessionLost                     410  a shell session's shell or connection is gone
+├── StorageFull                     507  a machine's disk is full (its limit, not the host's)
+│   └── InsufficientStorage         507  the controller's data dir (or the database's disk) is full
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
 ├── ProcessesSurvive                500  a machine's user kept processes through a hand-over
+├── DatabaseUnavailable             503  the database does not answer; Retry-After says when
 └── EngineError                     502  the container engine failed or is unreachable
     ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
     └── ImageNotFound (InvalidInput)    an image the engine does not have: 422
@@ -18,12 +23,15 @@ ShopfloorError                      500
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
 class ShopfloorError(Exception):
     status_code = 500
     code = "internal"
+    headers: dict[str, str] = {}
+    """HTTP headers the answer carries (``Retry-After``)."""
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -71,9 +79,33 @@ class TooLarge(ShopfloorError):
     code = "too_large"
 
 
+class LimitReached(ShopfloorError):
+    """A limit on a shared resource (sessions, forwards, files in flight, request rate).
+
+    ``limit`` names it (the metric's label); ``retry_after_s``, when waiting frees it (a
+    rate), becomes ``Retry-After``.
+    """
+
+    status_code = 429
+    code = "limit_reached"
+
+    def __init__(
+        self, message: str, *, limit: str, retry_after_s: float | None = None, **details: Any
+    ) -> None:
+        super().__init__(message, limit=limit, **details)
+        self.limit = limit
+        if retry_after_s is not None:
+            self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+
+
 class SessionLost(ShopfloorError):
     status_code = 410
     code = "session_lost"
+
+
+class StorageFull(ShopfloorError):
+    status_code = 507
+    code = "storage_full"
 
 
 class WaitTimeout(ShopfloorError, TimeoutError):
@@ -86,6 +118,16 @@ class ProcessesSurvive(ShopfloorError):
     pid limit, an engine that could not even start the kill): the machine is recreated."""
 
     code = "processes_survive"
+
+
+class DatabaseUnavailable(ShopfloorError):
+    status_code = 503
+    code = "database_unavailable"
+    headers = {"Retry-After": "2"}
+
+
+class InsufficientStorage(StorageFull):
+    code = "insufficient_storage"
 
 
 class EngineError(ShopfloorError):

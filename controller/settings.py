@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy URL; default is SQLite in the data dir. ``postgresql+psycopg://`` selects PG."""
     repo_roots: str = ""
-    """Colon-separated folders that local repo paths must lie under; empty allows any."""
+    """Colon-separated folders that local repo paths must lie under. Empty: only ops may
+    name a local path (agents use URLs or their pools' repos). Never allowed, set or not:
+    a path in the engine's data root or in the controller's data dir."""
     install_id: str | None = None
     """Label value that marks containers as ours; default is read from the data dir."""
     docker_host: str | None = None
@@ -35,6 +37,21 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 5.0
     orphan_grace_s: float = 60.0
     pids_limit: int = 512
+
+    # per-machine disk (issue 12)
+    disk_limits: bool = True
+    """Give each machine fixed-size disks (ext4 in sparse files under ``data_dir/disks``,
+    loop-mounted). Needs root and an engine on this host; without them machines run
+    unlimited and the controller says so in its log."""
+    workspace_disk_bytes: int = 10 * 1024**3
+    """Size of a machine's ``/workspace``; a write past it fails with ENOSPC. 0: no limit."""
+    scratch_disk_bytes: int = 2 * 1024**3
+    """One disk for everything else the machine's user can write (``/tmp``, ``/var/tmp``,
+    ``$HOME``); ``/dev/shm`` and ``/run/lock`` are sized tmpfs. 0: no limit."""
+    shm_bytes: int = 64 * 1024**2
+    """Size of ``/dev/shm`` (tmpfs, counted in the machine's memory)."""
+    disk_near_full: float = 0.9
+    """Share of the workspace disk past which reconcile writes a ``machine.disk_near_full`` event."""
     exec_output_cap: int = 1024 * 1024
     provision_timeout_s: float = 600.0
 
@@ -52,6 +69,12 @@ class Settings(BaseSettings):
     run_machine_wait_s: float = 600.0
     """How long a run waits for a machine from its pool before it fails."""
     stage_kill_grace_s: float = 2.0
+    leader_ttl_s: float = 10.0
+    """Several controllers on one database: the leader lease of the loops that must run once
+    lasts this long; another controller takes over within it when the leader dies."""
+    run_claim_ttl_s: float = 15.0
+    """A run's driver heartbeats its claim; another controller takes the run over once the
+    claim is this old."""
     pool_failure_backoff: int = 3
     """Failed provisionings in a row after which a pool stops trying until its template changes."""
 
@@ -75,6 +98,24 @@ class Settings(BaseSettings):
     """Bytes of output a session command keeps (head and tail); the rest is counted, dropped."""
     file_cap_bytes: int = 64 * 1024 * 1024
     """Largest file the files API moves in or out of a machine; bigger gets 413."""
+
+    # limits on what one agent may hold (issue 12; docs/SECURITY.md lists them all)
+    sessions_per_machine: int = 16
+    """Shell sessions open at once in one machine; one more is 429 until one is closed."""
+    forwards_per_lease: int = 16
+    """Ports forwarded at once under one lease (or, for ops, one fence of an unleased
+    machine); one more is 429 until one is closed (or the lease ends)."""
+    files_in_flight: int = 8
+    """File reads and writes (the files API) in progress at once on one machine; one more
+    is 429 until one ends."""
+    body_limit_bytes: int = 1024 * 1024
+    """Largest request body on every route but file uploads (``file_cap_bytes``) and
+    artifact uploads (``artifact_cap_bytes``); bigger is 413, refused as soon as it is known."""
+    token_rate_per_s: float = 200.0
+    """Requests per second one API token may make (a token bucket per controller process);
+    past it, 429 with Retry-After. 0: no limit."""
+    token_rate_burst: int = 400
+    """How many requests a token may make at once before its rate applies."""
 
     opentelemetry: bool = False
     """FastAPI's OpenTelemetry spans, metrics and logs for every request, for a collector

@@ -17,6 +17,7 @@ from fastapi.telemetry import TelemetryConfig
 
 import evidence
 from controller.api import gallery
+from controller.api.body_limits import BodyLimits
 from controller.api.fastlane import ShopfloorAPI
 from controller.api.json_bodies import JsonBodies
 from controller.api.routes import artifacts as artifacts_routes
@@ -32,6 +33,7 @@ from controller.api.routes import runs as runs_routes
 from controller.api.routes import sessions as sessions_routes
 from controller.api.routes import verdicts as verdicts_routes
 from controller.errors import ShopfloorError
+from controller.services import faults
 from controller.services.startup import build_controller, start_loops
 from controller.settings import Settings, get_settings
 
@@ -75,10 +77,26 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     )
 
     app.add_middleware(JsonBodies)  # curl -d and clients without a Content-Type send JSON too
+    # Outermost: every body is capped before anything reads it (the hot lane too: body_limit).
+    app.add_middleware(BodyLimits, settings=settings)
+    app.body_limit = settings.body_limit_bytes
 
     @app.exception_handler(ShopfloorError)
     async def shopfloor_error(_: Request, exc: ShopfloorError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+    async def translated_error(request: Request, exc: Exception) -> JSONResponse:
+        # The database unreachable (503), a full disk (507), a value it cannot store (422).
+        error = faults.translate(exc)
+        if error is None:
+            log.error("error in %s %s", request.method, request.url.path, exc_info=exc)
+            error = ShopfloorError("internal error; the controller's log has the details")
+        else:
+            log.warning("%s %s: %s", request.method, request.url.path, error.message)
+        return await shopfloor_error(request, error)
+
+    for kind in faults.TRANSLATED:
+        app.add_exception_handler(kind, translated_error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

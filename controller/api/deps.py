@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -10,6 +11,7 @@ from fastapi import Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from controller.api.json_bodies import NUL_ESCAPE, nul_field
 from controller.errors import InvalidInput
 from controller.services import access, auth, callers
 from controller.services.runtime import Controller
@@ -46,7 +48,9 @@ async def authenticate(
 ) -> ApiToken:
     """The caller's token, if it may act in one of ``roles``.
 
-    Async, and usually answered from memory: no worker-thread hop on the hot path.
+    Async, and usually answered from memory: no worker-thread hop on the hot path. Each
+    call takes one request from the token's bucket (``limits.TokenBuckets``, about a
+    microsecond): past its rate, 429 with Retry-After.
     """
     token_hash = auth.hash_token(auth.bearer(authorization))
     token = ctl.tokens.get(token_hash)
@@ -56,6 +60,7 @@ async def authenticate(
         )
         ctl.tokens.put(token_hash, token)
     auth.require_role(token, roles)
+    ctl.limits.check_rate(token.id, token.name)
     return token
 
 
@@ -82,9 +87,13 @@ async def agent_call(request: Request) -> tuple[Controller, ApiToken]:
 def parse_body(model: type[M], raw: bytes) -> M:
     """What FastAPI does with a body parameter: a 422 in the usual shape when it is wrong."""
     try:
-        return model.model_validate_json(raw or b"{}")
+        parsed = model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
+    if NUL_ESCAPE in raw and (field := nul_field(json.loads(raw))) is not None:
+        problem = f"{field or 'body'}: text must not contain NUL (\\u0000)"
+        raise InvalidInput(problem, problems=[{"field": field, "problem": problem}])
+    return parsed
 
 
 LEASE_TOKEN_HELP = (

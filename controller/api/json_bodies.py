@@ -45,7 +45,6 @@ class JsonBodies:
         if (
             scope["type"] != "http"
             or scope["method"] in NO_BODY_METHODS
-            or declared_json(scope)
             or not self._takes_json(scope)
         ):
             await self.app(scope, receive, send)
@@ -53,13 +52,23 @@ class JsonBodies:
         body = await read_body(receive)
         if body is None:  # the client went away while sending
             return
-        if not body:  # no body: the route says what it thinks of that (usually "required")
+        declared = declared_json(scope)
+        if not body or (declared and NUL_ESCAPE not in body):
+            # No body: the route says what it thinks of that (usually "required").
             await self.app(scope, replay(body, receive), send)
             return
         try:
-            json.loads(body)
+            value = json.loads(body)
         except ValueError as exc:  # JSONDecodeError, or bytes in no Unicode encoding
-            await not_json(exc)(scope, receive, send)
+            if declared:  # FastAPI's own answer
+                await self.app(scope, replay(body, receive), send)
+            else:
+                await not_json(exc)(scope, receive, send)
+            return
+        if (field := nul_field(value)) is not None:
+            await refuse(f"{field or 'body'}: text must not contain NUL (\\u0000)", field)(
+                scope, receive, send
+            )
             return
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [JSON_TYPE]
         await self.app({**scope, "headers": headers}, replay(body, receive), send)
@@ -78,7 +87,7 @@ class JsonBodies:
 def json_routes(routes: Iterable[BaseRoute]) -> list[tuple[str, re.Pattern[str]]]:
     """(method, path pattern) of each route under /api/ with a JSON body parameter."""
     found = []
-    for path, route in _flat(routes):
+    for path, route in flat_routes(routes):
         body = getattr(route, "body_field", None)
         if body is None or isinstance(body.field_info, params.Form):  # File is a Form too
             continue
@@ -88,7 +97,7 @@ def json_routes(routes: Iterable[BaseRoute]) -> list[tuple[str, re.Pattern[str]]
     return found
 
 
-def _flat(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, Any]]:
+def flat_routes(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, Any]]:
     """Each route with its full path: FastAPI from 0.16x keeps included routers as such
     (``iter_route_contexts`` walks them, as its OpenAPI does); before, they were copied in."""
     walk = getattr(routing, "iter_route_contexts", None)
@@ -138,6 +147,51 @@ def replay(body: bytes, receive: Receive) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive_again
+
+
+NUL_ESCAPE = b"\\u0000"
+"""How a NUL appears in JSON (a raw NUL byte is not JSON at all)."""
+
+
+def nul_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) in ``value`` that holds a NUL, or None.
+
+    NUL is refused in every text field: PostgreSQL cannot store it in text at all, SQLite
+    stores it and C strings downstream (git, the shell, file names) cut the text there.
+    Other control characters are stored as given on both databases and escaped on output.
+    """
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return where
+            if (found := nul_field(item, where)) is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if (found := nul_field(item, f"{path}.{index}" if path else str(index))) is not None:
+                return found
+    return None
+
+
+def nul_in_address(scope: Scope) -> str | None:
+    """A NUL in an API path or query string: a 422 before any route reads it (the app
+    checks every request, hot or not: ``fastlane.ShopfloorAPI``)."""
+    if not scope["path"].startswith(API_PREFIX):
+        return None
+    if "\x00" in scope["path"]:
+        return "path: must not contain NUL (%00)"
+    if b"%00" in scope.get("query_string", b""):
+        return "query: must not contain NUL (%00)"
+    return None
+
+
+def refuse(problem: str, field: str = "") -> JSONResponse:
+    """A 422 in the app's validation shape."""
+    error = InvalidInput(problem, problems=[{"field": field, "problem": problem}])
+    return JSONResponse(error.to_dict(), status_code=error.status_code)
 
 
 def not_json(exc: ValueError) -> JSONResponse:

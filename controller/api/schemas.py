@@ -47,6 +47,11 @@ class MachinePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     ready_at: datetime | None
+    disk_used_bytes: int | None = None
+    """Bytes used on the machine's workspace disk when reconcile last looked; None: no
+    limit (or not measured yet)."""
+    disk_limit_bytes: int | None = None
+    """Size of the workspace disk; writes past it fail with ENOSPC in the machine."""
 
 
 class ExecBody(BaseModel):

@@ -25,6 +25,15 @@ class Bind:
 
 
 @dataclass(frozen=True)
+class ScratchMount:
+    """A folder of the machine kept on its scratch disk (see ``ContainerSpec.scratch_bytes``)."""
+
+    container_path: str
+    uid: int = 0
+    mode: int = 0o1777
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     name: str
     image: str
@@ -39,6 +48,14 @@ class ContainerSpec:
     publish_ports: list[int] = field(default_factory=list)
     """Container ports to publish on 127.0.0.1 at an engine-chosen host port."""
     env: dict[str, str] = field(default_factory=dict)
+    scratch_bytes: int = 0
+    """Size of one disk holding every ``scratch_mounts`` folder; 0: they stay in the
+    container's writable layer (no limit)."""
+    scratch_mounts: list[ScratchMount] = field(default_factory=list)
+    shm_bytes: int = 0
+    """Size of /dev/shm; 0: the engine's default (64 MiB)."""
+    tmpfs: dict[str, str] = field(default_factory=dict)
+    """Small sized tmpfs mounts (path -> mount options, e.g. ``size=1m``)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,11 @@ class DuplexStream(Protocol):
 class Provider(Protocol):
     def ping(self) -> None: ...
 
+    def data_root(self) -> str:
+        """The folder where the engine keeps its data (layers, volumes) on its host
+        (``docker info``: DockerRootDir). Every machine's workspace lies under it."""
+        ...
+
     # images
     def image_exists(self, ref: str) -> bool: ...
 
@@ -107,9 +129,21 @@ class Provider(Protocol):
     def import_image(self, tarball: Path, tag: str) -> None: ...
 
     # volumes
-    def create_volume(self, name: str, labels: dict[str, str]) -> None: ...
+    def create_volume(self, name: str, labels: dict[str, str], size_bytes: int = 0) -> None:
+        """A named volume; ``size_bytes`` > 0 gives it a disk of that size when this
+        provider can (``disk_usage`` then answers for it)."""
+        ...
 
     def remove_volume(self, name: str) -> None: ...
+
+    def disk_usage(self, volume: str) -> tuple[int, int] | None:
+        """(used, limit) bytes of a sized volume; None when it has no disk of its own."""
+        ...
+
+    def remove_stray_disks(self, keep: set[str], grace_s: float) -> list[str]:
+        """Remove the disks whose volume or container (by name) is not in ``keep`` and is
+        older than ``grace_s``; answer their names."""
+        ...
 
     def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from controller.providers.base import (
     StreamName,
     VolumeInfo,
 )
+from controller.providers.disks import DiskDir, DiskStore
 from controller.providers.netns import connect_in_namespace
 
 log = logging.getLogger(__name__)
@@ -33,17 +35,23 @@ LISTENER_WAIT_S = 2.0
 listener."""
 
 
-def _parse_time(value: str | None) -> datetime:
-    if not value:
-        return datetime.now(UTC)
-    # Docker gives RFC 3339 with nanoseconds; Python takes microseconds.
-    head, _, rest = value.partition(".")
-    frac = "".join(ch for ch in rest if ch.isdigit())[:6]
-    text = f"{head}.{frac or '0'}+00:00" if value.endswith("Z") or "+" not in rest else value
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return datetime.now(UTC)
+_RFC3339 = re.compile(
+    r"(?P<head>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<frac>\d+))?(?P<zone>Z|[+-]\d\d:\d\d)?$",
+    re.IGNORECASE,
+)
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    """The engine's RFC 3339 times: nanoseconds or no fraction at all (volumes), ``Z`` or an
+    offset. None when missing, unreadable or the zero time (never happened)."""
+    match = _RFC3339.match((value or "").strip())
+    if match is None:
+        return None
+    frac = (match["frac"] or "")[:6].ljust(6, "0")  # Python keeps microseconds
+    zone = match["zone"] or "Z"
+    zone = "+00:00" if zone.upper() == "Z" else zone
+    parsed = datetime.fromisoformat(f"{match['head']}.{frac}{zone}")
+    return None if parsed.year <= 1 else parsed
 
 
 def _label_filters(labels: dict[str, str]) -> list[str]:
@@ -137,8 +145,19 @@ class DemuxedStream:
                 pass
 
 
+def _volume_disk(name: str) -> str:
+    return f"volume-{name}"
+
+
+def _container_disk(name: str) -> str:
+    return f"container-{name}"
+
+
 class DockerProvider:
-    def __init__(self, base_url: str | None = None) -> None:
+    """``disks``: where sized disks live (loop-mounted files, :mod:`disks`); None: sizes are
+    ignored. Used only with an engine on this host (it mounts what this host mounted)."""
+
+    def __init__(self, base_url: str | None = None, disks: DiskStore | None = None) -> None:
         try:
             if base_url:
                 self.client = docker.DockerClient(base_url=base_url, timeout=120)
@@ -147,13 +166,29 @@ class DockerProvider:
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
         self.api = self.client.api
+        self._data_root: str | None = None
+        self.disks: DiskStore | None = None
+        if disks is not None:
+            if self.api.base_url != LOCAL_ENGINE_URL:
+                log.warning("disk limits are off: the engine is not on this host")
+            else:
+                self.disks = disks
+                disks.start()  # remount after a host reboot, make the spares
 
     def close(self) -> None:
+        if self.disks is not None:
+            self.disks.close()
         self.client.close()
 
     def ping(self) -> None:
         with _engine_errors("ping the engine"):
             self.client.ping()
+
+    def data_root(self) -> str:
+        if self._data_root is None:  # an engine's data root does not move while it runs
+            with _engine_errors("ask the engine for its data root"):
+                self._data_root = str(self.client.info()["DockerRootDir"])
+        return self._data_root
 
     # images
     def image_exists(self, ref: str) -> bool:
@@ -189,17 +224,64 @@ class DockerProvider:
             self.api.import_image_from_data(fh.read(), repository=repo, tag=version or "latest")
 
     # volumes
-    def create_volume(self, name: str, labels: dict[str, str]) -> None:
-        with _engine_errors(f"create volume {name}"):
-            self.client.volumes.create(name=name, labels=labels)
+    def create_volume(self, name: str, labels: dict[str, str], size_bytes: int = 0) -> None:
+        if not size_bytes or self.disks is None:
+            with _engine_errors(f"create volume {name}"):
+                self.client.volumes.create(name=name, labels=labels)
+            return
+        # The local driver binds the disk's data folder: it exists only while the disk is
+        # mounted, so the volume never falls back to the host's own disk.
+        data = self.disks.create(_volume_disk(name), size_bytes, [DiskDir("", 1000, 0o755)])
+        try:
+            with _engine_errors(f"create volume {name}"):
+                self.client.volumes.create(
+                    name=name,
+                    labels=labels,
+                    driver="local",
+                    driver_opts={"type": "none", "o": "bind", "device": str(data)},
+                )
+        except EngineError:
+            self.disks.remove(_volume_disk(name))
+            raise
 
     def remove_volume(self, name: str) -> None:
         try:
             self.client.volumes.get(name).remove(force=True)
         except docker.errors.NotFound:
-            return
+            pass
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot remove volume {name}: {exc}") from exc
+        if self.disks is not None:
+            self.disks.remove(_volume_disk(name))
+
+    def disk_usage(self, volume: str) -> tuple[int, int] | None:
+        return self.disks.usage(_volume_disk(volume)) if self.disks is not None else None
+
+    def remove_stray_disks(self, keep: set[str], grace_s: float) -> list[str]:
+        if self.disks is None:
+            return []
+        wanted = {_volume_disk(n) for n in keep} | {_container_disk(n) for n in keep}
+        removed = []
+        for owner in self.disks.owners(older_than_s=grace_s):
+            if owner not in wanted and self._disk_owner_gone(owner):
+                self.disks.remove(owner)
+                removed.append(owner)
+        return removed
+
+    def _disk_owner_gone(self, owner: str) -> bool:
+        """Whether the engine no longer has the volume or container the disk belongs to
+        (asked only for disks reconcile did not expect: a few, rarely)."""
+        kind, _, name = owner.partition("-")
+        try:
+            if kind == "volume":
+                self.client.volumes.get(name)
+            elif kind == "container":
+                self.client.containers.get(name)
+            return False
+        except docker.errors.NotFound:
+            return True
+        except docker.errors.DockerException:
+            return False
 
     def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
         with _engine_errors("list volumes"):
@@ -215,11 +297,30 @@ class DockerProvider:
 
     # containers
     def run_container(self, spec: ContainerSpec) -> ContainerInfo:
+        scratch = spec.scratch_bytes and spec.scratch_mounts and self.disks is not None
+        try:
+            return self._run_container(spec, with_scratch=bool(scratch))
+        except BaseException:
+            if scratch and self.disks is not None:
+                self.disks.remove(_container_disk(spec.name))
+            raise
+
+    def _run_container(self, spec: ContainerSpec, *, with_scratch: bool) -> ContainerInfo:
         mounts = [Mount(target="/workspace", source=spec.workspace_volume, type="volume")]
         mounts += [
             Mount(target=b.container_path, source=b.host_path, type="bind", read_only=b.read_only)
             for b in spec.binds
         ]
+        if with_scratch and self.disks is not None:
+            folders = [
+                DiskDir(m.container_path.strip("/").replace("/", "-"), m.uid, m.mode)
+                for m in spec.scratch_mounts
+            ]
+            data = self.disks.create(_container_disk(spec.name), spec.scratch_bytes, folders)
+            mounts += [
+                Mount(target=m.container_path, source=str(data / f.name), type="bind")
+                for m, f in zip(spec.scratch_mounts, folders, strict=True)
+            ]
         kwargs: dict[str, Any] = {
             "name": spec.name,
             "labels": spec.labels,
@@ -237,6 +338,10 @@ class DockerProvider:
             "environment": spec.env,
             "hostname": spec.name[:63],
         }
+        if spec.shm_bytes:
+            kwargs["shm_size"] = spec.shm_bytes
+        if spec.tmpfs:
+            kwargs["tmpfs"] = spec.tmpfs
         if spec.network == "none" and not spec.publish_ports:
             kwargs["network_mode"] = "none"
         else:
@@ -266,6 +371,8 @@ class DockerProvider:
         return [self._summary_info(c) for c in found]
 
     def start_container(self, name_or_id: str) -> None:
+        if self.disks is not None:
+            self.disks.mount_all()  # no-op unless the host lost its mounts (reboot)
         with _engine_errors(f"start {name_or_id}"):
             self.client.containers.get(name_or_id).start()
 
@@ -274,12 +381,17 @@ class DockerProvider:
             self.client.containers.get(name_or_id).stop(timeout=timeout_s)
 
     def remove_container(self, name_or_id: str) -> None:
+        name = name_or_id
         try:
-            self.client.containers.get(name_or_id).remove(force=True, v=False)
+            container = self.client.containers.get(name_or_id)
+            name = container.name or name_or_id
+            container.remove(force=True, v=False)
         except docker.errors.NotFound:
-            return
+            pass
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot remove {name_or_id}: {exc}") from exc
+        if self.disks is not None:
+            self.disks.remove(_container_disk(name))
 
     def exec(
         self,
@@ -307,7 +419,8 @@ class DockerProvider:
             if not pid:
                 return None
             # A machine that just started may not listen yet (its sshd starts with it).
-            just_started = datetime.now(UTC) - _parse_time(state.get("StartedAt")) < JUST_STARTED
+            started = _parse_time(state.get("StartedAt"))
+            just_started = started is not None and datetime.now(UTC) - started < JUST_STARTED
             wait_s = min(timeout_s, LISTENER_WAIT_S) if just_started else 0.0
             return connect_in_namespace(pid, port, timeout_s=timeout_s, wait_s=wait_s)
         except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
@@ -358,7 +471,7 @@ class DockerProvider:
             name=container.name or "",
             labels=attrs.get("Config", {}).get("Labels") or {},
             status=attrs.get("State", {}).get("Status", "unknown"),
-            created_at=_parse_time(attrs.get("Created")),
+            created_at=_parse_time(attrs.get("Created")) or datetime.now(UTC),
             ports=ports,
         )
 

@@ -34,13 +34,17 @@ from controller.errors import (
     Conflict,
     Forbidden,
     InvalidInput,
+    LimitReached,
     NotFound,
+    ShopfloorError,
     StaleLease,
+    StorageFull,
     TooLarge,
     TransportError,
 )
 from controller.providers.base import Provider
 from controller.services import auth
+from controller.services.limits import FORWARDS, SESSIONS, Limits
 from controller.settings import Settings
 from controller.store import leases as lease_rows
 from controller.store.db import reader, run_read, unit_of_work
@@ -199,9 +203,13 @@ def _get_machine(machine: Machine | None, machine_id: str) -> Machine:
 class MachineAccess:
     """Every live channel into the controller's machines, by machine and fence."""
 
-    def __init__(self, *, db: Engine, provider: Provider, settings: Settings) -> None:
+    def __init__(
+        self, *, db: Engine, provider: Provider, settings: Settings, limits: Limits | None = None
+    ) -> None:
         self.db = db
+        self.provider = provider
         self.settings = settings
+        self.limits = limits or Limits(settings)
         self.ssh = SshPool(provider, settings.data_dir, timeout_s=settings.ssh_connect_timeout_s)
         """One SSH connection per machine (direct or through the engine)."""
         self.sessions = sessions.SessionRegistry()
@@ -209,12 +217,38 @@ class MachineAccess:
         self.commands = CommandRunner(self.ssh, provider)
         """One-shot commands: over SSH where the machine has sshd, else the engine's exec."""
         self._reviving = threading.Lock()
+        self._opening: dict[str, int] = {}
+        """Sessions being opened now, by machine (counted against the limit too)."""
+        self._opening_guard = threading.Lock()
 
     # ------------------------------------------------------------ sessions
 
     def open_session(self, *, machine_id: str, key: Key) -> sessions.Session:
+        """A new shell session, if the machine has fewer than ``sessions_per_machine``
+        open (429 otherwise: each holds a channel of the machine's one SSH connection, and
+        sshd serves 256 at most, for sessions, transfers and commands together)."""
         machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
-        return self._start_session(machine, f"s-{secrets.token_hex(8)}", restore=False)
+        cap = self.settings.sessions_per_machine
+        with self._opening_guard:
+            open_now = self.sessions.open_count(machine.id) + self._opening.get(machine.id, 0)
+            if open_now >= cap:
+                raise self.limits.refuse(
+                    LimitReached(
+                        f"machine {machine.id} has {cap} sessions open, its limit "
+                        "(SHOPFLOOR_SESSIONS_PER_MACHINE): close one (DELETE "
+                        f"/machines/{machine.id}/sessions/<id>) or run more in one session",
+                        limit=SESSIONS,
+                        open=open_now,
+                    )
+                )
+            self._opening[machine.id] = self._opening.get(machine.id, 0) + 1
+        try:
+            return self._start_session(machine, f"s-{secrets.token_hex(8)}", restore=False)
+        finally:
+            with self._opening_guard:
+                self._opening[machine.id] -= 1
+                if not self._opening[machine.id]:
+                    del self._opening[machine.id]
 
     async def run_in_session(
         self,
@@ -290,8 +324,13 @@ class MachineAccess:
     # ------------------------------------------------------------ files
 
     def read_file(self, *, machine_id: str, key: Key, path: str) -> bytes:
+        """One of the machine's ``files_in_flight`` places while it reads (429 when none)."""
         machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
-        with self.sftp(machine) as client, _file_errors("read", path):
+        with (
+            self.limits.file_in_flight(machine.id),
+            self.sftp(machine) as client,
+            _file_errors("read", path),
+        ):
             return sftp.read(client, path, cap=self.settings.file_cap_bytes)
 
     async def write_file(
@@ -304,17 +343,38 @@ class MachineAccess:
         declared_size: int | None,
     ) -> tuple[str, int]:
         """Check the machine, read the body up to the cap, write it; the path written and
-        its size."""
+        its size. One of the machine's ``files_in_flight`` places is held from the first
+        byte read to the last written (429 when none is free)."""
         machine = await anyio.to_thread.run_sync(
             lambda: machine_for_command(db=self.db, machine_id=machine_id, key=key)
         )
-        data = await _read_capped(body, declared_size, self.settings.file_cap_bytes)
+        with self.limits.file_in_flight(machine.id):
+            data = await _read_capped(body, declared_size, self.settings.file_cap_bytes)
 
-        def write() -> str:
-            with self.sftp(machine) as client, _file_errors("write", path):
-                return sftp.write(client, path, data)
+            def write() -> str:
+                try:
+                    with self.sftp(machine) as client, _file_errors("write", path):
+                        return sftp.write(client, path, data)
+                except Conflict as exc:
+                    raise self._storage_full(machine, path, len(data)) or exc from exc
 
-        return await anyio.to_thread.run_sync(write), len(data)
+            return await anyio.to_thread.run_sync(write), len(data)
+
+    def _storage_full(self, machine: Machine, path: str, size: int) -> StorageFull | None:
+        """A failed write into a full workspace disk (SFTP says only "Failure"): 507, and
+        the partial file is removed."""
+        usage = self.provider.disk_usage(machine.volume_name)
+        if usage is None or usage[1] - usage[0] > size + FULL_MARGIN:
+            return None
+        with contextlib.suppress(OSError, ShopfloorError), self.sftp(machine) as client:
+            client.remove(sftp.confine(path))
+        used, limit = usage
+        return StorageFull(
+            f"cannot write {path!r}: the machine's workspace disk is full "
+            f"({used} of {limit} bytes used); remove files in /workspace",
+            used_bytes=used,
+            limit_bytes=limit,
+        )
 
     @contextlib.contextmanager
     def sftp(self, machine: Machine) -> Iterator[paramiko.SFTPClient]:
@@ -336,9 +396,23 @@ class MachineAccess:
         machine = machine_for_command(db=self.db, machine_id=machine_id, key=key)
         if not 1 <= port <= 65535:
             raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
+        cap = self.settings.forwards_per_lease
         forward = self.forwards.open(
-            machine_id=machine.id, container=machine.container_name, port=port, fence=machine.fence
+            machine_id=machine.id,
+            container=machine.container_name,
+            port=port,
+            fence=machine.fence,
+            limit=cap,
         )
+        if forward is None:  # a new one would pass the limit
+            raise self.limits.refuse(
+                LimitReached(
+                    f"{cap} forwards are open under this lease of machine {machine.id}, its "
+                    "limit (SHOPFLOOR_FORWARDS_PER_LEASE): close one (DELETE "
+                    f"/machines/{machine.id}/ports/<port>) or serve more through one port",
+                    limit=FORWARDS,
+                )
+            )
         try:  # a lease that ended meanwhile closed channels before ours was registered
             fence_for_command(db=self.db, machine_id=machine_id, key=Key.internal(machine.fence))
         except (Conflict, NotFound):
@@ -428,6 +502,10 @@ class MachineAccess:
         self.forwards.close()
         self.sessions.close()
         self.ssh.close()
+
+
+FULL_MARGIN = 1024 * 1024
+"""A write that failed with less than its size and this much free is put down to a full disk."""
 
 
 @contextlib.contextmanager

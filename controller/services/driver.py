@@ -70,10 +70,16 @@ def drivers(ctl: Controller) -> _Drivers:
 
 def drive_tick(*, ctl: Controller) -> list[str]:
     """Start a driver thread for each queued or orphaned running run; say which started."""
+    now = utcnow()
     with unit_of_work(ctl.reader) as tx:
         waiting = tx.exec(
             select(Run.id)
-            .where(col(Run.status).in_([RunStatus.queued, RunStatus.running]))
+            .where(
+                col(Run.status).in_([RunStatus.queued, RunStatus.running]),
+                col(Run.driver).is_(None)
+                | (col(Run.driver) == ctl.instance_id)
+                | (col(Run.driver_expires_at) < now),
+            )
             .order_by(col(Run.created_at))
         ).all()
     state = drivers(ctl)
@@ -92,19 +98,36 @@ def drive_tick(*, ctl: Controller) -> list[str]:
 
 
 def _drive_guarded(ctl: Controller, run_id: str) -> None:
+    driver = RunDriver(ctl, run_id)
     try:
-        RunDriver(ctl, run_id).drive()
+        driver.drive()
     except _Stopping:
         log.info("controller stopping; run %s will resume on restart", run_id)
+        _quietly(runs.drop_claim, ctl=ctl, run_id=run_id, driver=ctl.instance_id)
+    except runs.ClaimLost as exc:
+        log.warning("run %s: %s; this driver stops", run_id, exc.message)
     except Exception as exc:  # noqa: BLE001 - a run must always end in a definite state
         log.exception("driver of run %s failed", run_id)
         reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
-        runs.finish_run(
-            ctl=ctl, run_id=run_id, status=RunStatus.failed, reason=f"driver error: {reason}"
+        _quietly(
+            runs.finish_run,
+            ctl=ctl,
+            run_id=run_id,
+            status=RunStatus.failed,
+            reason=f"driver error: {reason}",
+            driver=ctl.instance_id,
         )
     finally:
+        driver.heartbeat_stop.set()
         with drivers(ctl).lock:
             drivers(ctl).threads.pop(run_id, None)
+
+
+def _quietly(work: Any, **kwargs: Any) -> None:
+    try:
+        work(**kwargs)
+    except Exception:  # noqa: BLE001 - logged; the run is picked up again by its next driver
+        log.exception("%s failed", getattr(work, "__name__", work))
 
 
 class _Stopping(Exception):
@@ -134,12 +157,20 @@ class RunDriver:
         self.machine: Machine | None = None
         self.handle: MachineHandle | None = None
         self.renewed_at = 0.0
+        self.me = ctl.instance_id
+        self.claim_ttl_s = ctl.settings.run_claim_ttl_s
+        self.claim_lost = threading.Event()
+        """Set by the heartbeat when the claim could not be kept: write nothing more."""
+        self.heartbeat_stop = threading.Event()
 
     # ------------------------------------------------------------ the whole run
 
     def drive(self) -> None:
         if not self._start():
             return
+        threading.Thread(
+            target=self._heartbeat, name=f"run-{self.run_id}-claim", daemon=True
+        ).start()
         try:
             self._take_machine()
             with unit_of_work(self.ctl.db) as tx:
@@ -148,28 +179,64 @@ class RunDriver:
                 ended = self._drive_stage(stage_id)
                 if ended:
                     return
-            runs.finish_run(ctl=self.ctl, run_id=self.run_id, status=RunStatus.passed, reason=None)
+            self._finish(RunStatus.passed, None)
         except _RunEnded as end:
-            runs.finish_run(ctl=self.ctl, run_id=self.run_id, status=end.status, reason=end.reason)
+            self._finish(end.status, end.reason)
+        except runs.ClaimLost:
+            self.claim_lost.set()  # the run, its lease and machine are another driver's now
+            raise
         finally:
-            if not self.ctl.stopping.is_set():
+            if not self.ctl.stopping.is_set() and not self.claim_lost.is_set():
                 self._give_back()
 
+    def _finish(self, status: RunStatus, reason: str | None) -> None:
+        runs.finish_run(
+            ctl=self.ctl, run_id=self.run_id, status=status, reason=reason, driver=self.me
+        )
+
     def _start(self) -> bool:
+        """Claim the run (one driver per run) and start or resume it."""
         with unit_of_work(self.ctl.db) as tx:
             run = runs.get_run(tx, self.run_id)
             if run.status in FINISHED_RUN_STATUSES:
                 return False
+            try:
+                previous = runs.claim_in(tx, run, driver=self.me, ttl_s=self.claim_ttl_s)
+            except runs.ClaimLost:
+                return False  # another driver holds it; nothing was written
             if run.cancel_requested:
                 runs.end_run(tx, run, RunStatus.cancelled, "cancelled before it started")
                 return False
             if run.status == RunStatus.queued:
                 run.status, run.started_at = RunStatus.running, utcnow()
                 tx.add(run)
-                events.record(tx, "run.started", run.id)
+                events.record(tx, "run.started", run.id, driver=self.me)
             else:
-                events.record(tx, "run.resumed", run.id, reason="controller restarted")
+                why = f"its driver {previous} stopped" if previous else "controller restarted"
+                events.record(tx, "run.resumed", run.id, reason=why, driver=self.me)
         return True
+
+    def _heartbeat(self) -> None:
+        """Keep the claim alive every third of its TTL. A claim that could not be kept for
+        most of its TTL (the database gone) is given up before another driver may take it."""
+        kept = time.monotonic()
+        while not self.heartbeat_stop.wait(self.claim_ttl_s / 3):
+            try:
+                with unit_of_work(self.ctl.db) as tx:
+                    runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
+                kept = time.monotonic()
+            except runs.ClaimLost:
+                self.claim_lost.set()
+                return
+            except Exception as exc:  # noqa: BLE001 - the database may come back in time
+                log.warning("run %s: claim heartbeat failed: %s", self.run_id, exc)
+                if time.monotonic() - kept > self.claim_ttl_s * 0.75:
+                    self.claim_lost.set()
+                    return
+
+    def _check_claim(self) -> None:
+        if self.claim_lost.is_set():
+            raise runs.ClaimLost(f"run {self.run_id}: this driver lost its claim")
 
     # ------------------------------------------------------------ the machine
 
@@ -386,6 +453,7 @@ class RunDriver:
     def _recover_interrupted(self, stage_id: str) -> None:
         """A stage left ``running`` by a dead controller: its attempt failed; clean the machine."""
         with unit_of_work(self.ctl.db) as tx:
+            runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
             stage = tx.get(Stage, stage_id)
             assert stage is not None
             if stage.status != StageStatus.running:
@@ -396,6 +464,7 @@ class RunDriver:
                 _history_entry(stage.attempts, "failed", reason, stage.machine_id, None, None),
             ]
             stage.status, stage.summary = StageStatus.pending, reason
+            stage.retries += 1  # the controller died, not the stage: one more try
             tx.add(stage)
             events.record(tx, "stage.interrupted", stage.id, run_id=self.run_id, reason=reason)
         self._kill_leftovers()
@@ -405,7 +474,9 @@ class RunDriver:
         assert self.handle is not None
         attempt = stage.attempts + 1
         started = utcnow()
+        self._check_claim()
         with unit_of_work(self.ctl.db) as tx:
+            runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
             current = tx.get(Stage, stage.id)
             assert current is not None
             current.status, current.attempts = StageStatus.running, attempt
@@ -473,6 +544,7 @@ class RunDriver:
             self._renew_if_due()
             if self.ctl.stopping.is_set():
                 raise _Stopping()
+            self._check_claim()
             if self._cancel_requested():
                 self._kill_leftovers()
                 return _Outcome("cancelled", "cancelled during the attempt", cancelled=True)
@@ -606,7 +678,9 @@ class RunDriver:
                 )
             except ShopfloorError as exc:
                 log.warning("stage log of %s not stored: %s", stage.name, exc.message)
+        self._check_claim()
         with unit_of_work(self.ctl.db) as tx:
+            runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
             current = tx.get(Stage, stage.id)
             assert current is not None
             passed = outcome.status == "passed"

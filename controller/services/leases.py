@@ -306,8 +306,9 @@ def _check_owner(lease: Row, caller: ApiToken | None) -> None:
 
 def _check_active(lease: Row, action: str) -> None:
     if lease["state"] != LeaseState.active:
+        why = f" ({lease['reason']})" if lease.get("reason") else ""
         raise Conflict(
-            f"cannot {action} lease {lease['id']}: it is already {lease['state']}",
+            f"cannot {action} lease {lease['id']}: it is already {lease['state']}{why}",
             state=lease["state"],
         )
     if lease["expires_at"] <= utcnow():
@@ -527,12 +528,17 @@ def reap(*, ctl: Controller) -> list[str]:
 
 
 def _return_orphans(ctl: Controller) -> None:
-    """Leased machines without an active lease (a crash mid-reset) go back per pool policy."""
+    """Leased machines without an active lease (a crash mid-reset) go back per pool policy.
+
+    With several controllers on one database another one may be resetting the machine right
+    now (its own ``returning``): only a machine untouched for longer than any reset may take
+    is an orphan there. One controller per SQLite database: at once."""
     rt = runtime(ctl)
+    grace_s = 0.0 if ctl.db.dialect.name == "sqlite" else ctl.settings.provision_timeout_s + 60
     with transaction(ctl.reader, write=False) as tx:
         orphans: list[tuple[str, ResetPolicy]] = [
             (row["id"], row["reset"] or "keep")
-            for row in rows.orphans(tx)
+            for row in rows.orphans(tx, settled_before=utcnow() - timedelta(seconds=grace_s))
             if row["id"] not in rt.returning
         ]
     for machine_id, policy in orphans:

@@ -23,7 +23,7 @@ from controller.errors import (
     ProcessesSurvive,
     ShopfloorError,
 )
-from controller.providers.base import Bind, ContainerSpec, Provider
+from controller.providers.base import Bind, ContainerSpec, Provider, ScratchMount
 from controller.services import repos
 from controller.services.access import MachineAccess
 from controller.services.images import RUNNER_CAPABILITIES
@@ -160,6 +160,16 @@ class MachineSpec:
     pool: str | None = None
 
 
+RUNNER_UID = 1000
+SCRATCH_MOUNTS = [
+    ScratchMount("/tmp"),
+    ScratchMount("/var/tmp"),
+    ScratchMount("/home/runner", uid=RUNNER_UID, mode=0o755),
+]
+"""Every folder of the runner image its user can write, apart from /workspace, /dev/shm and
+/run/lock (found with ``find / -xdev -writable`` as runner): kept on the scratch disk."""
+
+
 def container_name(machine_id: str) -> str:
     return f"shopfloor-{machine_id}"
 
@@ -251,10 +261,13 @@ def provision(
 def _build(provider: Provider, settings: Settings, install_id: str, machine: Machine) -> None:
     binds: list[Bind] = []
     if machine.repo:
-        source = _source_path(settings, machine.repo)
+        source = _source_path(provider, settings, machine.repo)
         binds.append(Bind(str(source), SOURCE_MOUNT, read_only=True))
     labels = ownership_labels(settings, install_id, machine)
-    provider.create_volume(machine.volume_name, labels)
+    sized = settings.disk_limits
+    provider.create_volume(
+        machine.volume_name, labels, size_bytes=settings.workspace_disk_bytes if sized else 0
+    )
     provider.run_container(
         ContainerSpec(
             name=machine.container_name,
@@ -267,6 +280,10 @@ def _build(provider: Provider, settings: Settings, install_id: str, machine: Mac
             pids_limit=settings.pids_limit,
             network="egress" if machine.network == "egress" else "none",
             cap_add=RUNNER_CAPABILITIES,
+            scratch_bytes=settings.scratch_disk_bytes if sized else 0,
+            scratch_mounts=SCRATCH_MOUNTS,
+            shm_bytes=settings.shm_bytes,
+            tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
         )
     )
     if machine.repo:
@@ -274,10 +291,11 @@ def _build(provider: Provider, settings: Settings, install_id: str, machine: Mac
     run_setup(provider, settings, machine)
 
 
-def _source_path(settings: Settings, repo: str) -> Path:
+def _source_path(provider: Provider, settings: Settings, repo: str) -> Path:
     """The host-side mirror of the repo, brought up to date now: local repos too, so the
-    machine's user never reads the operator's folders and new commits show up."""
-    source = repos.parse_repo(repo, roots=settings.repo_root_paths)
+    machine's user never reads the operator's folders and new commits show up. The policy
+    is checked again (the settings may have changed since the template was)."""
+    source = repo_source(provider=provider, settings=settings, value=repo)
     return repos.sync_mirror(settings.data_dir, source, timeout_s=settings.provision_timeout_s)
 
 
@@ -540,12 +558,27 @@ def show_machine(*, ctl: Controller, machine_id: str) -> Machine:
         return get_machine(tx, machine_id)
 
 
+def repo_source(*, provider: Provider, settings: Settings, value: str) -> repos.RepoSource:
+    """A repo value checked against the repo policy: a local path only under
+    ``SHOPFLOOR_REPO_ROOTS`` when set, and never in the engine's data root (every machine's
+    workspace is there) or the controller's data dir (mirrors, keys, database), symlinks
+    resolved (403). Who may name a local path at all is the caller's check (``runs``)."""
+    source = repos.parse_repo(value, roots=settings.repo_root_paths)
+    if source.local_path is not None:
+        forbidden = [
+            (Path(provider.data_root()).resolve(), "the engine's data root"),
+            (settings.data_dir.resolve(), "the controller's data dir"),
+        ]
+        repos.check_not_within(source, forbidden)
+    return source
+
+
 def make_spec(
     *, ctl: Controller, template: MachineTemplate, pool: str | None = None
 ) -> MachineSpec:
     """Check what a template means: the repo is acceptable, the ref sane, the image there."""
     repo = (
-        repos.parse_repo(template.repo, roots=ctl.settings.repo_root_paths)
+        repo_source(provider=ctl.provider, settings=ctl.settings, value=template.repo)
         if template.repo
         else None
     )

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.errors import InvalidInput
+from controller.errors import Forbidden, InvalidInput
 
 _REMOTE_SCHEMES = ("https://", "http://", "ssh://", "git://")
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:(?!//)[^\s]+$")
@@ -65,8 +65,29 @@ def repo_name_from(value: str) -> str:
     return name[:64]
 
 
+def local_text(value: str) -> str | None:
+    """The path a repo value names on the controller's host (``/x``, ``file:///x``), or
+    None for a URL. Text only: the filesystem is not touched."""
+    if value.startswith(_REMOTE_SCHEMES) or _SCP_LIKE.match(value):
+        return None
+    if "://" in value:
+        return value.removeprefix("file://") if value.startswith("file://") else None
+    return None if _TRANSPORT_PREFIX.match(value) else value
+
+
+def same_repo(given: str, *known: str) -> bool:
+    """Whether ``given`` names one of ``known`` (paths compared normalized, as text)."""
+
+    def norm(value: str) -> str:
+        path = local_text(value)
+        return value if path is None else os.path.normpath(path)
+
+    return norm(given) in {norm(value) for value in known}
+
+
 def parse_repo(value: str, *, roots: list[Path]) -> RepoSource:
-    """Validate a repo value: an http(s)/ssh/git URL, ``user@host:path``, or a local folder."""
+    """Validate a repo value: an http(s)/ssh/git URL, ``user@host:path``, or a local folder
+    (under ``roots`` when there are any: 403 otherwise)."""
     _check_text(value, "repo", 2048)
     if _TRANSPORT_PREFIX.match(value):
         raise InvalidInput(
@@ -86,14 +107,35 @@ def parse_repo(value: str, *, roots: list[Path]) -> RepoSource:
     path = Path(value)
     if not path.is_absolute():
         raise InvalidInput("a local repo must be an absolute path")
-    resolved = path.resolve()
-    if roots and not any(resolved == r or r in resolved.parents for r in roots):
-        raise InvalidInput("local repo lies outside the allowed roots (SHOPFLOOR_REPO_ROOTS)")
+    resolved = path.resolve()  # symlinks followed: what git would read
+    if roots and not any(within(resolved, r) for r in roots):
+        raise Forbidden("local repo lies outside the allowed roots (SHOPFLOOR_REPO_ROOTS)")
     if not resolved.is_dir():
         raise InvalidInput(f"local repo {value} is not a directory the controller can read")
     if not ((resolved / ".git").exists() or (resolved / "HEAD").is_file()):
         raise InvalidInput(f"local repo {value} is not a git repository")
     return RepoSource(value=str(resolved), local_path=resolved, name=repo_name_from(str(resolved)))
+
+
+def within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_not_within(source: RepoSource, forbidden: list[tuple[Path, str]]) -> None:
+    """Refuse (403) a local repo in one of the ``forbidden`` folders (resolved paths, with
+    what they are): the folder itself, its ``.git`` and the repository a ``.git`` file
+    points to, symlinks resolved — what git would read."""
+    if source.local_path is None:
+        return
+    for path in safe_directories(source.local_path):
+        real = path.resolve()
+        for root, what in forbidden:
+            if within(real, root):
+                raise Forbidden(
+                    f"local repo {source.value} lies in {what} ({root}), which is never a "
+                    "repo source: it holds machines' workspaces or the controller's own "
+                    "files; name the repo where its owner keeps it, or a URL"
+                )
 
 
 def check_ref(ref: str) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from agents import registry
@@ -62,15 +64,21 @@ class RunView:
 
 
 def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> RunView:
-    """Check everything that can be checked up front, then queue the run."""
+    """Check everything that can be checked up front, then queue the run.
+
+    The repo policy: a run naming a pool of a repo takes the pool's repo (which ops
+    named); otherwise an agent may name a local path only under ``SHOPFLOOR_REPO_ROOTS``
+    (403 when it is unset), and nobody one in the engine's or the controller's data.
+    """
     check_agents(spec)
-    repo = repos.parse_repo(spec.repo, roots=ctl.settings.repo_root_paths).value
     ref = repos.check_ref(spec.ref) if spec.ref else "HEAD"
+    repo = ""
     if not spec.pool:
+        repo = _own_repo(ctl, spec.repo, caller)
         machines.make_spec(ctl=ctl, template=MachineTemplate(repo=repo, ref=ref))
     with unit_of_work(ctl.db) as tx:
         if spec.pool:
-            _check_pool_repo(tx, spec.pool, repo)
+            repo = _pool_repo(ctl, tx, spec.pool, spec.repo, caller)
         run = Run(
             task=spec.task,
             repo=repo,
@@ -143,14 +151,32 @@ def _view(tx: Session, run: Run, *, with_events: bool = False) -> RunView:
     )
 
 
-def _check_pool_repo(tx: Session, pool_name: str, repo: str) -> None:
+def _own_repo(ctl: Controller, value: str, caller: ApiToken | None) -> str:
+    """A repo the run names itself (no pool, or a pool without a repo), under the policy."""
+    agent = caller is not None and caller.role != Role.ops
+    if agent and not ctl.settings.repo_roots.strip() and repos.local_text(value) is not None:
+        raise Forbidden(  # before the path is looked at: no answer says what the host holds
+            "an agent may not name a local path as a repo: use a URL, or a pool of that repo "
+            "(ops put pools), or ask ops to allow a folder with SHOPFLOOR_REPO_ROOTS"
+        )
+    return machines.repo_source(provider=ctl.provider, settings=ctl.settings, value=value).value
+
+
+def _pool_repo(
+    ctl: Controller, tx: Session, pool_name: str, value: str, caller: ApiToken | None
+) -> str:
+    """The pool's repo, which ``value`` must name (422 otherwise)."""
     pool = pools.get_pool(tx, pool_name)
     pool_repo = pool.template.get("repo")
-    if pool_repo and repos.parse_repo(pool_repo, roots=[]).value != repo:
+    if not pool_repo:
+        return _own_repo(ctl, value, caller)
+    resolved = repos.parse_repo(pool_repo, roots=[]).value
+    if not repos.same_repo(value, pool_repo, resolved):
         raise InvalidInput(
-            f"pool {pool_name!r} holds checkouts of {pool_repo}, not {repo}; "
+            f"pool {pool_name!r} holds checkouts of {pool_repo}, not {value}; "
             "pick a pool of this repo or leave pool out"
         )
+    return resolved
 
 
 def get_run(tx: Session, run_id: str) -> Run:
@@ -225,9 +251,19 @@ def end_run(tx: Session, run: Run, status: RunStatus, reason: str | None) -> Non
     events.record(tx, "run.finished", run.id, status=status.value, reason=reason)
 
 
-def finish_run(*, ctl: Controller, run_id: str, status: RunStatus, reason: str | None) -> None:
-    """End a run that has not ended yet, skipping or cancelling its unfinished stages."""
+def finish_run(
+    *,
+    ctl: Controller,
+    run_id: str,
+    status: RunStatus,
+    reason: str | None,
+    driver: str | None = None,
+) -> None:
+    """End a run that has not ended yet, skipping or cancelling its unfinished stages;
+    ``driver``: only if that driver still holds the run (:class:`ClaimLost` otherwise)."""
     with unit_of_work(ctl.db) as tx:
+        if driver is not None:
+            hold_claim(tx, run_id, driver=driver, ttl_s=ctl.settings.run_claim_ttl_s)
         run = get_run(tx, run_id)
         if run.status not in FINISHED_RUN_STATUSES:
             end_run(tx, run, status, reason)
@@ -261,4 +297,50 @@ def save_artifact(
             data=data,
             content_type=content_type,
             meta=meta,
+        )
+
+
+# ---------------------------------------------------------------- who drives a run
+
+
+class ClaimLost(Conflict):
+    """Another driver took the run over (this one stopped heartbeating): stop, write nothing."""
+
+    code = "run_claim_lost"
+
+
+def claim_in(tx: Session, run: Run, *, driver: str, ttl_s: float) -> str | None:
+    """Claim ``run`` for ``driver`` unless another driver's claim is alive; answer the
+    previous driver when it is taken over. Raises :class:`ClaimLost` when it is not free."""
+    now = utcnow()
+    previous = run.driver
+    alive = run.driver_expires_at is not None and run.driver_expires_at > now
+    if previous not in (None, driver) and alive:
+        raise ClaimLost(f"run {run.id} is driven by {previous}")
+    run.driver, run.driver_expires_at = driver, now + timedelta(seconds=ttl_s)
+    tx.add(run)
+    if previous not in (None, driver):
+        events.record(tx, "run.claimed", run.id, driver=driver, previous=previous)
+    return previous if previous != driver else None
+
+
+def hold_claim(tx: Session, run_id: str, *, driver: str, ttl_s: float) -> None:
+    """Extend ``driver``'s claim on the run inside ``tx`` (a heartbeat, and the fence of the
+    driver's writes in the same transaction): :class:`ClaimLost` if it is not its any more."""
+    renewed = tx.connection().execute(
+        update(Run)
+        .where(col(Run.id) == run_id, col(Run.driver) == driver)
+        .values(driver_expires_at=utcnow() + timedelta(seconds=ttl_s))
+    )
+    if renewed.rowcount != 1:
+        raise ClaimLost(f"run {run_id} was taken over by another driver")
+
+
+def drop_claim(*, ctl: Controller, run_id: str, driver: str) -> None:
+    """A controller stopping lets another take the run over at once."""
+    with unit_of_work(ctl.db) as tx:
+        tx.connection().execute(
+            update(Run)
+            .where(col(Run.id) == run_id, col(Run.driver) == driver)
+            .values(driver_expires_at=utcnow())
         )

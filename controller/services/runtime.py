@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from controller.providers.base import Provider
 from controller.services.access import MachineAccess
 from controller.services.auth import TokenCache
 from controller.services.lease_runtime import LeaseRuntime
+from controller.services.limits import Limits
 from controller.settings import Settings
 from controller.store.db import reader
 from controller.store.rawsql import GroupCommit
@@ -33,6 +37,16 @@ def read_install_id(data_dir: Path) -> str:
 
 
 @dataclass
+class DiskWatch:
+    """Workspace disk use per machine, as reconcile last measured it (not per request)."""
+
+    usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """machine id -> (used, limit) bytes."""
+    near_full: set[str] = field(default_factory=set)
+    """Machines past the near-full share (an event was written when they crossed it)."""
+
+
+@dataclass
 class Controller:
     settings: Settings
     db: Engine
@@ -44,12 +58,25 @@ class Controller:
     )
     stopping: threading.Event = field(default_factory=threading.Event)
     loops: list[threading.Thread] = field(default_factory=list)
+    limits: Limits = field(init=False)
+    """Request rates per token, files in flight, refusals by limit (docs/SECURITY.md)."""
     access: MachineAccess = field(init=False)
     """Every live channel into the machines: SSH, sessions, SFTP, forwards, commands."""
 
     tokens: TokenCache = field(default_factory=TokenCache)
+    disk_watch: DiskWatch = field(default_factory=DiskWatch)
     lease_runtime: LeaseRuntime = field(default_factory=LeaseRuntime)
     """Requests waiting for a machine, and machines being returned after a lease."""
+    instance_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    )
+    """This controller process: the holder of its leader lease and run claims."""
+    lead_until: float = 0.0
+    """Monotonic deadline until which this controller leads the loops (leadership.py)."""
+    fence: int = 0
+    """The leader lease's fence when this controller last took or kept it."""
+    on_close: list[Callable[[], object]] = field(default_factory=list)
+    """Run first by :meth:`close` (the leader steps down)."""
     reader: Engine = field(init=False)
     """The same database for read-only transactions (no write lock on SQLite)."""
     group_commit: GroupCommit = field(init=False)
@@ -58,7 +85,14 @@ class Controller:
     def __post_init__(self) -> None:
         self.reader = reader(self.db)
         self.group_commit = GroupCommit(self.db)
-        self.access = MachineAccess(db=self.db, provider=self.provider, settings=self.settings)
+        self.limits = Limits(self.settings)
+        self.access = MachineAccess(
+            db=self.db, provider=self.provider, settings=self.settings, limits=self.limits
+        )
+
+    def leads(self) -> bool:
+        """Whether the loops that must run once run here now (``leadership.keep_lead``)."""
+        return time.monotonic() < self.lead_until
 
     def every(self, interval_s: float, name: str, tick: Callable[[], object]) -> None:
         """Run ``tick`` now and then every ``interval_s`` until :meth:`close`; errors are logged."""
@@ -79,6 +113,14 @@ class Controller:
         self.stopping.set()
         for thread in self.loops:
             thread.join(timeout=10)
+        for hook in self.on_close:
+            try:
+                hook()
+            except Exception:
+                log.exception("closing the controller")
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.access.close()
+        close_provider = getattr(self.provider, "close", None)  # the spare disks, the client
+        if callable(close_provider):
+            close_provider()
         self.db.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -92,10 +93,23 @@ def checkpoint(engine: Engine, *, restart_frames: int = RESTART_FRAMES) -> None:
         raw.close()
 
 
+def private_sqlite_files(url: str) -> None:
+    """The SQLite database and its -wal/-shm files readable by the controller's user only:
+    the file is made 0600 before SQLite first opens it, and SQLite gives its -wal and -shm
+    files the database file's mode; files of an older install are narrowed here."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if name.exists():
+            name.chmod(0o600)
+
+
 def migrate(url: str) -> None:
     """Bring the schema to the newest Alembic revision."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    private_sqlite_files(url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

@@ -38,7 +38,7 @@ _INSERT_LEASE = Sql(
     f"INSERT INTO leases ({_LEASE_COLUMNS}) "
     f"VALUES ({', '.join(':' + name for name in _LEASE_COLUMNS.split(', '))})"
 )
-_SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = :lease_id")
+_SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS}, reason FROM leases WHERE id = :lease_id")
 _END_LEASE = Sql("UPDATE leases SET state = :new_state, ended_at = :now WHERE id = :lease_id")
 _RENEW_LEASE = Sql(
     "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
@@ -51,7 +51,7 @@ _FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE
 _DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
 _ORPHANS = Sql(
     "SELECT m.id, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
-    "WHERE m.state = 'leased' AND NOT EXISTS "
+    "WHERE m.state = 'leased' AND m.updated_at < :settled_before AND NOT EXISTS "
     "(SELECT 1 FROM leases l WHERE l.machine_id = m.id AND l.state = 'active')"
 )
 STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
@@ -123,9 +123,10 @@ def due(tx: Tx, now: datetime) -> list[str]:
     return [row["id"] for row in tx.rows(_DUE_LEASES, now=now)]
 
 
-def orphans(tx: Tx) -> list[Row]:
-    """Leased machines that no active lease holds: ``{id, reset}``."""
-    return tx.rows(_ORPHANS)
+def orphans(tx: Tx, *, settled_before: datetime) -> list[Row]:
+    """Leased machines that no active lease holds, untouched since ``settled_before``:
+    ``{id, reset}``."""
+    return tx.rows(_ORPHANS, settled_before=settled_before)
 
 
 # ---------------------------------------------------------------- writes

@@ -272,6 +272,8 @@ class Lease(SQLModel, table=True):
     acquired_at: datetime = ts_field(index=True)
     expires_at: datetime = ts_field(index=True)
     ended_at: datetime | None = ts_field(nullable=True)
+    reason: str | None = None
+    """Why the lease ended when nobody ended it (its machine was lost)."""
 
 
 class Run(SQLModel, table=True):
@@ -295,6 +297,10 @@ class Run(SQLModel, table=True):
     created_at: datetime = ts_field(index=True)
     started_at: datetime | None = ts_field(nullable=True)
     finished_at: datetime | None = ts_field(nullable=True, index=True)
+    driver: str | None = None
+    """The controller process driving the run (its claim); another takes over once
+    ``driver_expires_at`` passes without a heartbeat."""
+    driver_expires_at: datetime | None = ts_field(nullable=True)
 
 
 class Stage(SQLModel, table=True):
@@ -318,3 +324,29 @@ class Stage(SQLModel, table=True):
     machine_id: str | None = None
     started_at: datetime | None = ts_field(nullable=True)
     finished_at: datetime | None = ts_field(nullable=True)
+
+
+# ---------------------------------------------------------------- several controllers (issue 12)
+
+
+class Leader(SQLModel, table=True):
+    """A leader lease: the loops that must run once run in the controller that holds it."""
+
+    __tablename__ = "leaders"
+
+    name: str = Field(primary_key=True)
+    holder: str
+    """The controller process (``host:pid:random``) that leads."""
+    fence: int = 0
+    """Grows with each takeover: writes of an older leader can be told apart."""
+    expires_at: datetime = ts_field()
+    heartbeat_at: datetime = ts_field()
+
+
+class InstallMeta(SQLModel, table=True):
+    """Facts of the install that every controller on this database shares (its id)."""
+
+    __tablename__ = "install"
+
+    key: str = Field(primary_key=True)
+    value: str

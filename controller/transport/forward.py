@@ -13,7 +13,7 @@ through it too.
 from __future__ import annotations
 
 import logging
-import select
+import selectors
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -112,22 +112,25 @@ class Forward:
 
 
 def _pump(client: socket.socket, channel: paramiko.Channel) -> None:
-    """Copy both ways until either side closes."""
-    while True:
-        watched: list[socket.socket | paramiko.Channel] = [client, channel]
-        readable, _, _ = select.select(watched, [], [], 60)
-        if client in readable:
-            data = client.recv(_BUFFER)
-            if not data:
-                channel.shutdown_write()
-                _drain(channel, client)
-                return
-            channel.sendall(data)
-        if channel in readable:
-            data = channel.recv(_BUFFER)
-            if not data:
-                return
-            client.sendall(data)
+    """Copy both ways until either side closes (epoll, not select(): descriptors of a busy
+    controller go past 1,024)."""
+    with selectors.DefaultSelector() as waiting:
+        waiting.register(client, selectors.EVENT_READ)
+        waiting.register(channel, selectors.EVENT_READ)
+        while True:
+            readable = {key.fileobj for key, _ in waiting.select(60)}
+            if client in readable:
+                data = client.recv(_BUFFER)
+                if not data:
+                    channel.shutdown_write()
+                    _drain(channel, client)
+                    return
+                channel.sendall(data)
+            if channel in readable:
+                data = channel.recv(_BUFFER)
+                if not data:
+                    return
+                client.sendall(data)
 
 
 def _drain(channel: paramiko.Channel, client: socket.socket) -> None:
@@ -143,12 +146,18 @@ class ForwardRegistry:
         self._forwards: dict[tuple[str, int, int], Forward] = {}
         self._guard = threading.Lock()
 
-    def open(self, *, machine_id: str, container: str, port: int, fence: int) -> Forward:
+    def open(
+        self, *, machine_id: str, container: str, port: int, fence: int, limit: int | None = None
+    ) -> Forward | None:
+        """The forward of (machine, port, fence): the one open already, else a new one,
+        unless ``limit`` forwards of that machine and fence are open (then None)."""
         key = (machine_id, port, fence)
         with self._guard:
             existing = self._forwards.get(key)
             if existing is not None and not existing.closed.is_set():
                 return existing
+            if limit is not None and self._count(machine_id, fence) >= limit:
+                return None
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.bind(("127.0.0.1", 0))
             listener.listen(64)
@@ -156,6 +165,17 @@ class ForwardRegistry:
             self._forwards[key] = forward
         threading.Thread(target=forward.serve, name=f"fwd-{machine_id}-{port}", daemon=True).start()
         return forward
+
+    def _count(self, machine_id: str, fence: int) -> int:
+        return sum(
+            1
+            for (machine, _, opened_under), forward in self._forwards.items()
+            if machine == machine_id and opened_under == fence and not forward.closed.is_set()
+        )
+
+    def open_count(self) -> int:
+        with self._guard:
+            return sum(1 for forward in self._forwards.values() if not forward.closed.is_set())
 
     def close_port(self, machine_id: str, port: int, fence: int) -> bool:
         with self._guard:

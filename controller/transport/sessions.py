@@ -547,6 +547,16 @@ class SessionRegistry:
         with self._guard:
             return [s for s in self._sessions.values() if s.machine_id == machine_id]
 
+    def open_count(self, machine_id: str | None = None) -> int:
+        """Sessions not closed nor lost (of one machine, or all): those that hold a shell,
+        or will reopen one after a dropped connection."""
+        with self._guard:
+            return sum(
+                1
+                for s in self._sessions.values()
+                if s.lost_reason is None and (machine_id is None or s.machine_id == machine_id)
+            )
+
     def end_machine(self, machine_id: str, reason: str, *, before_fence: int | None = None) -> int:
         """Close the machine's sessions (only those opened under a fence older than
         ``before_fence``, when given) but remember them, lost with ``reason``, so that their

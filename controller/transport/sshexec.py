@@ -8,7 +8,7 @@ image has no sshd fall back to the engine (:func:`runner_for`).
 
 from __future__ import annotations
 
-import select
+import selectors
 import shlex
 import time
 from collections.abc import Iterator
@@ -46,8 +46,17 @@ class SshExec:
         channel = self.channel
         exited_at: float | None = None
         quiet_since = time.monotonic()
+        # epoll, not select(): a busy controller holds descriptors numbered over 1,024.
+        with selectors.DefaultSelector() as waiting:
+            waiting.register(channel, selectors.EVENT_READ)
+            yield from self._read(waiting, exited_at, quiet_since)
+
+    def _read(
+        self, waiting: selectors.BaseSelector, exited_at: float | None, quiet_since: float
+    ) -> Iterator[tuple[StreamName, bytes]]:
+        channel = self.channel
         while True:
-            select.select([channel], [], [], EXIT_QUIET_S if exited_at else 1.0)
+            waiting.select(EXIT_QUIET_S if exited_at else 1.0)
             got = False
             while channel.recv_ready():
                 got = True

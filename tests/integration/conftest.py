@@ -31,7 +31,7 @@ from tests.conftest import TEST_LABEL, TEST_RUN_ID
 
 
 @pytest.fixture(scope="session")
-def provider() -> Iterator[DockerProvider]:
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerProvider]:
     engine = DockerProvider(os.environ.get("SHOPFLOOR_DOCKER_HOST"))
     engine.ping()  # no engine is a failure, not a skip
     yield engine
@@ -41,6 +41,17 @@ def provider() -> Iterator[DockerProvider]:
     for volume in engine.list_volumes(labels):
         engine.remove_volume(volume.name)
     engine.close()
+    unmount_disks(tmp_path_factory.getbasetemp())
+
+
+def unmount_disks(under: Path) -> None:
+    """Unmount the machine disks (loop-mounted files) that this run's controllers left in
+    its temp folders; their loop devices go with the mounts."""
+    prefix = f"{under.resolve()}/"
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1]
+        if target.startswith(prefix) and "/disks/" in target:
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")
@@ -230,35 +241,70 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class PgCluster:
+    """A private PostgreSQL cluster in a temp dir on a free port; ``stop`` and ``start`` it
+    to take the database away from a controller and give it back."""
+
+    def __init__(self) -> None:
+        assert (PG_BIN / "initdb").exists(), "PostgreSQL 15 is needed (make test installs it)"
+        self.base = Path(tempfile.mkdtemp(prefix="shopfloor-pg-"))
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:  # the server refuses to run as root
+            shutil.chown(self.base, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        self.data, self.port = self.base / "data", free_port()
+        self.url = f"postgresql+psycopg://shopfloor@127.0.0.1:{self.port}/postgres"
+        self._pg(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "shopfloor",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        )
+
+    def _pg(self, *argv: str) -> None:
+        subprocess.run([*self.as_postgres, *argv], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c max_connections=300"
+        )
+        log = str(self.base / "log")
+        self._pg(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start"
+        )
+
+    def stop(self) -> None:
+        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass  # stopped already
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A private PostgreSQL cluster in a temp dir on a free port, removed afterwards."""
-    assert (PG_BIN / "initdb").exists(), "PostgreSQL 15 is needed (make test installs it)"
-    base = Path(tempfile.mkdtemp(prefix="shopfloor-pg-"))
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(base, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", free_port()
-
-    def pg(*argv: str) -> None:
-        subprocess.run([*as_postgres, *argv], check=True, capture_output=True, timeout=120)
-
-    pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "shopfloor", "--auth=trust", "-E", "UTF8")
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=300"
-    pg(
-        str(PG_BIN / "pg_ctl"),
-        "-D",
-        str(data),
-        "-o",
-        options,
-        "-l",
-        str(base / "log"),
-        "-w",
-        "start",
-    )
+    cluster = PgCluster()
+    cluster.start()
     try:
-        yield f"postgresql+psycopg://shopfloor@127.0.0.1:{port}/postgres"
+        yield cluster.url
     finally:
-        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A cluster of the test's own, which it may stop and start."""
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()

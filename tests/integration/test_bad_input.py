@@ -22,7 +22,8 @@ def engine_objects(provider: DockerProvider, install_id: str) -> tuple[int, int]
 
 
 def install_id(client: TestClient) -> str:
-    return str(client.get("/healthz").json()["install_id"])
+    ctl = client.app.state.controller  # type: ignore[attr-defined]
+    return str(ctl.install_id)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_repo_outside_allowed_roots(
     with TestClient(create_app(settings, background=False)) as client:
         client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
         response = client.post("/api/v1/machines", json={"repo": str(sample_repo)})
-        assert response.status_code == 422
+        assert response.status_code == 403
         assert "SHOPFLOOR_REPO_ROOTS" in response.json()["detail"]
 
 

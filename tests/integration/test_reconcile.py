@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -135,3 +136,39 @@ def test_stopped_engine_side_container_of_ready_machine_is_restarted(
     while not provider.inspect_container(f"shopfloor-{machine['id']}").running:  # type: ignore[union-attr]
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_orphan_volume_is_collected_by_its_real_engine_time(
+    client: TestClient, provider: DockerProvider, settings: Settings
+) -> None:
+    """The engine's volume CreatedAt has no fraction of a second; it used to parse as
+    "now", so a volume always looked just made and was never collected."""
+    ctl = controller_of(client)
+    name = f"shopfloor-ws-m-oldorphan{SUFFIX}"
+    labels = {
+        **settings.extra_label_map,
+        machines.LABEL_CONTROLLER: ctl.install_id,
+        machines.LABEL_MACHINE: f"m-oldorphan{SUFFIX}",
+    }
+    provider.create_volume(name, labels)
+    (found,) = [v for v in provider.list_volumes(labels) if v.name == name]
+    assert found.created_at is not None
+    assert abs((found.created_at - datetime.now(UTC)).total_seconds()) < 5
+    time.sleep(1.2)  # older than a grace of 1 s by the engine's own clock (whole seconds)
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    report = reconcile.reconcile(
+        db=ctl.db,
+        provider=ctl.provider,
+        access=ctl.access,
+        install_id=ctl.install_id,
+        grace_s=1,
+        now=later,
+    )
+    assert name in report.removed_volumes
+    assert not [v for v in provider.list_volumes(labels) if v.name == name]
+    # with grace 0 as well, a fresh orphan goes on the next pass
+    provider.create_volume(name, labels)
+    report = reconcile.reconcile(
+        db=ctl.db, provider=ctl.provider, access=ctl.access, install_id=ctl.install_id, grace_s=0
+    )
+    assert name in report.removed_volumes

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
+from sqlmodel import select
 
 from controller.errors import EngineError
 from controller.providers.base import ContainerInfo, VolumeInfo
 from controller.services import machines
 from controller.services.reconcile import ReconcileReport
 from controller.services.reconcile import reconcile as reconcile_engine
+from controller.services.runtime import DiskWatch
 from controller.store.db import make_engine, migrate, unit_of_work
-from controller.store.models import Machine, MachineState
+from controller.store.models import Event, Machine, MachineState
 
 OLD = datetime.now(UTC) - timedelta(hours=1)
 
@@ -24,6 +26,9 @@ class FakeEngine:
         self.containers: dict[str, ContainerInfo] = {}
         self.volumes: dict[str, VolumeInfo] = {}
         self.fail = False
+        self.disks: dict[str, tuple[int, int]] = {}
+        """volume name -> (used, limit)"""
+        self.stray_disks: set[str] = set()
 
     def add(self, machine_id: str, status: str = "running", created: datetime = OLD) -> None:
         labels = {machines.LABEL_CONTROLLER: "me", machines.LABEL_MACHINE: machine_id}
@@ -47,6 +52,14 @@ class FakeEngine:
 
     def remove_volume(self, name: str) -> None:
         del self.volumes[name]
+
+    def disk_usage(self, volume: str) -> tuple[int, int] | None:
+        return self.disks.get(volume)
+
+    def remove_stray_disks(self, keep: set[str], grace_s: float) -> list[str]:
+        gone = sorted(d for d in self.stray_disks if d not in keep)
+        self.stray_disks -= set(gone)
+        return gone
 
     def start_container(self, name: str) -> None:
         info = self.containers[name]
@@ -162,3 +175,44 @@ def test_stopped_machine_is_not_restarted(db: Engine) -> None:
     engine = FakeEngine()
     engine.add("m-1", status="exited")
     assert reconcile(db, engine).restarted == []
+
+
+def test_near_full_workspace_is_measured_and_reported_once(db: Engine) -> None:
+    add_machine(db, "m-1", MachineState.ready)
+    engine = FakeEngine()
+    engine.add("m-1")
+    volume = machines.volume_name("m-1")
+    watch = DiskWatch()
+
+    def run() -> ReconcileReport:
+        return reconcile_engine(
+            db=db,
+            provider=engine,  # type: ignore[arg-type]
+            access=FakeAccess(),  # type: ignore[arg-type]
+            install_id="me",
+            grace_s=60,
+            disk_watch=watch,
+            near_full=0.9,
+        )
+
+    engine.disks[volume] = (50, 100)
+    assert run().near_full == []
+    assert watch.usage == {"m-1": (50, 100)}
+    engine.disks[volume] = (95, 100)
+    assert run().near_full == ["m-1"]
+    assert run().near_full == []  # still full: no second event
+    engine.disks[volume] = (10, 100)
+    run()
+    engine.disks[volume] = (91, 100)
+    assert run().near_full == ["m-1"]  # crossed again after it was freed
+    with unit_of_work(db) as tx:
+        kinds = [e.kind for e in tx.exec(select(Event).where(Event.subject_id == "m-1"))]
+    assert kinds.count("machine.disk_near_full") == 2
+
+
+def test_stray_disks_are_removed_but_not_those_of_live_volumes(db: Engine) -> None:
+    add_machine(db, "m-1", MachineState.ready)
+    engine = FakeEngine()
+    engine.add("m-1")
+    engine.stray_disks = {machines.volume_name("m-1"), "shopfloor-ws-gone"}
+    assert reconcile(db, engine).removed_disks == ["shopfloor-ws-gone"]

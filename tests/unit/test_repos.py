@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.errors import InvalidInput
+from controller.errors import Forbidden, InvalidInput
 from controller.services.repos import (
     RepoSource,
     check_ref,
@@ -71,7 +71,7 @@ def test_local_repo_and_roots(git_repo: Path, tmp_path: Path) -> None:
     assert parse_repo(str(git_repo), roots=[]).local_path == git_repo.resolve()
     assert parse_repo(f"file://{git_repo}", roots=[]).name == "proj"
     assert parse_repo(str(git_repo), roots=[tmp_path.resolve()]).local_path == git_repo.resolve()
-    with pytest.raises(InvalidInput, match="outside the allowed roots"):
+    with pytest.raises(Forbidden, match="outside the allowed roots"):
         parse_repo(str(git_repo), roots=[tmp_path.resolve() / "elsewhere"])
 
 
@@ -79,7 +79,7 @@ def test_symlink_out_of_roots_is_refused(git_repo: Path, tmp_path: Path) -> None
     root = tmp_path / "root"
     root.mkdir()
     (root / "link").symlink_to(git_repo)
-    with pytest.raises(InvalidInput, match="outside"):
+    with pytest.raises(Forbidden, match="outside"):
         parse_repo(str(root / "link"), roots=[root.resolve()])
 
 

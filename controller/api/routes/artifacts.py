@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from controller.api.body_limits import body_cap
 from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOnly, OpsOrAgent
 from controller.api.deps import key as lease_key
 from controller.api.schemas import ArtifactPublic, ListOf
@@ -109,6 +110,7 @@ def run_artifacts(run_id: str, ctl: Ctl, _: AnyRole) -> ListOf[ArtifactPublic]:
         }
     },
 )
+@body_cap("SHOPFLOOR_ARTIFACT_CAP_BYTES", lambda s: s.artifact_cap_bytes + FORM_OVERHEAD)
 async def upload_artifact(
     run_id: str,
     stage: str,
@@ -118,10 +120,7 @@ async def upload_artifact(
     x_lease_token: LeaseToken = None,
 ) -> ArtifactPublic:
     """Multipart upload (fields: file, kind, name?, attempt?, commit?, meta?) under the lease."""
-    cap = ctl.settings.artifact_cap_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap + FORM_OVERHEAD:
-        raise TooLarge(f"the upload is {declared} bytes; the artifact cap is {cap} bytes")
+    cap = ctl.settings.artifact_cap_bytes  # the body's cap (with the form) is body_limits'
     async with request.form(max_files=1, max_fields=8) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

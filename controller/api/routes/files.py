@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from controller.api.body_limits import body_cap
 from controller.api.deps import Ctl, LeaseToken, OpsOrAgent, key
 from controller.api.schemas import FileWritten
 
@@ -22,6 +23,7 @@ def get_file(
 
 
 @router.put("")
+@body_cap("SHOPFLOOR_FILE_CAP_BYTES", lambda settings: settings.file_cap_bytes)
 async def put_file(
     machine_id: str,
     path: PathQuery,

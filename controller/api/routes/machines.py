@@ -11,15 +11,21 @@ from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, key
 from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
 from controller.domain import MachineTemplate
 from controller.services import machines
+from controller.services.runtime import Controller
 from controller.store.models import Machine
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
 
-def public(machine: Machine) -> MachinePublic:
+def public(machine: Machine, ctl: Controller | None = None) -> MachinePublic:
+    used, limit = (None, None)
+    if ctl is not None:
+        used, limit = ctl.disk_watch.usage.get(machine.id, (None, None))
     return MachinePublic(
         **machine.model_dump(exclude={"container_name", "volume_name", "branch"}),
         workdir=machine.workdir,
+        disk_used_bytes=used,
+        disk_limit_bytes=limit,
     )
 
 
@@ -39,12 +45,12 @@ def list_machines(
     label: Annotated[str | None, Query(description="key or key=value")] = None,
 ) -> ListOf[MachinePublic]:
     found = machines.list_machines(ctl=ctl, state=state, pool=pool, label=label)
-    return ListOf(data=[public(m) for m in found], count=len(found))
+    return ListOf(data=[public(m, ctl) for m in found], count=len(found))
 
 
 @router.get("/{machine_id}")
 def show_machine(machine_id: str, ctl: Ctl, caller: OpsOrAgent) -> MachinePublic:
-    return public(machines.show_machine(ctl=ctl, machine_id=machine_id))
+    return public(machines.show_machine(ctl=ctl, machine_id=machine_id), ctl)
 
 
 @router.post("/{machine_id}/stop")

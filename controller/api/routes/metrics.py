@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from controller.api.deps import Ctl
-from controller.services import flow
+from controller.services import flow, limits
 from controller.services.runtime import Controller
 
 router = APIRouter(tags=["system"])
@@ -82,6 +82,59 @@ class FlowCollector(Collector):
         yield durations
         yield failures
         yield retries
+        used = GaugeMetricFamily(
+            "shopfloor_machine_disk_used_bytes",
+            "Workspace disk used, as reconcile last measured it",
+            labels=["machine"],
+        )
+        limit = GaugeMetricFamily(
+            "shopfloor_machine_disk_limit_bytes", "Workspace disk size", labels=["machine"]
+        )
+        for machine_id, (used_bytes, limit_bytes) in sorted(self.ctl.disk_watch.usage.items()):
+            used.add_metric([machine_id], used_bytes)
+            limit.add_metric([machine_id], limit_bytes)
+        yield used
+        yield limit
+
+
+class LimitsCollector(Collector):
+    """What the limits refused since start-up, and what is in use now (this process)."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        refused = CounterMetricFamily(
+            "shopfloor_limit_refusals",
+            "Requests refused by a limit (429, or 413 for body_size), by limit",
+            labels=["limit"],
+        )
+        for name in limits.KNOWN:
+            refused.add_metric([name], self.ctl.limits.refused[name])
+        yield refused
+        settings = self.ctl.settings
+        configured = GaugeMetricFamily(
+            "shopfloor_limit", "Each limit's setting (0: none)", labels=["limit"]
+        )
+        for name, value in (
+            (limits.SESSIONS, settings.sessions_per_machine),
+            (limits.FORWARDS, settings.forwards_per_lease),
+            (limits.FILES, settings.files_in_flight),
+            (limits.BODY, settings.body_limit_bytes),
+            (limits.RATE, settings.token_rate_per_s),
+        ):
+            configured.add_metric([name], value)
+        yield configured
+        access = self.ctl.access
+        yield _gauge(
+            "shopfloor_sessions_open", "Shell sessions open now", access.sessions.open_count()
+        )
+        yield _gauge(
+            "shopfloor_forwards_open", "Port forwards open now", access.forwards.open_count()
+        )
+        yield _gauge(
+            "shopfloor_files_in_flight", "File reads and writes now", self.ctl.limits.files_now()
+        )
 
 
 def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
@@ -92,4 +145,5 @@ def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
 def metrics(ctl: Ctl) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FlowCollector(ctl))
+    registry.register(LimitsCollector(ctl))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

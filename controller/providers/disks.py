@@ -1,0 +1,258 @@
+"""Fixed-size disks for machines: an ext4 filesystem in a sparse file under the data dir.
+
+The engine's own size limit (``--storage-opt size=``) needs overlay2 on xfs with project
+quotas; these hosts run overlay2 on ext4 ("--storage-opt is supported only for overlay
+over xfs with 'pquota' mount option"). So each limited area of a machine is a file
+``<root>/<owner>/disk.img`` (sparse: it takes on the host only what was written), made with
+``mkfs.ext4`` and mounted on the host with ``mount -o loop,discard`` at ``<owner>/mnt``. The
+machine sees ``mnt/data`` (a bind, or the local volume driver's ``o=bind``). A write past
+the size fails in the machine with ENOSPC; ``discard`` hands the blocks of removed files
+back to the host; the loop device goes with the unmount (autoclear).
+
+``mnt/data`` exists only inside the mounted filesystem: when the host lost its mounts (a
+reboot), the engine cannot start the machine — it never falls back to the host's disk —
+until :meth:`DiskStore.mount_all` (controller start-up, before a start) mounts them again.
+
+Formatting and mounting cost ~20 ms a disk, which a machine's provisioning would pay twice.
+So one formatted, mounted disk of each size is kept ready (``.spare-<size>``) and a new
+machine's disk is that spare renamed (a mount follows its folder's rename); a background
+thread makes the next spare.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+TOOLS = ("mount", "umount", "mkfs.ext4", "losetup")
+_MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
+_MOUNT_OPTIONS = "loop,discard,nosuid,nodev"
+SPARE = ".spare-"
+MAKING = ".making-"
+
+
+@dataclass(frozen=True)
+class DiskDir:
+    """A folder made at the top of a new disk: its name (``""``: the top itself), owner and
+    mode."""
+
+    name: str
+    uid: int
+    mode: int
+
+
+def unusable_reason() -> str | None:
+    """Why this process cannot make loop-mounted disks, or None when it can."""
+    if os.geteuid() != 0:
+        return "the controller does not run as root (loop devices and mounts need it)"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)}"
+    if not Path("/dev/loop-control").exists():
+        return "no /dev/loop-control (no loop devices on this host)"
+    return None
+
+
+class DiskStore:
+    """The disks under ``root``, one folder per owner (a volume or a container name), and a
+    formatted spare of each of ``spare_sizes`` made ahead."""
+
+    def __init__(self, root: Path, spare_sizes: tuple[int, ...] = ()) -> None:
+        self.root = root
+        self.spare_sizes = {size for size in spare_sizes if size > 0}
+        self._guard = threading.Lock()
+        self._filling: set[int] = set()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def _dir(self, owner: str) -> Path:
+        if not owner or "/" in owner or owner.startswith("."):
+            raise EngineError(f"bad disk owner {owner!r}")
+        return self.root / owner
+
+    def data_path(self, owner: str) -> Path:
+        return self._dir(owner) / "mnt" / "data"
+
+    def exists(self, owner: str) -> bool:
+        return (self._dir(owner) / "disk.img").exists()
+
+    def create(self, owner: str, size_bytes: int, dirs: list[DiskDir]) -> Path:
+        """A formatted, mounted disk of ``size_bytes`` (the spare when there is one); answer
+        the folder to mount into the machine."""
+        folder = self._dir(owner)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.exists():  # a leftover of a failed attempt with the same name
+            self.remove(owner)
+        try:
+            if not self._take_spare(size_bytes, folder):
+                self._make(folder, size_bytes)
+            data = folder / "mnt" / "data"
+            data.mkdir()
+            for made in dirs:
+                path = data / made.name if made.name else data
+                path.mkdir(exist_ok=True)
+                os.chown(path, made.uid, made.uid)
+                path.chmod(made.mode)
+        except BaseException:
+            self.remove(owner)
+            raise
+        finally:
+            if size_bytes in self.spare_sizes:
+                self.refill(size_bytes)
+        return data
+
+    def _make(self, folder: Path, size_bytes: int) -> None:
+        folder.mkdir(mode=0o700)
+        image = folder / "disk.img"
+        with image.open("wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.truncate(size_bytes)
+        _run([*_MKFS, str(image)], f"format the disk {folder.name}")
+        (folder / "mnt").mkdir(mode=0o755)
+        self._mount(folder)
+        (folder / "mnt" / "lost+found").chmod(0o700)
+
+    def _take_spare(self, size_bytes: int, folder: Path) -> bool:
+        spare = self.root / f"{SPARE}{size_bytes}"
+        with self._guard:
+            if not os.path.ismount(spare / "mnt"):
+                return False
+            spare.rename(folder)  # the mount moves with it
+        os.utime(folder)  # its age is the owner's (see owners)
+        return True
+
+    def refill(self, size_bytes: int) -> None:
+        """Make the spare of ``size_bytes`` in the background, unless it is there or coming."""
+        with self._guard:
+            spare = self.root / f"{SPARE}{size_bytes}"
+            if self._closed or size_bytes in self._filling or spare.exists():
+                return
+            self._filling.add(size_bytes)
+            thread = threading.Thread(
+                target=self._fill, args=(size_bytes,), name=f"disk-spare-{size_bytes}", daemon=True
+            )
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _fill(self, size_bytes: int) -> None:
+        making = self.root / f"{MAKING}{size_bytes}-{secrets.token_hex(4)}"
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._make(making, size_bytes)
+            with self._guard:
+                if not self._closed:
+                    making.rename(self.root / f"{SPARE}{size_bytes}")
+            if self._closed:  # the controller stopped meanwhile: leave nothing mounted
+                self._remove_folder(making)
+        except (OSError, EngineError) as exc:
+            log.warning("could not make a spare disk: %s", exc)
+            self._remove_folder(making)
+        finally:
+            with self._guard:
+                self._filling.discard(size_bytes)
+
+    def start(self) -> None:
+        """At start-up: mount what lost its mount, drop half-made disks and spares of sizes
+        no longer wanted, make the spares."""
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                name = entry.name
+                unwanted = name.startswith(SPARE) and name[len(SPARE) :] not in {
+                    str(size) for size in self.spare_sizes
+                }
+                if name.startswith(MAKING) or unwanted:
+                    self._remove_folder(entry)
+        self.mount_all()
+        for size in sorted(self.spare_sizes):
+            self.refill(size)
+
+    def _mount(self, folder: Path) -> None:
+        mnt = folder / "mnt"
+        if not os.path.ismount(mnt):
+            _run(
+                ["mount", "-o", _MOUNT_OPTIONS, str(folder / "disk.img"), str(mnt)],
+                f"mount the disk {folder.name}",
+            )
+
+    def mount(self, owner: str) -> None:
+        if self.exists(owner):
+            self._mount(self._dir(owner))
+
+    def mount_all(self) -> None:
+        """Mount every disk that lost its mount (after a host reboot); errors are logged."""
+        if not self.root.is_dir():
+            return
+        for entry in sorted(self.root.iterdir()):
+            try:
+                if (entry / "disk.img").exists() and not entry.name.startswith(MAKING):
+                    self._mount(entry)
+            except EngineError as exc:
+                log.warning("%s", exc.message)
+
+    def remove(self, owner: str) -> bool:
+        """Unmount (lazily when still busy) and delete the disk; answer whether it existed."""
+        return self._remove_folder(self._dir(owner))
+
+    def close(self) -> None:
+        """Remove the spares (a controller that stops gives their loop devices back)."""
+        with self._guard:
+            self._closed = True
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=30)
+        for size in self.spare_sizes:
+            self._remove_folder(self.root / f"{SPARE}{size}")
+
+    @staticmethod
+    def _remove_folder(folder: Path) -> bool:
+        if not folder.exists():
+            return False
+        mnt = folder / "mnt"
+        if os.path.ismount(mnt):
+            done = subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+            if done.returncode != 0:
+                _run(["umount", "-l", str(mnt)], f"unmount the disk {folder.name}")
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+
+    def usage(self, owner: str) -> tuple[int, int] | None:
+        """(used, size) in bytes as the filesystem counts them; None when not mounted."""
+        mnt = self._dir(owner) / "mnt"
+        if not os.path.ismount(mnt):
+            return None
+        stat = os.statvfs(mnt)
+        size = stat.f_blocks * stat.f_frsize
+        return size - stat.f_bfree * stat.f_frsize, size
+
+    def owners(self, older_than_s: float = 0.0) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        now = time.time()
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if entry.is_dir()
+            and not entry.name.startswith(".")
+            and now - entry.stat().st_mtime >= older_than_s
+        )
+
+
+def _run(argv: list[str], doing: str) -> None:
+    try:
+        subprocess.run(argv, capture_output=True, check=True, timeout=60)
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or b"").decode(errors="replace").strip()[-500:]
+        raise EngineError(f"cannot {doing}: {detail or exc}") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EngineError(f"cannot {doing}: {exc}") from exc
