@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["all", "handover"], default="all")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # see the report
         repo = make_sample_repo(Path(tmp) / "sample-app")
         with running_controller(Path(tmp) / "data") as (client, _image):
             handovers = {
