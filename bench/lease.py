@@ -109,8 +109,10 @@ def one_agent(client: httpx.Client, n: int) -> tuple[Samples, Samples]:
         cycle_keepalive(agent, "warmup")
         cycle_httpx(client, "warmup")
     for _ in range(n):
+        wait_ready(client, 1)  # a released machine is leasable after its hand-over: untimed
         lean.add(*cycle_keepalive(agent, "solo"))
     for _ in range(n):
+        wait_ready(client, 1)
         through_httpx.add(*cycle_httpx(client, "solo-httpx"))
     agent.close()
     return lean, through_httpx
