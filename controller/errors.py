@@ -14,6 +14,7 @@ ShopfloorError                      500
 ├── StorageFull                     507  a machine's disk is full (its limit, not the host's)
 │   └── InsufficientStorage         507  the controller's data dir (or the database's disk) is full
 ├── WaitTimeout (TimeoutError)      408  nothing became free within wait_s
+├── ProcessesSurvive                500  a machine's user kept processes through a hand-over
 ├── DatabaseUnavailable             503  the database does not answer; Retry-After says when
 └── EngineError                     502  the container engine failed or is unreachable
     ├── TransportError                  SSH into a machine failed (no sshd, machine gone)
@@ -110,6 +111,13 @@ class StorageFull(ShopfloorError):
 class WaitTimeout(ShopfloorError, TimeoutError):
     status_code = 408
     code = "wait_timeout"
+
+
+class ProcessesSurvive(ShopfloorError):
+    """A hand-over could not end every process of the machine's user (a fork bomb at the
+    pid limit, an engine that could not even start the kill): the machine is recreated."""
+
+    code = "processes_survive"
 
 
 class DatabaseUnavailable(ShopfloorError):

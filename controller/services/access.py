@@ -288,6 +288,7 @@ class MachineAccess:
             fence=machine.fence,
             workdir=machine.workdir,
             output_cap=self.settings.session_output_cap,
+            state_secret=self.ssh.keys().state_secret,
             reopen=lambda: self.ssh.transport(container),
             restore=restore,
         )

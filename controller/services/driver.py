@@ -780,8 +780,12 @@ def _finish(ctl: Controller, run_id: str, status: RunStatus, reason: str | None)
 
 def _destroy_quietly(ctl: Controller, machine_id: str) -> None:
     try:
-        machines.destroy_machine(
-            db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+        machines.destroy_machine(  # its lease just ended: no hand-over needed, it goes
+            db=ctl.db,
+            provider=ctl.provider,
+            access=ctl.access,
+            machine_id=machine_id,
+            even_if_leased=True,
         )
     except ShopfloorError as exc:
         log.warning("could not destroy the run's machine %s: %s", machine_id, exc.message)

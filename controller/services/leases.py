@@ -35,6 +35,7 @@ from controller.errors import (
     Forbidden,
     InvalidInput,
     NotFound,
+    ProcessesSurvive,
     ShopfloorError,
     WaitTimeout,
 )
@@ -379,7 +380,7 @@ def _end(
     """End the lease and fence the machine; say how the machine must come back (or None)."""
     now = utcnow()
     policy = cast("ResetPolicy | None", rows.end(tx, lease, state, now))
-    if policy is not None and policy != "keep":
+    if policy is not None:  # every policy: the machine waits leased for its hand-over
         runtime(ctl).returning.add(lease["machine_id"])
     return _public(lease, state=state, ended_at=now), policy
 
@@ -398,16 +399,56 @@ def _after_end(ctl: Controller, ended: LeasePublic, policy: ResetPolicy | None) 
     ctl.access.close_before_fence(
         machine_id=machine_id, fence=ended.fence + 1, why="its lease ended"
     )
-    if policy in ("clean", "recreate") and not ctl.stopping.is_set():
+    if policy is not None and not ctl.stopping.is_set():
         # When stopping, the next start finds the machine leased by nobody and returns it.
         ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
     runtime(ctl).notify()
 
 
 def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
-    """Off the request path: clean or recreate a machine whose lease ended, then free it."""
+    """Off the request path: hand a machine whose lease ended over to the next holder, then
+    free it. ``recreate`` destroys it (the pool makes a new one); ``keep`` and ``clean``
+    end every process of the machine's user and wipe what it owns outside /workspace
+    (``machines.hand_over``), ``clean`` also restores the checkout and reruns setup. A
+    machine whose processes could not all be ended is recreated in place; one whose
+    hand-over failed otherwise is ``failed`` with the reason. Never ``ready`` before that.
+
+    One at a time per machine, and only for a machine still leased by nobody: the reaper
+    may ask again for a machine it saw orphaned just before its hand-over ended, and a
+    second hand-over must never run beside the first or on the next holder's machine."""
     rt = runtime(ctl)
     rt.returning.add(machine_id)
+    try:
+        with _returning_lock(machine_id):
+            if _held_or_back(ctl.db, machine_id):
+                return
+            _return(ctl, machine_id, policy)
+    finally:
+        rt.returning.discard(machine_id)
+        rt.notify()
+
+
+_RETURN_LOCKS: dict[str, threading.Lock] = {}
+_RETURN_LOCKS_GUARD = threading.Lock()
+
+
+def _returning_lock(machine_id: str) -> threading.Lock:
+    with _RETURN_LOCKS_GUARD:
+        return _RETURN_LOCKS.setdefault(machine_id, threading.Lock())
+
+
+def _held_or_back(db: Engine, machine_id: str) -> bool:
+    """Is the machine no longer leased by nobody (back, failed, or leased again)?"""
+    with unit_of_work(db) as tx:
+        machine = tx.get(Machine, machine_id)
+        return (
+            machine is None
+            or machine.state != MachineState.leased
+            or _active_lease(tx, machine_id) is not None
+        )
+
+
+def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
     try:
         if policy == "recreate":
             machines.destroy_machine(
@@ -418,15 +459,29 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
                 even_if_leased=True,
             )
             return
-        if policy == "clean":
-            machines.reset_machine(
+        try:
+            machines.hand_over(
                 db=ctl.db,
                 provider=ctl.provider,
                 settings=ctl.settings,
                 access=ctl.access,
                 machine_id=machine_id,
-                allowed=(MachineState.leased,),
+                restore_checkout=policy == "clean",
             )
+        except ProcessesSurvive as exc:
+            if ctl.stopping.is_set():
+                raise  # failed with the reason: no new container while the controller stops
+            log.warning("recreating %s: %s", machine_id, exc.message)
+            machines.recreate_machine(
+                db=ctl.db,
+                provider=ctl.provider,
+                settings=ctl.settings,
+                access=ctl.access,
+                install_id=ctl.install_id,
+                machine_id=machine_id,
+                why=exc.message,
+            )
+            return
         _settle_if_unleased(ctl.db, machine_id, MachineState.ready)
     except ShopfloorError as exc:
         log.warning("returning %s after its lease failed: %s", machine_id, exc.message)
@@ -437,9 +492,6 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
         log.exception("returning %s after its lease failed", machine_id)
         reason = f"{policy} after lease failed: {type(exc).__name__}: {exc}"
         _settle_if_unleased(ctl.db, machine_id, MachineState.failed, reason)
-    finally:
-        rt.returning.discard(machine_id)
-        rt.notify()
 
 
 def _active_lease(tx: Session, machine_id: str) -> Lease | None:

@@ -7,6 +7,7 @@ settings) as keyword arguments so they run the same under HTTP, the CLI and test
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from controller.errors import (
     EngineError,
     ImageNotFound,
     NotFound,
+    ProcessesSurvive,
     ShopfloorError,
 )
 from controller.providers.base import Bind, ContainerSpec, Provider, ScratchMount
@@ -31,6 +33,7 @@ from controller.store import events
 from controller.store.db import unit_of_work
 from controller.store.models import Machine, MachineState, utcnow
 from controller.transport import exec as commands
+from controller.transport.output import HeadTail
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,74 @@ if [ -n "$SF_REPO_NAME" ] && [ -d "/workspace/$SF_REPO_NAME/.git" ]; then
   git reset --quiet --hard "$SF_COMMIT"
   git clean -ffdxq
 fi
+"""
+
+# The hand-over between two holders of a machine (every lease end, every policy), in one
+# engine exec started as root. Root in a machine holds neither CAP_KILL nor CAP_FOWNER or
+# DAC_OVERRIDE, so it can neither signal the user's processes nor remove the user's files
+# from /tmp; the user can do both to its own, so those steps run as the user (setpriv).
+# Root keeps the count: it reads /proc/<pid>/status (real, effective, saved uid) with
+# builtins only, and a process of the user cannot trace or change a root process.
+# `kill -KILL -1` as the user signals every process of the user, again until /proc shows
+# none (zombies included), for at most SF_KILL_ROUNDS rounds; exit 17 when some survive
+# (a fork bomb at the pid limit), and the machine is recreated. Then, with no process of
+# the user left to interfere, the user removes everything it owns outside /workspace: the
+# contents of its home (rebuilt from /etc/skel, which is what the image's
+# `useradd --create-home` put there), of /tmp, /var/tmp, /run/lock, /dev/shm and
+# /dev/mqueue (each its own starting point: any of them may be a mount of its own, a
+# scratch disk or a tmpfs, which -xdev would not enter from /), any other file of its on
+# the root filesystem (/usr is skipped: the image gives the user no directory there, and
+# it holds most of the files), and its System V IPC objects. With SF_RESET the checkout is restored too (policy clean).
+HANDOVER_KILL_ROUNDS = 400
+SURVIVORS_EXIT = 17
+_HANDOVER_WIPE = r"""
+set -u
+cd /
+find / "$HOME" /tmp /var/tmp /run/lock /dev/shm /dev/mqueue -xdev \
+  \( -path /proc -o -path /sys -o -path /usr -o -path /workspace \) -prune \
+  -o -user "$UID" ! -path "$HOME" \( -type d ! -perm -u=rwx -exec chmod u+rwx {} \; -o -true \) \
+  -print0 2>/dev/null | xargs -0r rm -rf --
+[ "${PIPESTATUS[1]}" = 0 ] || { echo "could not remove every file of $USER" >&2; exit 3; }
+ipcrm --all 2>/dev/null
+chmod 0755 "$HOME" && cp -R --preserve=mode,timestamps /etc/skel/. "$HOME"/ || exit 3
+if [ -n "${SF_RESET:-}" ]; then
+  exec bash -c "$SF_RESET"
+fi
+"""
+_HANDOVER_SCRIPT = r"""
+uid=$(id -u "$SF_USER") || exit 3
+others() {  # a process of the user? (/proc/<pid>/status: Uid real effective saved fs)
+  local d line
+  for d in /proc/[1-9]*; do
+    while IFS= read -r line; do
+      case $line in
+        Uid:*) set -- $line
+               [ "$2" = "$uid" ] || [ "$3" = "$uid" ] || [ "$4" = "$uid" ] && return 0
+               break ;;
+      esac
+    done 2>/dev/null < "$d/status"
+  done
+  return 1
+}
+as_user() { setpriv --reuid="$uid" --regid="$uid" --init-groups --reset-env -- "$@"; }
+n=0
+while others; do
+  as_user kill -KILL -1 2>/dev/null
+  n=$((n + 1))
+  if [ "$n" -gt "$SF_KILL_ROUNDS" ]; then
+    echo "processes of $SF_USER survived $SF_KILL_ROUNDS rounds of SIGKILL" >&2
+    exit 17
+  fi
+  [ "$n" -lt 20 ] || sleep 0.01 || true
+done
+as_user env SF_RESET="${SF_RESET:-}" SF_REPO_NAME="${SF_REPO_NAME:-}" SF_COMMIT="${SF_COMMIT:-}" \
+  SF_BRANCH="${SF_BRANCH:-}" bash -c "$SF_WIPE"
+status=$?
+if others; then
+  echo "a process of $SF_USER started during the hand-over" >&2
+  exit 17
+fi
+exit "$status"
 """
 
 
@@ -333,6 +404,102 @@ def reset_machine(
         events.record(tx, "machine.reset", machine.id, commit=machine.commit)
     access.close_machine(machine=machine, why="the machine was reset")
     return machine
+
+
+def hand_over(
+    *,
+    db: Engine,
+    provider: Provider,
+    settings: Settings,
+    access: MachineAccess,
+    machine_id: str,
+    restore_checkout: bool,
+) -> Machine:
+    """Between two holders: end every channel and every process of the machine's user and
+    wipe what it owns outside /workspace (see ``_HANDOVER_SCRIPT``); with
+    ``restore_checkout`` (policy ``clean``) the checkout is restored and setup runs again.
+
+    Raises :class:`ProcessesSurvive` when processes could not all be ended (the caller
+    recreates the machine), :class:`ShopfloorError` when the wipe or reset failed."""
+    machine = _transition(db, machine_id, (MachineState.leased,), "hand over")
+    started = time.monotonic()
+    access.close_machine(machine=machine, why="its lease ended")
+    env = {
+        "SF_KILL_ROUNDS": str(HANDOVER_KILL_ROUNDS),
+        "SF_USER": "runner",
+        "SF_WIPE": _HANDOVER_WIPE,
+    }
+    if restore_checkout:
+        env.update(
+            SF_RESET=_RESET_SCRIPT,
+            SF_REPO_NAME=machine.repo_name or "",
+            SF_COMMIT=machine.commit or "",
+            SF_BRANCH=machine.branch or "",
+        )
+    try:
+        handle = provider.exec(
+            machine.container_name,
+            ["bash", "-c", _HANDOVER_SCRIPT],
+            user="root",
+            workdir="/",
+            env=env,
+        )
+        errors = HeadTail(16 * 1024)
+        for stream, chunk in handle:
+            if stream == "stderr":
+                errors.write(chunk)
+        exit_code = handle.exit_code()
+    except EngineError as exc:
+        if provider.inspect_container(machine.container_name) is None:
+            raise  # the container is gone (destroyed meanwhile): nothing to recreate
+        # Could not even start: at the pid limit the engine cannot add a process.
+        raise ProcessesSurvive(f"the hand-over could not run: {exc.message}") from exc
+    detail = errors.text().strip()[-2000:]
+    if exit_code == SURVIVORS_EXIT or exit_code is None or exit_code >= 126:
+        raise ProcessesSurvive(
+            f"the hand-over could not end every process (exit {exit_code}): {detail}"
+        )
+    if exit_code != 0:
+        raise ShopfloorError(f"hand-over failed (exit {exit_code}): {detail}")
+    if restore_checkout:
+        run_setup(provider, settings, machine)
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        events.record(
+            tx,
+            "machine.handed_over",
+            machine.id,
+            reset=restore_checkout,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+    return machine
+
+
+def recreate_machine(
+    *,
+    db: Engine,
+    provider: Provider,
+    settings: Settings,
+    access: MachineAccess,
+    install_id: str,
+    machine_id: str,
+    why: str,
+) -> Machine:
+    """Replace a machine nobody holds by a new one of the same id and template: new
+    container, new volume, new checkout (a machine whose processes could not be ended)."""
+    with unit_of_work(db) as tx:
+        machine = get_machine(tx, machine_id)
+        if machine.state != MachineState.leased:
+            raise Conflict(
+                f"cannot recreate machine {machine_id} while it is {machine.state.value}",
+                state=machine.state.value,
+            )
+        set_state(tx, machine, MachineState.provisioning, f"recreating: {why}")
+    access.close_machine(machine=machine, why="the machine is recreated")
+    remove_resources(provider, machine)
+    return provision(
+        db=db, provider=provider, settings=settings, install_id=install_id, machine_id=machine_id
+    )
 
 
 def destroy_machine(

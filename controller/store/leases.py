@@ -48,10 +48,6 @@ _MACHINE_AND_POLICY = Sql(
     "WHERE m.id = :machine_id"
 )
 _FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
-_BACK_TO_READY = Sql(
-    "UPDATE machines SET state = 'ready', reason = NULL, fence = fence + 1, updated_at = :now, "
-    "ready_at = COALESCE(ready_at, :now) WHERE id = :machine_id"
-)
 _DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
 _ORPHANS = Sql(
     "SELECT m.id, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
@@ -214,9 +210,9 @@ def renew(tx: Tx, lease_id: str, *, ttl_s: float, expires_at: datetime) -> None:
 
 def end(tx: Tx, lease: Row, state: LeaseState, now: datetime) -> str | None:
     """End the lease and fence its machine off (the lease's secret is stale from now on,
-    even once the machine is ready again). A machine of a ``keep`` pool is ready again at
-    once; the answer is the machine's reset policy, or None when the lease no longer held
-    the machine (nothing to bring back)."""
+    even once the machine is ready again). Whatever the policy, the machine stays leased
+    (by nobody) until its hand-over is done (``services.leases.return_machine``); the answer
+    is the machine's reset policy, or None when the lease no longer held the machine."""
     machine_id = lease["machine_id"]
     tx.run(_END_LEASE, lease_id=lease["id"], new_state=state, now=now)
     changes: list[events.Change] = [
@@ -231,10 +227,6 @@ def end(tx: Tx, lease: Row, state: LeaseState, now: datetime) -> str | None:
         events.insert(tx, *changes)
         return None
     policy: str = machine["reset"] or "keep"
-    if policy == "keep":
-        tx.run(_BACK_TO_READY, machine_id=machine_id, now=now)
-        changes.append(events.machine_state(machine_id, MachineState.ready, MachineState.leased))
-    else:
-        tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
+    tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
     events.insert(tx, *changes)
     return policy

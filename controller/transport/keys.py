@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ class KeyPair:
     private: paramiko.PKey
     public_line: str
     """``ssh-ed25519 AAAA... shopfloor`` as it goes into authorized_keys."""
+    state_secret: bytes
+    """Derived from the private key, never sent into a machine as such: the key that
+    authenticates the state a session's shell keeps in a machine (``sessions.state_key``)."""
 
 
 def load_or_create(data_dir: Path) -> KeyPair:
@@ -28,7 +32,8 @@ def load_or_create(data_dir: Path) -> KeyPair:
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)
     private = paramiko.Ed25519Key.from_private_key_file(str(path))
-    return KeyPair(private, f"{private.get_name()} {private.get_base64()} shopfloor")
+    secret = hashlib.sha256(b"shopfloor session state\0" + path.read_bytes()).digest()
+    return KeyPair(private, f"{private.get_name()} {private.get_base64()} shopfloor", secret)
 
 
 def _create(path: Path) -> None:

@@ -20,11 +20,20 @@ shell that exits (``exit``), a machine that restarted, or a session closed on pu
 ``lost``. The kept state carries the machine's fence: when the controller itself restarted,
 the next process takes a session over from it (``service.known_session``), but only under
 the same lease.
+
+The kept state is authenticated: the controller gives each shell, on its input and never in
+an argument, a file or the environment, a key of its own (``state_key``: an HMAC of the
+session, machine and fence under the install's secret), the shell signs what it keeps with
+it (HMAC-SHA256), and a shell that restores checks the signature before it reads anything.
+A state that another process of the machine rewrote fails the check: the session is lost
+(410, "failed its integrity check") and nothing of that state runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import shlex
@@ -51,18 +60,40 @@ INTERRUPT_GRACE_S = 5.0
 
 _SHELL = r"""exec 2>&1
 umask 077
+IFS= read -r __sf_key || exit 0
 [ -w "${SF_STATE%/*}" ] || SF_STATE="/tmp/${SF_STATE##*/}"
 declare +x SF_STATE SF_FENCE
 cd -- "$SF_WORKDIR" 2>/dev/null || cd /workspace 2>/dev/null || cd
 unset SF_WORKDIR
+__sf_py() { /usr/bin/python3 -I -S -c "$@"; }
 if [ -n "$SF_RESTORE" ]; then
   unset SF_RESTORE
-  [ -r "$SF_STATE" ] && . "$SF_STATE" >/dev/null 2>&1
+  [ -e "$SF_STATE" ] || { printf 'gone\n'; exit 0; }
+  __sf_state=$(printf '%s\n' "$__sf_key" | __sf_py '
+import hashlib, hmac, sys
+key = sys.stdin.buffer.readline().rstrip(b"\n")
+try:
+    with open(sys.argv[1], "rb") as fh:
+        mac, _, body = fh.read(1 << 22).partition(b"\n")
+except OSError:
+    sys.exit(4)
+if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).hexdigest().encode()):
+    sys.exit(3)
+sys.stdout.buffer.write(body)
+' "$SF_STATE") || { rm -f -- "$SF_STATE"; printf 'forged\n'; exit 0; }
+  eval "$__sf_state" >/dev/null 2>&1
+  unset __sf_state
   [ "$__sf_restored" = 1 ] || { printf 'gone\n'; exit 0; }
   unset __sf_restored
 fi
 __sf_save() {
-  { printf 'cd -- %q\n' "$PWD"; export -p; echo "__sf_fence=$SF_FENCE __sf_restored=1"; } >"$SF_STATE"
+  local body
+  body=$(printf 'cd -- %q\n' "$PWD"; export -p; echo "__sf_fence=$SF_FENCE __sf_restored=1")
+  printf '%s\n%s' "$__sf_key" "$body" | __sf_py '
+import hashlib, hmac, sys
+key, _, body = sys.stdin.buffer.read().partition(b"\n")
+sys.stdout.buffer.write(hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b"\n" + body)
+' >"$SF_STATE" || rm -f -- "$SF_STATE"
 }
 __sf_run() { eval "$__sf_cmd"; }
 trap 'return 130 2>/dev/null' USR1
@@ -113,6 +144,8 @@ class Session:
     shell_pid: int
     output_cap: int
     workdir: str = "/workspace"
+    state_key: str = ""
+    """The key this session's shells sign and check their kept state with (``state_key``)."""
     reopen: Callable[[], paramiko.Transport] | None = None
     """A live connection to the machine, to reopen the session on after its own dropped."""
     lost_reason: str | None = None
@@ -169,7 +202,10 @@ class Session:
         await self._lose_if_the_shell_exited(self.channel)
         try:
             await anyio.to_thread.run_sync(self._reopen)
-        except SessionLost:
+        except SessionLost as exc:
+            self._mark_lost(
+                exc.message.removeprefix("session lost: ").removesuffix("; open a new session")
+            )
             raise
         except (ShopfloorError, paramiko.SSHException, OSError, EOFError) as exc:
             self._lose(f"its connection dropped and it could not be reopened: {exc}")
@@ -178,7 +214,13 @@ class Session:
         assert self.reopen is not None
         transport = self.reopen()
         self.channel, self.shell_pid = _start_shell(
-            transport, self.id, self.machine_id, self.workdir, self.fence, restore=True
+            transport,
+            self.id,
+            self.machine_id,
+            self.workdir,
+            self.fence,
+            restore=True,
+            state_key=self.state_key,
         )
         self.transport = transport
         log.info("session %s reopened on %s after its connection dropped", self.id, self.machine_id)
@@ -370,6 +412,23 @@ def earlier_lease(session_id: str, machine_id: str) -> SessionLost:
     )
 
 
+def state_key(secret: bytes, *, machine_id: str, session_id: str, fence: int) -> str:
+    """The key one session's shells sign their kept state with: bound to the machine, the
+    session and the lease (fence), derived from the install's secret, which never leaves
+    the controller."""
+    what = f"{machine_id}\0{session_id}\0{fence}".encode()
+    return hmac.new(secret, what, hashlib.sha256).hexdigest()
+
+
+def forged(session_id: str) -> SessionLost:
+    return SessionLost(
+        "session lost: the state its shell kept in the machine failed its integrity check "
+        "(a process of the machine changed it), so it was refused and not loaded; "
+        "open a new session",
+        session=session_id,
+    )
+
+
 def open_session(
     *,
     transport: paramiko.Transport,
@@ -378,14 +437,16 @@ def open_session(
     fence: int,
     workdir: str,
     output_cap: int,
+    state_secret: bytes,
     reopen: Callable[[], paramiko.Transport] | None = None,
     restore: bool = False,
 ) -> Session:
     """Start a bash on a new channel and wait for it to say it is ready. With ``restore``,
     one that takes over the state an earlier shell of this session kept in the machine
     (another controller process opened it)."""
+    key = state_key(state_secret, machine_id=machine_id, session_id=session_id, fence=fence)
     channel, shell_pid = _start_shell(
-        transport, session_id, machine_id, workdir, fence, restore=restore
+        transport, session_id, machine_id, workdir, fence, restore=restore, state_key=key
     )
     return Session(
         id=session_id,
@@ -396,6 +457,7 @@ def open_session(
         shell_pid=shell_pid,
         output_cap=output_cap,
         workdir=workdir,
+        state_key=key,
         reopen=reopen,
     )
 
@@ -408,6 +470,7 @@ def _start_shell(
     fence: int,
     *,
     restore: bool,
+    state_key: str,
 ) -> tuple[paramiko.Channel, int]:
     """A session's bash on a new channel, once it says it is ready, and its pid. With
     ``restore``, one that loads the state the session's last shell kept when its
@@ -423,6 +486,7 @@ def _start_shell(
     assigned = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
     command = f"{assigned} exec bash --noprofile --norc -c {shlex.quote(_SHELL)}"
     channel.exec_command(command)
+    channel.sendall(state_key.encode() + b"\n")  # its input: never in argv, env or a file
     channel.settimeout(30)
     banner = b""
     while not banner.endswith(b"\n"):
@@ -431,6 +495,9 @@ def _start_shell(
             raise SessionLost(f"session lost: the shell did not start ({_exit_reason(channel)})")
         banner += chunk
     word, pid, kept_fence = (banner.decode(errors="replace").split() + ["", "", ""])[:3]
+    if word == "forged":
+        channel.close()
+        raise forged(session_id)
     if word == "gone":
         channel.close()
         raise NothingKept(

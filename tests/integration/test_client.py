@@ -99,7 +99,10 @@ def test_lease_session_files_forward_and_release(
             agent.machine(machine_id, lease_token=str(lease_fence(agent, machine_id))).exec("true")
         with pytest.raises(Conflict):  # leased: no token, no command
             agent.machine(machine_id).exec("true")
-    state = agent.call("GET", f"/machines/{machine_id}").json()["state"]
+    deadline = time.monotonic() + 60  # released: ready once its hand-over is done
+    while (state := agent.call("GET", f"/machines/{machine_id}").json()["state"]) == "leased":
+        assert time.monotonic() < deadline, "the hand-over did not finish"
+        time.sleep(0.05)
     assert state == "ready"
     with pytest.raises(Forbidden, match="lease it first"):  # unleased: ops only
         agent.machine(machine_id).exec("echo free")

@@ -114,6 +114,14 @@ def test_a_released_lease_takes_its_forwards_and_sessions_along(
     assert stale.json()["error"] == "stale_lease"
 
     second = lease(client, me, machine_id)
+    # The hand-over ended every process of the machine's user, the server too: the next
+    # holder starts its own.
+    started = client.post(
+        f"{API}/machines/{machine_id}/exec",
+        json={"cmd": SERVE.format(port=PORT)},
+        headers=token_header(second["token"]),
+    )
+    assert started.json()["exit_code"] == 0, started.text
     fresh = forward(client, machine_id, second["token"])
     assert fresh.status_code == 201, fresh.text
     assert fresh.json()["url"] != channels["url"]  # a listener of its own

@@ -51,6 +51,28 @@ def ctl(request: pytest.FixtureRequest, tmp_path: Path, runner_image: str) -> It
         controller.close()
 
 
+@pytest.fixture(autouse=True)
+def hand_overs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """These machines are rows only, with no container: the hand-over a lease end asks for
+    (off the request path, in a worker) is recorded here instead of run."""
+    asked: list[tuple[str, str]] = []
+
+    def record(*, ctl: Controller, machine_id: str, policy: str) -> None:
+        asked.append((machine_id, policy))
+
+    monkeypatch.setattr(leases, "return_machine", record)
+    return asked
+
+
+def _handed_over(asked: list[tuple[str, str]], machine_id: str) -> bool:
+    deadline = time.monotonic() + 10
+    while (machine_id, "keep") not in asked:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _reset_tables(ctl: Controller) -> None:
     """The PostgreSQL cluster is shared by the test session: start each test from empty tables."""
     with unit_of_work(ctl.db) as tx:
@@ -107,7 +129,7 @@ def _grant(ctl: Controller, **target: object) -> LeasePublic | None:
         )
 
 
-def test_grant_renew_release_round_trip(ctl: Controller) -> None:
+def test_grant_renew_release_round_trip(ctl: Controller, hand_overs: list[tuple[str, str]]) -> None:
     hostile = "x'); DROP TABLE leases; --"
     lease = _grant(ctl, pool="py", holder=hostile)
     assert lease is not None
@@ -141,8 +163,9 @@ def test_grant_renew_release_round_trip(ctl: Controller) -> None:
     with unit_of_work(ctl.db) as tx:
         machine = tx.get(Machine, lease.machine_id)
         assert machine is not None
-        assert machine.state == MachineState.ready
+        assert machine.state == MachineState.leased  # by nobody, until its hand-over is done
         assert machine.fence == 2
+    assert _handed_over(hand_overs, lease.machine_id)
 
 
 def test_pool_hands_out_each_machine_once(ctl: Controller) -> None:
@@ -165,7 +188,9 @@ def test_selector_matches_labels(ctl: Controller) -> None:
     assert _grant(ctl, selector=selector) is None
 
 
-def test_reaper_expires_an_unrenewed_lease(ctl: Controller) -> None:
+def test_reaper_expires_an_unrenewed_lease(
+    ctl: Controller, hand_overs: list[tuple[str, str]]
+) -> None:
     lease = _grant(ctl, machine_id="m-0")
     assert lease is not None
     with unit_of_work(ctl.db) as tx:
@@ -178,6 +203,7 @@ def test_reaper_expires_an_unrenewed_lease(ctl: Controller) -> None:
         assert machine is not None
         assert stored.state == LeaseState.expired
         assert stored.ended_at is not None
-        assert machine.state == MachineState.ready
+        assert machine.state == MachineState.leased  # by nobody, until its hand-over is done
+    assert _handed_over(hand_overs, "m-0")
     with pytest.raises(Conflict, match="already expired"):
         leases.renew(db=ctl.db, lease_id=lease.id, caller=None)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
 from controller.store.models import Role
-from tests.integration.conftest import issue_token, kill_sshd
+from tests.integration.conftest import issue_token, kill_sshd, wait_state
 
 
 def open_session(client: TestClient, machine_id: str) -> str:
@@ -187,8 +187,9 @@ def test_leased_machine_needs_the_current_token(
         assert stale.json()["error"] == "stale_lease"
     finally:
         assert module_client.delete(f"/api/v1/leases/{lease}", headers=me).status_code == 200
-    second = module_client.post(
-        "/api/v1/leases", json={"machine_id": module_machine, "holder": "u", "ttl_s": 60}
+    second = module_client.post(  # waits for the hand-over between the two leases
+        "/api/v1/leases",
+        json={"machine_id": module_machine, "holder": "u", "ttl_s": 60, "wait_s": 60},
     )
     new_token = second.json()["token"]
     try:
@@ -199,6 +200,7 @@ def test_leased_machine_needs_the_current_token(
         assert "earlier lease" in reused.json()["detail"]
     finally:
         module_client.delete(f"/api/v1/leases/{second.json()['id']}")
+        assert wait_state(module_client, module_machine, {"ready"})["state"] == "ready"
 
 
 def test_stopping_the_machine_loses_its_sessions(
@@ -311,3 +313,29 @@ def test_a_command_sent_as_the_connection_drops_is_reopened_or_reported(
         assert first.status_code == 502, first.text
         assert "result is unknown" in first.json()["detail"]
     assert run(module_client, module_machine, sid, "echo $RACE")["output"] == "won\n"
+
+
+def test_a_rewritten_state_file_is_refused_and_never_runs(
+    module_client: TestClient, module_machine: str, provider: DockerProvider
+) -> None:
+    """A process of the machine rewrites the state a dropped shell kept: the controller
+    refuses it (410) and the restored shell never runs what was injected."""
+    sid = open_session(module_client, module_machine)
+    assert run(module_client, module_machine, sid, "cd /tmp && export KEPT=1")["exit_code"] == 0
+    _drop_connection(module_client, provider, module_machine, sid)
+    container = f"shopfloor-{module_machine}"
+    state = f"/dev/shm/.shopfloor-session-{sid}"
+    deadline = time.monotonic() + 10
+    while not _state_file(provider, module_machine, sid):
+        assert time.monotonic() < deadline, "the dropped shell kept no state"
+        time.sleep(0.05)
+    forge = f"rm -f /tmp/injected; echo 'touch /tmp/injected' >> {state}"
+    list(provider.exec(container, ["sh", "-c", forge]))  # as runner, like any process there
+
+    url = f"/api/v1/machines/{module_machine}/sessions/{sid}/run"
+    refused = module_client.post(url, json={"cmd": "pwd"})
+    assert refused.status_code == 410, refused.text
+    assert "integrity" in refused.json()["detail"]
+    check = provider.exec(container, ["test", "-e", "/tmp/injected"])
+    list(check)
+    assert check.exit_code() != 0, "the injected command ran"
