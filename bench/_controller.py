@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from controller.providers.disks import unmount_under
+
 ROOT = Path(__file__).resolve().parent.parent
 SHOPFLOOR = str(ROOT / ".venv" / "bin" / "shopfloor")
 BENCH_LABEL = "shopfloor.bench"
@@ -117,6 +119,7 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
         server.terminate()
         server.wait(timeout=30)
         _remove_leftovers()
+        unmount_under(data_dir)
 
 
 def _remove_leftovers() -> None:

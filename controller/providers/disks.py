@@ -248,6 +248,16 @@ class DiskStore:
         )
 
 
+def unmount_under(folder: Path) -> None:
+    """Unmount every machine disk left mounted below ``folder`` (a data dir a test or bench
+    controller used, whose machines are gone); their loop devices go with the mounts."""
+    prefix = f"{folder.resolve()}/"
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1]
+        if target.startswith(prefix) and "/disks/" in target:
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
 def _run(argv: list[str], doing: str) -> None:
     try:
         subprocess.run(argv, capture_output=True, check=True, timeout=60)

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from make_repo import make_sample_repo
 
 from controller.api.app import create_app
+from controller.providers.disks import unmount_under
 from controller.providers.docker import DockerProvider
 from controller.services import auth, images
 from controller.settings import Settings
@@ -41,17 +42,7 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerProvide
     for volume in engine.list_volumes(labels):
         engine.remove_volume(volume.name)
     engine.close()
-    unmount_disks(tmp_path_factory.getbasetemp())
-
-
-def unmount_disks(under: Path) -> None:
-    """Unmount the machine disks (loop-mounted files) that this run's controllers left in
-    its temp folders; their loop devices go with the mounts."""
-    prefix = f"{under.resolve()}/"
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        target = line.split()[1]
-        if target.startswith(prefix) and "/disks/" in target:
-            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    unmount_under(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
