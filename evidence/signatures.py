@@ -104,6 +104,8 @@ class AttemptFacts:
     error_type: str | None = None
     """The type name of what the agent raised (None: the agent returned a failure)."""
     exit_codes: Sequence[int | None] = ()
+    """Exit codes of the commands the agent ran, as it reported them; None: the command
+    ended without a status (killed by a signal)."""
 
 
 @dataclass(frozen=True)
@@ -162,14 +164,12 @@ def classify(facts: AttemptFacts) -> Kind:
     text = f"{facts.summary}\n{_tail(facts.log, 40)}"
     if facts.machine_lost or (facts.error_type in INFRA_ERRORS):
         return "infra"
-    if facts.timed_out or facts.error_type in TIMEOUT_ERRORS:
+    if facts.timed_out or facts.error_type in TIMEOUT_ERRORS or _TIMEOUT_TEXT.search(facts.summary):
         return "timeout"
-    if OOM_EXIT in facts.exit_codes or _INFRA_TEXT.search(text):
+    if _killed(facts) or _INFRA_TEXT.search(text):
         return "infra"
     if facts.error_type is not None:
         return "agent"
-    if _TIMEOUT_TEXT.search(facts.summary):
-        return "timeout"
     problems = [case for report in facts.reports for case in report.problems]
     if problems:
         setup = all(case.status == "error" or _SETUP_TEXT.search(case.message) for case in problems)
@@ -177,6 +177,13 @@ def classify(facts: AttemptFacts) -> Kind:
     if SETUP_EXITS & {c for c in facts.exit_codes if c is not None} or _SETUP_TEXT.search(text):
         return "setup"
     return "test"
+
+
+def _killed(facts: AttemptFacts) -> bool:
+    """A command SIGKILLed (the OOM killer): exit 137, or no exit status at all (over SSH a
+    command killed by a signal reports the signal, not a status) — timeouts are told apart
+    before this."""
+    return OOM_EXIT in facts.exit_codes or None in facts.exit_codes
 
 
 def signature_of(facts: AttemptFacts) -> Signature:
@@ -248,8 +255,8 @@ def _cause_lines(facts: AttemptFacts, kind: Kind) -> list[str]:
         return ["machine lost"]
     if facts.error_type:
         return [f"raised {facts.error_type}", _first_line(facts.summary)]
-    if kind == "infra" and OOM_EXIT in facts.exit_codes:
-        return ["killed (exit 137)"]
+    if kind == "infra" and _killed(facts):
+        return ["killed (SIGKILL: exit 137 or no exit status)"]
     return [_first_line(facts.summary)]
 
 

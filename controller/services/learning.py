@@ -327,7 +327,12 @@ def _open_elsewhere(tx: Session, repo: str, stage: str, run_id: str) -> list[Fai
 
 def exit_codes(outputs: dict[str, Any]) -> list[int | None]:
     """The exit codes an agent reported in its outputs (``exit_codes`` or ``exit_code``)."""
-    found = outputs.get("exit_codes", [outputs.get("exit_code")])
+    if "exit_codes" in outputs:
+        found = outputs["exit_codes"]
+    elif "exit_code" in outputs:
+        found = [outputs["exit_code"]]
+    else:
+        return []
     codes = found if isinstance(found, list) else [found]
     return [code if isinstance(code, int) else None for code in codes]
 

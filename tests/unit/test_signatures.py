@@ -202,6 +202,7 @@ def test_mask_leaves_what_identifies_the_failure() -> None:
             "infra",
         ),
         (AttemptFacts("test", "'make' failed (exit 137)", exit_codes=[0, 137]), "infra"),
+        (AttemptFacts("test", "'make' failed (exit None)", exit_codes=[0, None]), "infra"),
         (
             AttemptFacts("test", "'make' failed (exit 2)", log="write: No space left on device"),
             "infra",
