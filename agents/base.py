@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 HANDOFF_DIR = "/workspace/.shopfloor"
+LESSONS_FILE = "lessons.md"
+"""In the handoff folder: what earlier runs of the repo taught (the driver writes it, with
+``lessons.json``, when a run starts)."""
 ArtifactKind = Literal["log", "junit", "screenshot", "diff", "plan", "file"]
 StageStatus = Literal["passed", "failed"]
 
@@ -93,6 +96,10 @@ class Assignment:
     remote_report: Callable[[], RemoteReport | None] = lambda: None
     """This attempt's report from a remote agent, once it came (the ``remote`` agent waits
     for it)."""
+
+    @property
+    def lessons_path(self) -> str:
+        return f"{self.handoff_dir}/{LESSONS_FILE}"
 
 
 @dataclass

@@ -50,7 +50,9 @@ class RepoConfig:
     """Paths the QA stage screenshots, e.g. ``/`` and ``/about``."""
     lint: str | None = None
     agent: str | None = None
-    """Command template of an external coding agent: ``{task}``, ``{handoff_dir}``, ``{plan}``."""
+    """Command template of an external coding agent: ``{task}``, ``{handoff_dir}``, ``{plan}``,
+    ``{workdir}``, ``{lessons}`` (the path of ``lessons.md``: what earlier runs of the repo
+    taught — recurring failures, their fixes, flaky tests)."""
     ready_timeout_s: float = 30.0
     """How long QA waits for the app to listen on ``port``."""
     page_timeout_s: float = 20.0

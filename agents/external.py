@@ -2,7 +2,8 @@
 
 The command template names placeholders that are replaced by shell-quoted values, so a
 task with quotes, ``$`` or newlines reaches the CLI as one argument and runs nothing:
-``{task}``, ``{handoff_dir}``, ``{workdir}``, ``{plan}`` (the plan file's path).
+``{task}``, ``{handoff_dir}``, ``{workdir}``, ``{plan}`` (the plan file's path), ``{lessons}``
+(the path of ``lessons.md``: earlier runs' recurring failures, their fixes, flaky tests).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def run_external(
         "handoff_dir": work.handoff_dir,
         "workdir": work.machine.workdir,
         "plan": f"{work.handoff_dir}/plan.md",
+        "lessons": work.lessons_path,
     }
     command = render(template, values)
     base = diff_base(work.machine, work.ref)

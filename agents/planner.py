@@ -21,6 +21,31 @@ PROMPT = (
     "Write an implementation plan (markdown) for this task into {plan_path}, "
     "without changing any other file.\n\nTask:\n{task}"
 )
+LESSONS_PROMPT = (
+    "\n\nEarlier runs of this repo left lessons in {lessons_path} (recurring failures, the "
+    "fixes that resolved them, flaky tests): read it and plan around them."
+)
+LESSONS_CAP = 16 * 1024
+"""At most this much of lessons.md goes into plan.md."""
+
+
+def read_lessons(work: Assignment) -> str:
+    """The run's lessons.md, or "" when the driver wrote none."""
+    try:
+        text = work.machine.read_file(work.lessons_path).decode("utf-8", errors="replace")
+    except Exception:  # noqa: BLE001 - no lessons (learning off, an older controller)
+        return ""
+    return text[:LESSONS_CAP].strip()
+
+
+def with_lessons(plan: bytes, lessons: str) -> bytes:
+    """``plan`` with the lessons appended as their own section (headings one level down)."""
+    if not lessons:
+        return plan
+    body = "\n".join(
+        ("#" + line) if line.startswith("#") else line for line in lessons.splitlines()
+    )
+    return plan.rstrip() + b"\n\n" + body.encode() + b"\n"
 
 
 def template_plan(task: str, files: list[str]) -> str:
@@ -45,8 +70,11 @@ class PlannerAgent:
         cfg = config.load(work.machine.read_file, work.machine.workdir, work.params)
         plan_path = posixpath.join(work.handoff_dir, "plan.md")
         template = str(work.params.get("command") or cfg.agent or "")
+        lessons = read_lessons(work)
         if template.strip():
             prompt = PROMPT.format(plan_path=plan_path, task=work.task)
+            if lessons:
+                prompt += LESSONS_PROMPT.format(lessons_path=work.lessons_path)
             exclude = run_evidence(work, cfg.junit)
             result = run_external(work, template, prompt=prompt, name="planner", exclude=exclude)
             if result.status != "passed":
@@ -56,14 +84,15 @@ class PlannerAgent:
             except Exception:  # noqa: BLE001 - the agent printed its plan instead of saving it
                 transcript = next(a for a in result.artifacts if a.kind == "log").data
                 plan = transcript
-                work.machine.write_file(plan_path, plan)
+            plan = with_lessons(plan, lessons)
+            work.machine.write_file(plan_path, plan)
             result.artifacts.append(Artifact("plan", "plan.md", plan, MARKDOWN))
             result.outputs["plan"] = plan_path
             result.summary = f"plan written by {template.split()[0]} to {plan_path}"
             return result
         listing = work.machine.run("git ls-files", timeout_s=60)
         files = listing.stdout.splitlines() if listing.ok else []
-        plan_text = template_plan(work.task, files).encode()
+        plan_text = with_lessons(template_plan(work.task, files).encode(), lessons)
         work.machine.write_file(plan_path, plan_text)
         work.log(f"wrote {plan_path} from the template ({len(files)} files listed)")
         return StageResult(

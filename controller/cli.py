@@ -208,6 +208,7 @@ def _lifecycle(action: str, method: str = "POST") -> Any:
 machines_app.command("stop")(_lifecycle("stop"))
 machines_app.command("start")(_lifecycle("start"))
 machines_app.command("reset")(_lifecycle("reset"))
+machines_app.command("unquarantine")(_lifecycle("unquarantine"))
 machines_app.command("rm")(_lifecycle("destroy", "DELETE"))
 
 # ---------------------------------------------------------------- pools and runs, over HTTP

@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     pool_failure_backoff: int = 3
     """Failed provisionings in a row after which a pool stops trying until its template changes."""
 
+    # flow learning (issue 13)
+    learning: bool = True
+    """Give failed stage attempts signatures, link fixes, bench bad machines, write lessons."""
+    quarantine_after: int = 3
+    """Infra-class failures of one machine's stages within ``quarantine_window_s`` (while the
+    same stages passed on other machines) that quarantine it. 0: never."""
+    quarantine_window_s: float = 3600.0
+    lessons_limit: int = 5
+    """Open signatures and fixes listed in a run's lessons."""
+
     # evidence (issue 5)
     artifact_cap_bytes: int = 50 * 1024 * 1024
     """Largest artifact the store accepts; bigger uploads get 413."""

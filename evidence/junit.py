@@ -34,6 +34,8 @@ class Case:
     message: str
     text: str
     attempts: int = 1
+    type: str = ""
+    """The failure's or error's ``type`` attribute (an exception class, often)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -93,9 +95,10 @@ def _safe_root(data: bytes) -> Element:
 def _case(suite: str, case: TestCase) -> Case:
     results = case.result
     status: CaseStatus = "passed"
-    message = text = ""
+    message = text = failure_type = ""
     if results:
         first = results[0]
+        failure_type = str(getattr(first, "type", None) or "")
         status = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(
             first._tag or "", "failed"
         )  # type: ignore[assignment]
@@ -104,6 +107,7 @@ def _case(suite: str, case: TestCase) -> Case:
         status = "flaky"
         interim = case.interim_result[0]
         message, text = interim.message or "", interim.text or ""
+        failure_type = str(getattr(interim, "type", None) or "")
     return Case(
         suite=suite,
         classname=case.classname or "",
@@ -112,6 +116,7 @@ def _case(suite: str, case: TestCase) -> Case:
         time_s=float(case.time or 0.0),
         message=message[:TEXT_CAP],
         text=text[:TEXT_CAP],
+        type=failure_type[:200],
     )
 
 

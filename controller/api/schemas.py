@@ -268,3 +268,25 @@ class VerdictPublic(BaseModel):
     reviewer: str
     created_at: datetime | None
     closed: bool
+
+
+class FailurePublic(BaseModel):
+    """A failure signature of a repo's stage (``GET /learning/failures``)."""
+
+    signature: str
+    kind: Literal["test", "setup", "timeout", "infra", "agent"]
+    repo: str
+    stage: str
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+    runs: list[str]
+    """Runs that hit it, newest first (at most 50)."""
+    sample: str
+    """The failure's own text (unmasked, short) from its latest hit."""
+    fixed_by: str | None
+    """The later run of the repo that passed the stage after the failure was last seen."""
+    fix_excerpt: str | None = None
+    """The start of that run's review diff, when it stored one."""
+    open: bool
+    """Not fixed, or seen again since its fix."""

@@ -58,8 +58,9 @@ from controller.transport.sshexec import CommandRunner, SshCommands
 
 log = logging.getLogger(__name__)
 
-EXEC_READY = (MachineState.ready, MachineState.leased)
-"""The states in which commands and channels may reach a machine."""
+EXEC_READY = (MachineState.ready, MachineState.leased, MachineState.quarantined)
+"""The states in which commands and channels may reach a machine (a quarantined one: ops,
+to look into it, and the run that is being moved off it)."""
 SESSION_ID = re.compile(r"s-[0-9a-f]{16}")
 
 
@@ -130,7 +131,7 @@ def authorize(machine_id: str, row: Row, key: Key) -> None:
     """Whether ``key`` may reach into the machine whose :data:`store.leases.ACCESS` row
     this is; raise when not.
 
-    - The machine must be ready or leased (409).
+    - The machine must be ready, leased or quarantined (409).
     - The controller's own code passes with the current fence (else 409 stale).
     - A secret must be the secret of the machine's active lease, or of the stage claim
       made under it, whose fence is the machine's; any other (a lease that ended, a guess,
@@ -142,7 +143,7 @@ def authorize(machine_id: str, row: Row, key: Key) -> None:
     state = MachineState(row["state"])
     if state not in EXEC_READY:
         raise Conflict(
-            f"machine {machine_id} is {state.value}; commands need it ready or leased",
+            f"machine {machine_id} is {state.value}; commands need it ready, leased or quarantined",
             state=state.value,
         )
     if key.caller is None:

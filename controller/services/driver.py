@@ -29,7 +29,7 @@ from agents import config, registry
 from agents.base import HANDOFF_DIR, Assignment, MachineHandle, StageResult
 from controller.domain import LeasePublic, MachineTemplate
 from controller.errors import Conflict, InvalidInput, ShopfloorError
-from controller.services import access, leases, machines, pools, remote_stages, runs
+from controller.services import access, learning, leases, machines, pools, remote_stages, runs
 from controller.services.handles import handle_for
 from controller.services.runtime import Controller
 from controller.store import events
@@ -47,6 +47,7 @@ from controller.store.models import (
     utcnow,
 )
 from controller.transport.exec import KILL_GRACE_S
+from evidence.signatures import AttemptFacts
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,15 @@ class _Outcome:
     """The tail of the agent's own log artifacts, kept in the attempt's history."""
     files: dict[str, bytes] = field(default_factory=dict)
     """Small artifacts, copied into the stage's folder for the next stages."""
+    timed_out: bool = False
+    error_type: str | None = None
+    """The type of what the agent raised, when it raised."""
+    quarantined: str | None = None
+    """Why learning quarantined the machine after this attempt (the run moves, like a loss)."""
+
+    @property
+    def moves(self) -> bool:
+        return self.machine_lost or self.quarantined is not None
 
 
 class RunDriver:
@@ -162,6 +172,9 @@ class RunDriver:
         self.claim_lost = threading.Event()
         """Set by the heartbeat when the claim could not be kept: write nothing more."""
         self.heartbeat_stop = threading.Event()
+        self.lessons: dict[str, Any] | None = None
+        self.lessons_on: str | None = None
+        """The machine whose handoff folder has this run's lessons."""
 
     # ------------------------------------------------------------ the whole run
 
@@ -293,6 +306,8 @@ class RunDriver:
             )
         except ShopfloorError as exc:
             log.info("run %s cannot adopt lease %s: %s", self.run_id, lease.id, exc.message)
+            return False
+        if machine.state == MachineState.quarantined:
             return False
         self.lease, self.machine = lease, machine
         self.handle = handle_for(self.ctl, machine)
@@ -467,6 +482,10 @@ class RunDriver:
                 self._move_to_fresh_machine(
                     f"machine {stage.machine_id} was lost during stage {stage.name}"
                 )
+            elif outcome.quarantined:
+                self._move_to_fresh_machine(
+                    f"machine {self.machine and self.machine.id} was {outcome.quarantined}"
+                )
 
     def _recover_interrupted(self, stage_id: str) -> None:
         """A stage left ``running`` by a dead controller: its attempt failed; clean the machine."""
@@ -519,6 +538,7 @@ class RunDriver:
         finished = utcnow()
         if not outcome.machine_lost:
             self._write_stage_notes(stage, attempt, outcome, lines)
+        self._learn(stage, attempt, outcome, lines)
         self._record_attempt(stage, attempt, outcome, started, finished, lines)
         return outcome
 
@@ -527,6 +547,7 @@ class RunDriver:
         assert self.handle is not None
         with unit_of_work(self.ctl.db) as tx:
             run = runs.get_run(tx, self.run_id)
+        self._write_lessons(run)
         try:
             self._write_run_json(run, stage, attempt)
         except ShopfloorError as exc:
@@ -568,7 +589,9 @@ class RunDriver:
                 return _Outcome("cancelled", "cancelled during the attempt", cancelled=True)
             if time.monotonic() > deadline:
                 self._kill_leftovers()
-                return _Outcome("failed", f"timed out after {stage.timeout_s:g}s and was killed")
+                return _Outcome(
+                    "failed", f"timed out after {stage.timeout_s:g}s and was killed", timed_out=True
+                )
         if "error" in box:
             error = box["error"]
             text = (
@@ -577,7 +600,9 @@ class RunDriver:
                 else f"{type(error).__name__}: {error}"
             )
             lines.append(f"[shopfloor: agent raised {text}]")
-            return _Outcome("failed", f"agent {stage.agent} raised: {text}")
+            return _Outcome(
+                "failed", f"agent {stage.agent} raised: {text}", error_type=type(error).__name__
+            )
         result: StageResult = box["result"]
         try:
             self._store_artifacts(stage, attempt, result)
@@ -619,6 +644,7 @@ class RunDriver:
             "ref": run.ref,
             "current": {"stage": stage.name, "attempt": attempt},
             "context_recreations": run.context_recreations,
+            "lessons": f"{HANDOFF_DIR}/{learning.LESSONS_MD}",
             "stages": [
                 {
                     "name": s.name,
@@ -633,6 +659,48 @@ class RunDriver:
             ],
         }
         self.handle.write_file(f"{HANDOFF_DIR}/run.json", json.dumps(doc, indent=2).encode())
+
+    def _write_lessons(self, run: Run) -> None:
+        """The repo's lessons (gathered once, at the run's start) into the handoff folder of
+        each machine the run uses; a failure here is logged, never the run's."""
+        if self.handle is None or self.machine is None or self.lessons_on == self.machine.id:
+            return
+        self.lessons_on = self.machine.id
+        if self.lessons is None:
+            self.lessons = learning.lessons_for(ctl=self.ctl, repo=run.repo) or {}
+        try:
+            for name, text in (
+                learning.lessons_files(self.lessons) if self.lessons else {}
+            ).items():
+                self.handle.write_file(f"{HANDOFF_DIR}/{name}", text.encode())
+        except Exception as exc:  # noqa: BLE001 - lessons are a courtesy
+            log.warning("run %s: lessons not written: %s", self.run_id, exc)
+
+    def _learn(self, stage: Stage, attempt: int, outcome: _Outcome, lines: list[str]) -> None:
+        """Hand the finished attempt to learning; a quarantined machine moves the run."""
+        if outcome.cancelled:
+            return
+        passed = outcome.status == "passed"
+        facts = AttemptFacts(
+            stage=stage.name,
+            summary=outcome.summary,
+            log="\n".join(lines) + "\n" + outcome.agent_log,
+            machine_lost=outcome.machine_lost,
+            timed_out=outcome.timed_out,
+            error_type=outcome.error_type,
+            exit_codes=learning.exit_codes(outcome.outputs),
+        )
+        learned = learning.observe_attempt(
+            ctl=self.ctl,
+            run_id=self.run_id,
+            stage=stage.name,
+            attempt=attempt,
+            machine_id=self.machine.id if self.machine else None,
+            passed=passed,
+            facts=None if passed else facts,
+        )
+        if learned.quarantined is not None and not outcome.machine_lost:
+            outcome.quarantined = learned.quarantined.reason
 
     def _write_stage_notes(
         self, stage: Stage, attempt: int, outcome: _Outcome, lines: list[str]
@@ -702,7 +770,7 @@ class RunDriver:
             current = tx.get(Stage, stage.id)
             assert current is not None
             passed = outcome.status == "passed"
-            last_try = attempt > current.retries and not outcome.machine_lost
+            last_try = attempt > current.retries and not outcome.moves
             current.status = (
                 StageStatus.passed
                 if passed
@@ -715,8 +783,8 @@ class RunDriver:
             current.summary, current.outputs = outcome.summary, outcome.outputs
             if passed or last_try or outcome.cancelled:
                 current.finished_at = finished
-            if outcome.machine_lost:
-                current.retries += 1  # a lost machine is not the stage's fault: one more try
+            if outcome.moves:
+                current.retries += 1  # a lost or benched machine is not the stage's fault
             current.history = [
                 *current.history,
                 _history_entry(
@@ -740,6 +808,7 @@ class RunDriver:
                 status=outcome.status,
                 summary=outcome.summary[:500],
                 machine_lost=outcome.machine_lost,
+                quarantined=outcome.quarantined,
             )
 
 

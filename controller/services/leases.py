@@ -125,6 +125,7 @@ def check_target(tx: Tx, target: Target) -> None:
 
 
 LEASABLE = (MachineState.ready, MachineState.leased, MachineState.provisioning)
+"""States a lease may wait for; ``quarantined`` is not one (ops unquarantine it first)."""
 
 
 # ---------------------------------------------------------------- the atomic grant

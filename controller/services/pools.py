@@ -135,7 +135,8 @@ def _fill_one(ctl: Controller, name: str) -> int:
     if failing:
         _stop(ctl, name, failing)
         return 0
-    alive = sum(by_state[s.value] for s in ALIVE_STATES)
+    # A quarantined machine is kept for ops but serves nobody: the pool replaces it.
+    alive = sum(by_state[s.value] for s in ALIVE_STATES if s != MachineState.quarantined)
     if alive > pool.max_machines:
         _shrink(ctl, name, alive - pool.max_machines)
         return 0

@@ -97,7 +97,12 @@ def reconcile(
     with unit_of_work(reader(db)) as tx:
         alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
         alive_now = {machine_id: MachineState(state) for machine_id, state in tx.exec(alive)}
-    settled = (MachineState.ready, MachineState.leased, MachineState.stopped)
+    settled = (
+        MachineState.ready,
+        MachineState.leased,
+        MachineState.stopped,
+        MachineState.quarantined,
+    )
     for machine_id, state in alive_now.items():
         container = by_machine.get(machine_id)
         if state in settled and container is None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, TypeDecorator
+from sqlalchemy import JSON, Column, DateTime, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -55,6 +55,9 @@ class MachineState(StrEnum):
     failed = "failed"
     lost = "lost"
     destroyed = "destroyed"
+    quarantined = "quarantined"
+    """Benched by machine health (infra failures here while its stages passed elsewhere):
+    never leased, not counted by its pool, kept for ops to look into or unquarantine."""
 
 
 ALIVE_STATES = (
@@ -62,7 +65,9 @@ ALIVE_STATES = (
     MachineState.ready,
     MachineState.leased,
     MachineState.stopped,
+    MachineState.quarantined,
 )
+"""States whose container and volume must exist (reconcile keeps them)."""
 
 
 class Role(StrEnum):
@@ -353,3 +358,53 @@ class InstallMeta(SQLModel, table=True):
 
     key: str = Field(primary_key=True)
     value: str
+
+
+# ---------------------------------------------------------------- flow learning (issue 13)
+
+
+class FailureSignature(SQLModel, table=True):
+    """One failure seen in a repo's stage, by its signature (``evidence.signatures``).
+
+    ``fixed_by`` is the first later run of the repo that passed the stage after the failure
+    was last seen (``fixed_at``); the signature is open again when it recurs after that."""
+
+    __tablename__ = "signatures"
+    __table_args__ = (
+        UniqueConstraint("signature", "repo", "stage", name="uq_signatures_repo_stage"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    signature: str = Field(index=True)
+    kind: str = Field(index=True)
+    repo: str = Field(index=True)
+    stage: str
+    count: int = 0
+    first_seen: datetime = ts_field()
+    last_seen: datetime = ts_field(index=True)
+    sample: str = ""
+    normalized: str = ""
+    fixed_by: str | None = None
+    fixed_at: datetime | None = ts_field(nullable=True)
+    fix_excerpt: str | None = None
+    """The start of the fixing run's diff, when it stored one."""
+
+    @property
+    def open(self) -> bool:
+        return self.fixed_at is None or self.last_seen > self.fixed_at
+
+
+class SignatureHit(SQLModel, table=True):
+    """One failed stage attempt carrying a signature."""
+
+    __tablename__ = "signature_hits"
+
+    id: int | None = Field(default=None, primary_key=True)
+    signature: str = Field(index=True)
+    kind: str
+    repo: str = Field(index=True)
+    run_id: str = Field(index=True)
+    stage: str
+    attempt: int
+    machine_id: str | None = Field(default=None, index=True)
+    at: datetime = ts_field(index=True)

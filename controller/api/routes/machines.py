@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, key
 from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
 from controller.domain import MachineTemplate
-from controller.services import machines
+from controller.services import learning, machines
 from controller.services.runtime import Controller
 from controller.store.models import Machine
 
@@ -76,6 +76,13 @@ def reset_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
         machine_id=machine_id,
     )
     return public(machine)
+
+
+@router.post("/{machine_id}/unquarantine")
+def unquarantine_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic:
+    """Back to ``ready`` (reset first when its pool cleans between leases), or ``leased``
+    while a lease on it is still active; 409 when the machine is not quarantined."""
+    return public(learning.unquarantine(ctl=ctl, machine_id=machine_id), ctl)
 
 
 @router.delete("/{machine_id}")
