@@ -79,6 +79,19 @@ class RemoteReport:
 
 
 @dataclass(frozen=True)
+class KnownTests:
+    """What the factory learned of the repo's tests before this stage (ids are
+    ``classname::name`` as the JUnit gives them)."""
+
+    flaky: frozenset[str] = frozenset()
+    """Tests known to fail now and then: the tester reruns the failed tests once when every
+    failure is one of these (or a quarantined one)."""
+    quarantined: frozenset[str] = frozenset()
+    """Known flaky tests whose failures do not fail the stage: the run's policy says
+    ``[verify] flaky = "quarantine"`` (empty otherwise)."""
+
+
+@dataclass(frozen=True)
 class Assignment:
     run_id: str
     task: str
@@ -96,6 +109,8 @@ class Assignment:
     remote_report: Callable[[], RemoteReport | None] = lambda: None
     """This attempt's report from a remote agent, once it came (the ``remote`` agent waits
     for it)."""
+    known_tests: KnownTests = field(default_factory=KnownTests)
+    """The repo's known flaky and quarantined tests (the ``tester`` uses them)."""
 
     @property
     def lessons_path(self) -> str:

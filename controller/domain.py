@@ -153,3 +153,35 @@ class StageClaim(BaseModel):
     fence: int
     workdir: str
     handoff_dir: str
+
+
+TestState = Literal["healthy", "flaky", "broken", "quarantined"]
+
+
+class CaseHealth(BaseModel):
+    """What the factory knows of one test of one repo (``services/flaky.py``)."""
+
+    repo: str
+    test: str
+    """``classname::name`` as the JUnit gives them."""
+    state: TestState
+    score: float
+    """Posterior mean of its failure probability on an unchanged tree (Beta(1,1) prior)."""
+    score_upper: float
+    """The 95 % upper credible bound of that probability."""
+    runs: int
+    passes: int
+    failures: int
+    skipped: int
+    clean_passes: int
+    clean_failures: int
+    retry_passes: int
+    """Times it passed on the tester's rerun after failing."""
+    same_tree: bool
+    """It passed and failed on one clean tree."""
+    fail_streak: int
+    last_status: str
+    last_commit: str | None
+    last_run_id: str | None
+    first_seen: datetime
+    last_seen: datetime

@@ -26,7 +26,7 @@ from controller.errors import InvalidInput, NotFound, TooLarge
 from controller.settings import Settings
 from controller.store import events
 from controller.store.models import Artifact, ArtifactKind, Baseline, Run
-from evidence import images, junit
+from evidence import images, junit, test_history
 
 NAME_MAX = 255
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -207,14 +207,23 @@ def save_artifact(
     if run is None:
         raise NotFound(f"run {run_id} does not exist")
     meta = dict(meta or {})
-    facts = _derive_facts(
-        tx=tx,
-        store=store,
-        repo=run.repo,
-        kind=artifact_kind,
-        name=name,
-        data=data,
-        meta=meta,
+    report = (
+        junit.parse_junit(data, max_bytes=store.junit_cap_bytes)
+        if artifact_kind is ArtifactKind.junit
+        else None
+    )
+    facts: dict[str, Any] = (
+        {"junit": report.counts()}
+        if report is not None
+        else _derive_facts(
+            tx=tx,
+            store=store,
+            repo=run.repo,
+            kind=artifact_kind,
+            name=name,
+            data=data,
+            meta=meta,
+        )
     )
     artifact = Artifact(
         run_id=run_id,
@@ -231,6 +240,17 @@ def save_artifact(
         facts=facts,
     )
     tx.add(artifact)
+    if report is not None:
+        facts["history"] = test_history.record(
+            tx=tx,
+            repo=run.repo,
+            run_id=run_id,
+            stage=stage,
+            attempt=attempt,
+            artifact_id=artifact.id,
+            tree=test_history.Tree.from_meta(meta, commit),
+            report=report,
+        )
     events.record(
         tx,
         "artifact.saved",
@@ -254,9 +274,6 @@ def _derive_facts(
     data: bytes,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
-    if kind is ArtifactKind.junit:
-        report = junit.parse_junit(data, max_bytes=store.junit_cap_bytes)
-        return {"junit": report.counts()}
     if kind is ArtifactKind.screenshot:
         return _screenshot_facts(
             tx=tx, store=store, repo=repo, page=screenshot_page(name, meta), data=data

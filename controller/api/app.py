@@ -25,6 +25,7 @@ from controller.api.routes import events as events_routes
 from controller.api.routes import files as files_routes
 from controller.api.routes import flow as flow_routes
 from controller.api.routes import learning as learning_routes
+from controller.api.routes import learning_tests as learning_tests_routes
 from controller.api.routes import leases as leases_routes
 from controller.api.routes import machines as machines_routes
 from controller.api.routes import metrics, system
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         artifacts_routes.router,
         verdicts_routes.router,
         learning_routes.router,
+        learning_tests_routes.router,
     ):
         app.include_router(router, prefix="/api/v1")
     app.include_router(system.router)

@@ -26,10 +26,19 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from agents import config, registry
-from agents.base import HANDOFF_DIR, Assignment, MachineHandle, StageResult
+from agents.base import HANDOFF_DIR, Assignment, KnownTests, MachineHandle, StageResult
 from controller.domain import LeasePublic, MachineTemplate
 from controller.errors import Conflict, InvalidInput, ShopfloorError
-from controller.services import access, learning, leases, machines, pools, remote_stages, runs
+from controller.services import (
+    access,
+    flaky,
+    learning,
+    leases,
+    machines,
+    pools,
+    remote_stages,
+    runs,
+)
 from controller.services.handles import handle_for
 from controller.services.runtime import Controller
 from controller.store import events
@@ -566,6 +575,7 @@ class RunDriver:
             timeout_s=stage.timeout_s,
             log=lines.append,
             remote_report=lambda: remote_stages.reported(self.ctl.reader, stage.id, attempt),
+            known_tests=self._known_tests(run),
         )
         box: dict[str, Any] = {}
 
@@ -617,6 +627,21 @@ class RunDriver:
             dict(result.outputs),
             agent_log=agent_log[-LOG_TAIL_CHARS:],
             files={a.name: a.data for a in result.artifacts if len(a.data) <= NOTE_FILE_CAP_BYTES},
+        )
+
+    def _known_tests(self, run: Run) -> KnownTests:
+        """The repo's known flaky tests, quarantined ones only where the run's policy says
+        ``flaky = "quarantine"``; nothing when the history cannot be read (not worth a
+        failed stage)."""
+        quarantine = flaky.policy_quarantines(run.policy)
+        try:
+            known = flaky.known_flaky(ctl=self.ctl, repo=run.repo, quarantine=quarantine)
+        except Exception as exc:  # noqa: BLE001 - learning must not stop the line
+            log.warning("run %s: known flaky tests not read: %s", self.run_id, exc)
+            return KnownTests()
+        return KnownTests(
+            flaky=frozenset(t.test for t in known),
+            quarantined=frozenset(t.test for t in known if t.state == "quarantined"),
         )
 
     def _kill_leftovers(self) -> None:

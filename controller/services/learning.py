@@ -24,7 +24,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from controller.errors import Conflict, ShopfloorError
-from controller.services import leases, machines
+from controller.services import flaky, leases, machines
 from controller.services.runtime import Controller
 from controller.store import events
 from controller.store.db import unit_of_work
@@ -390,12 +390,6 @@ LESSONS_MD = "lessons.md"
 LESSONS_JSON = "lessons.json"
 
 
-def known_flaky_tests(*, tx: Session, repo: str) -> list[dict[str, Any]]:
-    """HOOK for the flaky-test tracker (issue 13, another branch): the repo's flaky and
-    quarantined tests as ``{"test", "state", "score"}``. Empty until that is merged."""
-    return []
-
-
 def lessons_for(*, ctl: Controller, repo: str) -> dict[str, Any] | None:
     """What the factory knows about ``repo`` for a new run's handoff folder (``lessons.json``;
     :func:`evidence.lessons.render_markdown` makes ``lessons.md``). None when learning is off
@@ -416,7 +410,10 @@ def lessons_for(*, ctl: Controller, repo: str) -> dict[str, Any] | None:
                     .limit(500)
                 )
             )
-            flaky = known_flaky_tests(tx=tx, repo=repo)
+        flaky_tests = [
+            {"test": t.test, "state": t.state, "score": round(t.score, 4)}
+            for t in flaky.known_flaky(ctl=ctl, repo=repo)
+        ]
         fixed = sorted(
             (row for row in rows if row.fixed_by is not None),
             key=lambda row: row.fixed_at or row.last_seen,
@@ -434,8 +431,8 @@ def lessons_for(*, ctl: Controller, repo: str) -> dict[str, Any] | None:
                 }
                 for row in fixed[:limit]
             ],
-            "flaky_tests": [t for t in flaky if t.get("state") != "quarantined"],
-            "quarantined_tests": [t for t in flaky if t.get("state") == "quarantined"],
+            "flaky_tests": [t for t in flaky_tests if t["state"] != "quarantined"],
+            "quarantined_tests": [t for t in flaky_tests if t["state"] == "quarantined"],
         }
     except Exception:  # noqa: BLE001 - a run starts without lessons rather than not at all
         log.exception("lessons for %s could not be gathered", repo)

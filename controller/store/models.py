@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -408,3 +408,65 @@ class SignatureHit(SQLModel, table=True):
     attempt: int
     machine_id: str | None = Field(default=None, index=True)
     at: datetime = ts_field(index=True)
+
+
+# ---------------------------------------------------------------- flaky tests (issue 13)
+
+
+class CaseResult(SQLModel, table=True):
+    """One test case's result in one saved JUnit report: the history flakiness is read from.
+
+    ``test`` is the case's id, ``classname::name`` as the JUnit gives them. ``commit`` is the
+    checkout's commit when the tester said so (else the machine's); ``clean`` whether the
+    checkout had no change against it (None: nobody said); ``retry`` whether the result came
+    from the tester's rerun of failed tests (or a rerun inside the report itself)."""
+
+    __tablename__ = "test_results"
+    __table_args__ = (
+        Index("ix_test_results_repo_test", "repo", "test"),
+        Index("ix_test_results_repo_commit", "repo", "commit"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    repo: str
+    test: str
+    status: str
+    """passed | failed | error | skipped"""
+    run_id: str = Field(index=True)
+    stage: str
+    attempt: int = 1
+    commit: str | None = None
+    clean: bool | None = None
+    retry: bool = False
+    artifact_id: str | None = None
+    at: datetime = ts_field()
+
+
+class CaseStats(SQLModel, table=True):
+    """What the history says of one test of one repo, kept up to date at each ingest so that
+    reading a repo's tests never scans the history."""
+
+    __tablename__ = "test_stats"
+
+    repo: str = Field(primary_key=True)
+    test: str = Field(primary_key=True)
+    runs: int = 0
+    """Results seen (skipped ones included)."""
+    passes: int = 0
+    failures: int = 0
+    """Failed or errored."""
+    skipped: int = 0
+    clean_passes: int = 0
+    """Passes on a clean tree: the evidence the score is made of."""
+    clean_failures: int = 0
+    retry_passes: int = 0
+    """Passes on the tester's rerun of a failed test."""
+    same_tree: bool = False
+    """It both passed and failed on one clean tree (same commit, no change)."""
+    fail_streak: int = 0
+    """Failures since its last pass."""
+    last_status: str = "passed"
+    last_commit: str | None = None
+    last_run_id: str | None = None
+    first_seen: datetime = ts_field()
+    last_seen: datetime = ts_field(index=True)

@@ -1,7 +1,9 @@
 """Run the unittest suite and write JUnit XML, with nothing but the standard library.
 
 Machines have python3 but no pytest and often no network, so this is the test command:
-``python3 run_tests.py [--junit test-results/junit.xml]``. Exit status 0 means all passed.
+``python3 run_tests.py [--junit test-results/junit.xml] [TEST ...]``, where a TEST is a
+unittest name (``test_app.GreetingTest.test_greets_by_name``, as the JUnit's classname and
+name give it) and none means every test found. Exit status 0 means all passed.
 """
 
 from __future__ import annotations
@@ -82,8 +84,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--junit", default="test-results/junit.xml")
     parser.add_argument("--start", default=".")
+    parser.add_argument("tests", nargs="*", help="unittest names to run (default: all)")
     args = parser.parse_args()
-    suite = unittest.defaultTestLoader.discover(args.start)
+    loader = unittest.defaultTestLoader
+    sys.path.insert(0, str(Path(args.start).resolve()))
+    suite = loader.loadTestsFromNames(args.tests) if args.tests else loader.discover(args.start)
     runner = unittest.TextTestRunner(resultclass=RecordingResult, verbosity=2)
     started = time.perf_counter()
     result = runner.run(suite)
