@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -131,6 +131,14 @@ class Settings(BaseSettings):
     """FastAPI's OpenTelemetry spans, metrics and logs for every request, for a collector
     you configure (OTEL_* variables). Off by default: /metrics serves Prometheus without
     them, and their per-request checks cost ~3% of a lease's time on these hosts."""
+
+    otel_exporter_otlp_endpoint: str = Field(
+        default="",
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
+    )
+    """The standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (no ``SHOPFLOOR_`` prefix): each run's
+    trace goes over OTLP/HTTP to ``<endpoint>/v1/traces`` (``services/tracing.py``). Unset:
+    tracing is off (no exporter, no SDK spans)."""
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -33,9 +33,18 @@ def upload(
     """Save an artifact of a running run's stage, from the holder of the run's lease (or
     of a claim on its remote stage), with its secret in ``key``; or from ops.
 
-    ``attempt`` defaults to the stage's current attempt, ``commit`` to the machine's.
+    ``attempt`` defaults to the stage's current attempt, ``commit`` to the machine's. Its
+    span joins the run's trace (``tracing.Tracing.span``).
     """
-    with unit_of_work(ctl.db) as tx:
+    attributes = {
+        "run.id": run_id,
+        "stage.name": stage,
+        "stage.attempt": attempt,
+        "artifact.kind": kind,
+        "artifact.name": name,
+        "artifact.bytes": len(data),
+    }
+    with ctl.tracing.span("evidence.upload", attributes, run_id=run_id), unit_of_work(ctl.db) as tx:
         run = tx.get(Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")

@@ -15,6 +15,7 @@ leased, which counts as a context re-creation.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from opentelemetry.trace import INVALID_SPAN, Span
 from sqlmodel import Session, col, select
 
 from agents import config, registry
@@ -38,6 +40,7 @@ from controller.services import (
     pools,
     remote_stages,
     runs,
+    tracing,
 )
 from controller.services.handles import handle_for
 from controller.services.runtime import Controller
@@ -160,6 +163,9 @@ class _Outcome:
     """The type of what the agent raised, when it raised."""
     quarantined: str | None = None
     """Why learning quarantined the machine after this attempt (the run moves, like a loss)."""
+    signature: str | None = None
+    """The failure signature learning gave this attempt, and its class."""
+    kind: str | None = None
 
     @property
     def moves(self) -> bool:
@@ -184,12 +190,37 @@ class RunDriver:
         self.lessons: dict[str, Any] | None = None
         self.lessons_on: str | None = None
         """The machine whose handoff folder has this run's lessons."""
+        self.resumed = False
+        """Another driver ran this run before (a restart, a takeover): ``run.resume`` span."""
+        self.facts: dict[str, str | None] = {}
+        """The run's repo and ref, for its trace."""
+        self.span: Span = INVALID_SPAN
+        """This driver's span of the run (``services/tracing.py``); a no-op when off."""
 
     # ------------------------------------------------------------ the whole run
 
     def drive(self) -> None:
         if not self._start():
             return
+        with self.ctl.tracing.run_span(
+            self.run_id, resumed=self.resumed, attributes=self.facts
+        ) as span:
+            self.span = span
+            try:
+                self._drive()
+            except _Stopping:
+                span.set_attribute("status", "stopped")  # resumed by the next start
+                raise
+            except runs.ClaimLost:
+                span.set_attribute("status", "claim_lost")
+                raise
+            except Exception as exc:
+                span.set_attribute("status", RunStatus.failed.value)
+                span.record_exception(exc)
+                tracing.failed(span, f"driver error: {type(exc).__name__}")
+                raise
+
+    def _drive(self) -> None:
         threading.Thread(
             target=self._heartbeat, name=f"run-{self.run_id}-claim", daemon=True
         ).start()
@@ -216,6 +247,9 @@ class RunDriver:
         runs.finish_run(
             ctl=self.ctl, run_id=self.run_id, status=status, reason=reason, driver=self.me
         )
+        self.span.set_attribute("status", status.value)
+        if status == RunStatus.failed:
+            tracing.failed(self.span, reason or "failed")
 
     def _start(self) -> bool:
         """Claim the run (one driver per run) and start or resume it."""
@@ -230,6 +264,8 @@ class RunDriver:
             if run.cancel_requested:
                 runs.end_run(tx, run, RunStatus.cancelled, "cancelled before it started")
                 return False
+            self.facts = {"repo": run.repo, "ref": run.ref}
+            self.resumed = run.status != RunStatus.queued
             if run.status == RunStatus.queued:
                 run.status, run.started_at = RunStatus.running, utcnow()
                 tx.add(run)
@@ -302,6 +338,13 @@ class RunDriver:
             )
         self.handle = handle_for(self.ctl, self.machine)
         self.renewed_at = time.monotonic()
+        self._trace_machine()
+
+    def _trace_machine(self) -> None:
+        if self.machine is not None and self.span.is_recording():
+            self.span.set_attribute("machine.id", self.machine.id)
+            if self.machine.commit:
+                self.span.set_attribute("commit", self.machine.commit)
 
     def _adopt(self, lease: LeasePublic) -> bool:
         if lease.state != LeaseState.active:
@@ -321,6 +364,7 @@ class RunDriver:
         self.lease, self.machine = lease, machine
         self.handle = handle_for(self.ctl, machine)
         self.renewed_at = time.monotonic()
+        self._trace_machine()
         return True
 
     def _acquire(self) -> LeasePublic:
@@ -333,8 +377,15 @@ class RunDriver:
             ttl_s=self.ctl.settings.run_lease_ttl_s,
             wait_s=self.ctl.settings.run_machine_wait_s,
         )
+        wait = {"run.id": self.run_id, "pool": run.pool, "machine.id": target.machine_id}
         try:
-            return leases.acquire_blocking(ctl=self.ctl, request=request, give_up=self._give_up)
+            with self.ctl.tracing.span("lease.wait", wait) as span:
+                granted = leases.acquire_blocking(
+                    ctl=self.ctl, request=request, give_up=self._give_up
+                )
+                span.set_attribute("machine.id", granted.machine_id)
+                span.set_attribute("lease.id", granted.id)
+                return granted
         except ShopfloorError as exc:
             if self.ctl.stopping.is_set():
                 raise _Stopping() from exc
@@ -401,6 +452,7 @@ class RunDriver:
             tx.add(run)
             self.machine = machines.get_machine(tx, self.lease.machine_id)
         self.handle = handle_for(self.ctl, self.machine)
+        self._trace_machine()
 
     def _end_lease(self) -> None:
         if self.lease is None:
@@ -517,8 +569,36 @@ class RunDriver:
 
     def _attempt(self, stage: Stage) -> _Outcome:
         assert self.machine is not None
-        assert self.handle is not None
         attempt = stage.attempts + 1
+        attributes = {
+            "run.id": self.run_id,
+            "stage.name": stage.name,
+            "stage.attempt": attempt,
+            "stage.agent": stage.agent,
+            "machine.id": self.machine.id,
+            "commit": self.machine.commit,
+            **self.facts,
+        }
+        with self.ctl.tracing.span(f"stage {stage.name}", attributes) as span:
+            outcome = self._attempt_traced(stage, attempt)
+            if span.is_recording():
+                for key, value in (
+                    ("status", outcome.status),
+                    ("failure.signature", outcome.signature),
+                    ("failure.kind", outcome.kind),
+                    ("machine.lost", outcome.machine_lost or None),
+                    ("machine.quarantined", outcome.quarantined),
+                    ("stage.timed_out", outcome.timed_out or None),
+                ):
+                    if value is not None:
+                        span.set_attribute(key, value)
+                if outcome.status not in ("passed", "cancelled"):
+                    tracing.failed(span, outcome.summary)
+            return outcome
+
+    def _attempt_traced(self, stage: Stage, attempt: int) -> _Outcome:
+        assert self.machine is not None
+        assert self.handle is not None
         started = utcnow()
         self._check_claim()
         with unit_of_work(self.ctl.db) as tx:
@@ -585,7 +665,12 @@ class RunDriver:
             except BaseException as exc:  # noqa: BLE001 - reported as the attempt's failure
                 box["error"] = exc
 
-        worker = threading.Thread(target=run_agent, name=f"stage-{stage.id}", daemon=True)
+        worker = threading.Thread(  # in this thread's context: the agent's spans are the stage's
+            target=contextvars.copy_context().run,
+            args=(run_agent,),
+            name=f"stage-{stage.id}",
+            daemon=True,
+        )
         worker.start()
         deadline = time.monotonic() + stage.timeout_s + KILL_GRACE_S + 10
         while worker.is_alive():
@@ -726,6 +811,9 @@ class RunDriver:
         )
         if learned.quarantined is not None and not outcome.machine_lost:
             outcome.quarantined = learned.quarantined.reason
+        if learned.signature is not None:
+            outcome.signature = learned.signature.signature
+            outcome.kind = learned.signature.kind
 
     def _write_stage_notes(
         self, stage: Stage, attempt: int, outcome: _Outcome, lines: list[str]

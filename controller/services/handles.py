@@ -15,7 +15,7 @@ import paramiko
 
 from agents.base import CommandResult, MachineHandle
 from controller.errors import ShopfloorError
-from controller.services import access
+from controller.services import access, tracing
 from controller.services.runtime import Controller
 from controller.store.models import Machine
 from controller.transport import exec as commands
@@ -24,6 +24,7 @@ from controller.transport import exec as commands
 class SshMachineHandle:
     def __init__(self, ctl: Controller, machine: Machine) -> None:
         self.access = ctl.access
+        self.tracing = ctl.tracing
         self.settings = ctl.settings
         self.machine = machine
         self.machine_id = machine.id
@@ -44,11 +45,26 @@ class SshMachineHandle:
             cmd=cmd, cwd=cwd or self.workdir, env=env or {}, timeout_s=timeout_s
         )
         cap = self.settings.exec_output_cap
-        result = commands.run(self.commands, self.container, request, cap=cap)
+        attributes = {"machine.id": self.machine_id, "command": tracing.short(cmd)}
+        with self.tracing.span("machine.run", attributes) as span:
+            result = commands.run(self.commands, self.container, request, cap=cap)
+            if span.is_recording():
+                if result.exit_code is not None:
+                    span.set_attribute("command.exit_code", result.exit_code)
+                span.set_attribute("command.timed_out", result.timed_out)
+                if result.exit_code != 0:
+                    tracing.failed(span, f"exit code {result.exit_code}")
         return CommandResult(**result.__dict__)
 
     def read_file(self, path: str) -> bytes:
         target = self._absolute(path)
+        attributes = {"machine.id": self.machine_id, "file.path": tracing.short(target)}
+        with self.tracing.span("machine.read_file", attributes) as span:
+            data = self._read(target)
+            span.set_attribute("file.bytes", len(data))
+            return data
+
+    def _read(self, target: str) -> bytes:
         with self.access.sftp(self.machine) as sftp:
             try:
                 with sftp.open(target, "rb") as fh:
@@ -59,6 +75,15 @@ class SshMachineHandle:
 
     def write_file(self, path: str, data: bytes) -> None:
         target = self._absolute(path)
+        attributes = {
+            "machine.id": self.machine_id,
+            "file.path": tracing.short(target),
+            "file.bytes": len(data),
+        }
+        with self.tracing.span("machine.write_file", attributes):
+            self._write(target, data)
+
+    def _write(self, target: str, data: bytes) -> None:
         with self.access.sftp(self.machine) as sftp:
             try:
                 _makedirs(sftp, posixpath.dirname(target))

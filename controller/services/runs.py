@@ -283,7 +283,17 @@ def save_artifact(
     meta: dict[str, Any],
 ) -> None:
     """Hand one piece of evidence to the evidence store, in its own transaction."""
-    with unit_of_work(ctl.db) as tx:
+    attributes = {
+        "run.id": run_id,
+        "stage.name": stage,
+        "stage.attempt": attempt,
+        "machine.id": machine.id,
+        "commit": machine.commit,
+        "artifact.kind": kind,
+        "artifact.name": name,
+        "artifact.bytes": len(data),
+    }
+    with ctl.tracing.span("evidence.upload", attributes, run_id=run_id), unit_of_work(ctl.db) as tx:
         store.save_artifact(
             tx=tx,
             store=store.ArtifactStore.from_settings(ctl.settings),

@@ -20,6 +20,7 @@ from controller.services.access import MachineAccess
 from controller.services.auth import TokenCache
 from controller.services.lease_runtime import LeaseRuntime
 from controller.services.limits import Limits
+from controller.services.tracing import Tracing
 from controller.settings import Settings
 from controller.store.db import reader
 from controller.store.rawsql import GroupCommit
@@ -75,6 +76,8 @@ class Controller:
     """Monotonic deadline until which this controller leads the loops (leadership.py)."""
     fence: int = 0
     """The leader lease's fence when this controller last took or kept it."""
+    tracing: Tracing = field(default_factory=Tracing)
+    """Runs' OpenTelemetry traces (``services/tracing.py``); off unless an OTLP endpoint is set."""
     on_close: list[Callable[[], object]] = field(default_factory=list)
     """Run first by :meth:`close` (the leader steps down)."""
     reader: Engine = field(init=False)
@@ -120,6 +123,7 @@ class Controller:
                 log.exception("closing the controller")
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.access.close()
+        self.tracing.close()
         close_provider = getattr(self.provider, "close", None)  # the spare disks, the client
         if callable(close_provider):
             close_provider()

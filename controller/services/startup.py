@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from controller.providers.disks import DiskStore, unusable_reason
 from controller.providers.docker import DockerProvider
-from controller.services import driver, images, leadership, leases, pools, reconcile
+from controller.services import driver, images, leadership, leases, pools, reconcile, tracing
 from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store.db import checkpoint, make_engine, migrate
@@ -29,6 +29,9 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
     provider = DockerProvider(settings.docker_host, disks=_disks(settings))
     default_image = settings.runner_image or images.runner_image_tag(images.default_extra_ca())
     db = make_engine(settings.sqlalchemy_url, checkpoint_loop=background)
+    traces = tracing.make(settings)  # once per controller: OTLP when an endpoint is set
+    if settings.opentelemetry:
+        tracing.share_with_fastapi(traces)
     return Controller(
         settings=settings,
         db=db,
@@ -36,6 +39,7 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
         install_id=settings.install_id
         or leadership.shared_install_id(db=db, data_dir=settings.data_dir),
         default_image=default_image,
+        tracing=traces,
     )
 
 
