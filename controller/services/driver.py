@@ -464,12 +464,13 @@ class RunDriver:
         self.lease = None
 
     def _give_back(self) -> None:
-        machine = self.machine
+        """A pool's machine goes back to its pool (the lease's end hands it over); a run's
+        private machine is destroyed first, so no hand-over races its removal."""
+        with unit_of_work(self.ctl.reader) as tx:
+            private = runs.get_run(tx, self.run_id).pool is None
+        if private and self.machine is not None:
+            _destroy_quietly(self.ctl, self.machine.id)
         self._end_lease()
-        with unit_of_work(self.ctl.db) as tx:
-            run = runs.get_run(tx, self.run_id)
-        if run.pool is None and machine is not None:
-            self.ctl.workers.submit(_destroy_quietly, self.ctl, machine.id)
 
     def _renew_if_due(self) -> None:
         if self.lease is None:
