@@ -27,11 +27,13 @@ from controller.api.routes import flow as flow_routes
 from controller.api.routes import leases as leases_routes
 from controller.api.routes import machines as machines_routes
 from controller.api.routes import metrics, system
+from controller.api.routes import owners as owners_routes
 from controller.api.routes import pools as pools_routes
 from controller.api.routes import ports as ports_routes
 from controller.api.routes import runs as runs_routes
 from controller.api.routes import sessions as sessions_routes
 from controller.api.routes import verdicts as verdicts_routes
+from controller.api.routes import webhooks as webhooks_routes
 from controller.errors import ShopfloorError
 from controller.services import faults
 from controller.services.startup import build_controller, start_loops
@@ -122,6 +124,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         flow_routes.router,
         artifacts_routes.router,
         verdicts_routes.router,
+        owners_routes.router,
+        webhooks_routes.router,
     ):
         app.include_router(router, prefix="/api/v1")
     app.include_router(system.router)

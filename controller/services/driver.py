@@ -29,7 +29,7 @@ from agents import config, registry
 from agents.base import HANDOFF_DIR, Assignment, MachineHandle, StageResult
 from controller.domain import LeasePublic, MachineTemplate
 from controller.errors import Conflict, InvalidInput, ShopfloorError
-from controller.services import access, leases, machines, pools, remote_stages, runs
+from controller.services import access, leases, machines, owners, pools, remote_stages, runs
 from controller.services.handles import handle_for
 from controller.services.runtime import Controller
 from controller.store import events
@@ -741,6 +741,8 @@ class RunDriver:
                 summary=outcome.summary[:500],
                 machine_lost=outcome.machine_lost,
             )
+            if current.status == StageStatus.failed:
+                owners.stage_failed_in(tx, run=runs.get_run(tx, self.run_id), stage=current)
 
 
 def _history_entry(
