@@ -283,6 +283,8 @@ class VerdictPublic(BaseModel):
     reviewer: str
     created_at: datetime | None
     closed: bool
+    open: list[CriterionPublic] = Field(default_factory=list)
+    """Criteria of the run's checklist still unmet (issue 13)."""
 
 
 # ---------------------------------------------------------------- owners and webhooks (issue 13)

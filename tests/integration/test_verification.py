@@ -131,6 +131,7 @@ def test_approval_alone_does_not_close_a_run_with_open_criteria(site: Site) -> N
     )
     assert answer.status_code == 201, answer.text
     assert answer.json()["closed"] is False
+    assert [c["criterion"] for c in answer.json()["open"]] == ["changed pixels"]
     items = checklist_of(site, site.runs["run"])
     assert items["approvals"]["met"] is True
     assert items["changed pixels"]["met"] is False
