@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     token_rate_burst: int = 400
     """How many requests a token may make at once before its rate applies."""
 
+    # owners and webhooks (issue 13)
+    webhook_interval_s: float = 1.0
+    """How often the webhook loop sends the deliveries that are due."""
+    webhook_timeout_s: float = 5.0
+    """One delivery's whole budget (connect, send, answer); past it, the attempt failed."""
+    webhook_max_attempts: int = 6
+    """Attempts per delivery before it is recorded as failed for good."""
+    webhook_backoff_s: float = 2.0
+    """Wait after the first failed attempt; doubled after each further one."""
+    webhook_batch: int = 20
+    """Deliveries sent per tick of the loop (oldest due first)."""
+
     opentelemetry: bool = False
     """FastAPI's OpenTelemetry spans, metrics and logs for every request, for a collector
     you configure (OTEL_* variables). Off by default: /metrics serves Prometheus without

@@ -29,11 +29,13 @@ from controller.api.routes import learning_tests as learning_tests_routes
 from controller.api.routes import leases as leases_routes
 from controller.api.routes import machines as machines_routes
 from controller.api.routes import metrics, system
+from controller.api.routes import owners as owners_routes
 from controller.api.routes import pools as pools_routes
 from controller.api.routes import ports as ports_routes
 from controller.api.routes import runs as runs_routes
 from controller.api.routes import sessions as sessions_routes
 from controller.api.routes import verdicts as verdicts_routes
+from controller.api.routes import webhooks as webhooks_routes
 from controller.errors import ShopfloorError
 from controller.services import faults
 from controller.services.startup import build_controller, start_loops
@@ -126,6 +128,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         verdicts_routes.router,
         learning_routes.router,
         learning_tests_routes.router,
+        owners_routes.router,
+        webhooks_routes.router,
     ):
         app.include_router(router, prefix="/api/v1")
     app.include_router(system.router)

@@ -23,7 +23,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from controller.api.deps import Ctl
 from controller.api.routes.artifacts import blob_response
 from controller.errors import NotFound, ShopfloorError, Unauthorized
-from controller.services import artifacts, auth, callers, review, verdicts
+from controller.services import artifacts, auth, callers, owners, review, verdicts
 from controller.services.runtime import Controller
 from controller.store.models import ApiToken, Artifact, ArtifactKind, Role, RunStatus
 from evidence import TEMPLATES_DIR, junit, logs
@@ -37,7 +37,10 @@ VIEWER_ROLES = (Role.reviewer, Role.ops)
 router = APIRouter(prefix="/gallery", include_in_schema=False)
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.globals.update(
-    when=review.when, human_size=review.human_size, statuses=[s.value for s in RunStatus]
+    when=review.when,
+    human_size=review.human_size,
+    human_ms=review.human_ms,
+    statuses=[s.value for s in RunStatus],
 )
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; "
@@ -382,6 +385,18 @@ def overview(request: Request, ctl: Ctl, window_h: float = 24 * 7) -> Response:
     figures, points = review.overview(ctl=ctl, window_h=window_h)
     context = {"viewer": viewer, "flow": figures, "trend": points, "window_h": window_h}
     return render(request, "overview.html", context)
+
+
+@router.get("/owners/{owner}", response_model=None)
+def owner_view(request: Request, owner: str, ctl: Ctl) -> Response:
+    viewer = _viewer(request, ctl)
+    if viewer is None:
+        return _to_login(request)
+    try:
+        items = owners.queue(ctl=ctl, owner=owner)
+    except ShopfloorError as exc:
+        return _not_found(request, viewer, exc.message)
+    return render(request, "owner.html", {"viewer": viewer, "owner": owner, "items": items})
 
 
 def _not_found(request: Request, viewer: Viewer, message: str) -> HTMLResponse:

@@ -95,6 +95,11 @@ class PoolBody(BaseModel):
         default="clean",
         description="after a lease: keep the workspace, clean it to the ref, or recreate",
     )
+    owner: str | None = Field(
+        default=None,
+        max_length=100,
+        description="who answers for the pool's runs where the repo's [owners] names nobody",
+    )
 
 
 class PoolPublic(BaseModel):
@@ -104,6 +109,7 @@ class PoolPublic(BaseModel):
     max_machines: int
     reset: str
     reason: str | None
+    owner: str | None = None
     counts: dict[str, int]
     created_at: datetime
     updated_at: datetime
@@ -143,6 +149,13 @@ class StagePublic(BaseModel):
     finished_at: datetime | None
 
 
+class CriterionPublic(BaseModel):
+    criterion: str
+    met: bool | None
+    """None: informational, or nothing to judge yet."""
+    detail: str
+
+
 class RunPublic(BaseModel):
     id: str
     task: str
@@ -163,7 +176,9 @@ class RunPublic(BaseModel):
     verdict: Literal["pending", "approved", "rejected"] = "pending"
     """The reviewer's decision on the run's evidence (issue 5)."""
     closed: bool = False
-    """All required stages passed and the evidence was approved (evidence.verdicts.is_closed)."""
+    """Every criterion of the checklist is met (evidence.verdicts.is_closed)."""
+    checklist: list[CriterionPublic] = Field(default_factory=list)
+    """The run's verification criteria from its repo's ``[verify]`` (issue 13)."""
 
 
 class EventPublic(BaseModel):
@@ -268,6 +283,8 @@ class VerdictPublic(BaseModel):
     reviewer: str
     created_at: datetime | None
     closed: bool
+    open: list[CriterionPublic] = Field(default_factory=list)
+    """Criteria of the run's checklist still unmet (issue 13)."""
 
 
 class FailurePublic(BaseModel):
@@ -290,3 +307,66 @@ class FailurePublic(BaseModel):
     """The start of that run's review diff, when it stored one."""
     open: bool
     """Not fixed, or seen again since its fix."""
+
+
+# ---------------------------------------------------------------- owners and webhooks (issue 13)
+
+
+class OwnerItemPublic(BaseModel):
+    id: str
+    owner: str
+    kind: str
+    subject: str
+    run: str | None
+    stage: str | None
+    since: datetime
+    updated_at: datetime
+    state: Literal["open", "done"]
+    count: int
+    """How many times it happened while the item was open."""
+    data: dict[str, object]
+    done_at: datetime | None
+
+
+class WebhookBody(BaseModel):
+    """``PUT /webhooks/{name}``: where to POST, which owner-queue events, the signing secret."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2048, description="http:// or https:// only; never redirected")
+    events: list[str] = Field(
+        min_length=1,
+        max_length=16,
+        description="'*' or item kinds: stage_failed, verdict_waiting, signature_new, "
+        "signature_recurring, machine_quarantined",
+    )
+    secret: str = Field(
+        min_length=16, max_length=256, description="signs each body; never shown back"
+    )
+    owners: list[str] = Field(
+        default_factory=list, max_length=64, description="only these owners' items; [] all"
+    )
+
+
+class WebhookPublic(BaseModel):
+    name: str
+    url: str
+    events: list[str]
+    owners: list[str]
+    has_secret: bool = True
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeliveryPublic(BaseModel):
+    id: str
+    webhook: str
+    event: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_at: datetime
+    last_error: str | None
+    response_code: int | None
+    created_at: datetime
+    finished_at: datetime | None
+    body: dict[str, object]

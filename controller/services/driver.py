@@ -37,6 +37,7 @@ from controller.services import (
     learning,
     leases,
     machines,
+    owners,
     pools,
     remote_stages,
     runs,
@@ -924,6 +925,8 @@ class RunDriver:
                 machine_lost=outcome.machine_lost,
                 quarantined=outcome.quarantined,
             )
+            if current.status == StageStatus.failed:
+                owners.stage_failed_in(tx, run=runs.get_run(tx, self.run_id), stage=current)
 
 
 def _history_entry(

@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from controller.domain import MachineTemplate, ResetPolicy
 from controller.errors import InvalidInput, NotFound, ShopfloorError
-from controller.services import leases, machines
+from controller.services import leases, machines, owners
 from controller.services.runtime import Controller
 from controller.store import events
 from controller.store.db import unit_of_work
@@ -60,9 +60,13 @@ def put_pool(
     min_ready: int,
     max_machines: int,
     reset: ResetPolicy,
+    owner: str | None = None,
 ) -> PoolView:
-    """Create or change a pool; the template is checked now (repo, ref, image) and kept."""
+    """Create or change a pool; the template is checked now (repo, ref, image) and kept.
+    ``owner``: who answers for its runs where the repo's ``[owners]`` names nobody."""
     check_name(name)
+    if owner is not None:
+        owners.check_owner(owner)
     if min_ready > max_machines:
         raise InvalidInput(f"min_ready ({min_ready}) cannot exceed max_machines ({max_machines})")
     machines.make_spec(ctl=ctl, template=template, pool=name)
@@ -76,7 +80,7 @@ def put_pool(
             max_machines,
             reset,
         )
-        pool.reason = None
+        pool.reason, pool.owner = None, owner
         pool.updated_at = utcnow()
         tx.add(pool)
         events.record(
@@ -86,6 +90,7 @@ def put_pool(
             min_ready=min_ready,
             max_machines=max_machines,
             reset=reset,
+            owner=owner,
         )
         return PoolView(pool, counts(tx, name))
 

@@ -16,13 +16,19 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from controller.errors import ShopfloorError
-from controller.services import flow
+from controller.services import flow, owners
 from controller.services.runtime import Controller
 from controller.store.db import unit_of_work
 from controller.store.models import Artifact, ArtifactKind, Run, RunStatus, Stage, Verdict
 from evidence import junit, logs
 from evidence.store import ArtifactStore
-from evidence.verdicts import VerdictState, is_closed, stages_for, verdict_state, verdicts_for
+from evidence.verdicts import (
+    Criterion,
+    VerdictState,
+    stages_for,
+    verdicts_for,
+    verification_for,
+)
 
 RUNS_PER_PAGE = 50
 SHOWN_PER_KIND = 100
@@ -92,15 +98,15 @@ def _runs_page(tx: Session, filters: RunFilters) -> RunsPage:
     found = list(tx.exec(query.offset(offset).limit(RUNS_PER_PAGE + 1)))
     runs = found[:RUNS_PER_PAGE]
     ids = [r.id for r in runs]
-    verdicts = verdicts_for(tx, ids)
+    checked = verification_for(tx, ids)
     stages = stages_for(tx, ids)
     counts = artifact_counts(tx, ids)
     rows = [
         RunRow(
             run=r,
             stages=stages[r.id],
-            verdict=verdict_state(verdicts.get(r.id)),
-            closed=is_closed(stages[r.id], verdicts.get(r.id)),
+            verdict=checked[r.id].state,
+            closed=checked[r.id].closed,
             artifacts=counts.get(r.id, 0),
         )
         for r in runs
@@ -164,6 +170,9 @@ class RunPage:
     closed: bool
     finished: bool
     counts: dict[str, int]
+    checklist: list[Criterion] = field(default_factory=list)
+    owners: list[str] = field(default_factory=list)
+    """Who answers for the run's stages (its repo's ``[owners]`` and its pool's owner)."""
     plans: list[TextRow] = field(default_factory=list)
     diffs: list[TextRow] = field(default_factory=list)
     reports: list[JunitRow] = field(default_factory=list)
@@ -222,14 +231,17 @@ def _run_page(tx: Session, store: ArtifactStore, run_id: str) -> RunPage | None:
     counts = kind_counts(tx, run_id)
     by_kind = {kind: artifacts_of(tx, run_id, kind) for kind in ArtifactKind if counts[kind]}
     commits = stage_commits(tx, run_id)
+    checked = verification_for(tx, [run_id])[run_id]
     page = RunPage(
         run=run,
         stages=[stage_row(s, commits.get(s.name)) for s in stages],
         verdict=verdict,
-        verdict_state=verdict_state(verdict),
-        closed=is_closed(stages, verdict),
+        verdict_state=checked.state,
+        closed=checked.closed,
         finished=run.status in (RunStatus.passed, RunStatus.failed, RunStatus.cancelled),
         counts={kind.value: counts[kind] for kind in ArtifactKind},
+        checklist=checked.checklist,
+        owners=owners.run_owners(tx, run),
     )
     page.plans = [text_row(store, a) for a in by_kind.get(ArtifactKind.plan, [])[:INLINE_REPORTS]]
     page.diffs = [text_row(store, a) for a in by_kind.get(ArtifactKind.diff, [])[:INLINE_REPORTS]]
@@ -357,6 +369,19 @@ def human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{size} B"
+
+
+def human_ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value < 1000:
+        return f"{value:.0f} ms"
+    seconds = value / 1000
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def when(moment: datetime | None) -> str:

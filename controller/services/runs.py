@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from agents import registry
 from controller.domain import MachineTemplate, RunSpec
 from controller.errors import Conflict, Forbidden, InvalidInput, NotFound
-from controller.services import machines, pools, repos
+from controller.services import machines, owners, pools, repos
 from controller.services.runtime import Controller
 from controller.store import events
 from controller.store.db import unit_of_work
@@ -61,6 +61,8 @@ class RunView:
     verdict: verdicts.VerdictState
     closed: bool
     events: list[Event] = field(default_factory=list)
+    checklist: list[verdicts.Criterion] = field(default_factory=list)
+    """The run's verification criteria (``evidence.verdicts.checklist``)."""
 
 
 def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> RunView:
@@ -127,13 +129,14 @@ def list_runs(*, ctl: Controller, status: str | None = None, limit: int = 100) -
         found = list(tx.exec(query))
         ids = [run.id for run in found]
         stages = verdicts.stages_for(tx, ids)
-        given = verdicts.verdicts_for(tx, ids)
+        checked = verdicts.verification_for(tx, ids)
     return [
         RunView(
             run=run,
             stages=stages[run.id],
-            verdict=verdicts.verdict_state(given.get(run.id)),
-            closed=verdicts.is_closed(stages[run.id], given.get(run.id)),
+            verdict=checked[run.id].state,
+            closed=checked[run.id].closed,
+            checklist=checked[run.id].checklist,
         )
         for run in found
     ]
@@ -141,13 +144,14 @@ def list_runs(*, ctl: Controller, status: str | None = None, limit: int = 100) -
 
 def _view(tx: Session, run: Run, *, with_events: bool = False) -> RunView:
     stages = stages_of(tx, run.id)
-    verdict = verdicts.get_verdict(tx, run.id)
+    checked = verdicts.verification_for(tx, [run.id])[run.id]
     return RunView(
         run=run,
         stages=stages,
-        verdict=verdicts.verdict_state(verdict),
-        closed=verdicts.is_closed(stages, verdict),
+        verdict=checked.state,
+        closed=checked.closed,
         events=events_of(tx, run, stages) if with_events else [],
+        checklist=checked.checklist,
     )
 
 
@@ -249,6 +253,8 @@ def end_run(tx: Session, run: Run, status: RunStatus, reason: str | None) -> Non
             tx.add(stage)
             events.record(tx, "stage.state", stage.id, run_id=run.id, state=stage.status)
     events.record(tx, "run.finished", run.id, status=status.value, reason=reason)
+    if status == RunStatus.passed:
+        owners.verdict_waiting_in(tx, run=run)
 
 
 def finish_run(
@@ -356,6 +362,7 @@ def fail_stage(*, ctl: Controller, stage_id: str, summary: str, driver: str) -> 
         stage.started_at, stage.finished_at = stage.started_at or now, now
         tx.add(stage)
         events.record(tx, "stage.state", stage.id, run_id=stage.run_id, state=stage.status)
+        owners.stage_failed_in(tx, run=get_run(tx, stage.run_id), stage=stage)
 
 
 def hold_claim(tx: Session, run_id: str, *, driver: str, ttl_s: float) -> None:

@@ -10,7 +10,16 @@ from collections.abc import Callable
 
 from controller.providers.disks import DiskStore, unusable_reason
 from controller.providers.docker import DockerProvider
-from controller.services import driver, images, leadership, leases, pools, reconcile, tracing
+from controller.services import (
+    driver,
+    images,
+    leadership,
+    leases,
+    pools,
+    reconcile,
+    tracing,
+    webhooks,
+)
 from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store.db import checkpoint, make_engine, migrate
@@ -75,6 +84,11 @@ def start_loops(ctl: Controller) -> None:
     ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", led(lambda: leases.reap(ctl=ctl)))
     ctl.every(ctl.settings.pool_interval_s, "pools", led(lambda: pools.fill(ctl=ctl)))
     ctl.every(ctl.settings.run_poll_interval_s, "runs", led(lambda: driver.driver_tick(ctl=ctl)))
+    ctl.every(
+        ctl.settings.webhook_interval_s,
+        "webhooks",
+        led(lambda: webhooks.deliver_due(ctl=ctl)),
+    )
     ctl.every(
         ctl.settings.retention_interval_s,
         "retention",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session
 
+from controller.services import owners
 from controller.services.runtime import Controller
 from controller.store.db import unit_of_work
 from controller.store.models import ApiToken, Verdict
@@ -21,6 +22,7 @@ class VerdictView:
     state: verdicts.VerdictState
     closed: bool
     verdict: Verdict | None
+    checklist: list[verdicts.Criterion]
 
 
 def give_verdict(
@@ -30,6 +32,7 @@ def give_verdict(
         verdicts.give_verdict(
             tx=tx, run_id=run_id, decision=decision, comment=comment, reviewer=reviewer
         )
+        owners.verdict_given_in(tx, run_id=run_id)
         return _view(tx, run_id)
 
 
@@ -40,5 +43,7 @@ def show_verdict(*, ctl: Controller, run_id: str) -> VerdictView:
 
 
 def _view(tx: Session, run_id: str) -> VerdictView:
-    state, closed = verdicts.closed_for(tx, [run_id])[run_id]
-    return VerdictView(run_id, state, closed, verdicts.get_verdict(tx, run_id))
+    checked = verdicts.verification_for(tx, [run_id])[run_id]
+    return VerdictView(
+        run_id, checked.state, checked.closed, verdicts.get_verdict(tx, run_id), checked.checklist
+    )

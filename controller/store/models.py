@@ -245,6 +245,8 @@ class Pool(SQLModel, table=True):
     """What happens to a machine when its lease ends: keep | clean | recreate."""
     reason: str | None = None
     """Why the pool cannot fill, when its last provisioning failed."""
+    owner: str | None = None
+    """Who answers for the pool's runs when the repo's ``[owners]`` names nobody (issue 13)."""
     created_at: datetime = ts_field()
     updated_at: datetime = ts_field()
 
@@ -470,3 +472,83 @@ class CaseStats(SQLModel, table=True):
     last_run_id: str | None = None
     first_seen: datetime = ts_field()
     last_seen: datetime = ts_field(index=True)
+
+
+# ---------------------------------------------------------------- owners and webhooks (issue 13)
+
+
+OWNER_ITEM_KINDS = (
+    "stage_failed",
+    "verdict_waiting",
+    "signature_new",
+    "signature_recurring",
+    "machine_quarantined",
+)
+"""What lands in an owner's queue (and what a webhook may ask to be told of)."""
+
+
+class OwnerItemState(StrEnum):
+    open = "open"
+    done = "done"
+
+
+class OwnerItem(SQLModel, table=True):
+    """Something an owner must look at: a failed stage, a run waiting for its verdict, a
+    failure signature, a quarantined machine. One open item per (owner, kind, subject):
+    a recurrence counts on it."""
+
+    __tablename__ = "owner_items"
+
+    id: str = Field(default_factory=lambda: new_id("q"), primary_key=True)
+    owner: str = Field(index=True)
+    kind: str = Field(index=True)
+    subject: str
+    run_id: str | None = Field(default=None, index=True)
+    stage: str | None = None
+    state: OwnerItemState = Field(default=OwnerItemState.open, index=True)
+    count: int = 1
+    data: dict[str, Any] = json_field({})
+    created_at: datetime = ts_field(index=True)
+    updated_at: datetime = ts_field()
+    done_at: datetime | None = ts_field(nullable=True)
+
+
+class Webhook(SQLModel, table=True):
+    """Where owners are told: a URL, the item kinds it wants, and the secret that signs."""
+
+    __tablename__ = "webhooks"
+
+    name: str = Field(primary_key=True)
+    url: str
+    events: list[str] = json_field([])
+    owners: list[str] = json_field([])
+    """Only items of these owners; empty: every owner."""
+    secret: str
+    """Kept to sign deliveries (HMAC-SHA256); never shown back."""
+    created_at: datetime = ts_field()
+    updated_at: datetime = ts_field()
+
+
+class DeliveryState(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One JSON body for one webhook, sent by the webhook loop (never by a request or a run
+    driver), retried with backoff up to a bound."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: str = Field(default_factory=lambda: new_id("d"), primary_key=True)
+    webhook: str = Field(index=True)
+    event: str
+    body: str
+    state: DeliveryState = Field(default=DeliveryState.pending, index=True)
+    attempts: int = 0
+    next_at: datetime = ts_field(index=True)
+    last_error: str | None = None
+    response_code: int | None = None
+    created_at: datetime = ts_field()
+    finished_at: datetime | None = ts_field(nullable=True)

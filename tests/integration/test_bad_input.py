@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from controller.settings import Settings
 from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
 from tests.integration.conftest import issue_token
+from tests.integration.test_leases import put_pool, wait_ready
 
 
 def engine_objects(provider: DockerProvider, install_id: str) -> tuple[int, int]:
@@ -129,3 +132,72 @@ def test_auth_is_required_and_roles_are_checked(client: TestClient, settings: Se
     assert denied.status_code == 403
     assert "needs role ops" in denied.json()["detail"]
     assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
+
+
+def commit_policy(repo: Path, text: str) -> None:
+    """Append ``text`` to the repo's ``.shopfloor.toml`` and commit it on ``main``."""
+    config = repo / ".shopfloor.toml"
+    config.write_text(config.read_text() + "\n" + text)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t.local"]
+        + ["commit", "--quiet", "-am", "policy"],
+        check=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        ("[verify]\napprovalz = 2\n", "[verify]: unknown key(s) approvalz"),
+        ('[verify]\napprovals = "two"\n', "[verify] approvals must be a whole number"),
+        ('[verify]\nconsole_errors = "ignore"\n', "[verify] console_errors must be one of"),
+        ("[owners]\ntest = 5\n", "[owners] test must be an owner's name"),
+        ('[owners]\n"Not A Stage" = "qa"\n', "[owners]: 'Not A Stage' is not a stage name"),
+        ('verify = "strict"\n', "[verify] must be a table"),
+    ],
+)
+def test_bad_verify_or_owners_section_fails_the_first_stage_naming_the_key(
+    live_client: TestClient, sample_repo: Path, section: str, fragment: str
+) -> None:
+    """Issue 13: a wrong ``[verify]`` or ``[owners]`` is not silently ignored: the run's
+    first stage fails with a message naming the key, and no later stage runs."""
+    commit_policy(sample_repo, section)
+    put_pool(
+        live_client,
+        "bad-policy",
+        template={"repo": str(sample_repo)},
+        min_ready=1,
+        max_machines=1,
+        reset="keep",
+    )
+    wait_ready(live_client, "bad-policy", 1)
+    created = live_client.post(
+        "/api/v1/runs",
+        json={
+            "task": "t",
+            "repo": str(sample_repo),
+            "pool": "bad-policy",
+            "stages": [
+                {"name": "plan", "agent": "command", "with": {"cmd": "touch /tmp/ran"}},
+                {"name": "test", "agent": "command", "with": {"cmd": "true"}},
+            ],
+        },
+    )
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    deadline = time.monotonic() + 180
+    while (run := live_client.get(f"/api/v1/runs/{run_id}").json())["status"] not in (
+        "passed",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, run
+        time.sleep(0.3)
+    assert run["status"] == "failed", run
+    assert fragment in run["reason"]
+    first, second = run["stages"]
+    assert first["status"] == "failed"
+    assert fragment in first["summary"]
+    assert first["history"] == []  # its agent never ran
+    assert second["status"] == "skipped"
+    wait_ready(live_client, "bad-policy", 1)  # handed over before the controller stops

@@ -38,3 +38,92 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 50) == 50.0
     assert percentile(values, 95) == 95.0
     assert percentile(list(reversed(values)), 99) == 99.0
+
+
+def test_flow_says_where_runs_wait(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Queued -> first stage, between stages, finished -> verdict, per owner (issue 13)."""
+    from datetime import timedelta
+
+    from controller.services.flow import LEARNING, flow
+    from controller.store.db import make_engine, migrate, unit_of_work
+    from controller.store.models import OwnerItem, OwnerItemState, Verdict, utcnow
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    engine = make_engine(url)
+    t0 = utcnow() - timedelta(hours=1)
+    at = lambda s: t0 + timedelta(seconds=s)  # noqa: E731
+    with unit_of_work(engine) as tx:
+        for n, (first, gap, verdict_after) in enumerate([(2, 5, 60), (4, 15, None)]):
+            run = Run(
+                id=f"r-{n}",
+                task="t",
+                repo="r",
+                status=RunStatus.passed,
+                created_at=at(0),
+                finished_at=at(100),
+            )
+            tx.add(run)
+            tx.add(
+                Stage(
+                    run_id=run.id,
+                    position=0,
+                    name="plan",
+                    agent="command",
+                    status=StageStatus.passed,
+                    started_at=at(first),
+                    finished_at=at(first + 10),
+                )
+            )
+            tx.add(
+                Stage(
+                    run_id=run.id,
+                    position=1,
+                    name="test",
+                    agent="command",
+                    status=StageStatus.passed,
+                    started_at=at(first + 10 + gap),
+                    finished_at=at(99),
+                )
+            )
+            if verdict_after is not None:
+                tx.add(
+                    Verdict(
+                        run_id=run.id,
+                        decision="approve",
+                        reviewer_token_id="t",
+                        created_at=at(100 + verdict_after),
+                    )
+                )
+        tx.add(OwnerItem(owner="qa-team", kind="stage_failed", subject="s", created_at=at(0)))
+        tx.add(
+            OwnerItem(
+                owner="qa-team",
+                kind="verdict_waiting",
+                subject="r",
+                state=OwnerItemState.done,
+                created_at=at(0),
+                done_at=at(30),
+            )
+        )
+    with unit_of_work(engine) as tx:
+        figures = flow(tx=tx, window_h=24)
+    engine.dispose()
+    waits = figures["waits"]
+    assert waits["queued_to_first_stage_ms"] == {"count": 2, "p50": 2000.0, "p95": 4000.0}
+    assert waits["between_stages_ms"] == {"test": {"count": 2, "p50": 5000.0, "p95": 15000.0}}
+    assert waits["finished_to_verdict_ms"]["p50"] == 60000.0
+    assert waits["finished_to_verdict_ms"]["waiting"] == 1
+    team = figures["owners"]["qa-team"]
+    assert (team["open"], team["done"]) == (1, 1)
+    assert team["wait_ms"]["p50"] == 30000.0
+    assert (
+        set(figures["learning"])
+        == set(LEARNING)
+        == {
+            "signatures",
+            "flaky_tests",
+            "quarantined_machines",
+        }
+    )
+    assert all(found == [] for found in figures["learning"].values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -82,6 +83,7 @@ class FlowCollector(Collector):
         yield durations
         yield failures
         yield retries
+        yield from _stuck(figures)
         used = GaugeMetricFamily(
             "shopfloor_machine_disk_used_bytes",
             "Workspace disk used, as reconcile last measured it",
@@ -135,6 +137,68 @@ class LimitsCollector(Collector):
         yield _gauge(
             "shopfloor_files_in_flight", "File reads and writes now", self.ctl.limits.files_now()
         )
+
+
+def _stuck(figures: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """Where the flow gets stuck: the same waits as ``GET /api/v1/flow``."""
+    waits = figures["waits"]
+    run_waits = GaugeMetricFamily(
+        "shopfloor_flow_wait_ms",
+        "Waits of finished runs: queued -> first stage, finished -> verdict",
+        labels=["wait", "quantile"],
+    )
+    for wait in ("queued_to_first_stage_ms", "finished_to_verdict_ms"):
+        for q in ("p50", "p95"):
+            if waits[wait][q] is not None:
+                run_waits.add_metric([wait.removesuffix("_ms"), q], waits[wait][q])
+    yield run_waits
+    yield _gauge(
+        "shopfloor_runs_waiting_for_verdict",
+        "Finished runs in the window without a verdict",
+        waits["finished_to_verdict_ms"]["waiting"],
+    )
+    between = GaugeMetricFamily(
+        "shopfloor_stage_wait_ms",
+        "Wait between the previous stage's end and this stage's start",
+        labels=["stage", "quantile"],
+    )
+    for stage, spread in waits["between_stages_ms"].items():
+        for q in ("p50", "p95"):
+            if spread[q] is not None:
+                between.add_metric([stage, q], spread[q])
+    yield between
+    owner_wait = GaugeMetricFamily(
+        "shopfloor_owner_wait_ms", "How long owners' items waited", labels=["owner", "quantile"]
+    )
+    owner_open = GaugeMetricFamily(
+        "shopfloor_owner_open_items", "Items open in an owner's queue", labels=["owner"]
+    )
+    for owner, entry in figures["owners"].items():
+        owner_open.add_metric([owner], entry["open"])
+        for q in ("p50", "p95"):
+            if entry["wait_ms"][q] is not None:
+                owner_wait.add_metric([owner, q], entry["wait_ms"][q])
+    yield owner_wait
+    yield owner_open
+    learning = figures["learning"]
+    signatures = GaugeMetricFamily(
+        "shopfloor_failure_signature_count",
+        "The most frequent failure signatures",
+        labels=["signature", "kind"],
+    )
+    for found in learning["signatures"]:
+        signatures.add_metric(
+            [str(found.get("signature")), str(found.get("kind", ""))], found.get("count", 0)
+        )
+    yield signatures
+    yield _gauge(
+        "shopfloor_flaky_tests", "Flaky or quarantined tests", len(learning["flaky_tests"])
+    )
+    yield _gauge(
+        "shopfloor_quarantined_machines",
+        "Machines quarantined now",
+        len(learning["quarantined_machines"]),
+    )
 
 
 def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:

@@ -21,6 +21,7 @@ def public(view: pools.PoolView) -> PoolPublic:
         max_machines=pool.max_machines,
         reset=pool.reset,
         reason=pool.reason,
+        owner=pool.owner,
         counts=view.counts,
         created_at=pool.created_at,
         updated_at=pool.updated_at,
@@ -36,6 +37,7 @@ def put_pool(name: str, body: PoolBody, ctl: Ctl, _: OpsOnly) -> PoolPublic:
         min_ready=body.min_ready,
         max_machines=body.max_machines,
         reset=body.reset,
+        owner=body.owner,
     )
     return public(view)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
 from controller.api.deps import AnyRole, Ctl, LeaseToken, OpsOrAgent
 from controller.api.schemas import (
+    CriterionPublic,
     ListOf,
     RunBody,
     RunPublic,
@@ -32,6 +34,7 @@ def public(view: runs.RunView) -> RunPublic:
         events=[e.model_dump(mode="json") for e in view.events],
         verdict=view.verdict.value,
         closed=view.closed,
+        checklist=[CriterionPublic(**asdict(c)) for c in view.checklist],
     )
 
 

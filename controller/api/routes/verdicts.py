@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, status
 
 from controller.api.deps import AnyRole, Ctl, Reviewer
-from controller.api.schemas import VerdictBody, VerdictPublic
+from controller.api.schemas import CriterionPublic, VerdictBody, VerdictPublic
 from controller.services import verdicts
 
 router = APIRouter(tags=["verdicts"])
@@ -20,6 +22,7 @@ def public(view: verdicts.VerdictView) -> VerdictPublic:
         reviewer=(verdict.reviewer_name or verdict.reviewer_token_id) if verdict else "",
         created_at=verdict.created_at if verdict else None,
         closed=view.closed,
+        open=[CriterionPublic(**asdict(c)) for c in view.checklist if c.met is False],
     )
 
 
