@@ -180,6 +180,13 @@ class Provider(Protocol):
         listening): callers fall back to :meth:`open_stream`."""
         ...
 
+    def connect_unix(self, name_or_id: str, path: str, *, timeout_s: float) -> socket.socket | None:
+        """A connection to the Unix socket at ``path`` in the machine's own filesystem (as
+        the machine's root sees it), made from the host: no engine in the path. None when
+        this engine cannot (a remote engine, a controller without the rights, nothing
+        listening there)."""
+        ...
+
     def open_stream(
         self,
         name_or_id: str,

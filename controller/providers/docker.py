@@ -427,6 +427,27 @@ class DockerProvider:
             log.debug("no direct connection to %s:%d: %s", name_or_id, port, exc)
             return None
 
+    def connect_unix(self, name_or_id: str, path: str, *, timeout_s: float) -> socket.socket | None:
+        if self.api.base_url != LOCAL_ENGINE_URL or not path.startswith("/"):
+            return None
+        try:
+            pid = int(self.api.inspect_container(name_or_id)["State"]["Pid"] or 0)
+            if not pid:
+                return None
+            # The machine's root as its processes see it: /proc/<pid>/root (root on the
+            # host only; a folder of the machine's root that its user cannot enter).
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout_s)
+                sock.connect(f"/proc/{pid}/root{path}")
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
+            log.debug("no connection to %s in %s: %s", path, name_or_id, exc)
+            return None
+
     def open_stream(
         self,
         name_or_id: str,

@@ -402,7 +402,7 @@ def _after_end(ctl: Controller, ended: LeasePublic, policy: ResetPolicy | None) 
     )
     if policy is not None and not ctl.stopping.is_set():
         # When stopping, the next start finds the machine leased by nobody and returns it.
-        ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
+        ctl.handovers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
     runtime(ctl).notify()
 
 
@@ -546,7 +546,7 @@ def _return_orphans(ctl: Controller) -> None:
         if ctl.stopping.is_set():
             return
         rt.returning.add(machine_id)
-        ctl.workers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
+        ctl.handovers.submit(return_machine, ctl=ctl, machine_id=machine_id, policy=policy)
 
 
 def list_leases(*, ctl: Controller, state: str | None = None, limit: int = 200) -> list[Lease]:

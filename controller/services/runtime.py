@@ -47,6 +47,9 @@ class DiskWatch:
     """Machines past the near-full share (an event was written when they crossed it)."""
 
 
+HANDOVER_WORKERS = 2
+
+
 @dataclass
 class Controller:
     settings: Settings
@@ -57,6 +60,13 @@ class Controller:
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="shopfloor")
     )
+    handovers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(
+            max_workers=HANDOVER_WORKERS, thread_name_prefix="shopfloor-handover"
+        )
+    )
+    """Machines coming back after a lease (``leases.return_machine``), a few at a time: a
+    wave of releases must not turn into a wave of hand-overs beside the requests."""
     stopping: threading.Event = field(default_factory=threading.Event)
     loops: list[threading.Thread] = field(default_factory=list)
     limits: Limits = field(init=False)
@@ -122,6 +132,7 @@ class Controller:
             except Exception:
                 log.exception("closing the controller")
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.handovers.shutdown(wait=False, cancel_futures=True)
         self.access.close()
         self.tracing.close()
         close_provider = getattr(self.provider, "close", None)  # the spare disks, the client

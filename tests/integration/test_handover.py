@@ -189,3 +189,40 @@ def wait_for_state(client: TestClient, machine_id: str, state: str) -> dict[str,
         if machine["state"] in (state, "failed") or time.monotonic() > deadline:
             return machine
         time.sleep(0.2)
+
+
+def test_the_hand_over_helper_is_out_of_the_holders_reach(
+    live_client: TestClient, settings: Settings, provider: DockerProvider
+) -> None:
+    """After the first hand-over the machine's root helper runs the next ones (no engine
+    exec); the machine's user can neither reach its socket nor signal it, and what it
+    leaves behind is still wiped."""
+    client = live_client
+    put_pool(client, "helper", template={}, min_ready=1, max_machines=1, reset="keep")
+    wait_ready(client, "helper", 1)
+    me = agent(settings)
+    first = lease(client, me, pool="helper", ttl_s=60)
+    machine_id = first["machine_id"]
+    assert client.delete(f"{API}/leases/{first['id']}", headers=me).status_code == 200
+    assert wait_state(client, machine_id, {"ready", "failed"})["state"] == "ready"
+
+    container = f"shopfloor-{machine_id}"
+    handle = provider.exec(container, ["test", "-S", machines.HANDOVER_SOCKET], user="root")
+    list(handle)
+    assert handle.exit_code() == 0, "the helper is not listening"
+    second = lease(client, me, pool="helper", ttl_s=60)
+    probe = (
+        f"python3 -c 'import socket; socket.socket(socket.AF_UNIX).connect(\"{machines.HANDOVER_SOCKET}\")'"
+        " 2>&1 | tail -1; kill -0 $(pgrep -u root -f '[P]ATH = ') 2>&1;"
+        " setsid nohup sleep 600 >/dev/null 2>&1 </dev/null & echo x > /tmp/x; echo x > /dev/shm/x"
+    )
+    out = _run(client, machine_id, probe, second["token"], me)["stdout"]
+    assert "PermissionError" in out, out
+    assert "Operation not permitted" in out, out
+    assert client.delete(f"{API}/leases/{second['id']}", headers=me).status_code == 200
+    assert wait_state(client, machine_id, {"ready", "failed"})["state"] == "ready"
+    third = lease(client, me, pool="helper", ttl_s=60)
+    left = _run(
+        client, machine_id, "pgrep -c -u runner sleep; ls -A /tmp /dev/shm", third["token"], me
+    )
+    assert left["stdout"].split() == ["0", "/dev/shm:", "/tmp:"], left
