@@ -24,7 +24,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from controller.errors import Conflict, ShopfloorError
-from controller.services import flaky, leases, machines
+from controller.services import flaky, leases, machines, owners
 from controller.services.runtime import Controller
 from controller.store import events
 from controller.store.db import unit_of_work
@@ -176,6 +176,23 @@ def _record_failure(
             reopened=reopened,
             machine_id=machine_id,
         )
+        owner = owners.owner_for(tx, run, stage)
+        if owner and (new or reopened or row.count > 1):
+            owners.notify_in(
+                tx,
+                owner=owner,
+                kind="signature_new" if new else "signature_recurring",
+                subject=found.signature,
+                data={
+                    "repo": run.repo,
+                    "stage": stage,
+                    "kind": found.kind,
+                    "count": row.count,
+                    "sample": found.sample[:500],
+                },
+                run_id=run_id,
+                stage=stage,
+            )
         if found.kind == "infra" and machine_id and ctl.settings.quarantine_after > 0:
             tx.flush()
             verdict = _quarantine_if_due(tx, ctl, machine_id, run.repo, run_id)
@@ -260,6 +277,19 @@ def _quarantine_if_due(
         passed_elsewhere=list(verdict.passed_elsewhere),
         run_id=run_id,
     )
+    run = tx.get(Run, run_id)
+    owner = owners.pool_owner(tx, machine.pool) or (
+        owners.owner_for(tx, run, None) if run else None
+    )
+    if owner:
+        owners.notify_in(
+            tx,
+            owner=owner,
+            kind="machine_quarantined",
+            subject=machine_id,
+            data={"reason": verdict.reason, "signature": verdict.signature},
+            run_id=run_id,
+        )
     log.warning("machine %s %s", machine_id, verdict.reason)
     return verdict
 
