@@ -27,6 +27,12 @@ session, machine and fence under the install's secret), the shell signs what it 
 it (HMAC-SHA256), and a shell that restores checks the signature before it reads anything.
 A state that another process of the machine rewrote fails the check: the session is lost
 (410, "failed its integrity check") and nothing of that state runs.
+
+A shell writes its state aside and renames it into place, so a restoring shell reads the
+whole of one state or none; one that vanished as it was read (its session was closed just
+then) is nothing kept, not a forgery. A session closed on purpose keeps nothing, and its
+close returns only once that holds (``Session.close_for_good``), so a command after a
+``DELETE`` finds no state to restore (404).
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ STATE_DIR = "/dev/shm"
 machine restarts, as the shell is)."""
 INTERRUPT_GRACE_S = 5.0
 """How long an interrupted command may take to let go before the session is given up."""
+CLOSE_WAIT_S = 2.0
+"""How long a closed session's shell may take to remove its kept state and end before the
+controller removes that state itself."""
 
 _SHELL = r"""exec 2>&1
 umask 077
@@ -75,12 +84,19 @@ key = sys.stdin.buffer.readline().rstrip(b"\n")
 try:
     with open(sys.argv[1], "rb") as fh:
         mac, _, body = fh.read(1 << 22).partition(b"\n")
+except FileNotFoundError:
+    sys.exit(5)
 except OSError:
     sys.exit(4)
 if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).hexdigest().encode()):
     sys.exit(3)
 sys.stdout.buffer.write(body)
-' "$SF_STATE") || { rm -f -- "$SF_STATE"; printf 'forged\n'; exit 0; }
+' "$SF_STATE")
+  case $? in
+    0) ;;
+    5) printf 'gone\n'; exit 0 ;;
+    *) rm -f -- "$SF_STATE"; printf 'forged\n'; exit 0 ;;
+  esac
   eval "$__sf_state" >/dev/null 2>&1
   unset __sf_state
   [ "$__sf_restored" = 1 ] || { printf 'gone\n'; exit 0; }
@@ -90,10 +106,19 @@ __sf_save() {
   local body
   body=$(printf 'cd -- %q\n' "$PWD"; export -p; echo "__sf_fence=$SF_FENCE __sf_restored=1")
   printf '%s\n%s' "$__sf_key" "$body" | __sf_py '
-import hashlib, hmac, sys
+import hashlib, hmac, os, sys
 key, _, body = sys.stdin.buffer.read().partition(b"\n")
-sys.stdout.buffer.write(hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b"\n" + body)
-' >"$SF_STATE" || rm -f -- "$SF_STATE"
+path = sys.argv[1]
+temp = path + "." + os.urandom(8).hex()
+fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+try:
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b"\n" + body)
+    os.replace(temp, path)
+except BaseException:
+    os.unlink(temp)
+    raise
+' "$SF_STATE" || rm -f -- "$SF_STATE"
 }
 __sf_run() { eval "$__sf_cmd"; }
 trap 'return 130 2>/dev/null' USR1
@@ -292,14 +317,46 @@ class Session:
         self._mark_lost(reason)
         raise SessionLost(f"session lost: {self.lost_reason}; open a new session", session=self.id)
 
-    def close(self, reason: str = "it was closed") -> None:
+    def close(self, reason: str = "it was closed", *, wait_s: float = 0) -> bool:
+        """Tell the shell to remove its kept state and end, and close its channel. With
+        ``wait_s``, wait that long for it to have ended (after the removal); answer whether
+        it did."""
         self._mark_lost(reason)
+        channel, ended = self.channel, False
         try:
-            if not self.channel.closed:
-                self.channel.sendall(_QUIT)  # the shell removes its kept state and ends
-            self.channel.close()
+            if not channel.closed:
+                channel.sendall(_QUIT)  # the shell removes its kept state and ends
+                if wait_s > 0:
+                    channel.shutdown_write()
+                    ended = channel.status_event.wait(wait_s) and channel.recv_exit_status() == 0
         except (OSError, EOFError, paramiko.SSHException):
             pass
+        finally:
+            try:
+                channel.close()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+        return ended
+
+    def close_for_good(self) -> None:
+        """Closed on purpose (``DELETE``): once this returns, the machine holds no state of
+        the session, so no later command (of this controller process or the next) loads it.
+        The shell removes it and ends; a shell that does not end in time (busy with a
+        command, or its connection dropped after it kept its state) has it removed over a
+        channel of its own."""
+        was_open = self.lost_reason is None
+        if self.close(wait_s=CLOSE_WAIT_S):
+            return
+        try:
+            if self.transport.is_active():
+                transport = self.transport
+            elif was_open and self.reopen is not None:
+                transport = self.reopen()
+            else:
+                return  # lost already: closed with its state, or its machine is gone
+            discard_kept_state(transport, self.id)
+        except (ShopfloorError, paramiko.SSHException, OSError, EOFError) as exc:
+            log.warning("session %s: could not remove its kept state: %s", self.id, exc)
 
 
 @dataclass
@@ -418,6 +475,18 @@ def state_key(secret: bytes, *, machine_id: str, session_id: str, fence: int) ->
     the controller."""
     what = f"{machine_id}\0{session_id}\0{fence}".encode()
     return hmac.new(secret, what, hashlib.sha256).hexdigest()
+
+
+def discard_kept_state(transport: paramiko.Transport, session_id: str) -> None:
+    """Remove what a session's shells keep in the machine (wherever ``_SHELL`` keeps it)."""
+    name = shlex.quote(f".shopfloor-session-{session_id}")
+    channel = transport.open_session(timeout=10)
+    try:
+        channel.exec_command(f"rm -f -- {STATE_DIR}/{name} /tmp/{name}")
+        if not channel.status_event.wait(10) or channel.recv_exit_status() != 0:
+            raise TransportError(f"removing the kept state of session {session_id} failed")
+    finally:
+        channel.close()
 
 
 def forged(session_id: str) -> SessionLost:
@@ -541,7 +610,7 @@ class SessionRegistry:
         session = self.get(machine_id, session_id)
         with self._guard:
             self._sessions.pop(session_id, None)
-        session.close()
+        session.close_for_good()
 
     def for_machine(self, machine_id: str) -> list[Session]:
         with self._guard:

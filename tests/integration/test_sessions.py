@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -278,10 +279,7 @@ def test_a_dropped_connection_keeps_directory_and_exports(
     assert (
         module_client.delete(f"/api/v1/machines/{module_machine}/sessions/{sid}").status_code == 204
     )
-    deadline = time.monotonic() + 10
-    while _state_file(provider, module_machine, sid):  # closed on purpose: nothing is kept
-        assert time.monotonic() < deadline, "the closed session's state file stayed"
-        time.sleep(0.05)
+    assert not _state_file(provider, module_machine, sid)  # closed on purpose: nothing kept
 
 
 def test_a_dropped_connection_without_kept_state_is_session_lost(
@@ -339,3 +337,54 @@ def test_a_rewritten_state_file_is_refused_and_never_runs(
     check = provider.exec(container, ["test", "-e", "/tmp/injected"])
     list(check)
     assert check.exit_code() != 0, "the injected command ran"
+
+
+def _kept_then_reopened(
+    client: TestClient, provider: DockerProvider, machine_id: str
+) -> tuple[str, str]:
+    """A session whose connection dropped and whose next command reopened it: the state
+    its first shell kept is in the machine, as after a controller's restart."""
+    sid = open_session(client, machine_id)
+    assert run(client, machine_id, sid, "cd /tmp && export KEPT=1")["exit_code"] == 0
+    _drop_connection(client, provider, machine_id, sid)
+    assert run(client, machine_id, sid, "echo $KEPT")["output"] == "1\n"
+    assert _state_file(provider, machine_id, sid)
+    return sid, f"/api/v1/machines/{machine_id}/sessions/{sid}"
+
+
+def test_a_deleted_session_keeps_nothing_once_the_delete_answers(
+    module_client: TestClient, module_machine: str, provider: DockerProvider
+) -> None:
+    """The delete answers once the machine holds no state for the session, so a command
+    right after it is 404, never a restore of that state nor a half-removed one (410)."""
+    sid, url = _kept_then_reopened(module_client, provider, module_machine)
+    assert module_client.delete(url).status_code == 204
+    assert not _state_file(provider, module_machine, sid)  # at once: no wait
+    gone = module_client.post(f"{url}/run", json={"cmd": "true"})
+    assert gone.status_code == 404, gone.text
+
+
+def test_a_session_deleted_while_its_shell_is_busy_is_404(
+    module_client: TestClient, module_machine: str, provider: DockerProvider
+) -> None:
+    """Its shell cannot remove its state before the command ends: the controller does."""
+    sid, url = _kept_then_reopened(module_client, provider, module_machine)
+    busy: list[int] = []
+    worker = threading.Thread(
+        target=lambda: busy.append(
+            module_client.post(f"{url}/run", json={"cmd": "sleep 8"}).status_code
+        )
+    )
+    worker.start()
+    try:
+        time.sleep(1)  # the command is running
+        started = time.monotonic()
+        assert module_client.delete(url).status_code == 204
+        assert time.monotonic() - started < 6, "the delete waited for the command"
+        assert not _state_file(provider, module_machine, sid)
+        gone = module_client.post(f"{url}/run", json={"cmd": "true"})
+        assert gone.status_code == 404, gone.text
+    finally:
+        worker.join(30)
+    assert busy, "the busy command did not answer"
+    assert busy[0] != 200, busy  # the closed session's command has no result
