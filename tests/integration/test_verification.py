@@ -223,7 +223,8 @@ def test_flow_metrics_and_overview_show_where_runs_wait(site: Site) -> None:
     page = site.browser("reviewer").get("/gallery/overview")
     assert page.status_code == 200
     assert "<script" not in page.text
+    assert "<title>Overview · Shopfloor gallery</title>" in page.text
     for chart in ("chart-run-waits", "chart-stage-waits", "chart-owner-waits"):
-        assert f'id="{chart}"' in page.text
+        assert page.text.count(f'id="{chart}"') == 1
     assert page.text.count("<svg") >= 2
     assert 'data-label="queued → first stage"' in page.text
