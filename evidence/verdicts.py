@@ -8,7 +8,7 @@ no criterion is unmet. Approval is also the only thing that moves the screenshot
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -80,16 +80,22 @@ class Verification:
         return [c for c in self.checklist if c.met is False]
 
 
-FlakyFacts = Callable[[Session, list[str]], dict[str, dict[str, Any]]]
-"""Hook for the flaky-test data (issue 13, a colleague's part): run id -> facts such as
-``{"flaky_failures": [...], "quarantined": [...]}``. Until it exists every run gets {}."""
-
-
-def no_flaky_facts(tx: Session, run_ids: list[str]) -> dict[str, dict[str, Any]]:
-    return {}
-
-
-flaky_facts: FlakyFacts = no_flaky_facts
+def flaky_facts(stages: Sequence[Stage]) -> dict[str, Any] | None:
+    """What the run's test stages said of flaky tests (the tester's outputs): failures that
+    passed on its rerun, and quarantined failures it let through. None: no test stage
+    reported either (no flaky-test data)."""
+    recovered: list[str] = []
+    quarantined: list[str] = []
+    seen = False
+    for stage in stages:
+        outputs = stage.outputs or {}
+        if "passed_on_retry" in outputs or "quarantined" in outputs or "failed" in outputs:
+            seen = True
+        recovered += [str(t) for t in outputs.get("passed_on_retry") or []]
+        quarantined += [str(t) for t in outputs.get("quarantined") or []]
+    if not seen:
+        return None
+    return {"flaky_failures": recovered, "quarantined": quarantined}
 
 
 def verify_policy(policy: dict[str, Any] | None) -> dict[str, Any]:
@@ -263,7 +269,6 @@ def verification_for(tx: Session, run_ids: Iterable[str]) -> dict[str, Verificat
     given = verdicts_for(tx, ids)
     stages = stages_for(tx, ids)
     shots = screenshots_for(tx, ids)
-    flaky = flaky_facts(tx, ids)
     found: dict[str, Verification] = {}
     for run_id in ids:
         verdict = given.get(run_id)
@@ -274,7 +279,7 @@ def verification_for(tx: Session, run_ids: Iterable[str]) -> dict[str, Verificat
                 stages=stages[run_id],
                 verdicts=[verdict] if verdict else [],
                 screenshots=shots[run_id],
-                flaky=flaky.get(run_id),
+                flaky=flaky_facts(stages[run_id]),
             ),
         )
     return found

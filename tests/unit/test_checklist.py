@@ -13,7 +13,14 @@ from sqlmodel import Session
 from agents.config import RepoPolicy, VerifyPolicy
 from controller.store.models import Artifact, ArtifactKind, RunStatus, StageStatus, Verdict
 from evidence.store import ArtifactStore, save_artifact
-from evidence.verdicts import checklist, closed_for, give_verdict, is_closed, verification_for
+from evidence.verdicts import (
+    checklist,
+    closed_for,
+    flaky_facts,
+    give_verdict,
+    is_closed,
+    verification_for,
+)
 from tests.unit.evidence_db import engine, make_run, png, store, tx
 from tests.unit.test_verdicts import REVIEWER
 
@@ -133,12 +140,15 @@ def test_console_errors_fail_or_warn(
     assert by_name(clean)["console errors"].met is True  # type: ignore[attr-defined]
 
 
-def test_flaky_hook_is_informational_until_data_exists(tx: Session) -> None:
+def test_flaky_tests_come_from_what_the_tester_reported(tx: Session) -> None:
     run = make_run(tx)
     from controller.services.runs import stages_of
 
     stages = stages_of(tx, run.id)
-    facts = {"flaky_failures": ["test_app::test_title"]}
+    assert flaky_facts(stages) is None  # no test stage said anything: no data
+    stages[0].outputs = {"failed": [], "passed_on_retry": ["test_app::test_title"]}
+    facts = flaky_facts(stages)
+    assert facts == {"flaky_failures": ["test_app::test_title"], "quarantined": []}
     failing = checklist(policy=None, stages=stages, verdicts=approve(), flaky=facts)
     assert by_name(failing)["flaky tests"].met is False  # type: ignore[attr-defined]
     quarantined = checklist(
