@@ -132,21 +132,33 @@ def test_owners_hear_of_failures_and_waiting_verdicts_without_delaying_runs(
 
         qa = client.get(f"{API}/owners/qa-team/queue").json()
         assert sorted((i["kind"], i["run"], i["stage"]) for i in qa["data"]) == sorted(
-            [("stage_failed", baseline["id"], "test"), ("stage_failed", failing["id"], "test")]
+            [
+                ("stage_failed", baseline["id"], "test"),
+                ("stage_failed", failing["id"], "test"),
+                # learning tells the stage's owner of the failure's signature: new, then seen again
+                ("signature_new", baseline["id"], "test"),
+                ("signature_recurring", failing["id"], "test"),
+            ]
         )
         pool_team = client.get(f"{API}/owners/pool-team/queue").json()
         assert [(i["kind"], i["run"]) for i in pool_team["data"]] == [
             ("verdict_waiting", passing["id"])
         ]
 
+        # The webhooks came after the baseline run: the failing run's stage and its
+        # recurring signature, and the passing run's wait for a verdict.
         delivered = wait_for(
             lambda: (
-                len(d := [x for x in deliveries(client, "ok") if x["state"] == "delivered"]) == 2
+                len(d := [x for x in deliveries(client, "ok") if x["state"] == "delivered"]) == 3
                 and d
             ),
-            what="two deliveries to the endpoint that answers",
+            what="three deliveries to the endpoint that answers",
         )
-        assert {d["body"]["event"] for d in delivered} == {"stage_failed", "verdict_waiting"}
+        assert sorted(d["body"]["event"] for d in delivered) == [
+            "signature_recurring",
+            "stage_failed",
+            "verdict_waiting",
+        ]
         for hit in (h for h in server.hits if h.path == "/ok"):
             mac = hmac.new(SECRET.encode(), hit.body, hashlib.sha256).hexdigest()
             assert hit.headers["x-shopfloor-signature"] == f"sha256={mac}"
