@@ -116,6 +116,7 @@ def main() -> int:
             fence=0,
             workdir="/workspace",
             output_cap=1 << 20,
+            state_secret=pool.keys().state_secret,
         )
 
         loop = asyncio.new_event_loop()  # one loop for every call: starting one costs ~1 ms
