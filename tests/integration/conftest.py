@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,19 @@ def wait_state(
         if machine["state"] in states or time.monotonic() > deadline:
             return machine
         time.sleep(0.2)
+
+
+def wait_json(
+    http: httpx.Client, path: str, check: Callable[[Any], bool], what: str, timeout_s: float = 120
+) -> Any:
+    """GET ``path`` until its JSON answer passes ``check`` (a real controller's progress)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = http.get(path).json()
+        if check(body):
+            return body
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {body}"
+        time.sleep(0.3)
 
 
 @pytest.fixture

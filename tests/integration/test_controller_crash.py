@@ -11,26 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from controller.store.models import Role
-from tests.integration.conftest import ControllerProcess
+from tests.integration.conftest import ControllerProcess, wait_json
 
 CTX = "/workspace/.shopfloor"
-
-
-def _wait(http: httpx.Client, path: str, check: Any, what: str, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        body = http.get(path).json()
-        if check(body):
-            return body
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {body}"
-        time.sleep(0.3)
 
 
 def test_sigkill_mid_run_then_restart_ends_the_run_and_frees_the_machine(
@@ -74,7 +62,7 @@ def test_sigkill_mid_run_then_restart_ends_the_run_and_frees_the_machine(
         created = http.post("/api/v1/runs", json=body)
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
-        before = _wait(
+        before = wait_json(
             http,
             f"/api/v1/runs/{run_id}",
             lambda r: r["stages"][1]["status"] == "running",
@@ -85,7 +73,7 @@ def test_sigkill_mid_run_then_restart_ends_the_run_and_frees_the_machine(
         controller.start()
         http = httpx.Client(base_url=controller.url, headers=ops, timeout=60)
 
-        ended = _wait(
+        ended = wait_json(
             http,
             f"/api/v1/runs/{run_id}",
             lambda r: r["status"] in ("passed", "failed", "cancelled"),
@@ -98,7 +86,7 @@ def test_sigkill_mid_run_then_restart_ends_the_run_and_frees_the_machine(
         assert ended["machine_id"] == before["machine_id"]
         assert ended["context_recreations"] == 0
         assert any(e["kind"] == "run.resumed" for e in ended["events"])
-        _wait(
+        wait_json(
             http,
             "/api/v1/machines?state=leased",
             lambda page: page["count"] == 0,

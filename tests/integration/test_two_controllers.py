@@ -13,27 +13,15 @@ old code gave them two ids and each judged the other's machines lost.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from controller.store.models import Role
-from tests.integration.conftest import ControllerProcess, PgCluster
+from tests.integration.conftest import ControllerProcess, PgCluster, wait_json
 
 CTX = "/workspace/.shopfloor"
-
-
-def _wait(http: httpx.Client, path: str, check: Any, what: str, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        body = http.get(path).json()
-        if check(body):
-            return body
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {body}"
-        time.sleep(0.3)
 
 
 def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
@@ -59,7 +47,9 @@ def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
         two = httpx.Client(base_url=second.url, headers=ops, timeout=60)
         pool = {"template": {"repo": str(sample_repo)}, "min_ready": 2, "max_machines": 3}
         assert two.put("/api/v1/pools/two", json=pool).status_code == 200
-        _wait(one, "/api/v1/machines?state=ready", lambda p: p["count"] >= 2, "two ready machines")
+        wait_json(
+            one, "/api/v1/machines?state=ready", lambda p: p["count"] >= 2, "two ready machines"
+        )
         stages = [
             {"name": "plan", "agent": "command", "with": {"cmd": f"echo p > {CTX}/plan.md"}},
             {
@@ -73,7 +63,7 @@ def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
         created = two.post("/api/v1/runs", json=body)  # any controller serves the API
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
-        running = _wait(
+        running = wait_json(
             one,
             f"/api/v1/runs/{run_id}",
             lambda r: r["stages"][1]["status"] == "running",
@@ -88,7 +78,7 @@ def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
         dying.kill()
         http = httpx.Client(base_url=survivor.url, headers=ops, timeout=60)
 
-        ended = _wait(
+        ended = wait_json(
             http,
             f"/api/v1/runs/{run_id}",
             lambda r: r["status"] in ("passed", "failed", "cancelled"),
@@ -121,7 +111,9 @@ def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
         assert not [
             e for e in page if e["kind"] == "machine.state" and e["data"].get("state") == "lost"
         ]
-        _wait(http, "/api/v1/machines?state=leased", lambda p: p["count"] == 0, "no machine leased")
+        wait_json(
+            http, "/api/v1/machines?state=leased", lambda p: p["count"] == 0, "no machine leased"
+        )
         # the survivor leads the loops now (it took over, or kept, the leader lease)
         elected = [e for e in page if e["kind"] == "leader.elected"]
         assert elected, page
