@@ -31,6 +31,12 @@ class MachineTemplate(BaseModel):
     network: Literal["none", "egress"] = "none"
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
     setup: list[str] = Field(default_factory=list, max_length=32)
+    snapshot: str | None = Field(
+        default=None,
+        max_length=64,
+        description="start from this snapshot (GET /snapshots): its image, workspace, repo "
+        "and commit; repo, ref, image and setup must then be left out",
+    )
 
     @field_validator("labels")
     @classmethod

@@ -50,10 +50,24 @@ class Settings(BaseSettings):
     ``$HOME``); ``/dev/shm`` and ``/run/lock`` are sized tmpfs. 0: no limit."""
     shm_bytes: int = 64 * 1024**2
     """Size of ``/dev/shm`` (tmpfs, counted in the machine's memory)."""
+    disk_pool_bytes: int = 1024**4
+    """Size of the XFS filesystem (``reflink=1``, in a sparse file ``data_dir/disks.xfs``)
+    the disks live in, so that snapshots and forks share blocks instead of copying them.
+    Sparse: it takes on the host what the disks hold. 0: disks lie on the data dir's own
+    filesystem (snapshots copy whole images unless it shares blocks itself)."""
     disk_near_full: float = 0.9
     """Share of the workspace disk past which reconcile writes a ``machine.disk_near_full`` event."""
     exec_output_cap: int = 1024 * 1024
     provision_timeout_s: float = 600.0
+
+    # snapshots, pause and fork (issue 15)
+    fork_max: int = 8
+    """Most machines one fork call may start."""
+    snapshot_max_age_s: float = 7 * 86400.0
+    """Unpinned snapshots no machine or pool uses are deleted past this age (retention loop)."""
+    snapshot_max_bytes: int = 50 * 1024**3
+    """Unpinned, unused snapshots are deleted, oldest first, while all snapshots together
+    hold more than this."""
 
     # pools, leases, runs (issue 3)
     pool_interval_s: float = 2.0

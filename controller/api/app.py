@@ -34,6 +34,7 @@ from controller.api.routes import pools as pools_routes
 from controller.api.routes import ports as ports_routes
 from controller.api.routes import runs as runs_routes
 from controller.api.routes import sessions as sessions_routes
+from controller.api.routes import snapshots as snapshots_routes
 from controller.api.routes import verdicts as verdicts_routes
 from controller.api.routes import webhooks as webhooks_routes
 from controller.errors import ShopfloorError
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         files_routes.router,
         ports_routes.router,
         pools_routes.router,
+        snapshots_routes.router,
         runs_routes.router,
         events_routes.router,
         flow_routes.router,

@@ -44,6 +44,11 @@ class MachinePublic(BaseModel):
         description="grows with each lease granted or ended; never a credential (a lease's "
         "token is shown only to the caller it was granted to)"
     )
+    paused_from: str | None = Field(
+        default=None, description="while paused: the state resume returns to"
+    )
+    snapshot_id: str | None = Field(default=None, description="the snapshot it started from")
+    forked_from: str | None = Field(default=None, description="the machine it is a fork of")
     created_at: datetime
     updated_at: datetime
     ready_at: datetime | None
@@ -52,6 +57,66 @@ class MachinePublic(BaseModel):
     limit (or not measured yet)."""
     disk_limit_bytes: int | None = None
     """Size of the workspace disk; writes past it fail with ENOSPC in the machine."""
+
+
+class SnapshotBody(BaseModel):
+    """``POST /machines/{id}/snapshots``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="", max_length=200)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    pinned: bool = Field(default=False, description="kept by retention whatever its age")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        return MachineTemplate._labels(labels)
+
+
+class ForkBody(BaseModel):
+    """``POST /machines/{id}/fork``: ``count`` copies of the machine as it is now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(default=1, description="how many copies (1 to SHOPFLOOR_FORK_MAX)")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        return MachineTemplate._labels(labels)
+
+
+class SnapshotPublic(BaseModel):
+    id: str
+    name: str
+    labels: dict[str, str]
+    pinned: bool
+    state: str
+    machine_id: str = Field(description="the machine it was taken of")
+    image: str
+    repo: str | None
+    ref: str | None
+    commit: str | None
+    size_bytes: int = Field(
+        description="bytes it holds: its image's own layer and its workspace copy (copies "
+        "share blocks with the machines made from it where the disks allow)"
+    )
+    has_memory: bool = Field(description="whether it holds the running processes' memory")
+    memory_reason: str | None = Field(description="why it holds no memory")
+    shared_blocks: bool = Field(
+        description="workspace copied copy-on-write (fast whatever its size) or whole"
+    )
+    took_ms: float
+    paused_ms: float = Field(description="how long the machine was paused for it")
+    created_at: datetime
+    used_by: list[str] = Field(default_factory=list, description="live machines started from it")
+
+
+class ForkAnswer(BaseModel):
+    snapshot: SnapshotPublic
+    machines: list[MachinePublic]
 
 
 class ExecBody(BaseModel):

@@ -81,6 +81,24 @@ class VolumeInfo:
     created_at: datetime | None
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    tags: list[str]
+    labels: dict[str, str]
+    created_at: datetime | None
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class VolumeSnapshot:
+    """A frozen copy of a workspace volume, kept by the provider under ``name``."""
+
+    name: str
+    labels: dict[str, str]
+    created_at: datetime | None
+
+
 class ExecHandle(Protocol):
     """A started command: iterate its output, then ask for its exit code."""
 
@@ -147,6 +165,48 @@ class Provider(Protocol):
 
     def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]: ...
 
+    # snapshots (issue 15): a machine's disk state saved, and machines started from it
+    def snapshot_volume(
+        self, volume: str, name: str, labels: dict[str, str], helper_image: str
+    ) -> int:
+        """Keep a frozen copy of ``volume`` as the volume snapshot ``name``; answer the bytes
+        it holds. Copy-on-write where the provider can (disk images on a filesystem that
+        shares blocks), else a whole copy made in a short-lived container of
+        ``helper_image``. The caller keeps writers still (the machine paused). Leaves
+        nothing behind on failure; a full store raises :class:`InsufficientStorage`."""
+        ...
+
+    def volume_from_snapshot(
+        self, name: str, volume: str, labels: dict[str, str], helper_image: str
+    ) -> None:
+        """A new volume ``volume`` whose content is the volume snapshot ``name``."""
+        ...
+
+    def remove_volume_snapshot(self, name: str) -> None: ...
+
+    def list_volume_snapshots(self, labels: dict[str, str]) -> list[VolumeSnapshot]: ...
+
+    def snapshots_share_blocks(self) -> bool:
+        """Whether volume snapshots and the volumes made from them are copy-on-write (fast
+        whatever the size) rather than whole copies."""
+        ...
+
+    def checkpoint_unsupported(self) -> str | None:
+        """Why this engine cannot save a running container's memory (CRIU checkpoints), or
+        None when it can."""
+        ...
+
+    def commit_container(self, name_or_id: str, image: str, labels: dict[str, str]) -> str:
+        """Save the container's filesystem (not its volumes or bind mounts) as ``image``
+        with ``labels`` (the container's other labels are blanked); answer the image id."""
+        ...
+
+    def image_info(self, ref: str) -> ImageInfo | None: ...
+
+    def list_images(self, labels: dict[str, str]) -> list[ImageInfo]: ...
+
+    def remove_image(self, ref: str) -> None: ...
+
     # containers
     def run_container(self, spec: ContainerSpec) -> ContainerInfo: ...
 
@@ -159,6 +219,12 @@ class Provider(Protocol):
     def stop_container(self, name_or_id: str, timeout_s: int = 5) -> None: ...
 
     def remove_container(self, name_or_id: str) -> None: ...
+
+    def pause_container(self, name_or_id: str) -> None:
+        """Freeze every process of the container with its memory (cgroup freezer)."""
+        ...
+
+    def unpause_container(self, name_or_id: str) -> None: ...
 
     # commands
     def exec(

@@ -16,12 +16,14 @@ import docker.errors
 from docker.models.containers import Container
 from docker.types import Mount
 
-from controller.errors import EngineError, ImageNotFound
+from controller.errors import EngineError, ImageNotFound, InsufficientStorage
 from controller.providers.base import (
     ContainerInfo,
     ContainerSpec,
+    ImageInfo,
     StreamName,
     VolumeInfo,
+    VolumeSnapshot,
 )
 from controller.providers.disks import DiskDir, DiskStore
 from controller.providers.netns import connect_in_namespace
@@ -143,6 +145,12 @@ class DemuxedStream:
                     closing.close()
             except Exception:  # noqa: BLE001, S110 - closing a dead connection may fail
                 pass
+
+
+_COPY_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID"]
+"""What ``cp -a`` as root needs to read every file of a volume and keep owners and modes."""
+LABEL_SNAPSHOT = "shopfloor.snapshot"
+PAUSE_ATTEMPTS = 5
 
 
 def _volume_disk(name: str) -> str:
@@ -295,6 +303,204 @@ class DockerProvider:
             for v in volumes
         ]
 
+    # snapshots
+    def snapshot_volume(
+        self, volume: str, name: str, labels: dict[str, str], helper_image: str
+    ) -> int:
+        disks = self.disks
+        if disks is not None and disks.exists(_volume_disk(volume)):
+            return disks.snapshot(_volume_disk(volume), name)
+        # No disk image of its own: a whole copy into a volume of the snapshot's name.
+        with _engine_errors(f"create the snapshot volume {name}"):
+            self.client.volumes.create(name=name, labels=labels)
+        try:
+            self._copy_volume(volume, name, labels, helper_image)
+            return self._volume_bytes(name, labels, helper_image)
+        except BaseException:
+            self._drop_volume(name)
+            raise
+
+    def volume_from_snapshot(
+        self, name: str, volume: str, labels: dict[str, str], helper_image: str
+    ) -> None:
+        disks = self.disks
+        if disks is not None and disks.snapshot_path(name).exists():
+            data = disks.create_from(_volume_disk(volume), name)
+            try:
+                with _engine_errors(f"create volume {volume}"):
+                    self.client.volumes.create(
+                        name=volume,
+                        labels=labels,
+                        driver="local",
+                        driver_opts={"type": "none", "o": "bind", "device": str(data)},
+                    )
+            except EngineError:
+                disks.remove(_volume_disk(volume))
+                raise
+            return
+        with _engine_errors(f"create volume {volume}"):
+            self.client.volumes.create(name=volume, labels=labels)
+        try:
+            self._copy_volume(name, volume, labels, helper_image)
+        except BaseException:
+            self._drop_volume(volume)
+            raise
+
+    def remove_volume_snapshot(self, name: str) -> None:
+        if self.disks is not None:
+            self.disks.remove_snapshot(name)
+        self._drop_volume(name)
+
+    def list_volume_snapshots(self, labels: dict[str, str]) -> list[VolumeSnapshot]:
+        found = [
+            VolumeSnapshot(name=v.name, labels=v.labels, created_at=v.created_at)
+            for v in self.list_volumes({**labels, LABEL_SNAPSHOT: ""})
+            if not v.labels.get("shopfloor.machine")
+        ]
+        if self.disks is not None:
+            found += [
+                VolumeSnapshot(name=name, labels={}, created_at=datetime.fromtimestamp(at, UTC))
+                for name, at in self.disks.snapshots()
+            ]
+        return found
+
+    def snapshots_share_blocks(self) -> bool:
+        return self.disks is not None and self.disks.reflink
+
+    def checkpoint_unsupported(self) -> str | None:
+        with _engine_errors("ask the engine what it supports"):
+            info = self.client.info()
+        if not info.get("ExperimentalBuild"):
+            return (
+                "the engine runs without experimental features, which `docker checkpoint` "
+                "(CRIU) needs: snapshots hold the disk state only"
+            )
+        return (
+            "this controller does not take CRIU checkpoints yet: snapshots hold the disk state only"
+        )
+
+    def _copy_volume(
+        self, source: str, target: str, labels: dict[str, str], helper_image: str
+    ) -> None:
+        """``cp -a`` from one volume into another in a short-lived container: root with just
+        the capabilities a faithful copy needs, no network."""
+        script = "cp -a /from/. /to/ 2>&1 | tail -c 2000; exit ${PIPESTATUS[0]}"
+        self._helper(helper_image, script, source, target, labels, f"copy {source} into {target}")
+
+    def _volume_bytes(self, name: str, labels: dict[str, str], helper_image: str) -> int:
+        out = self._helper(helper_image, "du -sb /from | cut -f1", name, None, labels, "measure")
+        try:
+            return int(out.strip() or 0)
+        except ValueError:
+            return 0
+
+    def _helper(
+        self,
+        image: str,
+        script: str,
+        source: str,
+        target: str | None,
+        labels: dict[str, str],
+        doing: str,
+    ) -> str:
+        mounts = [Mount(target="/from", source=source, type="volume", read_only=True)]
+        if target:
+            mounts.append(Mount(target="/to", source=target, type="volume"))
+        with _engine_errors(doing):
+            container = self.client.containers.create(
+                image,
+                ["bash", "-c", script],
+                entrypoint=[],
+                user="root",
+                labels=labels,
+                mounts=mounts,
+                network_mode="none",
+                cap_drop=["ALL"],
+                cap_add=_COPY_CAPABILITIES,
+                security_opt=["no-new-privileges:true"],
+                pids_limit=64,
+            )
+        try:
+            with _engine_errors(doing):
+                container.start()
+                status = container.wait(timeout=3600)
+                out = container.logs().decode(errors="replace")
+        finally:
+            try:
+                container.remove(force=True)
+            except docker.errors.DockerException as exc:
+                log.warning("could not remove the helper %s: %s", container.id, exc)
+        code = int(status.get("StatusCode", 1))
+        if code != 0:
+            if "No space left" in out:
+                raise InsufficientStorage(
+                    f"cannot {doing}: the engine's disk is full ({out[-300:]})"
+                )
+            raise EngineError(f"cannot {doing} (exit {code}): {out[-500:]}")
+        return out
+
+    def _drop_volume(self, name: str) -> None:
+        try:
+            self.client.volumes.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.DockerException as exc:
+            log.warning("could not remove volume %s: %s", name, exc)
+
+    def commit_container(self, name_or_id: str, image: str, labels: dict[str, str]) -> str:
+        repository, _, tag = image.rpartition(":")
+        if not repository:
+            repository, tag = image, "latest"
+        with _engine_errors(f"save the filesystem of {name_or_id}"):
+            current = self.api.inspect_container(name_or_id)["Config"].get("Labels") or {}
+            # The container's own labels (machine, pool, labels) must not pass to machines
+            # started from the image: blanked; the run's labels set them again.
+            merged = {**dict.fromkeys(current, ""), **labels}
+            answer = self.api.commit(
+                name_or_id, repository=repository, tag=tag, conf={"Labels": merged}, pause=True
+            )
+        return str(answer.get("Id", ""))
+
+    def image_info(self, ref: str) -> ImageInfo | None:
+        try:
+            return self._image(self.api.inspect_image(ref))  # type: ignore[no-untyped-call]
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot look up image {ref}: {exc}") from exc
+
+    def list_images(self, labels: dict[str, str]) -> list[ImageInfo]:
+        with _engine_errors("list images"):
+            found = self.api.images(filters={"label": _label_filters(labels)})
+        return [
+            ImageInfo(
+                id=i.get("Id", ""),
+                tags=[t for t in i.get("RepoTags") or [] if t != "<none>:<none>"],
+                labels=i.get("Labels") or {},
+                created_at=datetime.fromtimestamp(i.get("Created", 0), UTC),
+                size_bytes=int(i.get("Size") or 0),
+            )
+            for i in found
+        ]
+
+    def remove_image(self, ref: str) -> None:
+        try:
+            self.api.remove_image(ref, force=True, noprune=False)
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot remove image {ref}: {exc}") from exc
+
+    @staticmethod
+    def _image(attrs: dict[str, Any]) -> ImageInfo:
+        return ImageInfo(
+            id=attrs.get("Id", ""),
+            tags=list(attrs.get("RepoTags") or []),
+            labels=(attrs.get("Config") or {}).get("Labels") or {},
+            created_at=_parse_time(attrs.get("Created")),
+            size_bytes=int(attrs.get("Size") or 0),
+        )
+
     # containers
     def run_container(self, spec: ContainerSpec) -> ContainerInfo:
         scratch = spec.scratch_bytes and spec.scratch_mounts and self.disks is not None
@@ -392,6 +598,24 @@ class DockerProvider:
             raise EngineError(f"cannot remove {name_or_id}: {exc}") from exc
         if self.disks is not None:
             self.disks.remove(_container_disk(name))
+
+    def pause_container(self, name_or_id: str) -> None:
+        # The cgroup freezer gives up when a task stays in an uninterruptible wait (a
+        # machine writing hard to its disk): "unable to freeze". It passes on a retry.
+        for attempt in range(PAUSE_ATTEMPTS):
+            try:
+                self.api.pause(name_or_id)
+                return
+            except docker.errors.APIError as exc:
+                if "unable to freeze" not in str(exc) or attempt == PAUSE_ATTEMPTS - 1:
+                    raise EngineError(f"cannot pause {name_or_id}: {exc}") from exc
+                log.info("pausing %s: the freezer gave up; again", name_or_id)
+            except docker.errors.DockerException as exc:
+                raise EngineError(f"cannot pause {name_or_id}: {exc}") from exc
+
+    def unpause_container(self, name_or_id: str) -> None:
+        with _engine_errors(f"resume {name_or_id}"):
+            self.api.unpause(name_or_id)
 
     def exec(
         self,

@@ -97,12 +97,16 @@ def machine_for_command(*, db: Engine, machine_id: str, key: Key) -> Machine:
     return machine
 
 
-def check_machine(tx: Session, machine: Machine, key: Key) -> None:
-    """:func:`authorize` for a machine read in ``tx`` (with its active lease)."""
+def check_machine(
+    tx: Session, machine: Machine, key: Key, as_state: MachineState | None = None
+) -> None:
+    """:func:`authorize` for a machine read in ``tx`` (with its active lease); ``as_state``:
+    judge it as if it were in that state (a paused machine as what it was before)."""
     lease = tx.exec(
         select(Lease).where(Lease.machine_id == machine.id, Lease.state == LeaseState.active)
     ).first()
-    row: Row = {"state": machine.state, "fence": machine.fence, "lease_id": None}
+    state = as_state or machine.state
+    row: Row = {"state": state, "fence": machine.fence, "lease_id": None}
     if lease is not None:
         row.update(
             lease_id=lease.id,
@@ -141,6 +145,12 @@ def authorize(machine_id: str, row: Row, key: Key) -> None:
       machine (send the token) and 403 on an unleased one (lease it first).
     """
     state = MachineState(row["state"])
+    if state == MachineState.paused:
+        raise Conflict(
+            f"machine {machine_id} is paused: resume it first "
+            f"(POST /api/v1/machines/{machine_id}/resume)",
+            state=state.value,
+        )
     if state not in EXEC_READY:
         raise Conflict(
             f"machine {machine_id} is {state.value}; commands need it ready, leased or quarantined",

@@ -39,7 +39,7 @@ from controller.errors import (
     ShopfloorError,
     WaitTimeout,
 )
-from controller.services import auth, machines
+from controller.services import auth, machines, snapshots
 from controller.services.lease_runtime import LeaseRuntime
 from controller.services.runtime import Controller
 from controller.store import leases as rows
@@ -524,6 +524,7 @@ def reap(*, ctl: Controller) -> list[str]:
             ended, policy = _end(ctl, tx, lease, LeaseState.expired)
         expired.append(lease_id)
         _after_end(ctl, ended, policy)
+    snapshots.resume_abandoned(ctl=ctl)  # then handed over as leased by nobody
     _return_orphans(ctl)
     return expired
 

@@ -20,6 +20,7 @@ from controller.errors import (
     Conflict,
     EngineError,
     ImageNotFound,
+    InvalidInput,
     NotFound,
     ProcessesSurvive,
     ShopfloorError,
@@ -32,7 +33,7 @@ from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store import events
 from controller.store.db import unit_of_work
-from controller.store.models import Machine, MachineState, utcnow
+from controller.store.models import Machine, MachineState, Snapshot, SnapshotState, utcnow
 from controller.transport import exec as commands
 from controller.transport.output import HeadTail
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 LABEL_MACHINE = "shopfloor.machine"
 LABEL_CONTROLLER = "shopfloor.controller"
 LABEL_POOL = "shopfloor.pool"
+LABEL_SNAPSHOT = "shopfloor.snapshot"
+LABEL_FORKED_FROM = "shopfloor.forked-from"
 SOURCE_MOUNT = "/source"
 
 _CLONE_SCRIPT = r"""
@@ -215,6 +218,9 @@ class MachineSpec:
     labels: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     pool: str | None = None
+    snapshot: Snapshot | None = None
+    """Start from this snapshot (its image, workspace, repo and commit) instead of a clone."""
+    forked_from: str | None = None
 
 
 RUNNER_UID = 1000
@@ -239,6 +245,10 @@ def ownership_labels(settings: Settings, install_id: str, machine: Machine) -> d
     labels = {**settings.extra_label_map, LABEL_CONTROLLER: install_id, LABEL_MACHINE: machine.id}
     if machine.pool:
         labels[LABEL_POOL] = machine.pool
+    if machine.snapshot_id:
+        labels[LABEL_SNAPSHOT] = machine.snapshot_id
+    if machine.forked_from:
+        labels[LABEL_FORKED_FROM] = machine.forked_from
     labels.update({f"shopfloor.label.{k}": v for k, v in machine.labels.items()})
     return labels
 
@@ -283,19 +293,43 @@ def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
     )
     machine.container_name = container_name(machine.id)
     machine.volume_name = volume_name(machine.id)
+    snap = spec.snapshot
+    if snap is not None:
+        machine.repo, machine.repo_name, machine.ref = snap.repo, snap.repo_name, snap.ref
+        machine.commit, machine.branch = snap.commit, snap.branch
+        machine.setup, machine.snapshot_id = list(snap.setup), snap.id
+    machine.forked_from = spec.forked_from
     tx.add(machine)
-    events.record(tx, "machine.created", machine.id, repo=machine.repo, pool=machine.pool)
+    events.record(
+        tx,
+        "machine.created",
+        machine.id,
+        repo=machine.repo,
+        pool=machine.pool,
+        snapshot=machine.snapshot_id,
+        forked_from=machine.forked_from,
+    )
     return machine
 
 
 def provision(
-    *, db: Engine, provider: Provider, settings: Settings, install_id: str, machine_id: str
+    *,
+    db: Engine,
+    provider: Provider,
+    settings: Settings,
+    install_id: str,
+    machine_id: str,
+    reraise: bool = False,
 ) -> Machine:
-    """Create volume and container, clone, run setup; on any failure remove what was made."""
+    """Create volume and container, clone, run setup (or restore its snapshot); on any
+    failure remove what was made. ``reraise``: raise the failure after recording it."""
     with unit_of_work(db) as tx:
         machine = get_machine(tx, machine_id)
+        snap = tx.get(Snapshot, machine.snapshot_id) if machine.snapshot_id else None
     try:
-        _build(provider, settings, install_id, machine)
+        if machine.snapshot_id and (snap is None or snap.state != SnapshotState.ready):
+            raise ShopfloorError(f"the snapshot {machine.snapshot_id} is gone")
+        _build(provider, settings, install_id, machine, snap)
     except Exception as exc:  # noqa: BLE001 - any failure must end in `failed` with its reason
         reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
         log.warning("provisioning %s failed: %s", machine_id, reason)
@@ -304,7 +338,9 @@ def provision(
             current = get_machine(tx, machine_id)
             if current.state == MachineState.provisioning:
                 set_state(tx, current, MachineState.failed, reason)
-            return current
+        if reraise:
+            raise
+        return current
     with unit_of_work(db) as tx:
         current = get_machine(tx, machine_id)
         if current.state != MachineState.provisioning:  # destroyed or failed meanwhile
@@ -315,16 +351,27 @@ def provision(
         return current
 
 
-def _build(provider: Provider, settings: Settings, install_id: str, machine: Machine) -> None:
+def _build(
+    provider: Provider,
+    settings: Settings,
+    install_id: str,
+    machine: Machine,
+    snap: Snapshot | None = None,
+) -> None:
     binds: list[Bind] = []
-    if machine.repo:
+    if machine.repo and snap is None:
         source = _source_path(provider, settings, machine.repo)
         binds.append(Bind(str(source), SOURCE_MOUNT, read_only=True))
     labels = ownership_labels(settings, install_id, machine)
     sized = settings.disk_limits
-    provider.create_volume(
-        machine.volume_name, labels, size_bytes=settings.workspace_disk_bytes if sized else 0
-    )
+    if snap is not None:  # the snapshot's workspace (copy-on-write where the disks allow)
+        provider.volume_from_snapshot(
+            snap.volume_snapshot, machine.volume_name, labels, helper_image=snap.image
+        )
+    else:
+        provider.create_volume(
+            machine.volume_name, labels, size_bytes=settings.workspace_disk_bytes if sized else 0
+        )
     provider.run_container(
         ContainerSpec(
             name=machine.container_name,
@@ -343,6 +390,8 @@ def _build(provider: Provider, settings: Settings, install_id: str, machine: Mac
             tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
         )
     )
+    if snap is not None:
+        return  # checkout and setup came with the snapshot
     if machine.repo:
         _clone(provider, settings, machine)
     run_setup(provider, settings, machine)
@@ -672,7 +721,10 @@ def repo_source(*, provider: Provider, settings: Settings, value: str) -> repos.
 def make_spec(
     *, ctl: Controller, template: MachineTemplate, pool: str | None = None
 ) -> MachineSpec:
-    """Check what a template means: the repo is acceptable, the ref sane, the image there."""
+    """Check what a template means: the repo is acceptable, the ref sane, the image there
+    (or the snapshot it starts from exists, and the template does not contradict it)."""
+    if template.snapshot is not None:
+        return _spec_from_snapshot(ctl=ctl, template=template, pool=pool)
     repo = (
         repo_source(provider=ctl.provider, settings=ctl.settings, value=template.repo)
         if template.repo
@@ -693,6 +745,34 @@ def make_spec(
         labels=dict(template.labels),
         setup=list(template.setup),
         pool=pool,
+    )
+
+
+def _spec_from_snapshot(
+    *, ctl: Controller, template: MachineTemplate, pool: str | None
+) -> MachineSpec:
+    clashing = [name for name in ("repo", "ref", "image", "setup") if getattr(template, name)]
+    if clashing:
+        raise InvalidInput(
+            f"a machine from a snapshot takes its {', '.join(clashing)} from the snapshot: "
+            "leave them out of the request"
+        )
+    with unit_of_work(ctl.reader) as tx:
+        snap = tx.get(Snapshot, template.snapshot)
+    if snap is None:
+        raise InvalidInput(
+            f"unknown snapshot {template.snapshot!r}: GET /api/v1/snapshots lists them"
+        )
+    if snap.state != SnapshotState.ready:
+        raise Conflict(f"snapshot {snap.id} is still being taken", state=snap.state.value)
+    return MachineSpec(
+        image=snap.image,
+        cpus=template.cpus,
+        memory_mb=template.memory_mb,
+        network=template.network,
+        labels=dict(template.labels),
+        pool=pool,
+        snapshot=snap,
     )
 
 

@@ -18,12 +18,20 @@ from sqlmodel import Session, col, select
 
 from controller.errors import EngineError
 from controller.providers.base import Provider
-from controller.services import machines
+from controller.services import machines, snapshots
 from controller.services.access import EXEC_READY, MachineAccess
 from controller.services.runtime import DiskWatch
 from controller.store import events
 from controller.store.db import reader, unit_of_work
-from controller.store.models import ALIVE_STATES, Lease, LeaseState, Machine, MachineState
+from controller.store.models import (
+    ALIVE_STATES,
+    Lease,
+    LeaseState,
+    Machine,
+    MachineState,
+    Snapshot,
+    SnapshotState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,9 @@ class ReconcileReport:
     removed_containers: list[str] = field(default_factory=list)
     removed_volumes: list[str] = field(default_factory=list)
     removed_disks: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    """Machines the engine held paused that nothing paused (a snapshot whose controller died)."""
+    removed_snapshot_parts: list[str] = field(default_factory=list)
     near_full: list[str] = field(default_factory=list)
     """Machines whose workspace crossed the near-full share on this pass."""
     engine_error: str | None = None
@@ -97,6 +108,9 @@ def reconcile(
     with unit_of_work(reader(db)) as tx:
         alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
         alive_now = {machine_id: MachineState(state) for machine_id, state in tx.exec(alive)}
+        being_snapshotted = set(
+            tx.exec(select(Snapshot.machine_id).where(Snapshot.state == SnapshotState.taking))
+        )
     settled = (
         MachineState.ready,
         MachineState.leased,
@@ -109,6 +123,13 @@ def reconcile(
             report.lost.append(machine_id)
         elif state in EXEC_READY and container and container.status in ("exited", "created"):
             report.restarted.append(machine_id)
+        elif (
+            state in EXEC_READY
+            and container
+            and container.status == "paused"
+            and machine_id not in being_snapshotted
+        ):
+            report.resumed.append(machine_id)
     if report.lost:
         with unit_of_work(db) as tx:
             if fenced is not None:
@@ -128,13 +149,24 @@ def reconcile(
             provider.start_container(by_machine[machine_id].id)
         except EngineError as exc:
             log.warning("could not restart %s: %s", machine_id, exc.message)
+    for machine_id in report.resumed:
+        try:
+            provider.unpause_container(by_machine[machine_id].id)
+        except EngineError as exc:
+            log.warning("could not resume %s: %s", machine_id, exc.message)
     old = now - timedelta(seconds=grace_s)
 
     def orphaned(machine_id: str) -> bool:
         return machine_id not in alive_now
 
+    def snapshot_part(labels: dict[str, str]) -> bool:
+        """A snapshot's workspace copy or copy helper: :func:`snapshots.remove_orphans`."""
+        return not labels.get(machines.LABEL_MACHINE) and bool(labels.get(machines.LABEL_SNAPSHOT))
+
     for container in containers:
         machine_id = container.labels.get(machines.LABEL_MACHINE, "")
+        if snapshot_part(container.labels):
+            continue
         if orphaned(machine_id) and container.created_at < old:
             _try(provider.remove_container, container.id, report.removed_containers)
     live_volumes = {
@@ -144,6 +176,8 @@ def reconcile(
     }
     for volume in volumes:
         machine_id = volume.labels.get(machines.LABEL_MACHINE, "")
+        if snapshot_part(volume.labels):
+            continue
         too_young = volume.created_at is not None and volume.created_at >= old
         if orphaned(machine_id) and machine_id not in live_volumes and not too_young:
             _try(provider.remove_volume, volume.name, report.removed_volumes)
@@ -153,6 +187,12 @@ def reconcile(
         report.removed_disks = provider.remove_stray_disks(keep, max(grace_s, DISK_GRACE_S))
     except EngineError as exc:
         log.warning("could not remove stray disks: %s", exc.message)
+    try:
+        report.removed_snapshot_parts = snapshots.remove_orphans(
+            db=db, provider=provider, install_id=install_id, grace_s=grace_s, now=now
+        )
+    except EngineError as exc:
+        log.warning("could not look for snapshot leftovers: %s", exc.message)
     if disk_watch is not None:
         report.near_full = _measure_disks(db, provider, disk_watch, set(alive_now), near_full)
     return report

@@ -17,6 +17,7 @@ from controller.services import (
     leases,
     pools,
     reconcile,
+    snapshots,
     tracing,
     webhooks,
 )
@@ -62,7 +63,9 @@ def _disks(settings: Settings) -> DiskStore | None:
         log.warning("disk limits are off: %s", reason)
         return None
     sizes = (settings.workspace_disk_bytes, settings.scratch_disk_bytes)
-    return DiskStore(settings.data_dir / "disks", spare_sizes=sizes)
+    return DiskStore(
+        settings.data_dir / "disks", spare_sizes=sizes, pool_bytes=settings.disk_pool_bytes
+    )
 
 
 def start_loops(ctl: Controller) -> None:
@@ -71,6 +74,7 @@ def start_loops(ctl: Controller) -> None:
     if ctl.db.dialect.name == "sqlite":
         # One controller per SQLite database: provisioning left half-done is a dead one's.
         reconcile.fail_interrupted(db=ctl.db, provider=ctl.provider)
+        snapshots.clean_interrupted(db=ctl.db, provider=ctl.provider)
         leadership.expire_the_dead(ctl=ctl)
     try:
         leadership.keep_lead(ctl=ctl)  # before the led loops' first tick
@@ -92,8 +96,13 @@ def start_loops(ctl: Controller) -> None:
     ctl.every(
         ctl.settings.retention_interval_s,
         "retention",
-        led(lambda: retention.retention_tick(db=ctl.db, settings=ctl.settings)),
+        led(lambda: _retention(ctl)),
     )
+
+
+def _retention(ctl: Controller) -> None:
+    retention.retention_tick(db=ctl.db, settings=ctl.settings)
+    snapshots.retention_tick(ctl=ctl)
 
 
 def _led(ctl: Controller) -> Callable[[Callable[[], object]], Callable[[], object]]:
@@ -114,6 +123,9 @@ def _reconcile(ctl: Controller) -> None:
             db=ctl.db,
             provider=ctl.provider,
             older_than_s=ctl.settings.provision_timeout_s + 60,
+        )
+        snapshots.clean_interrupted(
+            db=ctl.db, provider=ctl.provider, older_than_s=ctl.settings.provision_timeout_s + 60
         )
     reconcile.reconcile(
         db=ctl.db,

@@ -44,8 +44,8 @@ _RENEW_LEASE = Sql(
     "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
 )
 _MACHINE_AND_POLICY = Sql(
-    "SELECT m.state, m.fence, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
-    "WHERE m.id = :machine_id"
+    "SELECT m.state, m.fence, m.paused_from, p.reset FROM machines m "
+    "LEFT JOIN pools p ON p.name = m.pool WHERE m.id = :machine_id"
 )
 _FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
 _DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
@@ -219,6 +219,16 @@ def end(tx: Tx, lease: Row, state: LeaseState, now: datetime) -> str | None:
         (f"lease.{state.value}", lease["id"], {"machine_id": machine_id, "fence": lease["fence"]})
     ]
     machine = tx.one(_MACHINE_AND_POLICY, machine_id=machine_id)
+    paused_leased = (
+        machine is not None
+        and machine["state"] == MachineState.paused
+        and machine["paused_from"] == MachineState.leased
+    )
+    if machine is not None and paused_leased and machine["fence"] == lease["fence"]:
+        # Fenced off now; handed over once resumed (``snapshots.resume_abandoned``).
+        tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
+        events.insert(tx, *changes)
+        return None
     if (
         machine is None
         or machine["state"] != MachineState.leased

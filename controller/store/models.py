@@ -58,6 +58,9 @@ class MachineState(StrEnum):
     quarantined = "quarantined"
     """Benched by machine health (infra failures here while its stages passed elsewhere):
     never leased, not counted by its pool, kept for ops to look into or unquarantine."""
+    paused = "paused"
+    """Its processes frozen with their memory (the engine's pause); ``paused_from`` is the
+    state resume returns to. Counted by its pool; commands answer 409."""
 
 
 ALIVE_STATES = (
@@ -66,6 +69,7 @@ ALIVE_STATES = (
     MachineState.leased,
     MachineState.stopped,
     MachineState.quarantined,
+    MachineState.paused,
 )
 """States whose container and volume must exist (reconcile keeps them)."""
 
@@ -99,6 +103,12 @@ class Machine(SQLModel, table=True):
     volume_name: str
     fence: int = 0
     """Fencing counter: grows with each lease granted or ended on this machine."""
+    paused_from: str | None = None
+    """While paused: the state resume returns to (ready, leased or quarantined)."""
+    snapshot_id: str | None = Field(default=None, index=True)
+    """The snapshot the machine was started from (a fork's, or one named in its template)."""
+    forked_from: str | None = None
+    """The machine a fork copies."""
     created_at: datetime = ts_field()
     updated_at: datetime = ts_field()
     ready_at: datetime | None = ts_field(nullable=True)
@@ -106,6 +116,48 @@ class Machine(SQLModel, table=True):
     @property
     def workdir(self) -> str:
         return f"/workspace/{self.repo_name}" if self.repo_name else "/workspace"
+
+
+class SnapshotState(StrEnum):
+    taking = "taking"
+    """Being taken: a controller that dies meanwhile leaves one, removed at its restart."""
+    ready = "ready"
+
+
+class Snapshot(SQLModel, table=True):
+    """A machine's disk state saved: its container's filesystem as an image and its
+    workspace as a volume snapshot (see ``Provider.snapshot_volume``)."""
+
+    __tablename__ = "snapshots"
+
+    id: str = Field(default_factory=lambda: new_id("snap"), primary_key=True)
+    name: str = ""
+    labels: dict[str, str] = json_field({})
+    pinned: bool = False
+    state: SnapshotState = Field(default=SnapshotState.taking, index=True)
+    machine_id: str = Field(index=True)
+    """The machine it was taken of."""
+    image: str = ""
+    """The image of the machine's filesystem (``docker commit``)."""
+    base_image: str = ""
+    volume_snapshot: str = ""
+    repo: str | None = None
+    repo_name: str | None = None
+    ref: str | None = None
+    commit: str | None = None
+    branch: str | None = None
+    cpus: float = 1.0
+    memory_mb: int = 1024
+    network: str = "none"
+    setup: list[str] = json_field([])
+    size_bytes: int = 0
+    has_memory: bool = False
+    memory_reason: str | None = None
+    shared_blocks: bool = False
+    """Whether the workspace copy shares its blocks (copy-on-write) or is a whole copy."""
+    took_ms: float = 0.0
+    paused_ms: float = 0.0
+    created_at: datetime = ts_field(index=True)
 
 
 class ApiToken(SQLModel, table=True):

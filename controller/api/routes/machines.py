@@ -8,9 +8,19 @@ from fastapi import APIRouter, Query, status
 from fastapi.responses import StreamingResponse
 
 from controller.api.deps import Ctl, LeaseToken, OpsOnly, OpsOrAgent, key
-from controller.api.schemas import ExecAnswer, ExecBody, ListOf, MachinePublic
+from controller.api.routes.snapshots import public as snapshot_public
+from controller.api.schemas import (
+    ExecAnswer,
+    ExecBody,
+    ForkAnswer,
+    ForkBody,
+    ListOf,
+    MachinePublic,
+    SnapshotBody,
+    SnapshotPublic,
+)
 from controller.domain import MachineTemplate
-from controller.services import learning, machines
+from controller.services import learning, machines, snapshots
 from controller.services.runtime import Controller
 from controller.store.models import Machine
 
@@ -83,6 +93,73 @@ def unquarantine_machine(machine_id: str, ctl: Ctl, _: OpsOnly) -> MachinePublic
     """Back to ``ready`` (reset first when its pool cleans between leases), or ``leased``
     while a lease on it is still active; 409 when the machine is not quarantined."""
     return public(learning.unquarantine(ctl=ctl, machine_id=machine_id), ctl)
+
+
+@router.post("/{machine_id}/pause")
+def pause_machine(
+    machine_id: str, ctl: Ctl, caller: OpsOrAgent, x_lease_token: LeaseToken = None
+) -> MachinePublic:
+    """Freeze its processes with their memory; commands answer 409 until resumed. Ops, or
+    the lease holder with its token."""
+    return public(
+        snapshots.pause(ctl=ctl, machine_id=machine_id, key=key(caller, x_lease_token)), ctl
+    )
+
+
+@router.post("/{machine_id}/resume")
+def resume_machine(
+    machine_id: str, ctl: Ctl, caller: OpsOrAgent, x_lease_token: LeaseToken = None
+) -> MachinePublic:
+    """Thaw it: processes, shell sessions and forwards carry on."""
+    return public(
+        snapshots.resume(ctl=ctl, machine_id=machine_id, key=key(caller, x_lease_token)), ctl
+    )
+
+
+@router.post("/{machine_id}/snapshots", status_code=status.HTTP_201_CREATED)
+def snapshot_machine(
+    machine_id: str,
+    ctl: Ctl,
+    caller: OpsOrAgent,
+    body: SnapshotBody | None = None,
+    x_lease_token: LeaseToken = None,
+) -> SnapshotPublic:
+    """Save its disk state (filesystem and workspace); it is paused only meanwhile."""
+    body = body or SnapshotBody()
+    snap = snapshots.take(
+        ctl=ctl,
+        machine_id=machine_id,
+        key=key(caller, x_lease_token),
+        name=body.name,
+        labels=body.labels,
+        pinned=body.pinned,
+    )
+    return snapshot_public(snapshots.SnapshotView(snap, []))
+
+
+@router.post("/{machine_id}/fork", status_code=status.HTTP_201_CREATED)
+def fork_machine(
+    machine_id: str,
+    body: ForkBody,
+    ctl: Ctl,
+    caller: OpsOrAgent,
+    x_lease_token: LeaseToken = None,
+) -> ForkAnswer:
+    """A snapshot and ``count`` machines started from it, each its own volume, container
+    and fence; under a lease, the lease's token is needed (ops without it: recorded)."""
+    done = snapshots.fork(
+        ctl=ctl,
+        machine_id=machine_id,
+        key=key(caller, x_lease_token),
+        count=body.count,
+        labels=body.labels,
+    )
+    return ForkAnswer(
+        snapshot=snapshot_public(
+            snapshots.SnapshotView(done.snapshot, [m.id for m in done.machines])
+        ),
+        machines=[public(m, ctl) for m in done.machines],
+    )
 
 
 @router.delete("/{machine_id}")

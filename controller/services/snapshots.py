@@ -1,0 +1,585 @@
+"""Pause, snapshots and fork: a machine frozen, its disk state saved, machines started from it.
+
+A snapshot is the machine's container filesystem committed to an image (toolchain,
+installed packages) and a frozen copy of its workspace volume (``Provider.snapshot_volume``:
+copy-on-write where the disks share blocks, a whole copy otherwise), taken while the
+machine is paused by the engine for just that long. It holds no memory: the engine here
+cannot checkpoint (the reason is on every snapshot, ``memory_reason``).
+
+Each call records its intent first (a snapshot ``taking``, forks ``provisioning``) and
+makes engine resources after, so a controller that dies half-way leaves records that the
+next start cleans (:func:`clean_interrupted`, ``reconcile.fail_interrupted``) and labelled
+leftovers that reconcile removes (:func:`remove_orphans`). The run driver and the pool
+filler call :func:`take` and :func:`start_machines` with ``key=None`` (the controller's own
+code) or the fence they hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from controller.errors import Conflict, EngineError, InvalidInput, NotFound, ShopfloorError
+from controller.providers.base import Provider
+from controller.services import machines
+from controller.services.access import EXEC_READY, Key, check_machine
+from controller.services.runtime import Controller
+from controller.store import events
+from controller.store.db import unit_of_work
+from controller.store.models import (
+    ALIVE_STATES,
+    Lease,
+    LeaseState,
+    Machine,
+    MachineState,
+    Pool,
+    Role,
+    Snapshot,
+    SnapshotState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_REPOSITORY = "shopfloor/snapshot"
+VOLUME_PREFIX = "shopfloor-snap-"
+SNAPSHOTTABLE = (*EXEC_READY, MachineState.paused, MachineState.stopped)
+"""States a machine can be snapshotted in (a stopped one: its disks are still)."""
+
+
+def image_ref(snapshot_id: str) -> str:
+    return f"{IMAGE_REPOSITORY}:{snapshot_id}"
+
+
+def volume_snapshot_name(snapshot_id: str) -> str:
+    return f"{VOLUME_PREFIX}{snapshot_id}"
+
+
+def snapshot_labels(ctl: Controller, snapshot_id: str) -> dict[str, str]:
+    return {
+        **ctl.settings.extra_label_map,
+        machines.LABEL_CONTROLLER: ctl.install_id,
+        machines.LABEL_SNAPSHOT: snapshot_id,
+    }
+
+
+def _authorize(tx: Session, machine: Machine, key: Key | None, action: str) -> None:
+    """Ops, the controller's own code, or the holder of the machine's lease with its token;
+    a paused machine is judged as what it was before."""
+    if machine.state == MachineState.destroyed:
+        raise Conflict(
+            f"machine {machine.id} is destroyed: there is nothing to {action}", state="destroyed"
+        )
+    if key is None:
+        return
+    as_state = None
+    if machine.state == MachineState.paused and machine.paused_from:
+        as_state = MachineState(machine.paused_from)
+    elif machine.state == MachineState.stopped:
+        as_state = MachineState.ready  # what matters: no lease, ops only
+    check_machine(tx, machine, key, as_state=as_state)
+
+
+# ---------------------------------------------------------------- pause / resume
+
+
+def pause(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
+    """Freeze every process of the machine with its memory; commands answer 409 until
+    :func:`resume`. A paused machine stays counted by its pool and keeps its lease."""
+    with unit_of_work(ctl.db) as tx:
+        machine = machines.get_machine(tx, machine_id)
+        if machine.state == MachineState.paused:
+            return machine
+        if machine.state not in EXEC_READY:
+            raise Conflict(
+                f"cannot pause machine {machine_id} while it is {machine.state.value}",
+                state=machine.state.value,
+            )
+        _authorize(tx, machine, key, "pause")
+        machine.paused_from = machine.state.value
+        machines.set_state(tx, machine, MachineState.paused)
+    try:
+        ctl.provider.pause_container(machine.container_name)
+    except EngineError:
+        with unit_of_work(ctl.db) as tx:
+            current = machines.get_machine(tx, machine_id)
+            if current.state == MachineState.paused:
+                _unpaused(tx, current, "the engine could not pause it")
+        raise
+    return machine
+
+
+def resume(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
+    """Thaw a paused machine: its processes, shell sessions and forwards carry on."""
+    with unit_of_work(ctl.reader) as tx:
+        machine = machines.get_machine(tx, machine_id)
+        if machine.state != MachineState.paused:
+            raise Conflict(
+                f"machine {machine_id} is not paused (it is {machine.state.value})",
+                state=machine.state.value,
+            )
+        _authorize(tx, machine, key, "resume")
+    _thaw(ctl.provider, machine.container_name)
+    with unit_of_work(ctl.db) as tx:
+        current = machines.get_machine(tx, machine_id)
+        if current.state == MachineState.paused:
+            _unpaused(tx, current)
+        return current
+
+
+def _thaw(provider: Provider, container: str) -> None:
+    try:
+        provider.unpause_container(container)
+    except EngineError:
+        info = provider.inspect_container(container)
+        if info is None:
+            raise
+        if info.status in ("exited", "created"):  # the engine restarted: memory is gone
+            provider.start_container(container)
+        elif info.status != "running":
+            raise
+
+
+def _unpaused(tx: Session, machine: Machine, reason: str | None = None) -> None:
+    back = MachineState(machine.paused_from or MachineState.ready.value)
+    machine.paused_from = None
+    machines.set_state(tx, machine, back, reason)
+
+
+def resume_abandoned(*, ctl: Controller) -> list[str]:
+    """A machine paused under a lease that has since ended (its holder vanished) is
+    resumed, so that the lease reaper hands it over like any machine leased by nobody."""
+    with unit_of_work(ctl.reader) as tx:
+        paused = tx.exec(
+            select(Machine.id).where(
+                Machine.state == MachineState.paused, Machine.paused_from == "leased"
+            )
+        ).all()
+        active = set(
+            tx.exec(
+                select(Lease.machine_id).where(
+                    col(Lease.machine_id).in_(paused), Lease.state == LeaseState.active
+                )
+            ).all()
+        )
+    resumed = []
+    for machine_id in paused:
+        if machine_id in active:
+            continue
+        try:
+            resume(ctl=ctl, machine_id=machine_id, key=None)
+            resumed.append(machine_id)
+        except ShopfloorError as exc:
+            log.warning("could not resume abandoned %s: %s", machine_id, exc.message)
+    return resumed
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def take(
+    *,
+    ctl: Controller,
+    machine_id: str,
+    key: Key | None,
+    name: str = "",
+    labels: dict[str, str] | None = None,
+    pinned: bool = False,
+) -> Snapshot:
+    """Save the machine's disk state: the machine is paused by the engine only while its
+    filesystem is committed and its workspace copied (unless it was paused already).
+    Any failure removes what was made and raises with the reason; the source carries on."""
+    started = time.monotonic()
+    with unit_of_work(ctl.db) as tx:
+        machine = machines.get_machine(tx, machine_id)
+        _authorize(tx, machine, key, "snapshot")
+        if machine.state not in SNAPSHOTTABLE:
+            raise Conflict(
+                f"cannot snapshot machine {machine_id} while it is {machine.state.value}",
+                state=machine.state.value,
+            )
+        snap = Snapshot(
+            name=name,
+            labels=dict(labels or {}),
+            pinned=pinned,
+            machine_id=machine.id,
+            base_image=machine.image,
+            repo=machine.repo,
+            repo_name=machine.repo_name,
+            ref=machine.ref,
+            commit=machine.commit,
+            branch=machine.branch,
+            cpus=machine.cpus,
+            memory_mb=machine.memory_mb,
+            network=machine.network,
+            setup=list(machine.setup),
+        )
+        snap.image = image_ref(snap.id)
+        snap.volume_snapshot = volume_snapshot_name(snap.id)
+        tx.add(snap)
+    try:
+        size, paused_ms = _save(ctl, machine, snap)
+        memory_reason = ctl.provider.checkpoint_unsupported()
+    except Exception:
+        _discard(ctl, snap)
+        raise
+    with unit_of_work(ctl.db) as tx:
+        current = tx.get(Snapshot, snap.id)
+        if current is None:  # deleted meanwhile
+            raise NotFound(f"snapshot {snap.id} was deleted while it was taken")
+        current.state = SnapshotState.ready
+        current.size_bytes = size
+        current.has_memory = False
+        current.memory_reason = memory_reason
+        current.shared_blocks = ctl.provider.snapshots_share_blocks()
+        current.paused_ms = round(paused_ms, 1)
+        current.took_ms = round((time.monotonic() - started) * 1000, 1)
+        tx.add(current)
+        events.record(
+            tx,
+            "snapshot.taken",
+            current.id,
+            machine_id=machine_id,
+            size_bytes=size,
+            took_ms=current.took_ms,
+            paused_ms=current.paused_ms,
+        )
+        return current
+
+
+def _save(ctl: Controller, machine: Machine, snap: Snapshot) -> tuple[int, float]:
+    """Commit and copy with the machine still; answer (bytes held, ms paused)."""
+    provider = ctl.provider
+    container = machine.container_name
+    info = provider.inspect_container(container)
+    if info is None:
+        raise Conflict(f"machine {machine.id} has no container: it was lost", state="lost")
+    labels = snapshot_labels(ctl, snap.id)
+    paused_here = info.status == "running"
+    paused_at = time.monotonic()
+    if paused_here:
+        provider.pause_container(container)
+    try:
+        provider.commit_container(container, snap.image, labels)
+        workspace = provider.snapshot_volume(
+            machine.volume_name, snap.volume_snapshot, labels, helper_image=snap.image
+        )
+    finally:
+        paused_ms = (time.monotonic() - paused_at) * 1000 if paused_here else 0.0
+        if paused_here:
+            try:
+                _thaw(provider, container)
+            except EngineError as exc:  # reconcile thaws it on its next pass
+                log.warning("could not resume %s after its snapshot: %s", machine.id, exc.message)
+    image = provider.image_info(snap.image)
+    base = provider.image_info(machine.image)
+    layer = max(0, (image.size_bytes if image else 0) - (base.size_bytes if base else 0))
+    return workspace + layer, paused_ms
+
+
+def _discard(ctl: Controller, snap: Snapshot) -> None:
+    """Remove a snapshot's image, workspace copy and record (a failed or deleted one)."""
+    _remove_parts(ctl.provider, snap.id)
+    with unit_of_work(ctl.db) as tx:
+        current = tx.get(Snapshot, snap.id)
+        if current is not None:
+            tx.delete(current)
+
+
+def _remove_parts(provider: Provider, snapshot_id: str) -> None:
+    for remove, what in (
+        (provider.remove_image, image_ref(snapshot_id)),
+        (provider.remove_volume_snapshot, volume_snapshot_name(snapshot_id)),
+    ):
+        try:
+            remove(what)
+        except EngineError as exc:  # reconcile removes the leftover later
+            log.warning("could not remove %s: %s", what, exc.message)
+
+
+def _used_by(tx: Session, snapshot_id: str) -> tuple[list[str], list[str]]:
+    """(live machines started from it, pools whose template names it)."""
+    users = list(
+        tx.exec(
+            select(Machine.id).where(
+                Machine.snapshot_id == snapshot_id, col(Machine.state).in_(ALIVE_STATES)
+            )
+        )
+    )
+    pools = [p.name for p in tx.exec(select(Pool)) if p.template.get("snapshot") == snapshot_id]
+    return users, pools
+
+
+@dataclass(frozen=True)
+class SnapshotView:
+    snapshot: Snapshot
+    used_by: list[str]
+
+
+def list_snapshots(*, ctl: Controller) -> list[SnapshotView]:
+    with unit_of_work(ctl.reader) as tx:
+        found = list(tx.exec(select(Snapshot).order_by(col(Snapshot.created_at).desc())))
+        users: dict[str, list[str]] = {}
+        for machine_id, snapshot_id in tx.exec(
+            select(Machine.id, Machine.snapshot_id).where(
+                col(Machine.snapshot_id).is_not(None), col(Machine.state).in_(ALIVE_STATES)
+            )
+        ):
+            users.setdefault(str(snapshot_id), []).append(machine_id)
+    return [SnapshotView(s, users.get(s.id, [])) for s in found]
+
+
+def show_snapshot(*, ctl: Controller, snapshot_id: str) -> SnapshotView:
+    with unit_of_work(ctl.reader) as tx:
+        snap = tx.get(Snapshot, snapshot_id)
+        if snap is None:
+            raise NotFound(f"no snapshot {snapshot_id}")
+        users, _ = _used_by(tx, snapshot_id)
+    return SnapshotView(snap, users)
+
+
+def delete_snapshot(*, ctl: Controller, snapshot_id: str) -> Snapshot:
+    """409 while a live machine started from it or a pool's template names it."""
+    with unit_of_work(ctl.db) as tx:
+        snap = tx.get(Snapshot, snapshot_id)
+        if snap is None:
+            raise NotFound(f"no snapshot {snapshot_id}")
+        if snap.state != SnapshotState.ready:
+            raise Conflict(f"snapshot {snapshot_id} is still being taken", state=snap.state.value)
+        users, pools = _used_by(tx, snapshot_id)
+        if users or pools:
+            who = [f"machines {', '.join(users)}"] if users else []
+            who += [f"pools {', '.join(pools)}"] if pools else []
+            raise Conflict(
+                f"snapshot {snapshot_id} is used by {' and '.join(who)}: destroy them or "
+                "change the pools' templates first",
+                machines=users,
+                pools=pools,
+            )
+        tx.delete(snap)
+        events.record(tx, "snapshot.deleted", snapshot_id, machine_id=snap.machine_id)
+    _remove_parts(ctl.provider, snapshot_id)
+    return snap
+
+
+# ---------------------------------------------------------------- machines from a snapshot
+
+
+def start_machines(
+    *,
+    ctl: Controller,
+    snapshot_id: str,
+    count: int,
+    labels: dict[str, str] | None = None,
+    forked_from: str | None = None,
+    pool: str | None = None,
+) -> list[Machine]:
+    """``count`` machines started from the snapshot at once, each its own volume (a
+    copy-on-write copy where the disks allow), container, fence and labels. All or none:
+    when one fails, those made are destroyed and the first failure is raised."""
+    with unit_of_work(ctl.db) as tx:
+        snap = tx.get(Snapshot, snapshot_id)
+        if snap is None:
+            raise NotFound(f"no snapshot {snapshot_id}")
+        spec = machines.MachineSpec(
+            image=snap.image,
+            cpus=snap.cpus,
+            memory_mb=snap.memory_mb,
+            network=snap.network,
+            labels=dict(labels or {}),
+            pool=pool,
+            snapshot=snap,
+            forked_from=forked_from,
+        )
+        made = [machines.create_machine(tx=tx, spec=spec) for _ in range(count)]
+    ids = [m.id for m in made]
+
+    def one(machine_id: str) -> Machine:
+        return machines.provision(
+            db=ctl.db,
+            provider=ctl.provider,
+            settings=ctl.settings,
+            install_id=ctl.install_id,
+            machine_id=machine_id,
+            reraise=True,
+        )
+
+    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fork") as threads:
+        futures = [threads.submit(one, machine_id) for machine_id in ids]
+        failures = [f.exception() for f in futures]
+    first = next((exc for exc in failures if exc is not None), None)
+    if first is not None:
+        for machine_id in ids:
+            try:
+                machines.destroy_machine(
+                    db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+                )
+            except ShopfloorError as exc:
+                log.warning("could not remove fork %s: %s", machine_id, exc.message)
+        raise first
+    return [f.result() for f in futures]
+
+
+@dataclass(frozen=True)
+class Fork:
+    snapshot: Snapshot
+    machines: list[Machine]
+
+
+def fork(
+    *,
+    ctl: Controller,
+    machine_id: str,
+    key: Key | None,
+    count: int,
+    labels: dict[str, str] | None = None,
+) -> Fork:
+    """Snapshot the machine and start ``count`` copies of it. Under a lease the lease's
+    token is needed (409 without); ops may fork a machine leased by another without it, and
+    that is recorded (``machine.forked`` with ``under_lease``)."""
+    if not 1 <= count <= ctl.settings.fork_max:
+        raise InvalidInput(
+            f"count must be 1 to {ctl.settings.fork_max} (SHOPFLOOR_FORK_MAX), not {count}"
+        )
+    under_lease: str | None = None
+    with unit_of_work(ctl.reader) as tx:
+        machine = machines.get_machine(tx, machine_id)
+        _authorize(tx, machine, key, "fork")
+        lease = tx.exec(
+            select(Lease).where(Lease.machine_id == machine_id, Lease.state == LeaseState.active)
+        ).first()
+        if (
+            lease is not None
+            and key is not None
+            and key.caller is not None
+            and key.caller.role == Role.ops
+            and key.secret is None
+        ):
+            under_lease = lease.id
+        source_labels = dict(machine.labels)
+    snap = take(
+        ctl=ctl,
+        machine_id=machine_id,
+        key=key,
+        name=f"fork of {machine_id}",
+        labels={"fork-of": machine_id},
+    )
+    try:
+        made = start_machines(
+            ctl=ctl,
+            snapshot_id=snap.id,
+            count=count,
+            labels={**source_labels, **(labels or {})},
+            forked_from=machine_id,
+        )
+    except Exception:
+        _discard(ctl, snap)
+        raise
+    with unit_of_work(ctl.db) as tx:
+        events.record(
+            tx,
+            "machine.forked",
+            machine_id,
+            snapshot=snap.id,
+            forks=[m.id for m in made],
+            under_lease=under_lease,
+            by=key.caller.id if key is not None and key.caller is not None else None,
+        )
+    return Fork(snap, made)
+
+
+# ---------------------------------------------------------------- retention and leftovers
+
+
+def retention_tick(*, ctl: Controller, now: datetime | None = None) -> list[str]:
+    """Delete unpinned snapshots no machine or pool uses: past the age limit, then the
+    oldest while all of them together hold more than the size limit."""
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(seconds=ctl.settings.snapshot_max_age_s)
+    with unit_of_work(ctl.reader) as tx:
+        ready = list(
+            tx.exec(
+                select(Snapshot)
+                .where(Snapshot.state == SnapshotState.ready)
+                .order_by(col(Snapshot.created_at))
+            )
+        )
+        free = [s for s in ready if not s.pinned and _used_by(tx, s.id) == ([], [])]
+    total = sum(s.size_bytes for s in ready)
+    doomed: list[Snapshot] = []
+    for snap in free:
+        if snap.created_at < cutoff or total > ctl.settings.snapshot_max_bytes:
+            doomed.append(snap)
+            total -= snap.size_bytes
+    deleted = []
+    for snap in doomed:
+        try:
+            delete_snapshot(ctl=ctl, snapshot_id=snap.id)
+            deleted.append(snap.id)
+        except (Conflict, NotFound):
+            continue  # used or deleted meanwhile
+    return deleted
+
+
+def clean_interrupted(
+    *, db: Engine, provider: Provider, older_than_s: float | None = None
+) -> list[str]:
+    """Snapshots a dead controller left ``taking``: their parts removed, their records gone
+    (all at start-up on SQLite; those older than ``older_than_s`` with several controllers)."""
+    query = select(Snapshot).where(Snapshot.state == SnapshotState.taking)
+    if older_than_s is not None:
+        query = query.where(col(Snapshot.created_at) < utcnow() - timedelta(seconds=older_than_s))
+    with unit_of_work(db) as tx:
+        stuck = list(tx.exec(query))
+        for snap in stuck:
+            tx.delete(snap)
+    for snap in stuck:
+        _remove_parts(provider, snap.id)
+    return [s.id for s in stuck]
+
+
+def remove_orphans(
+    *, db: Engine, provider: Provider, install_id: str, grace_s: float, now: datetime
+) -> list[str]:
+    """Images, workspace copies and copy helpers of snapshots that have no record (a
+    controller killed between making them and recording, or deleting them), older than the
+    grace. Answers what was removed."""
+    owned = {machines.LABEL_CONTROLLER: install_id, machines.LABEL_SNAPSHOT: ""}
+    images = provider.list_images(owned)
+    copies = provider.list_volume_snapshots({machines.LABEL_CONTROLLER: install_id})
+    helpers = [
+        c for c in provider.list_containers(owned) if not c.labels.get(machines.LABEL_MACHINE)
+    ]
+    with unit_of_work(db) as tx:
+        known = set(tx.exec(select(Snapshot.id)).all())
+    old = now - timedelta(seconds=grace_s)
+    removed: list[str] = []
+    for image in images:
+        snapshot_id = image.labels.get(machines.LABEL_SNAPSHOT, "")
+        young = image.created_at is not None and image.created_at >= old
+        if snapshot_id and snapshot_id not in known and not young:
+            for tag in image.tags or [image.id]:
+                _try(provider.remove_image, tag, removed)
+    for helper in helpers:
+        if helper.labels.get(machines.LABEL_SNAPSHOT) not in known and helper.created_at < old:
+            _try(provider.remove_container, helper.id, removed)
+    for copy in copies:
+        snapshot_id = copy.name.removeprefix(VOLUME_PREFIX)
+        young = copy.created_at is not None and copy.created_at >= old
+        if copy.name.startswith(VOLUME_PREFIX) and snapshot_id not in known and not young:
+            _try(provider.remove_volume_snapshot, copy.name, removed)
+    return removed
+
+
+def _try(remove: object, name: str, into: list[str]) -> None:
+    try:
+        remove(name)  # type: ignore[operator]
+        into.append(name)
+    except EngineError as exc:
+        log.warning("could not remove snapshot leftover %s: %s", name, exc.message)
