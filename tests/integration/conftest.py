@@ -42,6 +42,8 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerProvide
         engine.remove_container(container.id)
     for volume in engine.list_volumes(labels):
         engine.remove_volume(volume.name)
+    for image in engine.list_images(labels):  # snapshots' images
+        engine.remove_image(image.id)
     engine.close()
     unmount_under(tmp_path_factory.getbasetemp())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store.models import Role
 from tests.conftest import TEST_LABEL, TEST_RUN_ID
-from tests.integration.conftest import issue_token, wait_state
+from tests.integration.conftest import ControllerProcess, issue_token, wait_state
 from tests.integration.test_fenced_channels import PORT, agent, lease, token_header
 from tests.integration.test_ports import SERVE
 
@@ -375,3 +376,121 @@ def test_a_full_disk_store_fails_snapshot_and_fork_and_leaves_nothing(
             client.delete(f"{API}/machines/{m['id']}")
         client.delete(f"{API}/snapshots/{forked.json()['snapshot']['id']}")
         client.delete(f"{API}/machines/{machine_id}")
+
+
+# ---------------------------------------------------------------- a controller killed mid-fork
+
+
+def _fork_in_background(http: httpx.Client, machine_id: str) -> threading.Thread:
+    def call() -> None:
+        try:
+            http.post(f"{API}/machines/{machine_id}/fork", json={"count": 3}, timeout=60)
+        except httpx.HTTPError:
+            pass  # the controller was killed under it
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for(http: httpx.Client, path: str, check: Any) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if check(http.get(path).json()["data"]):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"never saw the moment to kill the controller at on {path}")
+
+
+def _assert_nothing_orphaned(
+    http: httpx.Client, provider: DockerProvider, install_id: str, source: str
+) -> None:
+    machines = {m["id"]: m for m in http.get(f"{API}/machines").json()["data"]}
+    alive = {i for i, m in machines.items() if m["state"] not in ("failed", "destroyed", "lost")}
+    owned = {"shopfloor.controller": install_id}
+
+    def settled() -> bool:
+        names = {c.labels.get("shopfloor.machine") for c in provider.list_containers(owned)}
+        volumes = {v.labels.get("shopfloor.machine") for v in provider.list_volumes(owned)}
+        known = {s["id"] for s in http.get(f"{API}/snapshots").json()["data"]}
+        images = {i.labels.get("shopfloor.snapshot") for i in provider.list_images(owned)}
+        copies = {c.name for c in provider.list_volume_snapshots(owned)}
+        return (
+            names <= alive
+            and volumes <= alive
+            and images <= known
+            and all(any(k in c for k in known) for c in copies)
+        )
+
+    deadline = time.monotonic() + 30
+    while not settled():
+        assert time.monotonic() < deadline, "orphans left after the restart"
+        time.sleep(0.5)
+    for snap in http.get(f"{API}/snapshots").json()["data"]:
+        assert snap["state"] == "ready", snap
+    for machine in machines.values():
+        assert machine["state"] in ("ready", "failed"), machine
+    info = provider.inspect_container(f"shopfloor-{source}")
+    deadline = time.monotonic() + 30
+    while info is not None and info.status != "running" and time.monotonic() < deadline:
+        time.sleep(0.3)  # reconcile thaws a machine a dead controller left paused
+        info = provider.inspect_container(f"shopfloor-{source}")
+    assert info is not None
+    assert info.status == "running"
+
+
+def test_controller_sigkilled_mid_fork_leaves_no_orphans_after_restart(
+    tmp_path: Path, runner_image: str, provider: DockerProvider
+) -> None:
+    env = {"SHOPFLOOR_RECONCILE_INTERVAL_S": "0.5"}
+    controller = ControllerProcess(tmp_path / "data", runner_image, **env).start()
+    try:
+        ops = {"Authorization": f"Bearer {controller.token(Role.ops)}"}
+        with httpx.Client(base_url=controller.url, headers=ops, timeout=60) as http:
+            source = http.post(f"{API}/machines?wait=true", json={}).json()["id"]
+        info = provider.inspect_container(f"shopfloor-{source}")
+        assert info is not None
+        install_id = info.labels["shopfloor.controller"]
+        moments = (
+            # while the snapshot is taken (the source paused by the engine)
+            (f"{API}/snapshots", lambda data: any(s["state"] == "taking" for s in data)),
+            # while its copies are made
+            (f"{API}/machines", lambda data: any(m["state"] == "provisioning" for m in data)),
+        )
+        for path, moment in moments:
+            with httpx.Client(base_url=controller.url, headers=ops, timeout=60) as http:
+                _fork_in_background(http, source)
+                _wait_for(http, path, moment)
+                controller.kill()
+            controller.start()  # on a new port
+            with httpx.Client(base_url=controller.url, headers=ops, timeout=60) as http:
+                _assert_nothing_orphaned(http, provider, install_id, source)
+                assert http.get(f"{API}/machines/{source}").json()["state"] == "ready"
+    finally:
+        controller.stop()
+
+
+def test_without_disk_limits_snapshots_copy_the_workspace_and_say_so(
+    make_settings: Any,
+) -> None:
+    settings = make_settings(disk_limits=False)
+    with TestClient(create_app(settings, background=False)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        source = new_machine(client)
+        sh(
+            client,
+            source,
+            "mkdir -p /workspace/d && echo kept > /workspace/d/f && chmod 600 /workspace/d/f",
+        )
+        forked = client.post(f"{API}/machines/{source}/fork", json={"count": 2})
+        assert forked.status_code == 201, forked.text
+        body = forked.json()
+        assert body["snapshot"]["shared_blocks"] is False
+        for machine in body["machines"]:
+            got = sh(client, machine["id"], "stat -c '%U %a' /workspace/d/f; cat /workspace/d/f")
+            assert got["stdout"] == "runner 600\nkept\n"
+        for machine in body["machines"]:
+            client.delete(f"{API}/machines/{machine['id']}")
+        assert client.delete(f"{API}/snapshots/{body['snapshot']['id']}").status_code == 200
+        assert_no_parts(client)
+        client.delete(f"{API}/machines/{source}")
