@@ -10,13 +10,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from controller.errors import EngineError
-from controller.providers.base import ContainerInfo, VolumeInfo
+from controller.providers.base import ContainerInfo, ImageInfo, VolumeInfo, VolumeSnapshot
 from controller.services import machines
 from controller.services.reconcile import ReconcileReport
 from controller.services.reconcile import reconcile as reconcile_engine
 from controller.services.runtime import DiskWatch
 from controller.store.db import make_engine, migrate, unit_of_work
-from controller.store.models import Event, Machine, MachineState
+from controller.store.models import Event, Machine, MachineState, Snapshot
 
 OLD = datetime.now(UTC) - timedelta(hours=1)
 
@@ -29,6 +29,8 @@ class FakeEngine:
         self.disks: dict[str, tuple[int, int]] = {}
         """volume name -> (used, limit)"""
         self.stray_disks: set[str] = set()
+        self.images: dict[str, ImageInfo] = {}
+        self.snapshot_copies: dict[str, VolumeSnapshot] = {}
 
     def add(self, machine_id: str, status: str = "running", created: datetime = OLD) -> None:
         labels = {machines.LABEL_CONTROLLER: "me", machines.LABEL_MACHINE: machine_id}
@@ -66,6 +68,20 @@ class FakeEngine:
         self.containers[name] = ContainerInfo(
             info.id, info.name, info.labels, "running", info.created_at
         )
+
+    unpause_container = start_container
+
+    def list_images(self, labels: dict[str, str]) -> list[ImageInfo]:
+        return list(self.images.values())
+
+    def remove_image(self, ref: str) -> None:
+        del self.images[ref]
+
+    def list_volume_snapshots(self, labels: dict[str, str]) -> list[VolumeSnapshot]:
+        return list(self.snapshot_copies.values())
+
+    def remove_volume_snapshot(self, name: str) -> None:
+        del self.snapshot_copies[name]
 
 
 @pytest.fixture
@@ -216,3 +232,46 @@ def test_stray_disks_are_removed_but_not_those_of_live_volumes(db: Engine) -> No
     engine.add("m-1")
     engine.stray_disks = {machines.volume_name("m-1"), "shopfloor-ws-gone"}
     assert reconcile(db, engine).removed_disks == ["shopfloor-ws-gone"]
+
+
+def test_a_container_the_engine_holds_paused_is_thawed_unless_paused_or_snapshotted(
+    db: Engine,
+) -> None:
+    """A controller killed mid-snapshot leaves its source paused in the engine."""
+    for machine_id, state in (
+        ("m-1", MachineState.ready),
+        ("m-2", MachineState.paused),
+        ("m-3", MachineState.leased),
+    ):
+        add_machine(db, machine_id, state)
+    with unit_of_work(db) as tx:
+        tx.add(Snapshot(machine_id="m-3"))  # being taken now
+    engine = FakeEngine()
+    for machine_id in ("m-1", "m-2", "m-3"):
+        engine.add(machine_id, status="paused")
+    assert reconcile(db, engine).resumed == ["m-1"]
+    assert engine.containers["shopfloor-m-1"].status == "running"
+    assert engine.containers["shopfloor-m-2"].status == "paused"
+    assert engine.containers["shopfloor-m-3"].status == "paused"
+    assert state_of(db, "m-2") == MachineState.paused  # a paused machine is not lost
+
+
+def test_snapshot_parts_are_removed_only_without_their_record(db: Engine) -> None:
+    with unit_of_work(db) as tx:
+        tx.add(Snapshot(id="snap-kept", machine_id="m-1"))
+    engine = FakeEngine()
+    for snapshot_id in ("snap-kept", "snap-gone"):
+        labels = {machines.LABEL_CONTROLLER: "me", machines.LABEL_SNAPSHOT: snapshot_id}
+        ref = f"shopfloor/snapshot:{snapshot_id}"
+        engine.images[ref] = ImageInfo(ref, [ref], labels, OLD, 1)
+        name = f"shopfloor-snap-{snapshot_id}"
+        engine.snapshot_copies[name] = VolumeSnapshot(name, labels, OLD)
+        engine.volumes[name] = VolumeInfo(name, labels, OLD)  # a whole copy is a volume
+    report = reconcile(db, engine)
+    assert sorted(report.removed_snapshot_parts) == [
+        "shopfloor-snap-snap-gone",
+        "shopfloor/snapshot:snap-gone",
+    ]
+    assert report.removed_volumes == []  # not a machine's orphan
+    assert list(engine.images) == ["shopfloor/snapshot:snap-kept"]
+    assert list(engine.snapshot_copies) == ["shopfloor-snap-snap-kept"]
