@@ -25,9 +25,11 @@ app = typer.Typer(
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 image_app = typer.Typer(no_args_is_help=True, help="The runner image.")
 machines_app = typer.Typer(no_args_is_help=True, help="Machines (talks to a running controller).")
+snapshots_app = typer.Typer(no_args_is_help=True, help="Snapshots of machines.")
 app.add_typer(token_app, name="token")
 app.add_typer(image_app, name="image")
 app.add_typer(machines_app, name="machines")
+app.add_typer(snapshots_app, name="snapshots")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -131,6 +133,9 @@ def machines_create(
     network: str = "none",
     setup: Annotated[list[str] | None, typer.Option(help="Setup command (repeatable).")] = None,
     label: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    snapshot: Annotated[
+        str | None, typer.Option(help="Start from this snapshot (no repo, ref, image, setup).")
+    ] = None,
     wait: bool = True,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
@@ -146,6 +151,7 @@ def machines_create(
         "network": network,
         "setup": setup or [],
         "labels": labels,
+        "snapshot": snapshot,
     }
     with console.status("provisioning (clone and setup run inside the machine)"):
         machine = _call(url, token, "POST", f"/machines?wait={str(wait).lower()}", json=body)
@@ -210,6 +216,110 @@ machines_app.command("start")(_lifecycle("start"))
 machines_app.command("reset")(_lifecycle("reset"))
 machines_app.command("unquarantine")(_lifecycle("unquarantine"))
 machines_app.command("rm")(_lifecycle("destroy", "DELETE"))
+
+LeaseTokenOpt = Annotated[
+    str | None,
+    typer.Option(envvar="SHOPFLOOR_LEASE_TOKEN", help="The lease's token, on a leased machine."),
+]
+
+
+def _freeze(action: str) -> Any:
+    def command(
+        machine_id: str,
+        lease_token: LeaseTokenOpt = None,
+        url: UrlOpt = DEFAULT_URL,
+        token: TokenOpt = "",
+    ) -> None:
+        path = f"/machines/{machine_id}/{action}"
+        machine = _call(url, token, "POST", path, lease_token=lease_token)
+        console.print(f"{machine['id']}: {machine['state']}")
+
+    command.__doc__ = {
+        "pause": "Freeze a machine's processes with their memory (commands answer 409).",
+        "resume": "Thaw a paused machine: processes, sessions and forwards carry on.",
+    }[action]
+    return command
+
+
+machines_app.command("pause")(_freeze("pause"))
+machines_app.command("resume")(_freeze("resume"))
+
+
+@machines_app.command("snapshot")
+def machines_snapshot(
+    machine_id: str,
+    name: str = "",
+    label: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    pinned: Annotated[bool, typer.Option(help="Kept by retention whatever its age.")] = False,
+    lease_token: LeaseTokenOpt = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Save a machine's disk state (filesystem and workspace)."""
+    labels = dict(item.partition("=")[::2] for item in (label or []))
+    body = {"name": name, "labels": labels, "pinned": pinned}
+    path = f"/machines/{machine_id}/snapshots"
+    with console.status(f"snapshot of {machine_id}"):
+        snap = _call(url, token, "POST", path, json=body, lease_token=lease_token)
+    console.print(_snapshot_table([snap]))
+
+
+@machines_app.command("fork")
+def machines_fork(
+    machine_id: str,
+    count: Annotated[int, typer.Option(help="How many copies.")] = 1,
+    label: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    lease_token: LeaseTokenOpt = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Start COUNT copies of a machine as it is now (a snapshot, then machines from it)."""
+    labels = dict(item.partition("=")[::2] for item in (label or []))
+    path = f"/machines/{machine_id}/fork"
+    body = {"count": count, "labels": labels}
+    with console.status(f"fork of {machine_id}"):
+        done = _call(url, token, "POST", path, json=body, lease_token=lease_token)
+    console.print(f"snapshot {done['snapshot']['id']}")
+    console.print(_machine_table(done["machines"]))
+
+
+def _snapshot_table(found: list[dict[str, Any]]) -> Table:
+    table = Table()
+    for name in ("id", "name", "state", "machine", "commit", "size", "memory", "pinned", "used by"):
+        table.add_column(name, overflow="fold")
+    for s in found:
+        table.add_row(
+            s["id"],
+            s["name"] or "-",
+            s["state"],
+            s["machine_id"],
+            (s.get("commit") or "-")[:12],
+            f"{s['size_bytes'] / 1024**2:.1f}M",
+            "yes" if s["has_memory"] else "no",
+            "yes" if s["pinned"] else "no",
+            ", ".join(s.get("used_by") or []) or "-",
+        )
+    return table
+
+
+@snapshots_app.command("ls")
+def snapshots_ls(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """List snapshots."""
+    console.print(_snapshot_table(_call(url, token, "GET", "/snapshots")["data"]))
+
+
+@snapshots_app.command("show")
+def snapshots_show(snapshot_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Show one snapshot as JSON."""
+    console.print_json(json.dumps(_call(url, token, "GET", f"/snapshots/{snapshot_id}")))
+
+
+@snapshots_app.command("rm")
+def snapshots_rm(snapshot_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Delete a snapshot (refused while machines or pools use it)."""
+    snap = _call(url, token, "DELETE", f"/snapshots/{snapshot_id}")
+    console.print(f"{snap['id']}: deleted")
+
 
 # ---------------------------------------------------------------- pools and runs, over HTTP
 

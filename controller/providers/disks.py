@@ -54,6 +54,8 @@ MAKING = ".making-"
 SNAPSHOTS = ".snapshots"
 """Folder (in the store) of snapshot images: ``<name>.img``, never mounted."""
 POOL_FILE = "disks.xfs"
+_MKFS_POOL = ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", "-l", "size=64m"]
+"""A fixed 64 MiB log: the default grows with the size (512 MiB written at 1 TiB)."""
 _MIN_FREE_BYTES = 64 * 1024**2
 """A snapshot or fork refuses to start with less free in the store: the copies share their
 blocks, but each still needs room for its metadata and the first writes that diverge."""
@@ -230,7 +232,7 @@ class DiskStore:
             with making.open("wb") as fh:
                 os.fchmod(fh.fileno(), 0o600)
                 fh.truncate(self.pool_bytes)
-            _run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(making)], "format the disk pool")
+            _run([*_MKFS_POOL, str(making)], "format the disk pool")
             making.rename(pool)
         except (OSError, EngineError) as exc:
             making.unlink(missing_ok=True)
@@ -386,6 +388,10 @@ class DiskStore:
             thread.join(timeout=30)
         for size in self.spare_sizes:
             self._remove_folder(self.root / f"{SPARE}{size}")
+        if (self.root.parent / POOL_FILE).exists() and os.path.ismount(self.root):
+            # Given back when no machine's disk is mounted in it (else busy: they live on,
+            # and the next start finds it mounted); snapshots stay in its file.
+            subprocess.run(["umount", str(self.root)], capture_output=True, check=False)
 
     @staticmethod
     def _remove_folder(folder: Path) -> bool:

@@ -98,3 +98,40 @@ def test_machines_through_the_cli(served: tuple[str, dict[str, str]], sample_rep
     assert "destroyed" in cli(env, "machines", "rm", machine_id).stdout
     assert '"destroyed"' in cli(env, "machines", "show", machine_id).stdout
     assert "404" in cli(env, "machines", "show", "m-missing").stderr
+
+
+def test_pause_snapshot_and_fork_through_the_cli(served: tuple[str, dict[str, str]]) -> None:
+    url, env = served
+    headers = {"Authorization": f"Bearer {env['SHOPFLOOR_TOKEN']}"}
+    made = httpx.post(f"{url}/api/v1/machines?wait=true", json={}, headers=headers, timeout=120)
+    machine_id = made.json()["id"]
+    paused = cli(env, "machines", "pause", machine_id)
+    assert paused.returncode == 0, paused.stderr
+    assert f"{machine_id}: paused" in paused.stdout
+    refused = cli(env, "machines", "exec", machine_id, "true")
+    assert refused.returncode == 1
+    assert "paused" in refused.stderr
+    resumed = cli(env, "machines", "resume", machine_id)
+    assert f"{machine_id}: ready" in resumed.stdout, resumed.stderr
+    taken = cli(env, "machines", "snapshot", machine_id, "--name", "first", "--pinned")
+    assert taken.returncode == 0, taken.stderr
+    listed = cli(env, "snapshots", "ls")
+    assert "first" in listed.stdout, listed.stderr
+    snapshot_id = next(w for w in listed.stdout.split() if w.startswith("snap-"))
+    forked = cli(env, "machines", "fork", machine_id, "--count", "2")
+    assert forked.returncode == 0, forked.stderr
+    copies = [w for w in forked.stdout.split() if w.startswith("m-") and w != machine_id]
+    assert len(copies) == 2, forked.stdout
+    from_snapshot = cli(env, "machines", "create", "--snapshot", snapshot_id)
+    assert from_snapshot.returncode == 0, from_snapshot.stderr
+    third = next(w for w in from_snapshot.stdout.split() if w.startswith("m-"))
+    in_use = cli(env, "snapshots", "rm", snapshot_id)
+    assert in_use.returncode == 1
+    assert "409" in in_use.stderr
+    for copy in (*copies, third):
+        assert cli(env, "machines", "rm", copy).returncode == 0
+    gone = cli(env, "snapshots", "rm", snapshot_id)
+    assert gone.returncode == 0, gone.stderr
+    bad = cli(env, "machines", "fork", machine_id, "--count", "0")
+    assert bad.returncode == 1
+    assert "count must be 1 to" in bad.stderr
