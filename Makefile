@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 engine:
 	@bash scripts/ensure-engine.sh
+	@bash scripts/ensure-packages.sh xfsprogs  # the disks' copy-on-write pool (snapshots, forks)
 
 image: setup engine
 	@bash scripts/ensure-packages.sh debootstrap

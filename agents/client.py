@@ -339,6 +339,23 @@ class Machine:
     def forward(self, port: int) -> str:
         return str(self._call("POST", "/ports", json={"port": port}).json()["url"])
 
+    def pause(self) -> None:
+        """Freeze the machine's processes with their memory (commands answer 409 meanwhile)."""
+        self._call("POST", "/pause")
+
+    def resume(self) -> None:
+        self._call("POST", "/resume")
+
+    def snapshot(self, name: str = "", *, pinned: bool = False) -> str:
+        """Save the machine's disk state; answers the snapshot's id."""
+        body = {"name": name, "pinned": pinned}
+        return str(self._call("POST", "/snapshots", json=body).json()["id"])
+
+    def fork(self, count: int = 1) -> list[str]:
+        """Start ``count`` copies of the machine as it is now; answers their ids (ready)."""
+        answer = self._call("POST", "/fork", json={"count": count}).json()
+        return [str(m["id"]) for m in answer["machines"]]
+
 
 class Session:
     """A shell in the machine whose directory and environment carry over between commands."""

@@ -1,0 +1,222 @@
+"""Pause, snapshot and fork through the HTTP API, against the raw engine in the same run.
+
+    .venv/bin/python bench/fork.py [--rounds 5]
+
+A real controller (`shopfloor serve`, SQLite, disk limits on when run as root) makes a
+machine of the sample repo whose setup builds a workspace of about 150 MB (a virtualenv,
+a copy of the Python library standing in for installed packages, and build output), then:
+
+- pause + resume: ``POST /machines/{id}/pause`` then ``/resume``, against the engine's own
+  ``docker pause`` + ``unpause`` of the same container;
+- fork of one machine at ~150 MB and again once the workspace holds ~1.5 GB (build cache
+  added): ``POST /machines/{id}/fork {"count": 1}`` until the copy is ready, against a fork
+  with the raw engine alone (pause, ``docker commit``, a ``cp -a`` of the workspace volume
+  into a new volume in a helper container, unpause, ``docker run`` of the image);
+- a fresh machine with clone + setup (``POST /machines?wait=true`` with the same template).
+
+Goals (issue 15): pause + resume <= 150 ms; fork <= 1.5 s at 150 MB; fork at 1.5 GB <= 2x
+the fork at 150 MB; fork >= 5x faster than a fresh machine with clone + setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+from _controller import BENCH_LABEL, BENCH_RUN, running_controller  # noqa: E402
+from make_repo import make_sample_repo  # noqa: E402
+
+API = "/api/v1"
+GOAL_PAUSE_MS = 150.0
+GOAL_FORK_S = 1.5
+GOAL_GROWTH = 2.0
+GOAL_VS_FRESH = 5.0
+MB = 1024 * 1024
+SETUP = [
+    "python3 -m venv /workspace/venv",
+    "cp -a /usr/lib/python3.11 /workspace/venv/lib/python3.11/site-packages/vendored",
+    # build output up to ~150 MB in all
+    "mkdir -p /workspace/build && n=$(( (150 * 1048576 - $(du -sb /workspace | cut -f1)) "
+    "/ 1048576 )) && for i in $(seq 1 $n); do head -c 1048576 /dev/urandom "
+    "> /workspace/build/obj$i.o; done",
+]
+GROW = (
+    "mkdir -p /workspace/cache && for i in $(seq 1 135); do "
+    "head -c 10485760 /dev/urandom > /workspace/cache/blob$i; done; sync"
+)
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def call(api: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    answer = api.request(method, f"{API}{path}", **kwargs)
+    if answer.status_code >= 400:
+        raise SystemExit(f"{method} {path} -> {answer.status_code}: {answer.text[:500]}")
+    return answer.json()
+
+
+def workspace_mb(api: httpx.Client, machine_id: str) -> float:
+    out = call(api, "POST", f"/machines/{machine_id}/exec", json={"cmd": "du -sb /workspace"})
+    return int(out["stdout"].split()[0]) / MB
+
+
+def api_fork(api: httpx.Client, machine_id: str) -> float:
+    started = time.perf_counter()
+    done = call(api, "POST", f"/machines/{machine_id}/fork", json={"count": 1})
+    elapsed = time.perf_counter() - started
+    assert all(m["state"] == "ready" for m in done["machines"]), done
+    for machine in done["machines"]:
+        call(api, "DELETE", f"/machines/{machine['id']}")
+    call(api, "DELETE", f"/snapshots/{done['snapshot']['id']}")
+    return elapsed
+
+
+def raw_fork(engine: docker.DockerClient, container: str, volume: str) -> float:
+    """A fork with the engine alone: the machine paused while its filesystem is committed
+    and its workspace copied whole, then a container of the image on the copy."""
+    labels = {BENCH_LABEL: BENCH_RUN}
+    name = f"bench-raw-{time.monotonic_ns()}"
+    started = time.perf_counter()
+    engine.api.pause(container)
+    try:
+        image = engine.api.commit(container, repository="bench-raw-fork", tag=name, pause=False)
+        engine.volumes.create(name=name, labels=labels)
+        engine.containers.run(
+            image["Id"],
+            ["bash", "-c", "cp -a /from/. /to/"],
+            entrypoint=[],
+            user="root",
+            remove=True,
+            labels=labels,
+            network_mode="none",
+            volumes={volume: {"bind": "/from", "mode": "ro"}, name: {"bind": "/to", "mode": "rw"}},
+            cap_drop=["ALL"],
+            cap_add=["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID"],
+        )
+    finally:
+        engine.api.unpause(container)
+    copy = engine.containers.run(
+        image["Id"],
+        detach=True,
+        labels=labels,
+        network_mode="none",
+        init=True,
+        volumes={name: {"bind": "/workspace", "mode": "rw"}},
+    )
+    elapsed = time.perf_counter() - started
+    copy.remove(force=True)
+    engine.volumes.get(name).remove(force=True)
+    engine.images.remove(image["Id"], force=True)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    engine = docker.from_env()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_controller(Path(tmp) / "data") as (api, _image),
+    ):
+        repo = make_sample_repo(Path(tmp) / "sample-app")
+        template = {"repo": str(repo), "setup": SETUP}
+        fresh: list[float] = []
+        source = ""
+        for _ in range(2):  # the first one stays as the source of the forks
+            started = time.perf_counter()
+            machine = call(api, "POST", "/machines?wait=true", json=template)
+            fresh.append(time.perf_counter() - started)
+            assert machine["state"] == "ready", machine
+            if source:
+                call(api, "DELETE", f"/machines/{machine['id']}")
+            else:
+                source = machine["id"]
+        container, volume = f"shopfloor-{source}", f"shopfloor-ws-{source}"
+        small_mb = workspace_mb(api, source)
+
+        ours_pause, raw_pause = [], []
+        for _ in range(args.rounds * 4):
+            ours_pause.append(
+                timed(lambda: call(api, "POST", f"/machines/{source}/pause"))
+                + timed(lambda: call(api, "POST", f"/machines/{source}/resume"))
+            )
+            raw_pause.append(
+                timed(lambda: engine.api.pause(container))
+                + timed(lambda: engine.api.unpause(container))
+            )
+
+        api_fork(api, source)  # warm
+        small = [api_fork(api, source) for _ in range(args.rounds)]
+        raw_small = [raw_fork(engine, container, volume) for _ in range(2)]
+
+        call(api, "POST", f"/machines/{source}/exec", json={"cmd": GROW, "timeout_s": 1200})
+        big_mb = workspace_mb(api, source)
+        big = [api_fork(api, source) for _ in range(args.rounds)]
+        raw_big = [raw_fork(engine, container, volume)]
+        shared = call(api, "POST", f"/machines/{source}/snapshots", json={})
+        call(api, "DELETE", f"/snapshots/{shared['id']}")
+        call(api, "DELETE", f"/machines/{source}")
+
+    med = statistics.median
+    pause_ms, raw_pause_ms = med(ours_pause) * 1000, med(raw_pause) * 1000
+    fresh_s, small_s, big_s = med(fresh), med(small), med(big)
+    raw_small_s, raw_big_s = med(raw_small), med(raw_big)
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "NOT MET"
+
+    print(f"fork bench (copy-on-write disks: {shared['shared_blocks']}), medians")  # noqa: T201
+    rows = [
+        ("pause + resume, API", pause_ms, "ms"),
+        ("pause + unpause, raw engine", raw_pause_ms, "ms"),
+        (f"fork at {small_mb:.0f} MB, API", small_s, "s"),
+        (f"fork at {small_mb:.0f} MB, raw engine (commit + copy)", raw_small_s, "s"),
+        (f"fork at {big_mb:.0f} MB, API", big_s, "s"),
+        (f"fork at {big_mb:.0f} MB, raw engine (commit + copy)", raw_big_s, "s"),
+        ("fresh machine, clone + setup", fresh_s, "s"),
+    ]
+    for name, value, unit in rows:
+        print(f"  {name:<48} {value:9.3f} {unit}")  # noqa: T201
+    print("ratios")  # noqa: T201
+    print(f"  pause + resume / raw engine                      {pause_ms / raw_pause_ms:9.2f}")  # noqa: T201
+    print(
+        f"  fork {small_mb:.0f} MB / raw engine fork                   {small_s / raw_small_s:9.2f}"
+    )  # noqa: T201
+    print(f"  fork {big_mb:.0f} MB / raw engine fork                  {big_s / raw_big_s:9.2f}")  # noqa: T201
+    print(
+        f"  fork {big_mb:.0f} MB / fork {small_mb:.0f} MB                       {big_s / small_s:9.2f}"
+    )  # noqa: T201
+    print(f"  fresh machine / fork                             {fresh_s / small_s:9.2f}")  # noqa: T201
+    print("goals")  # noqa: T201
+    goals = [
+        (f"pause + resume <= {GOAL_PAUSE_MS:.0f} ms", pause_ms <= GOAL_PAUSE_MS),
+        (f"fork at ~150 MB <= {GOAL_FORK_S} s", small_s <= GOAL_FORK_S),
+        (f"fork at ~1.5 GB <= {GOAL_GROWTH:.0f}x fork at ~150 MB", big_s <= GOAL_GROWTH * small_s),
+        (
+            f"fork >= {GOAL_VS_FRESH:.0f}x faster than clone + setup",
+            fresh_s >= GOAL_VS_FRESH * small_s,
+        ),
+    ]
+    for name, met in goals:
+        print(f"  {name:<48} {verdict(met)}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
