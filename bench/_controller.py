@@ -135,3 +135,6 @@ def _remove_leftovers() -> None:
     for volume in engine.volumes.list(filters=mine):
         with contextlib.suppress(docker.errors.NotFound):
             volume.remove(force=True)
+    for image in engine.images.list(filters=mine):  # snapshots' images
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            engine.images.remove(image.id, force=True)

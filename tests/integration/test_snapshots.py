@@ -494,3 +494,28 @@ def test_without_disk_limits_snapshots_copy_the_workspace_and_say_so(
         assert client.delete(f"{API}/snapshots/{body['snapshot']['id']}").status_code == 200
         assert_no_parts(client)
         client.delete(f"{API}/machines/{source}")
+
+
+def test_a_pool_fills_from_a_snapshot_its_template_names(live_client: TestClient) -> None:
+    client = live_client
+    source = new_machine(client)
+    sh(client, source, "echo from-the-snapshot > /workspace/marker")
+    snap = client.post(f"{API}/machines/{source}/snapshots", json={}).json()
+    body = {"template": {"snapshot": snap["id"]}, "min_ready": 1, "max_machines": 1}
+    assert client.put(f"{API}/pools/snap", json=body).status_code in (200, 201)
+    pooled = wait_state_of_pool(client, "snap")
+    assert pooled["snapshot_id"] == snap["id"]
+    assert sh(client, pooled["id"], "cat /workspace/marker")["stdout"] == "from-the-snapshot\n"
+    refused = client.delete(f"{API}/snapshots/{snap['id']}")
+    assert refused.status_code == 409, refused.text
+    assert "pools snap" in refused.json()["detail"]
+
+
+def wait_state_of_pool(client: TestClient, pool: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = client.get(f"{API}/machines", params={"pool": pool, "state": "ready"}).json()
+        if ready["data"]:
+            return dict(ready["data"][0])
+        time.sleep(0.3)
+    raise AssertionError(f"pool {pool} made no ready machine")
