@@ -176,6 +176,11 @@ class Provider(Protocol):
         nothing behind on failure; a full store raises :class:`InsufficientStorage`."""
         ...
 
+    def flush_volume(self, volume: str) -> None:
+        """Write the volume's pending data down before a snapshot (with the machine still
+        running), so that :meth:`snapshot_volume` has little left to do while it is paused."""
+        ...
+
     def volume_from_snapshot(
         self, name: str, volume: str, labels: dict[str, str], helper_image: str
     ) -> None:

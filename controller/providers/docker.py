@@ -320,6 +320,13 @@ class DockerProvider:
             self._drop_volume(name)
             raise
 
+    def flush_volume(self, volume: str) -> None:
+        if self.disks is not None and self.disks.exists(_volume_disk(volume)):
+            try:
+                self.disks.flush(_volume_disk(volume))
+            except OSError as exc:
+                raise EngineError(f"cannot flush the disk of {volume}: {exc}") from exc
+
     def volume_from_snapshot(
         self, name: str, volume: str, labels: dict[str, str], helper_image: str
     ) -> None:

@@ -54,6 +54,11 @@ class ReconcileReport:
 DISK_GRACE_S = 60.0
 """A disk without its volume or container is left this long at least, whatever the orphan
 grace: provisioning makes the disk a moment before the volume."""
+STRAY_PAUSE_S = 10.0
+"""A container the engine holds paused while its machine is not ``paused`` is thawed only once
+it was seen so this long: a snapshot pauses its machine for well under a second, and one may
+start between this pass's listing and its reading of the database."""
+_PAUSED_SINCE: dict[str, datetime] = {}
 NEAR_FULL_HYSTERESIS = 0.05
 """A machine is near full again (a new event) only after it went this far below the share."""
 
@@ -129,7 +134,13 @@ def reconcile(
             and container.status == "paused"
             and machine_id not in being_snapshotted
         ):
-            report.resumed.append(machine_id)
+            since = _PAUSED_SINCE.setdefault(machine_id, now)
+            if now - since >= timedelta(seconds=STRAY_PAUSE_S):
+                report.resumed.append(machine_id)
+    for machine_id in list(_PAUSED_SINCE):
+        container = by_machine.get(machine_id)
+        if container is None or container.status != "paused" or machine_id in report.resumed:
+            del _PAUSED_SINCE[machine_id]
     if report.lost:
         with unit_of_work(db) as tx:
             if fenced is not None:

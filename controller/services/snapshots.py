@@ -262,6 +262,8 @@ def _save(ctl: Controller, machine: Machine, snap: Snapshot) -> tuple[int, float
         raise Conflict(f"machine {machine.id} has no container: it was lost", state="lost")
     labels = snapshot_labels(ctl, snap.id)
     paused_here = info.status == "running"
+    if paused_here:
+        provider.flush_volume(machine.volume_name)  # the bulk of the writing, still running
     paused_at = time.monotonic()
     if paused_here:
         provider.pause_container(container)

@@ -12,7 +12,7 @@ from sqlmodel import select
 from controller.errors import EngineError
 from controller.providers.base import ContainerInfo, ImageInfo, VolumeInfo, VolumeSnapshot
 from controller.services import machines
-from controller.services.reconcile import ReconcileReport
+from controller.services.reconcile import STRAY_PAUSE_S, ReconcileReport
 from controller.services.reconcile import reconcile as reconcile_engine
 from controller.services.runtime import DiskWatch
 from controller.store.db import make_engine, migrate, unit_of_work
@@ -116,13 +116,16 @@ class FakeAccess:
         self.closed.append(machine.id)
 
 
-def reconcile(db: Engine, engine: FakeEngine, access: FakeAccess | None = None) -> ReconcileReport:
+def reconcile(
+    db: Engine, engine: FakeEngine, access: FakeAccess | None = None, now: datetime | None = None
+) -> ReconcileReport:
     return reconcile_engine(
         db=db,
         provider=engine,  # type: ignore[arg-type]
         access=access or FakeAccess(),  # type: ignore[arg-type]
         install_id="me",
         grace_s=60,
+        now=now,
     )
 
 
@@ -249,7 +252,10 @@ def test_a_container_the_engine_holds_paused_is_thawed_unless_paused_or_snapshot
     engine = FakeEngine()
     for machine_id in ("m-1", "m-2", "m-3"):
         engine.add(machine_id, status="paused")
-    assert reconcile(db, engine).resumed == ["m-1"]
+    # not at first sight: a snapshot may have paused it a moment ago
+    assert reconcile(db, engine).resumed == []
+    later = datetime.now(UTC) + timedelta(seconds=STRAY_PAUSE_S + 1)
+    assert reconcile(db, engine, now=later).resumed == ["m-1"]
     assert engine.containers["shopfloor-m-1"].status == "running"
     assert engine.containers["shopfloor-m-2"].status == "paused"
     assert engine.containers["shopfloor-m-3"].status == "paused"
