@@ -17,6 +17,7 @@ code) or the fence they hold.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ def pause(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
         machine.paused_from = machine.state.value
         machines.set_state(tx, machine, MachineState.paused)
     try:
-        ctl.provider.pause_container(machine.container_name)
+        with _still(machine.id):  # after a snapshot in flight has thawed it
+            ctl.provider.pause_container(machine.container_name)
     except EngineError:
         with unit_of_work(ctl.db) as tx:
             current = machines.get_machine(tx, machine_id)
@@ -125,7 +127,8 @@ def resume(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
                 state=machine.state.value,
             )
         _authorize(tx, machine, key, "resume")
-    _thaw(ctl.provider, machine.container_name)
+    with _still(machine.id):
+        _thaw(ctl.provider, machine.container_name)
     with unit_of_work(ctl.db) as tx:
         current = machines.get_machine(tx, machine_id)
         if current.state == MachineState.paused:
@@ -253,8 +256,24 @@ def take(
         return current
 
 
+_STILL: dict[str, threading.Lock] = {}
+_STILL_GUARD = threading.Lock()
+
+
+def _still(machine_id: str) -> threading.Lock:
+    """The lock of a machine's engine pauses in this controller: a snapshot, a pause or a
+    resume at a time, so that none finds the machine paused by another that thaws it."""
+    with _STILL_GUARD:
+        return _STILL.setdefault(machine_id, threading.Lock())
+
+
 def _save(ctl: Controller, machine: Machine, snap: Snapshot) -> tuple[int, float]:
     """Commit and copy with the machine still; answer (bytes held, ms paused)."""
+    with _still(machine.id):
+        return _save_still(ctl, machine, snap)
+
+
+def _save_still(ctl: Controller, machine: Machine, snap: Snapshot) -> tuple[int, float]:
     provider = ctl.provider
     container = machine.container_name
     info = provider.inspect_container(container)
