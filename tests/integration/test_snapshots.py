@@ -519,3 +519,22 @@ def wait_state_of_pool(client: TestClient, pool: str) -> dict[str, Any]:
             return dict(ready["data"][0])
         time.sleep(0.3)
     raise AssertionError(f"pool {pool} made no ready machine")
+
+
+def test_on_postgresql_pause_snapshot_and_fork(make_settings: Any, postgres_url: str) -> None:
+    """PostgreSQL keeps the machine state as a native enum: ``paused`` must be one of it."""
+    settings = make_settings(database_url=postgres_url)
+    with TestClient(create_app(settings, background=False)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        machine_id = new_machine(client)
+        assert client.post(f"{API}/machines/{machine_id}/pause").json()["state"] == "paused"
+        listed = client.get(f"{API}/machines", params={"state": "paused"}).json()["data"]
+        assert [m["id"] for m in listed] == [machine_id]
+        assert client.post(f"{API}/machines/{machine_id}/resume").json()["state"] == "ready"
+        forked = client.post(f"{API}/machines/{machine_id}/fork", json={"count": 1})
+        assert forked.status_code == 201, forked.text
+        copy = forked.json()["machines"][0]["id"]
+        assert client.delete(f"{API}/machines/{copy}").status_code == 200
+        snapshot_id = forked.json()["snapshot"]["id"]
+        assert client.delete(f"{API}/snapshots/{snapshot_id}").status_code == 200
+        assert client.delete(f"{API}/machines/{machine_id}").status_code == 200
