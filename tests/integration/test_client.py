@@ -129,3 +129,31 @@ def test_errors_come_back_typed(agent: Client, machine_id: str) -> None:
         assert "session lost" in lost.value.message
         assert isinstance(lost.value, SessionLost)
         assert lost.value.status_code == 410
+
+
+def test_an_agent_pauses_snapshots_and_forks_its_leased_machine(
+    agent: Client, machine_id: str
+) -> None:
+    wait_ready(agent, machine_id)
+    with agent.lease(machine_id=machine_id, holder="client-fork", ttl_s=60) as machine:
+        machine.exec("echo mine > /workspace/state")
+        machine.pause()
+        with pytest.raises(Conflict, match="paused"):
+            machine.exec("true")
+        machine.resume()
+        snapshot_id = machine.snapshot("from-the-client")
+        assert snapshot_id.startswith("snap-")
+        forks = machine.fork(1)
+        assert len(forks) == 1
+        with pytest.raises(Conflict):  # the lease's token does not open the fork
+            agent.machine(forks[0], lease_token=machine.token).exec("true")
+    info = agent.call("GET", f"/machines/{forks[0]}").json()
+    assert info["forked_from"] == machine_id
+    assert info["state"] == "ready"
+
+
+def wait_ready(client: Client, machine_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while client.call("GET", f"/machines/{machine_id}").json()["state"] != "ready":
+        assert time.monotonic() < deadline, "the machine did not come back"
+        time.sleep(0.05)

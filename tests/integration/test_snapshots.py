@@ -538,3 +538,19 @@ def test_on_postgresql_pause_snapshot_and_fork(make_settings: Any, postgres_url:
         snapshot_id = forked.json()["snapshot"]["id"]
         assert client.delete(f"{API}/snapshots/{snapshot_id}").status_code == 200
         assert client.delete(f"{API}/machines/{machine_id}").status_code == 200
+
+
+def test_a_paused_machine_still_counts_against_its_pools_maximum(
+    live_client: TestClient,
+) -> None:
+    client = live_client
+    body = {"template": {}, "min_ready": 1, "max_machines": 1}
+    assert client.put(f"{API}/pools/one", json=body).status_code in (200, 201)
+    machine_id = wait_state_of_pool(client, "one")["id"]
+    assert client.post(f"{API}/machines/{machine_id}/pause").status_code == 200
+    time.sleep(2.0)  # several pool ticks (0.3 s): none may add a machine past the maximum
+    pooled = client.get(f"{API}/machines", params={"pool": "one"}).json()["data"]
+    assert [(m["id"], m["state"]) for m in pooled] == [(machine_id, "paused")]
+    pool = client.get(f"{API}/pools/one").json()
+    assert pool["counts"]["paused"] == 1, pool
+    assert client.post(f"{API}/machines/{machine_id}/resume").json()["state"] == "ready"
