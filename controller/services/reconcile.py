@@ -121,6 +121,7 @@ def reconcile(
         MachineState.leased,
         MachineState.stopped,
         MachineState.quarantined,
+        MachineState.paused,  # its container is there, paused: not lost
     )
     for machine_id, state in alive_now.items():
         container = by_machine.get(machine_id)

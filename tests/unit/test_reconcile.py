@@ -260,6 +260,8 @@ def test_a_container_the_engine_holds_paused_is_thawed_unless_paused_or_snapshot
     assert engine.containers["shopfloor-m-2"].status == "paused"
     assert engine.containers["shopfloor-m-3"].status == "paused"
     assert state_of(db, "m-2") == MachineState.paused  # a paused machine is not lost
+    del engine.containers["shopfloor-m-2"]  # unless its container vanished
+    assert reconcile(db, engine, now=later).lost == ["m-2"]
 
 
 def test_snapshot_parts_are_removed_only_without_their_record(db: Engine) -> None:
