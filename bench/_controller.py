@@ -80,8 +80,14 @@ class KeepAlive:
 
 
 @contextmanager
-def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[httpx.Client, str]]:
-    """Yields an API client with a token of ``role`` and the runner image tag."""
+def running_controller(
+    data_dir: Path,
+    role: str = "ops",
+    extra_env: dict[str, str] | None = None,
+    serve: list[str] | None = None,
+) -> Iterator[tuple[httpx.Client, str]]:
+    """Yields an API client with a token of ``role`` and the runner image tag; ``extra_env``
+    adds settings, ``serve`` replaces the ``shopfloor`` program that serves."""
     image = subprocess.run(
         [SHOPFLOOR, "image", "build"], check=True, capture_output=True, text=True
     ).stdout.split()[-1]
@@ -94,10 +100,11 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
         # still runs on every request (its cost is in the figures) but never refuses.
         "SHOPFLOOR_TOKEN_RATE_PER_S": "1000000",
         "SHOPFLOOR_TOKEN_RATE_BURST": "1000000",
+        **(extra_env or {}),
     }
     port = free_port()
     server = subprocess.Popen(
-        [SHOPFLOOR, "serve", "--port", str(port), "--log-level", "warning"],
+        [*(serve or [SHOPFLOOR]), "serve", "--port", str(port), "--log-level", "warning"],
         env=env,
         start_new_session=True,
     )

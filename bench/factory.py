@@ -1,0 +1,450 @@
+"""A simulated factory day on real machines, with flow learning off and on (issue 13).
+
+    .venv/bin/python bench/factory.py [--runs 40] [--seed 13] [--parallel 3]
+
+Each half is its own controller (`shopfloor serve`, timed: bench/_timed_serve.py), its own
+copy of the sample repo and a pool of three machines (`clean` between runs). Both halves get
+the same runs with the same faults, drawn from one seeded generator per run index:
+
+- **a flaky test**: the sample's `test_coin` (SAMPLE_FLAKY_SCRIPT) fails 20 % of its
+  executions: each run's `prepare` stage writes its letters (one per execution of the test,
+  first try, rerun, stage retry, ...) to /tmp/coin;
+- **a bad machine**: one machine of the pool (the first ready one) whose `prepare` command
+  is SIGKILLed (`kill -9 $$` when the hostname names it): an `infra` failure;
+- **a recurring failure a known change fixes**: 15 % of the runs' `implement` makes a typo
+  (`Hello` -> `Helo`) that fails `test_greets_by_name` deterministically; the simulated
+  coding agent reads the run's lessons (/workspace/.shopfloor/lessons.json) and, when the
+  factory lists a fixed failure showing that typo, applies the known fix.
+
+Stages (every one `retries: 1`): prepare (command), implement (command: the change,
+committed with fixed dates so every run tests the same commit), test (tester, the sample's
+`run_tests.py`), review (command). Off: `SHOPFLOOR_LEARNING=false`, `[verify] flaky =
+"fail"`; on: learning on, `flaky = "quarantine"`. Both: `approvals = 0`, so `closed` is
+"every stage passed and the flaky criterion met".
+
+Printed side by side: failed stage attempts, runs passed/closed, machine-minutes (a run's
+first stage start to its last stage end, summed: the time runs held a machine), when the bad
+machine was quarantined, flaky tests found after 20 runs and at the end (precision and
+recall against the one injected), and learning's own cost per stage attempt against the
+median attempt. Then the goals of issue 13 and whether each is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+from _controller import ROOT, running_controller  # noqa: E402
+from make_repo import make_sample_repo  # noqa: E402
+
+FLAKY_P = 0.2
+BUGGY_P = 0.15
+LETTERS = 8
+"""Test executions a run's coin script covers (each one's letter drawn with FLAKY_P)."""
+FLAKY_TRUTH = {"test_app.FactoryTest::test_coin"}
+SNAPSHOT_AFTER = 20
+POOL = "line"
+MACHINES = 3
+CTX = "/workspace/.shopfloor"
+COIN = "/tmp/coin"
+GIT_DATES = "GIT_AUTHOR_DATE=2026-01-01T00:00:00Z GIT_COMMITTER_DATE=2026-01-01T00:00:00Z"
+COMMIT = f"{GIT_DATES} git -c user.name=agent -c user.email=agent@bench commit -qam 'the change'"
+CHANGE = "sed -i 's/Served from the/Built by the/' app.py"
+TYPO = "sed -i 's/Hello, /Helo, /' app.py"
+FIX = "sed -i 's/Helo, /Hello, /' app.py"
+KNOWS_FIX = (
+    "python3 -c \"import json,sys; d=json.load(open('" + CTX + "/lessons.json'));"
+    " sys.exit(0 if any('Helo' in json.dumps(f) for f in d.get('fixes', [])) else 1)\""
+    " 2>/dev/null"
+)
+GOALS = {
+    "fewer failed attempts": 0.40,
+    "quarantined after failures": 3,
+    "flaky precision": 1.0,
+    "flaky recall": 0.9,
+    "learning cost share": 0.05,
+}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One run's faults, the same in both halves."""
+
+    index: int
+    coin: str
+    buggy: bool
+
+
+def plan_day(runs: int, seed: int) -> list[Planned]:
+    out = []
+    for i in range(runs):
+        rng = random.Random(f"{seed}:{i}")
+        coin = "".join("F" if rng.random() < FLAKY_P else "P" for _ in range(LETTERS))
+        out.append(Planned(i, coin, rng.random() < BUGGY_P))
+    return out
+
+
+def stages_for(run: Planned, bad_machine: str) -> list[dict[str, Any]]:
+    implement = [CHANGE]
+    if run.buggy:
+        implement += [TYPO, f"if {KNOWS_FIX}; then {FIX}; fi"]
+    implement.append(COMMIT)
+    return [
+        {
+            "name": "prepare",
+            "agent": "command",
+            "retries": 1,
+            "with": {
+                "cmd": f'case "$(hostname)" in *{bad_machine}*) kill -9 $$;; esac; '
+                f"printf %s {run.coin} > {COIN}"
+            },
+        },
+        {
+            "name": "implement",
+            "agent": "command",
+            "retries": 1,
+            "with": {"cmd": " && ".join(implement)},
+        },
+        {
+            "name": "test",
+            "agent": "tester",
+            "retries": 1,
+            "with": {"test": f"SAMPLE_FLAKY_SCRIPT={COIN} python3 run_tests.py"},
+        },
+        {"name": "review", "agent": "command", "retries": 1, "with": {"cmd": "git show --stat"}},
+    ]
+
+
+def bench_repo(dest: Path, flaky_policy: str) -> Path:
+    repo: Path = make_sample_repo(dest, "sample-app")
+    toml = repo / ".shopfloor.toml"
+    toml.write_text(toml.read_text() + f'\n[verify]\napprovals = 0\nflaky = "{flaky_policy}"\n')
+    git = ["git", "-C", str(repo), "-c", "user.name=bench", "-c", "user.email=bench@local"]
+    subprocess.run([*git, "commit", "--quiet", "-am", "bench policy"], check=True)
+    return repo
+
+
+@dataclass
+class Half:
+    name: str
+    learning: bool
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    bad_machine: str = ""
+    flaky_at_snapshot: list[dict[str, Any]] | None = None
+    flaky_at_end: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _data(answer: Any) -> list[dict[str, Any]]:
+    return list(answer["data"] if isinstance(answer, dict) else answer)
+
+
+def _ready_machines(client: httpx.Client) -> list[dict[str, Any]]:
+    machines = _data(client.get("/api/v1/machines", params={"state": "ready"}).json())
+    return [m for m in machines if m.get("pool") == POOL]
+
+
+def _events(client: httpx.Client, kind: str = "machine.") -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    since = 0
+    while True:
+        query: dict[str, str | int] = {"since": since, "limit": 1000, "kind": kind}
+        page = _data(client.get("/api/v1/events", params=query).json())
+        if not page:
+            return found
+        found += page
+        since = max(int(e["id"]) for e in page)
+
+
+def run_half(half: Half, day: list[Planned], parallel: int, tmp: Path) -> None:
+    policy = "quarantine" if half.learning else "fail"
+    repo = bench_repo(tmp / half.name / "factory-app", policy)
+    timings = tmp / half.name / "timings.txt"
+    timings.touch()
+    env = {
+        "SHOPFLOOR_LEARNING": "true" if half.learning else "false",
+        "SHOPFLOOR_BENCH_TIMINGS": str(timings),
+    }
+    serve = [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "bench" / "_timed_serve.py")]
+    with running_controller(tmp / half.name / "data", extra_env=env, serve=serve) as (client, _):
+        pool = {
+            "template": {"repo": str(repo)},
+            "min_ready": MACHINES,
+            "max_machines": MACHINES,
+            "reset": "clean",
+        }
+        client.put(f"/api/v1/pools/{POOL}", json=pool).raise_for_status()
+        deadline = time.monotonic() + 300
+        while len(ready := _ready_machines(client)) < MACHINES:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{half.name}: the pool did not fill")
+            time.sleep(0.5)
+        half.bad_machine = sorted(m["id"] for m in ready)[0]
+        pending = list(day)
+        flying: dict[str, Planned] = {}
+        done: dict[int, dict[str, Any]] = {}
+        started = time.perf_counter()
+        while pending or flying:
+            while pending and len(flying) < parallel:
+                planned = pending.pop(0)
+                body = {
+                    "task": f"factory day run {planned.index}",
+                    "repo": str(repo),
+                    "pool": POOL,
+                    "stages": stages_for(planned, half.bad_machine),
+                }
+                created = client.post("/api/v1/runs", json=body)
+                created.raise_for_status()
+                flying[created.json()["id"]] = planned
+            time.sleep(0.2)
+            for run_id in list(flying):
+                run = client.get(f"/api/v1/runs/{run_id}").json()
+                if run["status"] in ("passed", "failed", "cancelled"):
+                    run["planned"] = flying.pop(run_id)
+                    done[run["planned"].index] = run
+                    print(  # noqa: T201
+                        f"  [{half.name}] run {run['planned'].index:3d} {run['status']:6s}"
+                        f" {(run.get('reason') or '')[:90]}",
+                        flush=True,
+                    )
+            if half.flaky_at_snapshot is None and len(done) >= SNAPSHOT_AFTER:
+                half.flaky_at_snapshot = _flaky(client, repo)
+        half.wall_s = time.perf_counter() - started
+        half.runs = [done[i] for i in sorted(done)]
+        half.flaky_at_end = _flaky(client, repo)
+        half.events = _events(client)
+    for line in timings.read_text().splitlines():
+        name, seconds = line.split()
+        half.timings.setdefault(name, []).append(float(seconds))
+
+
+def _flaky(client: httpx.Client, repo: Path) -> list[dict[str, Any]]:
+    return _data(client.get("/api/v1/learning/tests", params={"repo": str(repo)}).json())
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _at(text: str | None) -> datetime | None:
+    """A time of the API as naive UTC (events and stage histories differ in that)."""
+    if not text:
+        return None
+    found = datetime.fromisoformat(text)
+    return found.astimezone(UTC).replace(tzinfo=None) if found.tzinfo else found
+
+
+def attempts(half: Half) -> list[dict[str, Any]]:
+    return [
+        {**entry, "stage": stage["name"], "run": run["id"]}
+        for run in half.runs
+        for stage in run["stages"]
+        for entry in stage["history"]
+    ]
+
+
+def figures(half: Half) -> dict[str, Any]:
+    tries = attempts(half)
+    failed = [a for a in tries if a["status"] != "passed"]
+    machine_s = 0.0
+    for run in half.runs:
+        starts = [_at(a["started_at"]) for s in run["stages"] for a in s["history"]]
+        ends = [_at(a["finished_at"]) for s in run["stages"] for a in s["history"]]
+        starts_, ends_ = [t for t in starts if t], [t for t in ends if t]
+        if starts_ and ends_:
+            machine_s += (max(ends_) - min(starts_)).total_seconds()
+    bad = half.bad_machine
+    benched = [
+        e for e in half.events if e["kind"] == "machine.quarantined" and e["subject_id"] == bad
+    ]
+    bad_failures = sorted(
+        (a for a in failed if a.get("machine_id") == bad), key=lambda a: a["finished_at"]
+    )
+    quarantined_at = _at(benched[0]["at"]) if benched else None
+    before = (
+        [a for a in bad_failures if _at(a["finished_at"]) <= quarantined_at]  # type: ignore[operator]
+        if quarantined_at
+        else bad_failures
+    )
+    first_start = min((t for a in tries if (t := _at(a["started_at"]))), default=None)
+    durations = [a["duration_ms"] / 1000 for a in tries if a.get("duration_ms") is not None]
+    spent = {k: sum(v) for k, v in half.timings.items()}
+    learning_s = spent.get("observe_attempt", 0.0) + spent.get("write_lessons", 0.0)
+    tracker_s = spent.get("known_flaky", 0.0) + spent.get("test_history", 0.0)
+    median = statistics.median(durations) if durations else 0.0
+    per_attempt = learning_s / len(tries) if tries else 0.0
+    return {
+        "runs": len(half.runs),
+        "attempts": len(tries),
+        "failed attempts": len(failed),
+        "failed by stage": Counter(a["stage"] for a in failed),
+        "passed": sum(1 for r in half.runs if r["status"] == "passed"),
+        "closed": sum(1 for r in half.runs if r.get("closed")),
+        "context re-creations": sum(r.get("context_recreations", 0) for r in half.runs),
+        "machine-minutes": machine_s / 60,
+        "wall-minutes": half.wall_s / 60,
+        "bad machine failures": len(bad_failures),
+        "quarantined": bool(benched),
+        "failures before quarantine": len(before) if benched else None,
+        "quarantined after s": (quarantined_at - first_start).total_seconds()
+        if quarantined_at and first_start
+        else None,
+        "flaky at snapshot": _precision_recall(half.flaky_at_snapshot),
+        "flaky at end": _precision_recall(half.flaky_at_end),
+        "median attempt s": median,
+        "learning s per attempt": per_attempt,
+        "learning share": per_attempt / median if median else None,
+        "tracker s per attempt": tracker_s / len(tries) if tries else 0.0,
+        "calls": {k: len(v) for k, v in half.timings.items()},
+    }
+
+
+def _precision_recall(tests: list[dict[str, Any]] | None) -> tuple[float, float, list[str]] | None:
+    if tests is None:
+        return None
+    found = {t["test"] for t in tests if t["state"] in ("flaky", "quarantined")}
+    hit = found & FLAKY_TRUTH
+    precision = len(hit) / len(found) if found else 1.0
+    return precision, len(hit) / len(FLAKY_TRUTH), sorted(found)
+
+
+def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) -> None:
+    a, b = figures(off), figures(on)
+    p = print
+    executions = sum(1 for r in day for _ in r.coin)
+    p(  # noqa: T201
+        f"\nfactory day: {len(day)} runs x 4 stages (seed {args.seed}, {args.parallel} at once,"
+        f" {MACHINES} machines); injected: coin F in {sum(r.coin.count('F') for r in day)}"
+        f" of {executions} planned test executions, {sum(r.buggy for r in day)} runs with"
+        " the typo, one bad machine"
+    )
+
+    def row(label: str, x: object, y: object) -> None:
+        p(f"  {label:38s} {x!s:>22s} {y!s:>22s}")  # noqa: T201
+
+    row("", "learning off", "learning on")
+    row("failed stage attempts", a["failed attempts"], b["failed attempts"])
+    row("  of which prepare/implement/test/review", _by_stage(a), _by_stage(b))
+    row("stage attempts", a["attempts"], b["attempts"])
+    row("runs passed", f"{a['passed']}/{a['runs']}", f"{b['passed']}/{b['runs']}")
+    row("runs closed (checklist met)", f"{a['closed']}/{a['runs']}", f"{b['closed']}/{b['runs']}")
+    row("context re-creations", a["context re-creations"], b["context re-creations"])
+    row(
+        "machine-minutes (runs holding one)",
+        f"{a['machine-minutes']:.2f}",
+        f"{b['machine-minutes']:.2f}",
+    )
+    row("wall-minutes", f"{a['wall-minutes']:.2f}", f"{b['wall-minutes']:.2f}")
+    row("bad machine: failed attempts", a["bad machine failures"], b["bad machine failures"])
+    row(
+        "bad machine quarantined after",
+        _quarantine(a),
+        _quarantine(b),
+    )
+    row(
+        f"flaky found after {SNAPSHOT_AFTER} runs (P/R)",
+        _pr(a["flaky at snapshot"]),
+        _pr(b["flaky at snapshot"]),
+    )
+    row("flaky found at the end (P/R)", _pr(a["flaky at end"]), _pr(b["flaky at end"]))
+    row(
+        "median stage attempt",
+        f"{a['median attempt s'] * 1000:.0f} ms",
+        f"{b['median attempt s'] * 1000:.0f} ms",
+    )
+    row(
+        "learning per attempt (observe+lessons)",
+        f"{a['learning s per attempt'] * 1000:.2f} ms",
+        f"{b['learning s per attempt'] * 1000:.2f} ms",
+    )
+    row("  share of the median attempt", _share(a["learning share"]), _share(b["learning share"]))
+    row(
+        "flaky tracker per attempt (history+known)",
+        f"{a['tracker s per attempt'] * 1000:.2f} ms",
+        f"{b['tracker s per attempt'] * 1000:.2f} ms",
+    )
+    p(f"  flaky tests named at the end: off {a['flaky at end'][2]}, on {b['flaky at end'][2]}")  # noqa: T201
+    p(f"  timed calls: off {a['calls']}, on {b['calls']}")  # noqa: T201
+
+    p("\ngoals (issue 13):")  # noqa: T201
+    fewer = 1 - b["failed attempts"] / a["failed attempts"] if a["failed attempts"] else 0.0
+    snap: tuple[float, float, list[str]] = b["flaky at snapshot"] or (0.0, 0.0, [])
+    goals = [
+        (
+            f"with learning on >= {GOALS['fewer failed attempts']:.0%} fewer failed stage attempts",
+            f"{fewer:.0%} fewer ({a['failed attempts']} -> {b['failed attempts']})",
+            fewer >= GOALS["fewer failed attempts"],
+        ),
+        (
+            f"bad machine quarantined after <= {GOALS['quarantined after failures']} of its failures",
+            _quarantine(b),
+            b["quarantined"]
+            and b["failures before quarantine"] <= GOALS["quarantined after failures"],
+        ),
+        (
+            f"flaky precision 1.0 and recall >= {GOALS['flaky recall']} after {SNAPSHOT_AFTER} runs",
+            _pr(snap),
+            snap[0] >= GOALS["flaky precision"] and snap[1] >= GOALS["flaky recall"],
+        ),
+        (
+            f"learning's own cost <= {GOALS['learning cost share']:.0%} of a stage's median time",
+            _share(b["learning share"]),
+            b["learning share"] is not None and b["learning share"] <= GOALS["learning cost share"],
+        ),
+    ]
+    for text, value, met in goals:
+        p(f"  [{'met' if met else 'MISSED'}] {text}: {value}")  # noqa: T201
+
+
+def _by_stage(f: dict[str, Any]) -> str:
+    c = f["failed by stage"]
+    return "/".join(str(c.get(s, 0)) for s in ("prepare", "implement", "test", "review"))
+
+
+def _quarantine(f: dict[str, Any]) -> str:
+    if not f["quarantined"]:
+        return "never"
+    return f"{f['failures before quarantine']} failures, {f['quarantined after s']:.0f} s"
+
+
+def _pr(found: tuple[float, float, list[str]] | None) -> str:
+    return "-" if found is None else f"{found[0]:.2f} / {found[1]:.2f}"
+
+
+def _share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.2%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--parallel", type=int, default=3)
+    args = parser.parse_args()
+    day = plan_day(args.runs, args.seed)
+    off, on = Half("off", learning=False), Half("on", learning=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for half in (off, on):
+            print(f"== {half.name}: learning {'on' if half.learning else 'off'}", flush=True)  # noqa: T201
+            run_half(half, day, args.parallel, Path(tmp))
+    report(off, on, day, args)
+
+
+if __name__ == "__main__":
+    main()
