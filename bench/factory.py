@@ -58,6 +58,8 @@ LETTERS = 8
 """Test executions a run's coin script covers (each one's letter drawn with FLAKY_P)."""
 FLAKY_TRUTH = {"test_app.FactoryTest::test_coin"}
 SNAPSHOT_AFTER = 20
+STALL_S = 300.0
+"""The bench gives up when no run finished for this long (a pool that stopped, a hung run)."""
 POOL = "line"
 MACHINES = 3
 CTX = "/workspace/.shopfloor"
@@ -200,8 +202,10 @@ def run_half(half: Half, day: list[Planned], parallel: int, tmp: Path) -> None:
         pending = list(day)
         flying: dict[str, Planned] = {}
         done: dict[int, dict[str, Any]] = {}
-        started = time.perf_counter()
+        started = progress = time.perf_counter()
         while pending or flying:
+            if time.perf_counter() - progress > STALL_S:
+                raise SystemExit(f"{half.name}: no run finished in {STALL_S:.0f} s: {list(flying)}")
             while pending and len(flying) < parallel:
                 planned = pending.pop(0)
                 body = {
@@ -218,6 +222,7 @@ def run_half(half: Half, day: list[Planned], parallel: int, tmp: Path) -> None:
                 run = client.get(f"/api/v1/runs/{run_id}").json()
                 if run["status"] in ("passed", "failed", "cancelled"):
                     run["planned"] = flying.pop(run_id)
+                    progress = time.perf_counter()
                     done[run["planned"].index] = run
                     print(  # noqa: T201
                         f"  [{half.name}] run {run['planned'].index:3d} {run['status']:6s}"
@@ -294,6 +299,7 @@ def figures(half: Half) -> dict[str, Any]:
         "attempts": len(tries),
         "failed attempts": len(failed),
         "failed by stage": Counter(a["stage"] for a in failed),
+        "failed by cause": Counter(_cause(a) for a in failed),
         "passed": sum(1 for r in half.runs if r["status"] == "passed"),
         "closed": sum(1 for r in half.runs if r.get("closed")),
         "context re-creations": sum(r.get("context_recreations", 0) for r in half.runs),
@@ -313,6 +319,18 @@ def figures(half: Half) -> dict[str, Any]:
         "tracker s per attempt": tracker_s / len(tries) if tries else 0.0,
         "calls": {k: len(v) for k, v in half.timings.items()},
     }
+
+
+def _cause(attempt: dict[str, Any]) -> str:
+    """Which injected fault failed an attempt: the bad machine, the typo, the coin, else other."""
+    summary = attempt.get("summary") or ""
+    if attempt["stage"] == "prepare" and "kill -9" in (attempt.get("log_tail") or summary):
+        return "machine"
+    if "test_greets_by_name" in summary:
+        return "typo"
+    if "test_coin" in summary:
+        return "coin"
+    return "other"
 
 
 def _precision_recall(tests: list[dict[str, Any]] | None) -> tuple[float, float, list[str]] | None:
@@ -341,6 +359,7 @@ def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) ->
     row("", "learning off", "learning on")
     row("failed stage attempts", a["failed attempts"], b["failed attempts"])
     row("  of which prepare/implement/test/review", _by_stage(a), _by_stage(b))
+    row("  by cause machine/typo/coin/other", _by_cause(a), _by_cause(b))
     row("stage attempts", a["attempts"], b["attempts"])
     row("runs passed", f"{a['passed']}/{a['runs']}", f"{b['passed']}/{b['runs']}")
     row("runs closed (checklist met)", f"{a['closed']}/{a['runs']}", f"{b['closed']}/{b['runs']}")
@@ -415,6 +434,11 @@ def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) ->
 def _by_stage(f: dict[str, Any]) -> str:
     c = f["failed by stage"]
     return "/".join(str(c.get(s, 0)) for s in ("prepare", "implement", "test", "review"))
+
+
+def _by_cause(f: dict[str, Any]) -> str:
+    c = f["failed by cause"]
+    return "/".join(str(c.get(s, 0)) for s in ("machine", "typo", "coin", "other"))
 
 
 def _quarantine(f: dict[str, Any]) -> str:
