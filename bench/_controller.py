@@ -88,11 +88,21 @@ def running_controller(
 ) -> Iterator[tuple[httpx.Client, str]]:
     """Yields an API client with a token of ``role`` and the runner image tag; ``extra_env``
     adds settings, ``serve`` replaces the ``shopfloor`` program that serves."""
+    # The controller is this checkout's code (a worktree's bench must not serve the code
+    # the virtualenv was installed from).
+    here = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    }
     image = subprocess.run(
-        [SHOPFLOOR, "image", "build"], check=True, capture_output=True, text=True
+        [SHOPFLOOR, "image", "build"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **here},
     ).stdout.split()[-1]
     env = {
         **os.environ,
+        **here,
         "SHOPFLOOR_DATA_DIR": str(data_dir),
         "SHOPFLOOR_EXTRA_LABELS": f"{BENCH_LABEL}={BENCH_RUN}",
         "SHOPFLOOR_RUNNER_IMAGE": image,

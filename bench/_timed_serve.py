@@ -3,11 +3,13 @@
     python bench/_timed_serve.py serve --port N
 
 Wraps, before the app starts, the calls that are learning's cost to a run: the driver's
-``learning.observe_attempt`` (signatures, fixes, machine health) and ``_write_lessons``
-(gathering the lessons and writing them into the machine), plus the flaky-test tracker's
-``flaky.known_flaky`` (read before each attempt) and ``test_history.record`` (each JUnit
-report saved). Each call appends ``name seconds`` to the file ``SHOPFLOOR_BENCH_TIMINGS``
-names; the append is outside the timed part.
+``learning.observe_attempt`` (signatures, fixes, machine health) and ``_lessons_due``
+(gathering and rendering the lessons), the flaky-test tracker's ``flaky.known_flaky`` (the
+known flaky tests, read when a run starts and after a failed attempt) and
+``test_history.record`` (each JUnit report saved), and the handle's ``write_files`` named by
+what it wrote (run.json alone or with the lessons, a stage's notes: the lessons' write is
+the difference). Each call appends a line to the file ``SHOPFLOOR_BENCH_TIMINGS`` names;
+the append is outside the timed part.
 """
 
 from __future__ import annotations
@@ -20,31 +22,53 @@ from collections.abc import Callable
 from typing import Any
 
 from controller import cli
-from controller.services import driver, flaky, learning
+from controller.services import driver, flaky, handles, learning
 from evidence import test_history
 
 _OUT = os.environ["SHOPFLOOR_BENCH_TIMINGS"]
 _LOCK = threading.Lock()
+_INSIDE = threading.local()
 
 
 def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Each call appends ``name depth seconds``: depth 0 is an outermost timed call (the
+    figures add those), deeper ones are parts of it (``known_flaky`` gathering the lessons)."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        depth = getattr(_INSIDE, "depth", 0)
+        _INSIDE.depth = depth + 1
         started = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             spent = time.perf_counter() - started
+            _INSIDE.depth = depth
             with _LOCK, open(_OUT, "a") as out:
-                out.write(f"{name} {spent:.6f}\n")
+                out.write(f"{name} {depth} {spent:.6f}\n")
+
+    return wrapper
+
+
+def _timed_writes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``write_files`` named by what it wrote: run.json alone, run.json with the lessons
+    (their difference is what writing the lessons costs), or a stage's notes."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, files: dict[str, bytes]) -> Any:
+        names = {path.rsplit("/", 1)[-1] for path in files}
+        kind = "notes" if "run.json" not in names else "run.json"
+        kind += "+lessons" if learning.LESSONS_JSON in names else ""
+        return _timed(f"write {kind}", fn)(self, files)
 
     return wrapper
 
 
 learning.observe_attempt = _timed("observe_attempt", learning.observe_attempt)
-driver.RunDriver._write_lessons = _timed("write_lessons", driver.RunDriver._write_lessons)  # type: ignore[method-assign]
+driver.RunDriver._lessons_due = _timed("lessons", driver.RunDriver._lessons_due)  # type: ignore[method-assign]
 flaky.known_flaky = _timed("known_flaky", flaky.known_flaky)
 test_history.record = _timed("test_history", test_history.record)
+handles.SshMachineHandle.write_files = _timed_writes(handles.SshMachineHandle.write_files)  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     cli.app()

@@ -1,37 +1,42 @@
 """A simulated factory day on real machines, with flow learning off and on (issue 13).
 
-    .venv/bin/python bench/factory.py [--runs 40] [--seed 13] [--parallel 3]
+    .venv/bin/python bench/factory.py [--runs 200] [--seed 13] [--parallel 3] [--machines 3]
 
-Each half is its own controller (`shopfloor serve`, timed: bench/_timed_serve.py), its own
-copy of the sample repo and a pool of three machines (`clean` between runs). Both halves get
-the same runs with the same faults, drawn from one seeded generator per run index:
+Each half is its own controller (`shopfloor serve`, timed: bench/_timed_serve.py) with its
+own copy of the sample repo and a pool of ``--machines`` machines (`clean` between runs);
+``--parallel`` runs are in flight at once. The only difference between the halves is
+``SHOPFLOOR_LEARNING``: the repo is the same (its `[verify]` says `flaky = "quarantine"`,
+`approvals = 0`), and so are the runs and their faults, drawn from one seeded generator per
+run index:
 
-- **a flaky test**: the sample's `test_coin` (SAMPLE_FLAKY_SCRIPT) fails 20 % of its
-  executions: each run's `prepare` stage writes its letters (one per execution of the test,
-  first try, rerun, stage retry, ...) to /tmp/coin;
-- **a bad machine**: one machine of the pool (the first ready one) whose `prepare` command
-  is SIGKILLed (`kill -9 $$` when the hostname names it): an `infra` failure;
+- **a flaky test**: the sample's `test_coin` fails 20 % of its executions: each run's `plan`
+  stage writes the run's letters (one per execution of the test: first try, the tester's
+  rerun, the stage's retry) to /tmp/coin, `F` with probability 0.2;
+- **a bad machine**: the first machine of the pool (by id) fails every command with an
+  infra error: every stage's command starts with a check of the hostname that SIGKILLs the
+  shell there (exit 137, as an OOM kill);
 - **a recurring failure a known change fixes**: 15 % of the runs' `implement` makes a typo
   (`Hello` -> `Helo`) that fails `test_greets_by_name` deterministically; the simulated
   coding agent reads the run's lessons (/workspace/.shopfloor/lessons.json) and, when the
   factory lists a fixed failure showing that typo, applies the known fix.
 
-Stages (every one `retries: 1`): prepare (command), implement (command: the change,
-committed with fixed dates so every run tests the same commit), test (tester, the sample's
-`run_tests.py`), review (command). Off: `SHOPFLOOR_LEARNING=false`, `[verify] flaky =
-"fail"`; on: learning on, `flaky = "quarantine"`. Both: `approvals = 0`, so `closed` is
-"every stage passed and the flaky criterion met".
+Five stages, stub agents (`command`, and the real `tester`), each `retries: 1`: plan
+(writes plan.md with the lessons), implement (the change, committed with fixed dates so
+every run tests the same commit), test (`run_tests.py` with JUnit), review, qa.
 
-Printed side by side: failed stage attempts, runs passed/closed, machine-minutes (a run's
-first stage start to its last stage end, summed: the time runs held a machine), when the bad
-machine was quarantined, flaky tests found after 20 runs and at the end (precision and
-recall against the one injected), and learning's own cost per stage attempt against the
-median attempt. Then the goals of issue 13 and whether each is met.
+Printed side by side: failed stage attempts (by stage and by injected cause), runs passed
+and closed, machine-minutes (each run's first stage start to its last stage end, summed:
+the time runs held a machine), when the bad machine was quarantined, the flaky tests the
+history names after 20 runs and at the end (precision and recall against the one injected;
+learning off keeps the history but acts on none of it), and learning's own cost per stage
+attempt (timed inside the controller) against the median attempt. Then the goals of
+issue 13, each met or NOT MET.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import subprocess
@@ -61,7 +66,6 @@ SNAPSHOT_AFTER = 20
 STALL_S = 300.0
 """The bench gives up when no run finished for this long (a pool that stopped, a hung run)."""
 POOL = "line"
-MACHINES = 3
 CTX = "/workspace/.shopfloor"
 COIN = "/tmp/coin"
 GIT_DATES = "GIT_AUTHOR_DATE=2026-01-01T00:00:00Z GIT_COMMITTER_DATE=2026-01-01T00:00:00Z"
@@ -74,6 +78,8 @@ KNOWS_FIX = (
     " sys.exit(0 if any('Helo' in json.dumps(f) for f in d.get('fixes', [])) else 1)\""
     " 2>/dev/null"
 )
+STAGES = ("plan", "implement", "test", "review", "qa")
+CAUSES = ("machine", "typo", "coin", "other")
 GOALS = {
     "fewer failed attempts": 0.40,
     "quarantined after failures": 3,
@@ -81,6 +87,11 @@ GOALS = {
     "flaky recall": 0.9,
     "learning cost share": 0.05,
 }
+LEARNING_CALLS = ("observe_attempt", "lessons", "known_flaky")
+"""What a run pays because learning is on (bench/_timed_serve.py times them), with the
+lessons' write: what run.json's write with them takes over run.json's alone."""
+HISTORY_CALL = "test_history"
+"""The JUnit history: kept with learning off too, counted in learning's cost all the same."""
 
 
 @dataclass(frozen=True)
@@ -102,40 +113,39 @@ def plan_day(runs: int, seed: int) -> list[Planned]:
 
 
 def stages_for(run: Planned, bad_machine: str) -> list[dict[str, Any]]:
+    """The run's five stages; every command fails with SIGKILL on the bad machine."""
+    bad = f'case "$(hostname)" in *{bad_machine}*) kill -9 $$;; esac; '
+    plan = (
+        f"printf %s {run.coin} > {COIN} && mkdir -p {CTX} && "
+        f"{{ echo '# Plan'; echo '1. Say who built the app.'; cat {CTX}/lessons.md 2>/dev/null"
+        f" || true; }} > {CTX}/plan.md"
+    )
     implement = [CHANGE]
     if run.buggy:
         implement += [TYPO, f"if {KNOWS_FIX}; then {FIX}; fi"]
     implement.append(COMMIT)
+
+    def command(name: str, cmd: str) -> dict[str, Any]:
+        return {"name": name, "agent": "command", "retries": 1, "with": {"cmd": bad + cmd}}
+
     return [
-        {
-            "name": "prepare",
-            "agent": "command",
-            "retries": 1,
-            "with": {
-                "cmd": f'case "$(hostname)" in *{bad_machine}*) kill -9 $$;; esac; '
-                f"printf %s {run.coin} > {COIN}"
-            },
-        },
-        {
-            "name": "implement",
-            "agent": "command",
-            "retries": 1,
-            "with": {"cmd": " && ".join(implement)},
-        },
+        command("plan", plan),
+        command("implement", " && ".join(implement)),
         {
             "name": "test",
             "agent": "tester",
             "retries": 1,
-            "with": {"test": f"SAMPLE_FLAKY_SCRIPT={COIN} python3 run_tests.py"},
+            "with": {"test": f"{bad}SAMPLE_FLAKY_SCRIPT={COIN} python3 run_tests.py"},
         },
-        {"name": "review", "agent": "command", "retries": 1, "with": {"cmd": "git show --stat"}},
+        command("review", "git show --stat HEAD"),
+        command("qa", "python3 -c 'import app; print(app.greeting(\"qa\"))'"),
     ]
 
 
-def bench_repo(dest: Path, flaky_policy: str) -> Path:
+def bench_repo(dest: Path) -> Path:
     repo: Path = make_sample_repo(dest, "sample-app")
     toml = repo / ".shopfloor.toml"
-    toml.write_text(toml.read_text() + f'\n[verify]\napprovals = 0\nflaky = "{flaky_policy}"\n')
+    toml.write_text(toml.read_text() + '\n[verify]\napprovals = 0\nflaky = "quarantine"\n')
     git = ["git", "-C", str(repo), "-c", "user.name=bench", "-c", "user.email=bench@local"]
     subprocess.run([*git, "commit", "--quiet", "-am", "bench policy"], check=True)
     return repo
@@ -159,8 +169,7 @@ def _data(answer: Any) -> list[dict[str, Any]]:
 
 
 def _ready_machines(client: httpx.Client) -> list[dict[str, Any]]:
-    machines = _data(client.get("/api/v1/machines", params={"state": "ready"}).json())
-    return [m for m in machines if m.get("pool") == POOL]
+    return _data(client.get("/api/v1/machines", params={"state": "ready", "pool": POOL}).json())
 
 
 def _events(client: httpx.Client, kind: str = "machine.") -> list[dict[str, Any]]:
@@ -175,9 +184,8 @@ def _events(client: httpx.Client, kind: str = "machine.") -> list[dict[str, Any]
         since = max(int(e["id"]) for e in page)
 
 
-def run_half(half: Half, day: list[Planned], parallel: int, tmp: Path) -> None:
-    policy = "quarantine" if half.learning else "fail"
-    repo = bench_repo(tmp / half.name / "factory-app", policy)
+def run_half(half: Half, day: list[Planned], args: argparse.Namespace, tmp: Path) -> None:
+    repo = bench_repo(tmp / half.name / "factory-app")
     timings = tmp / half.name / "timings.txt"
     timings.touch()
     env = {
@@ -188,13 +196,13 @@ def run_half(half: Half, day: list[Planned], parallel: int, tmp: Path) -> None:
     with running_controller(tmp / half.name / "data", extra_env=env, serve=serve) as (client, _):
         pool = {
             "template": {"repo": str(repo)},
-            "min_ready": MACHINES,
-            "max_machines": MACHINES,
+            "min_ready": args.machines,
+            "max_machines": args.machines,
             "reset": "clean",
         }
         client.put(f"/api/v1/pools/{POOL}", json=pool).raise_for_status()
         deadline = time.monotonic() + 300
-        while len(ready := _ready_machines(client)) < MACHINES:
+        while len(ready := _ready_machines(client)) < args.machines:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{half.name}: the pool did not fill")
             time.sleep(0.5)
@@ -206,7 +214,7 @@ def run_half(half: Half, day: list[Planned], parallel: int, tmp: Path) -> None:
         while pending or flying:
             if time.perf_counter() - progress > STALL_S:
                 raise SystemExit(f"{half.name}: no run finished in {STALL_S:.0f} s: {list(flying)}")
-            while pending and len(flying) < parallel:
+            while pending and len(flying) < args.parallel:
                 planned = pending.pop(0)
                 body = {
                     "task": f"factory day run {planned.index}",
@@ -217,27 +225,30 @@ def run_half(half: Half, day: list[Planned], parallel: int, tmp: Path) -> None:
                 created = client.post("/api/v1/runs", json=body)
                 created.raise_for_status()
                 flying[created.json()["id"]] = planned
-            time.sleep(0.2)
+            time.sleep(0.25)
             for run_id in list(flying):
                 run = client.get(f"/api/v1/runs/{run_id}").json()
                 if run["status"] in ("passed", "failed", "cancelled"):
                     run["planned"] = flying.pop(run_id)
                     progress = time.perf_counter()
                     done[run["planned"].index] = run
-                    print(  # noqa: T201
-                        f"  [{half.name}] run {run['planned'].index:3d} {run['status']:6s}"
-                        f" {(run.get('reason') or '')[:90]}",
-                        flush=True,
-                    )
-            if half.flaky_at_snapshot is None and len(done) >= SNAPSHOT_AFTER:
+                    if len(done) % 20 == 0 or not (pending or flying):
+                        passed = sum(1 for r in done.values() if r["status"] == "passed")
+                        print(  # noqa: T201
+                            f"  [{half.name}] {len(done)} runs done ({passed} passed),"
+                            f" {time.perf_counter() - started:.0f} s",
+                            flush=True,
+                        )
+            if half.flaky_at_snapshot is None and len(done) >= min(SNAPSHOT_AFTER, len(day)):
                 half.flaky_at_snapshot = _flaky(client, repo)
         half.wall_s = time.perf_counter() - started
         half.runs = [done[i] for i in sorted(done)]
         half.flaky_at_end = _flaky(client, repo)
         half.events = _events(client)
     for line in timings.read_text().splitlines():
-        name, seconds = line.split()
-        half.timings.setdefault(name, []).append(float(seconds))
+        name, depth, seconds = line.rsplit(" ", 2)
+        key = name if depth == "0" else f"{name} (inside)"
+        half.timings.setdefault(key, []).append(float(seconds))
 
 
 def _flaky(client: httpx.Client, repo: Path) -> list[dict[str, Any]]:
@@ -283,17 +294,17 @@ def figures(half: Half) -> dict[str, Any]:
     )
     quarantined_at = _at(benched[0]["at"]) if benched else None
     before = (
-        [a for a in bad_failures if _at(a["finished_at"]) <= quarantined_at]  # type: ignore[operator]
+        [a for a in bad_failures if (at := _at(a["finished_at"])) and at <= quarantined_at]
         if quarantined_at
         else bad_failures
     )
     first_start = min((t for a in tries if (t := _at(a["started_at"]))), default=None)
     durations = [a["duration_ms"] / 1000 for a in tries if a.get("duration_ms") is not None]
     spent = {k: sum(v) for k, v in half.timings.items()}
-    learning_s = spent.get("observe_attempt", 0.0) + spent.get("write_lessons", 0.0)
-    tracker_s = spent.get("known_flaky", 0.0) + spent.get("test_history", 0.0)
+    learning_s = sum(spent.get(k, 0.0) for k in LEARNING_CALLS) + _lessons_write_s(half)
+    history_s = spent.get(HISTORY_CALL, 0.0)
     median = statistics.median(durations) if durations else 0.0
-    per_attempt = learning_s / len(tries) if tries else 0.0
+    per_attempt = (learning_s + history_s) / len(tries) if tries else 0.0
     return {
         "runs": len(half.runs),
         "attempts": len(tries),
@@ -306,6 +317,9 @@ def figures(half: Half) -> dict[str, Any]:
         "machine-minutes": machine_s / 60,
         "wall-minutes": half.wall_s / 60,
         "bad machine failures": len(bad_failures),
+        "bad machine runs": sum(
+            1 for r in half.runs if any(a.get("machine_id") == bad for a in _history(r))
+        ),
         "quarantined": bool(benched),
         "failures before quarantine": len(before) if benched else None,
         "quarantined after s": (quarantined_at - first_start).total_seconds()
@@ -314,17 +328,34 @@ def figures(half: Half) -> dict[str, Any]:
         "flaky at snapshot": _precision_recall(half.flaky_at_snapshot),
         "flaky at end": _precision_recall(half.flaky_at_end),
         "median attempt s": median,
-        "learning s per attempt": per_attempt,
+        "learning s per attempt": learning_s / len(tries) if tries else 0.0,
+        "history s per attempt": history_s / len(tries) if tries else 0.0,
         "learning share": per_attempt / median if median else None,
-        "tracker s per attempt": tracker_s / len(tries) if tries else 0.0,
-        "calls": {k: len(v) for k, v in half.timings.items()},
+        "calls": {
+            k: f"{len(v)} x {statistics.mean(v) * 1000:.1f} ms"
+            for k, v in sorted(half.timings.items())
+        },
     }
+
+
+def _lessons_write_s(half: Half) -> float:
+    """What writing the lessons took: run.json's writes with them, less as many of its
+    writes alone (the same SFTP session carries both)."""
+    both = half.timings.get("write run.json+lessons", [])
+    alone = half.timings.get("write run.json", [])
+    if not both:
+        return 0.0
+    return max(0.0, sum(both) - len(both) * (statistics.median(alone) if alone else 0.0))
+
+
+def _history(run: dict[str, Any]) -> list[dict[str, Any]]:
+    return [a for s in run["stages"] for a in s["history"]]
 
 
 def _cause(attempt: dict[str, Any]) -> str:
     """Which injected fault failed an attempt: the bad machine, the typo, the coin, else other."""
     summary = attempt.get("summary") or ""
-    if attempt["stage"] == "prepare" and "kill -9" in (attempt.get("log_tail") or summary):
+    if "(exit 137)" in summary or "(exit None)" in summary:  # SIGKILLed: no exit status
         return "machine"
     if "test_greets_by_name" in summary:
         return "typo"
@@ -342,24 +373,25 @@ def _precision_recall(tests: list[dict[str, Any]] | None) -> tuple[float, float,
     return precision, len(hit) / len(FLAKY_TRUTH), sorted(found)
 
 
-def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) -> None:
+def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) -> bool:
+    """Print the figures and the goals; True when every goal is met."""
     a, b = figures(off), figures(on)
     p = print
-    executions = sum(1 for r in day for _ in r.coin)
+    executions = sum(len(r.coin) for r in day)
     p(  # noqa: T201
-        f"\nfactory day: {len(day)} runs x 4 stages (seed {args.seed}, {args.parallel} at once,"
-        f" {MACHINES} machines); injected: coin F in {sum(r.coin.count('F') for r in day)}"
-        f" of {executions} planned test executions, {sum(r.buggy for r in day)} runs with"
-        " the typo, one bad machine"
+        f"\nfactory day: {len(day)} runs x {len(STAGES)} stages (seed {args.seed},"
+        f" {args.parallel} at once, {args.machines} machines); injected: coin F in"
+        f" {sum(r.coin.count('F') for r in day)} of {executions} planned test executions,"
+        f" {sum(r.buggy for r in day)} runs with the typo, one bad machine"
     )
 
     def row(label: str, x: object, y: object) -> None:
-        p(f"  {label:38s} {x!s:>22s} {y!s:>22s}")  # noqa: T201
+        p(f"  {label:44s} {x!s:>20s} {y!s:>20s}")  # noqa: T201
 
     row("", "learning off", "learning on")
     row("failed stage attempts", a["failed attempts"], b["failed attempts"])
-    row("  of which prepare/implement/test/review", _by_stage(a), _by_stage(b))
-    row("  by cause machine/typo/coin/other", _by_cause(a), _by_cause(b))
+    row(f"  by stage {'/'.join(STAGES)}", _by(a, "stage", STAGES), _by(b, "stage", STAGES))
+    row(f"  by cause {'/'.join(CAUSES)}", _by(a, "cause", CAUSES), _by(b, "cause", CAUSES))
     row("stage attempts", a["attempts"], b["attempts"])
     row("runs passed", f"{a['passed']}/{a['runs']}", f"{b['passed']}/{b['runs']}")
     row("runs closed (checklist met)", f"{a['closed']}/{a['runs']}", f"{b['closed']}/{b['runs']}")
@@ -370,36 +402,41 @@ def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) ->
         f"{b['machine-minutes']:.2f}",
     )
     row("wall-minutes", f"{a['wall-minutes']:.2f}", f"{b['wall-minutes']:.2f}")
-    row("bad machine: failed attempts", a["bad machine failures"], b["bad machine failures"])
     row(
-        "bad machine quarantined after",
-        _quarantine(a),
-        _quarantine(b),
+        "bad machine: runs / failed attempts",
+        f"{a['bad machine runs']} / {a['bad machine failures']}",
+        f"{b['bad machine runs']} / {b['bad machine failures']}",
     )
+    row("bad machine quarantined after", _quarantine(a), _quarantine(b))
     row(
-        f"flaky found after {SNAPSHOT_AFTER} runs (P/R)",
+        f"flaky found after {SNAPSHOT_AFTER} runs (P / R)",
         _pr(a["flaky at snapshot"]),
         _pr(b["flaky at snapshot"]),
     )
-    row("flaky found at the end (P/R)", _pr(a["flaky at end"]), _pr(b["flaky at end"]))
+    row("flaky found at the end (P / R)", _pr(a["flaky at end"]), _pr(b["flaky at end"]))
     row(
         "median stage attempt",
         f"{a['median attempt s'] * 1000:.0f} ms",
         f"{b['median attempt s'] * 1000:.0f} ms",
     )
     row(
-        "learning per attempt (observe+lessons)",
+        "learning per attempt (observe+lessons+known)",
         f"{a['learning s per attempt'] * 1000:.2f} ms",
         f"{b['learning s per attempt'] * 1000:.2f} ms",
     )
-    row("  share of the median attempt", _share(a["learning share"]), _share(b["learning share"]))
     row(
-        "flaky tracker per attempt (history+known)",
-        f"{a['tracker s per attempt'] * 1000:.2f} ms",
-        f"{b['tracker s per attempt'] * 1000:.2f} ms",
+        "JUnit history per attempt (kept either way)",
+        f"{a['history s per attempt'] * 1000:.2f} ms",
+        f"{b['history s per attempt'] * 1000:.2f} ms",
+    )
+    row(
+        "  both, share of the median attempt",
+        _share(a["learning share"]),
+        _share(b["learning share"]),
     )
     p(f"  flaky tests named at the end: off {a['flaky at end'][2]}, on {b['flaky at end'][2]}")  # noqa: T201
-    p(f"  timed calls: off {a['calls']}, on {b['calls']}")  # noqa: T201
+    p(f"  timed calls (count x mean): off {a['calls']}")  # noqa: T201
+    p(f"                              on  {b['calls']}")  # noqa: T201
 
     p("\ngoals (issue 13):")  # noqa: T201
     fewer = 1 - b["failed attempts"] / a["failed attempts"] if a["failed attempts"] else 0.0
@@ -411,13 +448,15 @@ def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) ->
             fewer >= GOALS["fewer failed attempts"],
         ),
         (
-            f"bad machine quarantined after <= {GOALS['quarantined after failures']} of its failures",
+            f"bad machine quarantined after <= {GOALS['quarantined after failures']} of its"
+            " failures",
             _quarantine(b),
             b["quarantined"]
             and b["failures before quarantine"] <= GOALS["quarantined after failures"],
         ),
         (
-            f"flaky precision 1.0 and recall >= {GOALS['flaky recall']} after {SNAPSHOT_AFTER} runs",
+            f"flaky precision 1.0 and recall >= {GOALS['flaky recall']} after {SNAPSHOT_AFTER}"
+            " runs",
             _pr(snap),
             snap[0] >= GOALS["flaky precision"] and snap[1] >= GOALS["flaky recall"],
         ),
@@ -428,17 +467,13 @@ def report(off: Half, on: Half, day: list[Planned], args: argparse.Namespace) ->
         ),
     ]
     for text, value, met in goals:
-        p(f"  [{'met' if met else 'MISSED'}] {text}: {value}")  # noqa: T201
+        p(f"  [{'met' if met else 'NOT MET'}] {text}: {value}")  # noqa: T201
+    return all(met for _, _, met in goals)
 
 
-def _by_stage(f: dict[str, Any]) -> str:
-    c = f["failed by stage"]
-    return "/".join(str(c.get(s, 0)) for s in ("prepare", "implement", "test", "review"))
-
-
-def _by_cause(f: dict[str, Any]) -> str:
-    c = f["failed by cause"]
-    return "/".join(str(c.get(s, 0)) for s in ("machine", "typo", "coin", "other"))
+def _by(f: dict[str, Any], what: str, keys: tuple[str, ...]) -> str:
+    c = f[f"failed by {what}"]
+    return "/".join(str(c.get(k, 0)) for k in keys)
 
 
 def _quarantine(f: dict[str, Any]) -> str:
@@ -456,18 +491,32 @@ def _share(share: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=40)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200, help="runs per half (default 200)")
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--parallel", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=3, help="runs in flight at once")
+    parser.add_argument("--machines", type=int, default=3, help="machines in the pool")
+    parser.add_argument("--dump", type=Path, help="write both halves' runs here (JSON)")
+    parser.add_argument("--only", choices=("off", "on"), help="run one half (a look, no goals)")
     args = parser.parse_args()
     day = plan_day(args.runs, args.seed)
     off, on = Half("off", learning=False), Half("on", learning=True)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for half in (off, on):
+            if args.only and half.name != args.only:
+                continue
             print(f"== {half.name}: learning {'on' if half.learning else 'off'}", flush=True)  # noqa: T201
-            run_half(half, day, args.parallel, Path(tmp))
-    report(off, on, day, args)
+            run_half(half, day, args, Path(tmp))
+    if args.dump:
+        halves = {h.name: {"bad_machine": h.bad_machine, "runs": h.runs} for h in (off, on)}
+        args.dump.write_text(json.dumps(halves, indent=1, default=str))
+    if args.only:
+        for key, value in figures(on if args.only == "on" else off).items():
+            print(f"  {key}: {value}")  # noqa: T201
+    else:
+        report(off, on, day, args)
+    print(f"\nthe bench took {(time.perf_counter() - started) / 60:.1f} min")  # noqa: T201
 
 
 if __name__ == "__main__":
