@@ -341,14 +341,17 @@ def _record_pass(ctl: Controller, run_id: str, stage: str) -> list[str]:
 
 def _open_elsewhere(tx: Session, repo: str, stage: str, run_id: str) -> list[FailureSignature]:
     """Open signatures of the repo's stage that this run did not hit itself (a pass after
-    the run's own failure is a retry, not a fix)."""
+    the run's own failure is a retry, not a fix). Closed ones stay in the database: every
+    passed attempt asks, and a repo's history of fixed failures only grows."""
     own = select(SignatureHit.signature).where(
         SignatureHit.run_id == run_id, SignatureHit.stage == stage
     )
+    fixed_at = col(FailureSignature.fixed_at)
     rows = tx.exec(
         select(FailureSignature).where(
             FailureSignature.repo == repo,
             FailureSignature.stage == stage,
+            fixed_at.is_(None) | (col(FailureSignature.last_seen) > fixed_at),
             col(FailureSignature.signature).not_in(own),
         )
     ).all()
