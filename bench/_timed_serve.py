@@ -6,9 +6,9 @@ Wraps, before the app starts, the calls that are learning's cost to a run: the d
 ``learning.observe_attempt`` (signatures, fixes, machine health) and ``_lessons_due``
 (gathering and rendering the lessons), the flaky-test tracker's ``flaky.known_flaky`` (the
 known flaky tests, read when a run starts and after a failed attempt) and
-``test_history.record`` (each JUnit report saved), and the handle's ``write_files`` named by
-what it wrote (run.json alone or with the lessons, a stage's notes: the lessons' write is
-the difference). Each call appends a line to the file ``SHOPFLOOR_BENCH_TIMINGS`` names;
+``test_history.record`` (each JUnit report saved), and the lessons files' own writes (in
+the SFTP session that writes run.json); the handle's ``write_files`` is timed too, named by
+what it wrote (run.json alone or with the lessons, a stage's notes). Each call appends a line to the file ``SHOPFLOOR_BENCH_TIMINGS`` names;
 the append is outside the timed part.
 """
 
@@ -51,8 +51,8 @@ def _timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _timed_writes(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``write_files`` named by what it wrote: run.json alone, run.json with the lessons
-    (their difference is what writing the lessons costs), or a stage's notes."""
+    """``write_files`` named by what it wrote: run.json (alone or with the lessons) or a
+    stage's notes."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, files: dict[str, bytes]) -> Any:
@@ -64,11 +64,27 @@ def _timed_writes(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _timed_lessons_files(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The lessons files' own writes inside the session that writes run.json: what writing
+    them costs a run (the session, the connection and the folder are run.json's)."""
+    timed = _timed("lessons write", fn)
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, sftp: Any, target: str, data: bytes, made: set[str]) -> Any:
+        lessons = target.rsplit("/", 1)[-1] in (learning.LESSONS_JSON, learning.LESSONS_MD)
+        return (timed if lessons else fn)(self, sftp, target, data, made)
+
+    return wrapper
+
+
 learning.observe_attempt = _timed("observe_attempt", learning.observe_attempt)
+learning._record_pass = _timed("observe a pass", learning._record_pass)
+learning._record_failure = _timed("observe a failure", learning._record_failure)
 driver.RunDriver._lessons_due = _timed("lessons", driver.RunDriver._lessons_due)  # type: ignore[method-assign]
 flaky.known_flaky = _timed("known_flaky", flaky.known_flaky)
 test_history.record = _timed("test_history", test_history.record)
 handles.SshMachineHandle.write_files = _timed_writes(handles.SshMachineHandle.write_files)  # type: ignore[method-assign]
+handles.SshMachineHandle._write_in = _timed_lessons_files(handles.SshMachineHandle._write_in)  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     cli.app()

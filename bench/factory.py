@@ -87,9 +87,9 @@ GOALS = {
     "flaky recall": 0.9,
     "learning cost share": 0.05,
 }
-LEARNING_CALLS = ("observe_attempt", "lessons", "known_flaky")
-"""What a run pays because learning is on (bench/_timed_serve.py times them), with the
-lessons' write: what run.json's write with them takes over run.json's alone."""
+LEARNING_CALLS = ("observe_attempt", "lessons", "lessons write (inside)", "known_flaky")
+"""What a run pays because learning is on (bench/_timed_serve.py times them; the lessons'
+write is inside run.json's, whose session it shares)."""
 HISTORY_CALL = "test_history"
 """The JUnit history: kept with learning off too, counted in learning's cost all the same."""
 
@@ -301,7 +301,7 @@ def figures(half: Half) -> dict[str, Any]:
     first_start = min((t for a in tries if (t := _at(a["started_at"]))), default=None)
     durations = [a["duration_ms"] / 1000 for a in tries if a.get("duration_ms") is not None]
     spent = {k: sum(v) for k, v in half.timings.items()}
-    learning_s = sum(spent.get(k, 0.0) for k in LEARNING_CALLS) + _lessons_write_s(half)
+    learning_s = sum(spent.get(k, 0.0) for k in LEARNING_CALLS)
     history_s = spent.get(HISTORY_CALL, 0.0)
     median = statistics.median(durations) if durations else 0.0
     per_attempt = (learning_s + history_s) / len(tries) if tries else 0.0
@@ -336,16 +336,6 @@ def figures(half: Half) -> dict[str, Any]:
             for k, v in sorted(half.timings.items())
         },
     }
-
-
-def _lessons_write_s(half: Half) -> float:
-    """What writing the lessons took: run.json's writes with them, less as many of its
-    writes alone (the same SFTP session carries both)."""
-    both = half.timings.get("write run.json+lessons", [])
-    alone = half.timings.get("write run.json", [])
-    if not both:
-        return 0.0
-    return max(0.0, sum(both) - len(both) * (statistics.median(alone) if alone else 0.0))
 
 
 def _history(run: dict[str, Any]) -> list[dict[str, Any]]:

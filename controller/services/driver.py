@@ -29,7 +29,7 @@ from sqlmodel import Session, col, select
 
 from agents import config, registry
 from agents.base import HANDOFF_DIR, Assignment, KnownTests, MachineHandle, StageResult
-from controller.domain import LeasePublic, MachineTemplate
+from controller.domain import CaseHealth, LeasePublic, MachineTemplate
 from controller.errors import Conflict, InvalidInput, ShopfloorError
 from controller.services import (
     access,
@@ -188,9 +188,9 @@ class RunDriver:
         self.claim_lost = threading.Event()
         """Set by the heartbeat when the claim could not be kept: write nothing more."""
         self.heartbeat_stop = threading.Event()
-        self.known: KnownTests | None = None
-        """The repo's known flaky tests as this run last read them (read again after a
-        failed attempt: that attempt's results may have taught something)."""
+        self.known: list[CaseHealth] | None = None
+        """The repo's known flaky tests as this run last read them, for the tester and the
+        lessons (read again after a failed attempt: its results may have taught something)."""
         self.lessons: dict[str, Any] | None = None
         self.lessons_on: str | None = None
         """The machine whose handoff folder has this run's lessons."""
@@ -725,20 +725,26 @@ class RunDriver:
         ``flaky = "quarantine"``; nothing when learning is off (the tester then neither
         reruns nor lets a failure through) or the history cannot be read (not worth a
         failed stage)."""
-        if not self.ctl.settings.learning:
+        known = self._known_cases(run)
+        if not known:
             return KnownTests()
-        if self.known is not None:
-            return self.known
-        quarantine = flaky.policy_quarantines(run.policy)
-        try:
-            known = flaky.known_flaky(ctl=self.ctl, repo=run.repo, quarantine=quarantine)
-        except Exception as exc:  # noqa: BLE001 - learning must not stop the line
-            log.warning("run %s: known flaky tests not read: %s", self.run_id, exc)
-            return KnownTests()
-        self.known = KnownTests(
+        return KnownTests(
             flaky=frozenset(t.test for t in known),
             quarantined=frozenset(t.test for t in known if t.state == "quarantined"),
         )
+
+    def _known_cases(self, run: Run) -> list[CaseHealth] | None:
+        """The repo's flaky and quarantined tests under the run's policy, read once and again
+        after a failed attempt; None when learning is off or they could not be read."""
+        if not self.ctl.settings.learning:
+            return None
+        if self.known is None:
+            quarantine = flaky.policy_quarantines(run.policy)
+            try:
+                self.known = flaky.known_flaky(ctl=self.ctl, repo=run.repo, quarantine=quarantine)
+            except Exception as exc:  # noqa: BLE001 - learning must not stop the line
+                log.warning("run %s: known flaky tests not read: %s", self.run_id, exc)
+                return None
         return self.known
 
     def _kill_leftovers(self) -> None:
@@ -800,7 +806,8 @@ class RunDriver:
         if self.machine is None or self.lessons_on == self.machine.id:
             return {}
         if self.lessons is None:
-            self.lessons = learning.lessons_for(ctl=self.ctl, repo=run.repo) or {}
+            known = self._known_cases(run)
+            self.lessons = learning.lessons_for(ctl=self.ctl, repo=run.repo, known=known) or {}
         if not self.lessons:
             return {}
         found = learning.lessons_files(self.lessons)
@@ -828,6 +835,7 @@ class RunDriver:
             machine_id=self.machine.id if self.machine else None,
             passed=passed,
             facts=None if passed else facts,
+            repo=self.facts.get("repo"),
         )
         if learned.quarantined is not None and not outcome.machine_lost:
             outcome.quarantined = learned.quarantined.reason
