@@ -25,7 +25,10 @@ from tests.integration.test_runs import CTX, cmd, create_run, wait_run
 API = "/api/v1"
 COIN = "test_app.FactoryTest::test_coin"
 KILLED_ON_BAD = "test ! -e /home/runner/bad-machine || kill -9 $$; python3 -c 'assert 1 + 1 == 2'"
-NO_LESSONS = f"test ! -e {CTX}/lessons.json && test ! -e {CTX}/lessons.md"
+NO_LESSONS = (
+    f'test ! -e {CTX}/lessons.json && test ! -e {CTX}/lessons.md && python3 -c "import json;'
+    f" assert json.load(open('{CTX}/run.json'))['lessons'] is None\""
+)
 
 
 def quarantining(repo: Path) -> None:
