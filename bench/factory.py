@@ -1,6 +1,11 @@
 """A simulated factory day on real machines, with flow learning off and on (issue 13).
 
     .venv/bin/python bench/factory.py [--runs 200] [--seed 13] [--parallel 3] [--machines 3]
+                                      [--dump runs.json] [--only off|on]
+
+200 runs per half took 9 minutes in all on the 2-core host (shared, loaded: 4-5 minutes a
+half); ``--runs`` makes a shorter day, ``--only`` runs one half and prints its figures
+without the comparison, ``--dump`` keeps every run's record.
 
 Each half is its own controller (`shopfloor serve`, timed: bench/_timed_serve.py) with its
 own copy of the sample repo and a pool of ``--machines`` machines (`clean` between runs);
