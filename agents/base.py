@@ -8,7 +8,7 @@ and stores what they return.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -53,6 +53,10 @@ class MachineHandle(Protocol):
     def read_file(self, path: str) -> bytes: ...
 
     def write_file(self, path: str, data: bytes) -> None: ...
+
+    def write_files(self, files: Mapping[str, bytes]) -> None:
+        """Several files (path -> bytes) in one go: one SFTP session instead of one each."""
+        ...
 
     def forward(self, port: int) -> str:
         """A URL on the controller host that reaches ``port`` inside the machine."""

@@ -80,13 +80,29 @@ class KeepAlive:
 
 
 @contextmanager
-def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[httpx.Client, str]]:
-    """Yields an API client with a token of ``role`` and the runner image tag."""
+def running_controller(
+    data_dir: Path,
+    role: str = "ops",
+    extra_env: dict[str, str] | None = None,
+    serve: list[str] | None = None,
+) -> Iterator[tuple[httpx.Client, str]]:
+    """Yields an API client with a token of ``role`` and the runner image tag; ``extra_env``
+    adds settings, ``serve`` replaces the ``shopfloor`` program that serves."""
+    # The controller is this checkout's code (a worktree's bench must not serve the code
+    # the virtualenv was installed from).
+    here = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    }
     image = subprocess.run(
-        [SHOPFLOOR, "image", "build"], check=True, capture_output=True, text=True
+        [SHOPFLOOR, "image", "build"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **here},
     ).stdout.split()[-1]
     env = {
         **os.environ,
+        **here,
         "SHOPFLOOR_DATA_DIR": str(data_dir),
         "SHOPFLOOR_EXTRA_LABELS": f"{BENCH_LABEL}={BENCH_RUN}",
         "SHOPFLOOR_RUNNER_IMAGE": image,
@@ -94,10 +110,11 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
         # still runs on every request (its cost is in the figures) but never refuses.
         "SHOPFLOOR_TOKEN_RATE_PER_S": "1000000",
         "SHOPFLOOR_TOKEN_RATE_BURST": "1000000",
+        **(extra_env or {}),
     }
     port = free_port()
     server = subprocess.Popen(
-        [SHOPFLOOR, "serve", "--port", str(port), "--log-level", "warning"],
+        [*(serve or [SHOPFLOOR]), "serve", "--port", str(port), "--log-level", "warning"],
         env=env,
         start_new_session=True,
     )

@@ -94,7 +94,9 @@ class Settings(BaseSettings):
 
     # flow learning (issue 13)
     learning: bool = True
-    """Give failed stage attempts signatures, link fixes, bench bad machines, write lessons."""
+    """Give failed stage attempts signatures, link fixes, bench bad machines, write lessons,
+    hand the tester the known flaky tests (rerun, quarantine). Off, runs behave as if no
+    learning existed; only the JUnit history (evidence) is still kept."""
     quarantine_after: int = 3
     """Infra-class failures of one machine's stages within ``quarantine_window_s`` (while the
     same stages passed on other machines) that quarantine it. 0: never."""

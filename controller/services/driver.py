@@ -29,7 +29,7 @@ from sqlmodel import Session, col, select
 
 from agents import config, registry
 from agents.base import HANDOFF_DIR, Assignment, KnownTests, MachineHandle, StageResult
-from controller.domain import LeasePublic, MachineTemplate
+from controller.domain import CaseHealth, LeasePublic, MachineTemplate
 from controller.errors import Conflict, InvalidInput, ShopfloorError
 from controller.services import (
     access,
@@ -188,6 +188,9 @@ class RunDriver:
         self.claim_lost = threading.Event()
         """Set by the heartbeat when the claim could not be kept: write nothing more."""
         self.heartbeat_stop = threading.Event()
+        self.known: list[CaseHealth] | None = None
+        """The repo's known flaky tests as this run last read them, for the tester and the
+        lessons (read again after a failed attempt: its results may have taught something)."""
         self.lessons: dict[str, Any] | None = None
         self.lessons_on: str | None = None
         """The machine whose handoff folder has this run's lessons."""
@@ -630,6 +633,8 @@ class RunDriver:
         if not outcome.machine_lost:
             self._write_stage_notes(stage, attempt, outcome, lines)
         self._learn(stage, attempt, outcome, lines)
+        if outcome.status != "passed":
+            self.known = None
         self._record_attempt(stage, attempt, outcome, started, finished, lines)
         return outcome
 
@@ -638,7 +643,6 @@ class RunDriver:
         assert self.handle is not None
         with unit_of_work(self.ctl.db) as tx:
             run = runs.get_run(tx, self.run_id)
-        self._write_lessons(run)
         try:
             self._write_run_json(run, stage, attempt)
         except ShopfloorError as exc:
@@ -718,18 +722,30 @@ class RunDriver:
 
     def _known_tests(self, run: Run) -> KnownTests:
         """The repo's known flaky tests, quarantined ones only where the run's policy says
-        ``flaky = "quarantine"``; nothing when the history cannot be read (not worth a
+        ``flaky = "quarantine"``; nothing when learning is off (the tester then neither
+        reruns nor lets a failure through) or the history cannot be read (not worth a
         failed stage)."""
-        quarantine = flaky.policy_quarantines(run.policy)
-        try:
-            known = flaky.known_flaky(ctl=self.ctl, repo=run.repo, quarantine=quarantine)
-        except Exception as exc:  # noqa: BLE001 - learning must not stop the line
-            log.warning("run %s: known flaky tests not read: %s", self.run_id, exc)
+        known = self._known_cases(run)
+        if not known:
             return KnownTests()
         return KnownTests(
             flaky=frozenset(t.test for t in known),
             quarantined=frozenset(t.test for t in known if t.state == "quarantined"),
         )
+
+    def _known_cases(self, run: Run) -> list[CaseHealth] | None:
+        """The repo's flaky and quarantined tests under the run's policy, read once and again
+        after a failed attempt; None when learning is off or they could not be read."""
+        if not self.ctl.settings.learning:
+            return None
+        if self.known is None:
+            quarantine = flaky.policy_quarantines(run.policy)
+            try:
+                self.known = flaky.known_flaky(ctl=self.ctl, repo=run.repo, quarantine=quarantine)
+            except Exception as exc:  # noqa: BLE001 - learning must not stop the line
+                log.warning("run %s: known flaky tests not read: %s", self.run_id, exc)
+                return None
+        return self.known
 
     def _kill_leftovers(self) -> None:
         """SIGTERM, a grace, then SIGKILL to every process the stage left in the machine."""
@@ -746,9 +762,13 @@ class RunDriver:
     # ------------------------------------------------------------ notes and records
 
     def _write_run_json(self, run: Run, stage: Stage, attempt: int) -> None:
+        """``run.json``, with the lessons in the same SFTP session when this machine has none
+        yet (a lessons file that cannot be written is logged, never the run's failure)."""
         assert self.handle is not None
+        assert self.machine is not None
         with unit_of_work(self.ctl.db) as tx:
             stages = runs.stages_of(tx, run.id)
+        lessons = self._lessons_due(run)
         doc = {
             "run_id": run.id,
             "task": run.task,
@@ -756,7 +776,7 @@ class RunDriver:
             "ref": run.ref,
             "current": {"stage": stage.name, "attempt": attempt},
             "context_recreations": run.context_recreations,
-            "lessons": f"{HANDOFF_DIR}/{learning.LESSONS_MD}",
+            "lessons": f"{HANDOFF_DIR}/{learning.LESSONS_MD}" if self.lessons else None,
             "stages": [
                 {
                     "name": s.name,
@@ -770,23 +790,28 @@ class RunDriver:
                 for s in stages
             ],
         }
-        self.handle.write_file(f"{HANDOFF_DIR}/run.json", json.dumps(doc, indent=2).encode())
+        files = {f"{HANDOFF_DIR}/run.json": json.dumps(doc, indent=2).encode()}
+        if lessons:
+            try:
+                self.handle.write_files({**files, **lessons})
+                self.lessons_on = self.machine.id
+                return
+            except ShopfloorError as exc:  # lessons are a courtesy: run.json alone
+                log.warning("run %s: lessons not written: %s", self.run_id, exc.message)
+        self.handle.write_files(files)
 
-    def _write_lessons(self, run: Run) -> None:
-        """The repo's lessons (gathered once, at the run's start) into the handoff folder of
-        each machine the run uses; a failure here is logged, never the run's."""
-        if self.handle is None or self.machine is None or self.lessons_on == self.machine.id:
-            return
-        self.lessons_on = self.machine.id
+    def _lessons_due(self, run: Run) -> dict[str, bytes]:
+        """The repo's lessons (gathered once, at the run's start) for the handoff folder of
+        each machine the run uses, until they are written there; none when learning is off."""
+        if self.machine is None or self.lessons_on == self.machine.id:
+            return {}
         if self.lessons is None:
-            self.lessons = learning.lessons_for(ctl=self.ctl, repo=run.repo) or {}
-        try:
-            for name, text in (
-                learning.lessons_files(self.lessons) if self.lessons else {}
-            ).items():
-                self.handle.write_file(f"{HANDOFF_DIR}/{name}", text.encode())
-        except Exception as exc:  # noqa: BLE001 - lessons are a courtesy
-            log.warning("run %s: lessons not written: %s", self.run_id, exc)
+            known = self._known_cases(run)
+            self.lessons = learning.lessons_for(ctl=self.ctl, repo=run.repo, known=known) or {}
+        if not self.lessons:
+            return {}
+        found = learning.lessons_files(self.lessons)
+        return {f"{HANDOFF_DIR}/{name}": text.encode() for name, text in found.items()}
 
     def _learn(self, stage: Stage, attempt: int, outcome: _Outcome, lines: list[str]) -> None:
         """Hand the finished attempt to learning; a quarantined machine moves the run."""
@@ -810,6 +835,7 @@ class RunDriver:
             machine_id=self.machine.id if self.machine else None,
             passed=passed,
             facts=None if passed else facts,
+            repo=self.facts.get("repo"),
         )
         if learned.quarantined is not None and not outcome.machine_lost:
             outcome.quarantined = learned.quarantined.reason
@@ -830,10 +856,13 @@ class RunDriver:
             "outputs": outcome.outputs,
         }
         try:
-            self.handle.write_file(f"{folder}/result.json", json.dumps(note, indent=2).encode())
-            self.handle.write_file(f"{folder}/log.txt", "\n".join(lines).encode())
-            for name, data in outcome.files.items():
-                self.handle.write_file(f"{folder}/{name}", data)
+            self.handle.write_files(
+                {
+                    f"{folder}/result.json": json.dumps(note, indent=2).encode(),
+                    f"{folder}/log.txt": "\n".join(lines).encode(),
+                    **{f"{folder}/{name}": data for name, data in outcome.files.items()},
+                }
+            )
         except Exception as exc:  # noqa: BLE001 - notes are a courtesy; the record is in the DB
             log.warning("could not write notes of %s: %s", stage.name, exc)
 

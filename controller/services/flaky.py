@@ -13,7 +13,8 @@ rerun. From it:
   deterministic failure is never flaky, whatever it did before), or it failed last and
   nothing ever showed it nondeterministic;
   ``flaky`` — it both passed and failed on one clean tree, or passed on the tester's rerun
-  (``quarantined`` instead when the repo's ``[verify] flaky = "quarantine"``);
+  (``quarantined`` instead when the repo's ``[verify] flaky = "quarantine"`` and learning is
+  on: with ``SHOPFLOOR_LEARNING=false`` the history is still kept, but nothing acts on it);
   ``healthy`` — otherwise.
 """
 
@@ -91,7 +92,7 @@ def list_tests(
         policies: dict[str, bool] = {}
         for stats in tx.exec(query):
             if stats.repo not in policies:
-                policies[stats.repo] = quarantines(tx, stats.repo)
+                policies[stats.repo] = ctl.settings.learning and quarantines(tx, stats.repo)
             item = health(stats, quarantine=policies[stats.repo])
             if state is None or item.state == state:
                 found.append(item)
@@ -104,10 +105,11 @@ def known_flaky(*, ctl: Controller, repo: str, quarantine: bool | None = None) -
     """The repo's flaky and quarantined tests (for the tester and the lessons file).
 
     ``quarantine`` overrides the repo's policy (a run passes its own); None: the policy of
-    the repo's latest run that read one."""
+    the repo's latest run that read one. With learning off nothing is quarantined."""
     with unit_of_work(ctl.reader) as tx:
         if quarantine is None:
             quarantine = quarantines(tx, repo)
+        quarantine = quarantine and ctl.settings.learning
         rows = tx.exec(
             select(CaseStats)
             .where(

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from controller.domain import CaseHealth
 from controller.errors import Conflict, ShopfloorError
 from controller.services import flaky, leases, machines, owners
 from controller.services.runtime import Controller
@@ -89,13 +90,15 @@ def observe_attempt(
     machine_id: str | None,
     passed: bool,
     facts: AttemptFacts | None = None,
+    repo: str | None = None,
 ) -> Learned:
-    """Learn from one finished attempt; never raises (a run must not fail for learning)."""
+    """Learn from one finished attempt; never raises (a run must not fail for learning).
+    ``repo``: the run's, when the caller knows it (one read less on every passed attempt)."""
     if not ctl.settings.learning:
         return Learned()
     try:
         if passed:
-            return Learned(fixed=_record_pass(ctl, run_id, stage))
+            return Learned(fixed=_record_pass(ctl, run_id, stage, repo))
         assert facts is not None
         return _record_failure(ctl, run_id, stage, attempt, machine_id, facts)
     except Exception:  # noqa: BLE001 - logged; learning is a courtesy to the next runs
@@ -294,13 +297,15 @@ def _quarantine_if_due(
     return verdict
 
 
-def _record_pass(ctl: Controller, run_id: str, stage: str) -> list[str]:
+def _record_pass(ctl: Controller, run_id: str, stage: str, repo: str | None) -> list[str]:
     """Link the open signatures of this repo's stage, seen in other runs, to this run."""
     with unit_of_work(ctl.reader) as tx:
-        run = tx.get(Run, run_id)
-        if run is None:
-            return []
-        candidates = _open_elsewhere(tx, run.repo, stage, run_id)
+        if repo is None:
+            run = tx.get(Run, run_id)
+            if run is None:
+                return []
+            repo = run.repo
+        candidates = _open_elsewhere(tx, repo, stage, run_id)
         if not candidates:
             return []
         diff = tx.exec(
@@ -322,7 +327,7 @@ def _record_pass(ctl: Controller, run_id: str, stage: str) -> list[str]:
     fixed: list[str] = []
     now = utcnow()
     with unit_of_work(ctl.db) as tx:
-        for row in _open_elsewhere(tx, run.repo, stage, run_id):
+        for row in _open_elsewhere(tx, repo, stage, run_id):
             row.fixed_by, row.fixed_at, row.fix_excerpt = run_id, now, excerpt
             tx.add(row)
             events.record(
@@ -341,14 +346,17 @@ def _record_pass(ctl: Controller, run_id: str, stage: str) -> list[str]:
 
 def _open_elsewhere(tx: Session, repo: str, stage: str, run_id: str) -> list[FailureSignature]:
     """Open signatures of the repo's stage that this run did not hit itself (a pass after
-    the run's own failure is a retry, not a fix)."""
+    the run's own failure is a retry, not a fix). Closed ones stay in the database: every
+    passed attempt asks, and a repo's history of fixed failures only grows."""
     own = select(SignatureHit.signature).where(
         SignatureHit.run_id == run_id, SignatureHit.stage == stage
     )
+    fixed_at = col(FailureSignature.fixed_at)
     rows = tx.exec(
         select(FailureSignature).where(
             FailureSignature.repo == repo,
             FailureSignature.stage == stage,
+            fixed_at.is_(None) | (col(FailureSignature.last_seen) > fixed_at),
             col(FailureSignature.signature).not_in(own),
         )
     ).all()
@@ -420,10 +428,13 @@ LESSONS_MD = "lessons.md"
 LESSONS_JSON = "lessons.json"
 
 
-def lessons_for(*, ctl: Controller, repo: str) -> dict[str, Any] | None:
+def lessons_for(
+    *, ctl: Controller, repo: str, known: list[CaseHealth] | None = None
+) -> dict[str, Any] | None:
     """What the factory knows about ``repo`` for a new run's handoff folder (``lessons.json``;
     :func:`evidence.lessons.render_markdown` makes ``lessons.md``). None when learning is off
-    or failed (logged)."""
+    or failed (logged). ``known``: the repo's known flaky tests, when the caller read them
+    already (the driver does, for the tester)."""
     if not ctl.settings.learning:
         return None
     limit = ctl.settings.lessons_limit
@@ -442,7 +453,7 @@ def lessons_for(*, ctl: Controller, repo: str) -> dict[str, Any] | None:
             )
         flaky_tests = [
             {"test": t.test, "state": t.state, "score": round(t.score, 4)}
-            for t in flaky.known_flaky(ctl=ctl, repo=repo)
+            for t in (flaky.known_flaky(ctl=ctl, repo=repo) if known is None else known)
         ]
         fixed = sorted(
             (row for row in rows if row.fixed_by is not None),

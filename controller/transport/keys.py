@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,10 @@ def load_or_create(data_dir: Path) -> KeyPair:
 
 
 def _create(path: Path) -> None:
+    """Write a new key aside under a name of this call's own and link it into place only
+    if no key is there yet: of several threads or processes making it at once, the first
+    link wins and every caller then reads that one key (a shared ``.tmp`` name made the
+    second rename fail, and a rename over the first key left its makers with a stale one)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
@@ -44,8 +50,14 @@ def _create(path: Path) -> None:
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    tmp.replace(path)  # atomic: two controllers starting at once agree on one key
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another maker won: its key stands
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

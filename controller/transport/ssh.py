@@ -180,7 +180,9 @@ class SshPool:
     def keys(self) -> KeyPair:
         """Loaded (or made) on first use: a controller that never SSHes makes no key."""
         if self._keys is None:
-            self._keys = load_or_create(self.key_dir)
+            with self._guard:
+                if self._keys is None:
+                    self._keys = load_or_create(self.key_dir)
         return self._keys
 
     def get(self, container: str) -> Connection:

@@ -50,8 +50,9 @@ def save(engine: Engine, store: ArtifactStore, data: bytes, **meta: Any) -> None
         )  # fmt: skip
 
 
-def ctl(engine: Engine) -> Controller:
-    return cast(Controller, SimpleNamespace(reader=engine, db=engine))
+def ctl(engine: Engine, *, learning: bool = True) -> Controller:
+    settings = SimpleNamespace(learning=learning)
+    return cast(Controller, SimpleNamespace(reader=engine, db=engine, settings=settings))
 
 
 def state_of(engine: Engine, test: str = COIN) -> CaseHealth:
@@ -143,6 +144,12 @@ def test_a_repo_that_quarantines_makes_its_flaky_tests_quarantined(
     assert [t.test for t in listed] == [COIN]
     known = flaky.known_flaky(ctl=ctl(engine), repo="/repos/app", quarantine=False)
     assert [(t.test, t.state) for t in known] == [(COIN, "flaky")]
+    # learning off: the history still says flaky, but nothing is quarantined
+    off = ctl(engine, learning=False)
+    assert [t.state for t in flaky.list_tests(ctl=off, repo="/repos/app") if t.test == COIN] == [
+        "flaky"
+    ]
+    assert [t.state for t in flaky.known_flaky(ctl=off, repo="/repos/app")] == ["flaky"]
 
 
 def test_the_score_is_a_beta_posterior_not_a_counter() -> None:

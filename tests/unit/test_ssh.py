@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,40 @@ def test_key_pair_is_made_once_with_private_mode(tmp_path: Path) -> None:
     again = load_or_create(tmp_path)
     assert again.public_line == first.public_line
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def made_at_once(data_dir: Path, makers: int) -> tuple[list[str], list[BaseException]]:
+    """``makers`` threads load (or make) the key of ``data_dir`` at the same moment."""
+    start = threading.Barrier(makers)
+    found: list[str] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        start.wait()
+        try:
+            found.append(load_or_create(data_dir).public_line)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(makers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return found, errors
+
+
+def test_key_pair_made_by_many_threads_at_once_is_one_key(tmp_path: Path) -> None:
+    """Seen in bench/factory.py: a run's driver and a hand-over made the key at once; both
+    wrote one ``.tmp`` file and the second rename failed (FileNotFoundError: the run failed
+    with a driver error). Every caller must get the one key that is on disk."""
+    for attempt in range(5):
+        data_dir = tmp_path / str(attempt)
+        found, errors = made_at_once(data_dir, 8)
+        assert errors == []
+        on_disk = load_or_create(data_dir).public_line
+        assert found == [on_disk] * 8
+        assert [p.name for p in (data_dir / "ssh").iterdir()] == ["id_ed25519"]
 
 
 @pytest.mark.parametrize(
