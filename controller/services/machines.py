@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,8 @@ from controller.errors import (
     ShopfloorError,
 )
 from controller.providers.base import Bind, ContainerSpec, Provider, ScratchMount
-from controller.services import repos
+from controller.providers.fleet import LOCAL
+from controller.services import hosts, repos
 from controller.services.access import MachineAccess
 from controller.services.images import RUNNER_CAPABILITIES
 from controller.services.runtime import Controller
@@ -215,6 +218,8 @@ class MachineSpec:
     labels: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     pool: str | None = None
+    host_labels: dict[str, str] = field(default_factory=dict)
+    """Labels the host must carry (placement, see ``hosts.place``)."""
 
 
 RUNNER_UID = 1000
@@ -265,8 +270,8 @@ def set_state(
     events.record(tx, kind, subject, **data)
 
 
-def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
-    """Record the intent; :func:`provision` makes it real."""
+def create_machine(*, tx: Session, spec: MachineSpec, host: str = LOCAL) -> Machine:
+    """Record the intent on the host placement chose; :func:`provision` makes it real."""
     machine = Machine(
         image=spec.image,
         repo=spec.repo.value if spec.repo else None,
@@ -280,11 +285,14 @@ def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
         pool=spec.pool,
         container_name="",
         volume_name="",
+        host=host,
     )
     machine.container_name = container_name(machine.id)
     machine.volume_name = volume_name(machine.id)
     tx.add(machine)
-    events.record(tx, "machine.created", machine.id, repo=machine.repo, pool=machine.pool)
+    events.record(
+        tx, "machine.created", machine.id, repo=machine.repo, pool=machine.pool, host=host
+    )
     return machine
 
 
@@ -295,7 +303,7 @@ def provision(
     with unit_of_work(db) as tx:
         machine = get_machine(tx, machine_id)
     try:
-        _build(provider, settings, install_id, machine)
+        _build(db, provider, settings, install_id, machine)
     except Exception as exc:  # noqa: BLE001 - any failure must end in `failed` with its reason
         reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
         log.warning("provisioning %s failed: %s", machine_id, reason)
@@ -315,14 +323,22 @@ def provision(
         return current
 
 
-def _build(provider: Provider, settings: Settings, install_id: str, machine: Machine) -> None:
+def _build(
+    db: Engine, provider: Provider, settings: Settings, install_id: str, machine: Machine
+) -> None:
+    """On a remote host: the image is copied there first (once), the repo's mirror is
+    copied into the machine instead of bind-mounted, and there are no disk caps (the
+    disks are loop devices of the controller's own host)."""
+    remote = machine.host != LOCAL
+    if remote:
+        hosts.ensure_image(db=db, provider=provider, host=machine.host, image=machine.image)
     binds: list[Bind] = []
-    if machine.repo:
-        source = _source_path(provider, settings, machine.repo)
+    source = _source_path(provider, settings, machine.repo) if machine.repo else None
+    if source is not None and not remote:
         binds.append(Bind(str(source), SOURCE_MOUNT, read_only=True))
     labels = ownership_labels(settings, install_id, machine)
-    sized = settings.disk_limits
-    provider.create_volume(
+    sized = settings.disk_limits and not remote
+    provider.on_host(machine.host).create_volume(
         machine.volume_name, labels, size_bytes=settings.workspace_disk_bytes if sized else 0
     )
     provider.run_container(
@@ -341,11 +357,30 @@ def _build(provider: Provider, settings: Settings, install_id: str, machine: Mac
             scratch_mounts=SCRATCH_MOUNTS,
             shm_bytes=settings.shm_bytes,
             tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
+            host=machine.host,
         )
     )
+    if source is not None and remote:
+        _copy_source(provider, machine, source)
     if machine.repo:
         _clone(provider, settings, machine)
     run_setup(provider, settings, machine)
+
+
+def _copy_source(provider: Provider, machine: Machine, source: Path) -> None:
+    """The mirror into a machine on another host (no bind of this host's folders there):
+    a tar of it unpacked at /source by the engine, owned by root, readable by the user."""
+    with tempfile.TemporaryFile() as tarball:
+        with tarfile.open(fileobj=tarball, mode="w") as tar:
+            tar.add(str(source), arcname=SOURCE_MOUNT.strip("/"), filter=_root_owned)
+        tarball.seek(0)
+        provider.put_archive(machine.container_name, "/", tarball.read())
+
+
+def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
 
 
 def _source_path(provider: Provider, settings: Settings, repo: str) -> Path:
@@ -693,6 +728,7 @@ def make_spec(
         labels=dict(template.labels),
         setup=list(template.setup),
         pool=pool,
+        host_labels=dict(template.host_labels),
     )
 
 
@@ -703,8 +739,16 @@ def request_machine(*, ctl: Controller, template: MachineTemplate, wait: bool) -
 
 def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
     """Record a machine and provision it, in this thread when ``wait`` else in the background."""
-    with unit_of_work(ctl.db) as tx:
-        machine = create_machine(tx=tx, spec=spec)
+    with unit_of_work(ctl.db) as tx:  # placement and record in one transaction
+        host = hosts.place(
+            tx,
+            settings=ctl.settings,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            host_labels=spec.host_labels,
+            pool=spec.pool,
+        )
+        machine = create_machine(tx=tx, spec=spec, host=host)
 
     def work() -> Machine:
         return provision(

@@ -37,6 +37,13 @@ class FakeEngine:
         vol = machines.volume_name(machine_id)
         self.volumes[vol] = VolumeInfo(vol, labels, created)
 
+    def hosts(self) -> list[str]:
+        return ["local"]
+
+    def on_host(self, host: str) -> FakeEngine:
+        assert host == "local"
+        return self
+
     def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
         if self.fail:
             raise EngineError("engine down")

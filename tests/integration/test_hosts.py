@@ -1,0 +1,328 @@
+"""A fleet across hosts, on three real nested Docker engines (``nested_hosts.py``).
+
+One module-scoped set of three test hosts serves every test (copying the runner image into
+a nested engine takes ~14 s each). The module's controller cordons ``local`` so that every
+machine it makes goes to a nested host; each test removes the machines it made.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import closing
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.api.app import create_app
+from controller.settings import Settings
+from controller.store.models import Role
+from tests.conftest import TEST_LABEL, TEST_RUN_ID
+from tests.integration.conftest import (
+    ControllerProcess,
+    PgCluster,
+    issue_token,
+    wait_json,
+    wait_state,
+)
+from tests.integration.nested_hosts import NestedHost, NestedHosts
+
+HOSTS = ("h0", "h1", "h2")
+PER_HOST = 4
+CAPACITY = {"cpus": 2.0, "memory_mb": 2048, "machines": PER_HOST}
+SMALL = {"cpus": 0.5, "memory_mb": 512}
+
+
+@pytest.fixture(scope="module")
+def nested() -> Iterator[list[NestedHost]]:
+    """Three nested engines, removed (containers, volumes, socket folders) afterwards."""
+    made = NestedHosts({TEST_LABEL: TEST_RUN_ID})
+    try:
+        yield made.start(len(HOSTS))
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, runner_image: str, nested: list[NestedHost]
+) -> Iterator[TestClient]:
+    """A controller (loops on) with the three hosts registered and ``local`` cordoned; it
+    waits until each host has the runner image."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("fleet") / "data",
+        extra_labels=f"{TEST_LABEL}={TEST_RUN_ID}",
+        runner_image=runner_image,
+        reconcile_interval_s=0.5,
+        orphan_grace_s=0,
+        pool_interval_s=0.3,
+        lease_reap_interval_s=0.3,
+        host_heartbeat_interval_s=0.5,
+    )
+    with TestClient(create_app(settings, background=True)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        assert client.post("/api/v1/hosts/local/cordon").status_code == 200
+        for host in nested:
+            body = {"url": host.url, "labels": {"zone": host.name}, "capacity": CAPACITY}
+            answer = client.put(f"/api/v1/hosts/{host.name}", json=body)
+            assert answer.status_code == 200, answer.text
+        for host in nested:
+            wait_json(
+                client,
+                f"/api/v1/hosts/{host.name}",
+                lambda h: h["images"].get(runner_image, {}).get("state") in ("ready", "failed"),
+                f"the runner image on {host.name}",
+                timeout_s=300,
+            )
+            image = client.get(f"/api/v1/hosts/{host.name}").json()["images"][runner_image]
+            assert image["state"] == "ready", image
+        yield client
+
+
+def destroy_all(client: TestClient) -> None:
+    for machine in client.get("/api/v1/machines").json()["data"]:
+        client.delete(f"/api/v1/machines/{machine['id']}")
+    deadline = time.monotonic() + 60
+    while client.get("/api/v1/machines").json()["count"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+
+
+@pytest.fixture
+def clean_fleet(fleet: TestClient) -> Iterator[TestClient]:
+    try:
+        yield fleet
+    finally:
+        for pool in fleet.get("/api/v1/pools").json()["data"]:
+            fleet.put(
+                f"/api/v1/pools/{pool['name']}",
+                json={"template": pool["template"], "min_ready": 0, "max_machines": 0},
+            )
+        destroy_all(fleet)
+        for name in HOSTS:
+            fleet.post(f"/api/v1/hosts/{name}/uncordon")
+
+
+def engine_containers(host: NestedHost) -> list[Any]:
+    with closing(host.client()) as engine:
+        return list(engine.containers.list(all=True, filters={"label": TEST_LABEL}))
+
+
+def test_a_host_that_is_not_an_engine_is_refused_with_the_reason(
+    fleet: TestClient, tmp_path: Path
+) -> None:
+    missing = fleet.put("/api/v1/hosts/nowhere", json={"url": f"unix://{tmp_path}/no.sock"})
+    assert missing.status_code == 422, missing.text
+    assert "does not answer" in missing.json()["detail"] or "cannot use" in missing.json()["detail"]
+    assert str(tmp_path) in missing.json()["detail"]
+
+    scheme = fleet.put("/api/v1/hosts/nowhere", json={"url": "http://example.com"})
+    assert scheme.status_code == 422 and "unix://, ssh:// or tcp://" in scheme.json()["detail"]
+
+    plain_tcp = fleet.put("/api/v1/hosts/nowhere", json={"url": "tcp://127.0.0.1:2376"})
+    assert plain_tcp.status_code == 422 and "TLS" in plain_tcp.json()["detail"]
+
+    tls = {"ca": str(tmp_path / "ca.pem"), "cert": str(tmp_path / "c.pem"), "key": "/nope"}
+    bad_tls = fleet.put("/api/v1/hosts/nowhere", json={"url": "tcp://127.0.0.1:2376", "tls": tls})
+    assert bad_tls.status_code == 422, bad_tls.text
+    assert "ca.pem" in bad_tls.json()["detail"] and "does not exist" in bad_tls.json()["detail"]
+
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        (tmp_path / name).write_text("not a certificate\n")
+    tls = {k: str(tmp_path / f) for k, f in (("ca", "ca.pem"), ("cert", "c.pem"), ("key", "k.pem"))}
+    junk_tls = fleet.put("/api/v1/hosts/nowhere", json={"url": "tcp://127.0.0.1:1", "tls": tls})
+    assert junk_tls.status_code == 422, junk_tls.text
+
+    assert fleet.get("/api/v1/hosts/nowhere").status_code == 404  # nothing was recorded
+    names = [h["name"] for h in fleet.get("/api/v1/hosts").json()["data"]]
+    assert names == ["h0", "h1", "h2", "local"]
+
+
+def test_hosts_list_shows_state_capacity_and_engine(fleet: TestClient, runner_image: str) -> None:
+    listed = fleet.get("/api/v1/hosts").json()
+    assert listed["count"] == 4
+    by_name = {h["name"]: h for h in listed["data"]}
+    assert by_name["local"]["state"] == "cordoned"
+    assert by_name["local"]["disk_limits"] is True
+    for name in HOSTS:
+        host = by_name[name]
+        assert host["state"] == "ready"
+        assert host["engine_version"]
+        assert host["last_heartbeat"]
+        assert host["capacity"]["machines"] == PER_HOST
+        assert host["disk_limits"] is False
+        assert host["images"][runner_image]["state"] == "ready"
+
+
+def test_placement_respects_capacity_and_labels_under_100_concurrent_creates(
+    clean_fleet: TestClient, nested: list[NestedHost]
+) -> None:
+    fleet = clean_fleet
+
+    def create(_: int) -> httpx.Response:
+        return fleet.post("/api/v1/machines", json=SMALL)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(create, range(100)))
+    made = [a.json() for a in answers if a.status_code == 201]
+    refused = [a for a in answers if a.status_code != 201]
+    assert len(made) == PER_HOST * len(HOSTS), [a.text for a in refused[:3]]
+    assert {a.status_code for a in refused} == {429}
+    assert "no host has room" in refused[0].json()["detail"]
+    assert "h0: cpus: 2 of 2 reserved, the machine needs 0.5" in refused[0].json()["detail"]
+    assert Counter(m["host"] for m in made) == dict.fromkeys(HOSTS, PER_HOST)
+    for machine in made:
+        assert wait_state(fleet, machine["id"], {"ready", "failed"}, 300)["state"] == "ready"
+    for host in nested:  # each engine holds what the database says it holds
+        placed = {m["id"] for m in made if m["host"] == host.name}
+        on_engine = {c.labels["shopfloor.machine"] for c in engine_containers(host)}
+        assert placed <= on_engine
+    hosts = {h["name"]: h for h in fleet.get("/api/v1/hosts").json()["data"]}
+    for name in HOSTS:
+        assert hosts[name]["used"]["machines"] == PER_HOST
+        assert hosts[name]["free"]["machines"] == 0
+        assert hosts[name]["used"]["cpus"] <= CAPACITY["cpus"]
+
+    labelled = fleet.post("/api/v1/machines", json={**SMALL, "host_labels": {"zone": "h9"}})
+    assert labelled.status_code == 409, labelled.text
+    assert "lacks labels zone=h9" in labelled.json()["detail"]
+
+
+def test_spread_and_labels_place_each_machine(clean_fleet: TestClient) -> None:
+    fleet = clean_fleet
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _: fleet.post("/api/v1/machines", json=SMALL), range(6)))
+    assert all(a.status_code == 201 for a in answers), [a.text for a in answers]
+    assert Counter(a.json()["host"] for a in answers) == dict.fromkeys(HOSTS, 2)
+    pinned = fleet.post("/api/v1/machines", json={**SMALL, "host_labels": {"zone": "h1"}})
+    assert pinned.status_code == 201 and pinned.json()["host"] == "h1"
+
+
+def test_cordon_keeps_new_machines_away(clean_fleet: TestClient) -> None:
+    fleet = clean_fleet
+    cordoned = fleet.post("/api/v1/hosts/h0/cordon")
+    assert cordoned.status_code == 200 and cordoned.json()["state"] == "cordoned"
+    hosts = [fleet.post("/api/v1/machines", json=SMALL).json()["host"] for _ in range(4)]
+    assert "h0" not in hosts and Counter(hosts) == {"h1": 2, "h2": 2}
+    only_h0 = fleet.post("/api/v1/machines", json={**SMALL, "host_labels": {"zone": "h0"}})
+    assert only_h0.status_code == 409
+    assert "h0: cordoned" in only_h0.json()["detail"]
+    assert fleet.post("/api/v1/hosts/h0/uncordon").json()["state"] == "ready"
+    again = fleet.post("/api/v1/machines", json={**SMALL, "host_labels": {"zone": "h0"}})
+    assert again.status_code == 201 and again.json()["host"] == "h0"
+
+
+def test_a_host_with_machines_cannot_be_removed(clean_fleet: TestClient) -> None:
+    fleet = clean_fleet
+    machine = fleet.post("/api/v1/machines", json={**SMALL, "host_labels": {"zone": "h2"}})
+    refused = fleet.delete("/api/v1/hosts/h2")
+    assert refused.status_code == 409 and "still has 1 machines" in refused.json()["detail"]
+    assert fleet.delete("/api/v1/hosts/local").status_code == 409
+    fleet.delete(f"/api/v1/machines/{machine.json()['id']}")
+
+
+def test_a_pool_of_six_spreads_two_two_two(clean_fleet: TestClient) -> None:
+    fleet = clean_fleet
+    body = {"template": SMALL, "min_ready": 6, "max_machines": 6}
+    assert fleet.put("/api/v1/pools/spread", json=body).status_code == 200
+    ready = wait_json(
+        fleet,
+        "/api/v1/machines?pool=spread&state=ready",
+        lambda page: page["count"] == 6,
+        "six ready machines in the pool",
+        timeout_s=300,
+    )
+    assert Counter(m["host"] for m in ready["data"]) == dict.fromkeys(HOSTS, 2)
+
+
+def test_exec_sessions_and_files_reach_a_machine_on_a_nested_host(
+    clean_fleet: TestClient, nested: list[NestedHost], sample_repo: Path
+) -> None:
+    fleet = clean_fleet
+    body = {**SMALL, "repo": str(sample_repo), "host_labels": {"zone": "h1"}}
+    made = fleet.post("/api/v1/machines?wait=true", json=body)
+    assert made.status_code == 201, made.text
+    machine = made.json()
+    assert machine["state"] == "ready", machine
+    assert machine["host"] == "h1" and machine["commit"]
+    machine_id = machine["id"]
+    on_h1 = {c.labels["shopfloor.machine"] for c in engine_containers(nested[1])}
+    assert machine_id in on_h1
+    with closing(docker.from_env()) as local:  # not on this host's engine
+        assert not local.containers.list(all=True, filters={"name": f"shopfloor-{machine_id}"})
+
+    ran = fleet.post(f"/api/v1/machines/{machine_id}/exec", json={"cmd": "id -un; ls"})
+    assert ran.status_code == 200, ran.text
+    assert ran.json()["stdout"].split()[0] == "runner"
+    assert machine["workdir"].endswith("sample-app")
+
+    session = fleet.post(f"/api/v1/machines/{machine_id}/sessions").json()["id"]
+    first = fleet.post(
+        f"/api/v1/machines/{machine_id}/sessions/{session}/run", json={"cmd": "cd /tmp; export X=1"}
+    )
+    assert first.status_code == 200, first.text
+    second = fleet.post(
+        f"/api/v1/machines/{machine_id}/sessions/{session}/run", json={"cmd": "echo $PWD $X"}
+    )
+    assert second.json()["stdout"].strip() == "/tmp 1"
+
+    written = fleet.put(
+        f"/api/v1/machines/{machine_id}/files", params={"path": "hello.txt"}, content=b"from afar"
+    )
+    assert written.status_code == 200, written.text
+    read = fleet.get(f"/api/v1/machines/{machine_id}/files", params={"path": "hello.txt"})
+    assert read.content == b"from afar"
+
+
+def test_a_host_added_while_two_controllers_run_is_used_by_both_without_overbooking(
+    tmp_path: Path, runner_image: str, nested: list[NestedHost], pg_cluster: PgCluster
+) -> None:
+    env = {"SHOPFLOOR_DATABASE_URL": pg_cluster.url, "SHOPFLOOR_HOST_HEARTBEAT_INTERVAL_S": "0.5"}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = ControllerProcess(tmp_path / "a" / "data", runner_image, **env).start()
+    second = ControllerProcess(tmp_path / "b" / "data", runner_image, **env).start()
+    try:
+        ops = {"Authorization": f"Bearer {first.token(Role.ops)}"}
+        one = httpx.Client(base_url=first.url, headers=ops, timeout=120)
+        two = httpx.Client(base_url=second.url, headers=ops, timeout=120)
+        assert one.post("/api/v1/hosts/local/cordon").status_code == 200
+        host = nested[2]
+        body = {"url": host.url, "labels": {"zone": "shared"}, "capacity": {"machines": 3}}
+        assert one.put("/api/v1/hosts/shared", json=body).status_code == 200
+
+        def create(i: int) -> httpx.Response:
+            return (one if i % 2 else two).post("/api/v1/machines", json=SMALL)
+
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            answers = list(pool.map(create, range(20)))
+        made = [a.json() for a in answers if a.status_code == 201]
+        assert len(made) == 3, [a.text for a in answers if a.status_code != 201][:2]
+        assert {a.status_code for a in answers if a.status_code != 201} == {429}
+        assert {m["host"] for m in made} == {"shared"}
+        by = Counter(i % 2 for i, a in enumerate(answers) if a.status_code == 201)
+        assert len(by) == 2 or len(made) == 3  # whichever asked, the total holds
+        for machine in made:
+            state = wait_state(two, machine["id"], {"ready", "failed"}, 300)
+            assert state["state"] == "ready", state
+        shown = two.get("/api/v1/hosts/shared").json()
+        assert shown["used"]["machines"] == 3 and shown["free"]["machines"] == 0
+        for machine in made:
+            assert one.delete(f"/api/v1/machines/{machine['id']}").status_code == 200
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_nested_hosts_run_engines_reachable_on_unix_sockets(nested: list[NestedHost]) -> None:
+    for host in nested:
+        assert os.path.exists(host.folder / "docker.sock")
+        with closing(host.client()) as engine:
+            assert engine.ping()
+            assert engine.info()["Driver"] == "overlay2"
