@@ -72,6 +72,16 @@ _COPIES: dict[tuple[str, str], threading.Lock] = {}
 _COPIES_LOCK = threading.Lock()
 
 
+_HAVE: set[tuple[str, str]] = set()
+"""(host, image) pairs this process saw on the host with the local content: provisioning
+there asks no engine again (``forget_image`` when a run finds it gone)."""
+
+
+def forget_image(host: str, image: str) -> None:
+    with _COPIES_LOCK:
+        _HAVE.discard((host, image))
+
+
 def _copy_lock(host: str, image: str) -> threading.Lock:
     """One copy of an image to a host at a time in this process; the next caller waits."""
     with _COPIES_LOCK:
@@ -408,11 +418,13 @@ def ensure_image(*, db: Engine, provider: Provider, host: str, image: str) -> No
     """Make sure ``host`` has ``image`` with the local engine's content (same image id):
     pulled where the reference names a registry, else streamed from the local engine.
     Once per host and image at a time; a second caller waits for the first."""
-    if host == LOCAL:
+    if host == LOCAL or (host, image) in _HAVE:
         return
     engine = provider.on_host(host)
     local = provider.on_host(LOCAL)
     with _copy_lock(host, image):
+        if (host, image) in _HAVE:
+            return  # copied while this caller waited
         want = local.image_id(image)
         have = engine.image_id(image)
         if have is not None and (want is None or have == want):
@@ -463,11 +475,18 @@ def _stream(
 
 
 def _image_state(db: Engine, host: str, image: str, state: dict[str, Any]) -> None:
+    if state["state"] == "ready":
+        with _COPIES_LOCK:
+            _HAVE.add((host, image))
     with unit_of_work(db) as tx:
         row = tx.get(Host, host)
         if row is None:
             return
-        if (row.images or {}).get(image) == state:
+        known = dict((row.images or {}).get(image) or {})
+        known.pop("at", None)
+        if state["state"] == "ready" and known.get("state") == "ready":
+            return  # already recorded (a copy's figures stay)
+        if known == state:
             return
         row.images = {**(row.images or {}), image: {**state, "at": utcnow().isoformat()}}
         tx.add(row)

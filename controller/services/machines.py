@@ -341,25 +341,32 @@ def _build(
     provider.on_host(machine.host).create_volume(
         machine.volume_name, labels, size_bytes=settings.workspace_disk_bytes if sized else 0
     )
-    provider.run_container(
-        ContainerSpec(
-            name=machine.container_name,
-            image=machine.image,
-            labels=labels,
-            workspace_volume=machine.volume_name,
-            binds=binds,
-            cpus=machine.cpus,
-            memory_mb=machine.memory_mb,
-            pids_limit=settings.pids_limit,
-            network="egress" if machine.network == "egress" else "none",
-            cap_add=RUNNER_CAPABILITIES,
-            scratch_bytes=settings.scratch_disk_bytes if sized else 0,
-            scratch_mounts=SCRATCH_MOUNTS,
-            shm_bytes=settings.shm_bytes,
-            tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
-            host=machine.host,
-        )
+    spec = ContainerSpec(
+        name=machine.container_name,
+        image=machine.image,
+        labels=labels,
+        workspace_volume=machine.volume_name,
+        binds=binds,
+        cpus=machine.cpus,
+        memory_mb=machine.memory_mb,
+        pids_limit=settings.pids_limit,
+        network="egress" if machine.network == "egress" else "none",
+        cap_add=RUNNER_CAPABILITIES,
+        scratch_bytes=settings.scratch_disk_bytes if sized else 0,
+        scratch_mounts=SCRATCH_MOUNTS,
+        shm_bytes=settings.shm_bytes,
+        tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
+        host=machine.host,
     )
+    try:
+        provider.run_container(spec)
+    except ImageNotFound:
+        if not remote:
+            raise
+        # The host lost the image since this process saw it there: copy it again, once.
+        hosts.forget_image(machine.host, machine.image)
+        hosts.ensure_image(db=db, provider=provider, host=machine.host, image=machine.image)
+        provider.run_container(spec)
     if source is not None and remote:
         _copy_source(provider, machine, source)
     if machine.repo:
