@@ -101,11 +101,16 @@ def reconcile(
             col(Machine.state).in_(ALIVE_STATES)
         )
         rows = list(tx.exec(alive))
-        silent = set(tx.exec(select(Host.name).where(Host.state == HostState.unreachable)))
+        registered = {h.name: h.state for h in tx.exec(select(Host))}
+    silent = {name for name, state in registered.items() if state == HostState.unreachable}
     alive_now = {machine_id: MachineState(state) for machine_id, state, _ in rows}
     host_of = {machine_id: host for machine_id, _, host in rows}
     containers, volumes, answered = _list_hosts(
-        provider, owned, sorted(set(provider.hosts()) | set(host_of.values())), silent, report
+        provider,
+        owned,
+        sorted(set(provider.hosts()) | set(host_of.values()) | set(registered)),
+        silent,
+        report,
     )
     if not answered:
         skipped = report.skipped
