@@ -17,6 +17,7 @@ import docker.errors
 from docker.models.containers import Container
 from docker.tls import TLSConfig
 from docker.types import Mount
+from paramiko.ssh_exception import SSHException
 
 from controller.errors import EngineError, ImageNotFound
 from controller.providers.base import (
@@ -183,7 +184,7 @@ class DockerProvider:
                 self.client = docker.from_env(timeout=timeout_s)
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
-        except (OSError, ValueError) as exc:  # ssh:// refused, a bad address
+        except (OSError, ValueError, SSHException) as exc:  # ssh:// refused, a bad address
             raise EngineError(f"cannot reach the Docker engine at {base_url}: {exc}") from exc
         self.api = self.client.api
         self.local = not remote and self.api.base_url == LOCAL_ENGINE_URL
@@ -585,5 +586,5 @@ def _engine_errors(doing: str) -> Iterator[None]:
     """Turn any SDK error into :class:`EngineError` naming what we were doing."""
     try:
         yield
-    except docker.errors.DockerException as exc:
+    except (docker.errors.DockerException, SSHException) as exc:  # SSHException: ssh:// hosts
         raise EngineError(f"cannot {doing}: {exc}") from exc

@@ -30,7 +30,7 @@ DOCKERFILE = f"""\
 FROM {BASE_IMAGE}
 RUN apt-get update \\
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
-      docker.io iptables ca-certificates \\
+      docker.io iptables ca-certificates openssh-server \\
  && rm -rf /var/lib/apt/lists/*
 """
 IMAGE_REPO = "shopfloor/testhost"
@@ -39,6 +39,8 @@ ENGINE_ARGV = [
     "dockerd",
     "-H",
     f"unix://{SOCKET_DIR}/docker.sock",
+    "-H",
+    "unix:///var/run/docker.sock",  # where `docker system dial-stdio` looks (ssh:// hosts)
     "--bridge=none",
     "--iptables=false",
 ]
@@ -87,16 +89,18 @@ class NestedHosts:
         self.root = Path(tempfile.mkdtemp(prefix="sfh-", dir="/tmp"))  # short: socket paths
         self.hosts: list[NestedHost] = []
 
-    def start(self, count: int, timeout_s: float = 120) -> list[NestedHost]:
+    def start(self, count: int, timeout_s: float = 120, *, ssh: bool = False) -> list[NestedHost]:
+        """``ssh``: on the outer engine's bridge with port 22 published on 127.0.0.1 (see
+        :meth:`enable_ssh`); otherwise no network at all."""
         tag = ensure_image(self.client)
-        started = [self._start_one(tag, len(self.hosts) + i) for i in range(count)]
+        started = [self._start_one(tag, len(self.hosts) + i, ssh) for i in range(count)]
         self.hosts.extend(started)
         deadline = time.monotonic() + timeout_s
         for host in started:
             self._wait(host, deadline)
         return started
 
-    def _start_one(self, tag: str, index: int) -> NestedHost:
+    def _start_one(self, tag: str, index: int, ssh: bool) -> NestedHost:
         suffix = self.labels.get("shopfloor.test", "") or str(id(self))
         name = f"{self.prefix}{index}-{suffix}"[:60]
         folder = self.root / f"h{index}"
@@ -106,7 +110,8 @@ class NestedHosts:
         # The CLI, not the SDK: ``systempaths=unconfined`` is the CLI's (it empties the
         # engine's masked and read-only paths), which the SDK does not offer.
         labels = {**self.labels, "shopfloor.testhost": host.name}
-        argv = ["docker", "run", "--detach", "--name", name, "--network", "none"]
+        argv = ["docker", "run", "--detach", "--name", name]
+        argv += ["--publish", "127.0.0.1::22"] if ssh else ["--network", "none"]
         argv += [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
         argv += [
             "--cap-add",
@@ -149,6 +154,37 @@ class NestedHosts:
                 raise RuntimeError(f"test host {host.name} exited ({state}):\n{logs}")
             time.sleep(0.2)
         raise RuntimeError(f"test host {host.name} did not answer in time: {last}")
+
+    def enable_ssh(self, host: NestedHost, public_key: str) -> tuple[int, str]:
+        """Start sshd in the host (root logs in with ``public_key``); answer the port published
+        on 127.0.0.1 and the host's ``known_hosts`` line for it."""
+        script = (
+            "set -e; mkdir -p /run/sshd /root/.ssh; ssh-keygen -A >/dev/null; "
+            'printf "%s\\n" "$KEY" > /root/.ssh/authorized_keys; '
+            "chmod 700 /root/.ssh; chmod 600 /root/.ssh/authorized_keys; /usr/sbin/sshd"
+        )
+        subprocess.run(
+            ["docker", "exec", "-e", f"KEY={public_key}", host.container, "bash", "-c", script],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        published = subprocess.run(
+            ["docker", "port", host.container, "22/tcp"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        port = int(published.split()[0].rsplit(":", 1)[1])
+        key = subprocess.run(
+            ["docker", "exec", host.container, "cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        return port, f"[127.0.0.1]:{port} {key[0]} {key[1]}"
 
     @staticmethod
     def pause(host: NestedHost) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import docker
 import httpx
+import paramiko
 import pytest
 from fastapi.testclient import TestClient
 
@@ -484,3 +485,42 @@ def test_nested_hosts_run_engines_reachable_on_unix_sockets(nested: list[NestedH
         with closing(host.client()) as engine:
             assert engine.ping()
             assert engine.info()["Driver"] == "overlay2"
+
+
+def test_a_host_reached_over_ssh_runs_machines_and_an_unknown_host_key_is_refused(
+    tmp_path: Path, runner_image: str
+) -> None:
+    """ssh://root@127.0.0.1:<port> of a nested host running sshd: the docker SDK over
+    paramiko (no docker CLI on the controller's side), with the controller's own ~/.ssh."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    key = paramiko.RSAKey.generate(2048)
+    key.write_private_key_file(str(home / ".ssh" / "id_rsa"))
+    made = NestedHosts({TEST_LABEL: TEST_RUN_ID}, prefix="sf-ssh-host")
+    controller = ControllerProcess(tmp_path / "data", runner_image, HOME=str(home))
+    try:
+        (host,) = made.start(1, ssh=True)
+        port, known = made.enable_ssh(host, f"{key.get_name()} {key.get_base64()}")
+        controller.start()
+        ops = {"Authorization": f"Bearer {controller.token(Role.ops)}"}
+        http = httpx.Client(base_url=controller.url, headers=ops, timeout=300)
+        url = f"ssh://root@127.0.0.1:{port}"
+
+        unknown = http.put("/api/v1/hosts/far", json={"url": url, "labels": {"via": "ssh"}})
+        assert unknown.status_code == 422, unknown.text
+        assert "known_hosts" in unknown.json()["detail"]
+
+        (home / ".ssh" / "known_hosts").write_text(known + "\n")
+        added = http.put("/api/v1/hosts/far", json={"url": url, "labels": {"via": "ssh"}})
+        assert added.status_code == 200, added.text
+        assert added.json()["engine_version"]
+        body = {**SMALL, "host_labels": {"via": "ssh"}}
+        machine = http.post("/api/v1/machines?wait=true", json=body).json()
+        assert machine["state"] == "ready", machine
+        assert machine["host"] == "far"
+        ran = http.post(f"/api/v1/machines/{machine['id']}/exec", json={"cmd": "echo over ssh"})
+        assert ran.json()["stdout"] == "over ssh\n"
+        assert http.delete(f"/api/v1/machines/{machine['id']}").status_code == 200
+    finally:
+        controller.stop()
+        made.close()
