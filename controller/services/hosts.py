@@ -264,8 +264,6 @@ def set_state(*, ctl: Controller, name: str, action: str) -> HostView:
     }[action]
     with unit_of_work(ctl.db) as tx:
         host = get_host(tx, name)
-        if host.state == HostState.unreachable and target != HostState.ready:
-            pass  # still recorded: it will be cordoned when it comes back
         if host.state != target:
             previous = host.state
             host.state, host.reason, host.updated_at = target, None, utcnow()

@@ -92,10 +92,14 @@ def fleet(
 
 
 def destroy_all(client: TestClient) -> None:
-    for machine in client.get("/api/v1/machines").json()["data"]:
-        client.delete(f"/api/v1/machines/{machine['id']}")
-    deadline = time.monotonic() + 60
-    while client.get("/api/v1/machines").json()["count"] and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while True:
+        left = client.get("/api/v1/machines").json()["data"]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"machines left behind: {left}"
+        for machine in left:
+            client.delete(f"/api/v1/machines/{machine['id']}")  # a leased one: next round
         time.sleep(0.3)
 
 
@@ -105,10 +109,11 @@ def clean_fleet(fleet: TestClient) -> Iterator[TestClient]:
         yield fleet
     finally:
         for pool in fleet.get("/api/v1/pools").json()["data"]:
-            fleet.put(
+            emptied = fleet.put(  # no pool may refill what the next test needs
                 f"/api/v1/pools/{pool['name']}",
-                json={"template": pool["template"], "min_ready": 0, "max_machines": 0},
+                json={"template": pool["template"], "min_ready": 0, "max_machines": 1},
             )
+            assert emptied.status_code == 200, emptied.text
         destroy_all(fleet)
         for name in HOSTS:
             fleet.post(f"/api/v1/hosts/{name}/uncordon")
@@ -168,6 +173,7 @@ def test_hosts_list_shows_state_capacity_and_engine(fleet: TestClient, runner_im
         assert host["images"][runner_image]["state"] == "ready"
 
 
+@pytest.mark.timeout(600)
 def test_placement_respects_capacity_and_labels_under_100_concurrent_creates(
     clean_fleet: TestClient, nested: list[NestedHost]
 ) -> None:
@@ -240,6 +246,7 @@ def test_a_host_with_machines_cannot_be_removed(clean_fleet: TestClient) -> None
     fleet.delete(f"/api/v1/machines/{machine.json()['id']}")
 
 
+@pytest.mark.timeout(600)
 def test_a_pool_of_six_spreads_two_two_two(clean_fleet: TestClient) -> None:
     fleet = clean_fleet
     body = {"template": SMALL, "min_ready": 6, "max_machines": 6}
@@ -306,6 +313,7 @@ def pool_machines(fleet: TestClient, pool: str, state: str) -> list[dict[str, An
     return found
 
 
+@pytest.mark.timeout(600)
 def test_drain_moves_ready_machines_away_and_lets_a_leased_one_finish(
     clean_fleet: TestClient,
 ) -> None:
@@ -393,6 +401,7 @@ def test_the_cli_adds_lists_cordons_drains_and_removes_hosts(
         controller.stop()
 
 
+@pytest.mark.timeout(600)
 def test_a_host_that_stops_answering_loses_its_machines_and_recovers_without_duplicates(
     clean_fleet: TestClient, nested: list[NestedHost]
 ) -> None:
@@ -438,6 +447,7 @@ def test_a_host_that_stops_answering_loses_its_machines_and_recovers_without_dup
     assert fleet.get(f"/api/v1/machines/{machine_id}").json()["state"] == "lost"
 
 
+@pytest.mark.timeout(600)
 def test_a_host_added_while_two_controllers_run_is_used_by_both_without_overbooking(
     tmp_path: Path, runner_image: str, nested: list[NestedHost], pg_cluster: PgCluster
 ) -> None:
@@ -524,3 +534,57 @@ def test_a_host_reached_over_ssh_runs_machines_and_an_unknown_host_key_is_refuse
     finally:
         controller.stop()
         made.close()
+
+
+@pytest.mark.timeout(600)
+def test_a_run_whose_host_stops_answering_moves_and_finishes_on_another_host(
+    clean_fleet: TestClient, nested: list[NestedHost], sample_repo: Path
+) -> None:
+    fleet = clean_fleet
+    template = {**SMALL, "repo": str(sample_repo)}
+    body = {"template": template, "min_ready": 2, "max_machines": 3, "reset": "keep"}
+    assert fleet.put("/api/v1/pools/mover", json=body).status_code == 200
+    wait_json(
+        fleet,
+        "/api/v1/machines?pool=mover&state=ready",
+        lambda page: page["count"] == 2,
+        "two ready machines",
+        timeout_s=300,
+    )
+    ctx = "/workspace/.shopfloor"
+    stages = [
+        {"name": "plan", "agent": "command", "with": {"cmd": f"echo planned > {ctx}/plan.md"}},
+        {"name": "implement", "agent": "command", "with": {"cmd": "sleep 15; echo done"}},
+    ]
+    run_body = {"task": "move", "repo": str(sample_repo), "pool": "mover", "stages": stages}
+    created = fleet.post("/api/v1/runs", json=run_body)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    running = wait_json(
+        fleet,
+        f"/api/v1/runs/{run_id}",
+        lambda r: r["stages"][1]["status"] == "running",
+        "the implement stage to start",
+    )
+    first = fleet.get(f"/api/v1/machines/{running['machine_id']}").json()
+    host = next(h for h in nested if h.name == first["host"])
+    NestedHosts.pause(host)
+    try:
+        ended = wait_json(
+            fleet,
+            f"/api/v1/runs/{run_id}",
+            lambda r: r["status"] not in ("queued", "running"),
+            "the run to end",
+            timeout_s=300,
+        )
+        assert ended["status"] == "passed", ended
+        assert ended["context_recreations"] == 1
+        assert ended["machine_id"] != first["id"]
+        moved = fleet.get(f"/api/v1/machines/{ended['machine_id']}").json()
+        assert moved["host"] != first["host"]
+        lost = fleet.get(f"/api/v1/machines/{first['id']}").json()
+        assert lost["state"] == "lost"
+        assert f"{first['host']} became unreachable" in lost["reason"]
+    finally:
+        NestedHosts.unpause(host)
+    wait_json(fleet, f"/api/v1/hosts/{host.name}", lambda h: h["state"] == "ready", "back", 60)
