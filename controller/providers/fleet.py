@@ -157,6 +157,11 @@ class FleetProvider:
 
     def remove_volume(self, name: str) -> None:
         self._for(name).remove_volume(name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._where.pop(name, None)
 
     def disk_usage(self, volume: str) -> tuple[int, int] | None:
         if self.host_of(volume) != LOCAL:
@@ -181,6 +186,7 @@ class FleetProvider:
 
     def remove_container(self, name_or_id: str) -> None:
         self._for(name_or_id).remove_container(name_or_id)
+        self._forget(name_or_id)
 
     def exec(
         self,

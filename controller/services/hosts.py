@@ -203,8 +203,9 @@ def put_host(*, ctl: Controller, name: str, spec: HostSpec) -> HostView:
         )
         _set_capacity(host, spec.capacity)
         host.engine_version, host.last_heartbeat, host.updated_at = version, utcnow(), utcnow()
-        if host.state == HostState.unreachable:
-            host.state, host.reason = HostState.ready, None
+        if host.state == HostState.unreachable:  # it answered just now
+            host.state = host.state_before or HostState.ready
+            host.state_before, host.reason = None, None
         tx.add(host)
         events.record(tx, "host.added" if created else "host.updated", name, url=spec.url)
         view = _view(tx, host, ctl.settings)
@@ -264,6 +265,11 @@ def set_state(*, ctl: Controller, name: str, action: str) -> HostView:
     }[action]
     with unit_of_work(ctl.db) as tx:
         host = get_host(tx, name)
+        if host.state == HostState.unreachable:  # applies when its engine answers again
+            host.state_before, host.updated_at = target, utcnow()
+            tx.add(host)
+            events.record(tx, f"host.{target.value}", name, previous="unreachable")
+            return _view(tx, host, ctl.settings)
         if host.state != target:
             previous = host.state
             host.state, host.reason, host.updated_at = target, None, utcnow()
@@ -528,14 +534,15 @@ def heartbeat(*, ctl: Controller) -> list[str]:
             if ok:
                 host.last_heartbeat, host.engine_version = now, detail
                 if host.state == HostState.unreachable:
-                    host.state, host.reason = HostState.ready, None
-                    events.record(tx, "host.back", name)
+                    host.state = host.state_before or HostState.ready
+                    host.state_before, host.reason = None, None
+                    events.record(tx, "host.back", name, state=host.state.value)
             else:
                 seen = host.last_heartbeat or host.created_at
                 if seen.tzinfo is None:
                     seen = seen.replace(tzinfo=UTC)
                 if host.state != HostState.unreachable and now - seen > timeout:
-                    host.state = HostState.unreachable
+                    host.state_before, host.state = host.state, HostState.unreachable
                     host.reason = f"its engine has not answered since {seen.isoformat()}: {detail}"
                     events.record(tx, "host.unreachable", name, reason=host.reason)
                     lost.append(name)

@@ -137,6 +137,9 @@ class Host(SQLModel, table=True):
     max_machines: int | None = None
     state: HostState = Field(default=HostState.ready, index=True)
     reason: str | None = None
+    state_before: HostState | None = None
+    """While unreachable: the state it returns to when its engine answers (cordoned stays
+    cordoned)."""
     engine_version: str | None = None
     last_heartbeat: datetime | None = ts_field(nullable=True)
     images: dict[str, Any] = json_field({})

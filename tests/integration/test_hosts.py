@@ -437,9 +437,11 @@ def test_a_host_that_stops_answering_loses_its_machines_and_recovers_without_dup
         only_h0 = fleet.post("/api/v1/machines", json={**SMALL, "host_labels": {"zone": "h0"}})
         assert only_h0.status_code == 409
         assert "h0: unreachable" in only_h0.json()["detail"]
+        cordoned = fleet.post("/api/v1/hosts/h0/cordon").json()
+        assert cordoned["state"] == "unreachable"  # it applies once the engine answers
     finally:
         NestedHosts.unpause(host)
-    wait_json(fleet, "/api/v1/hosts/h0", lambda h: h["state"] == "ready", "h0 back", 60)
+    wait_json(fleet, "/api/v1/hosts/h0", lambda h: h["state"] == "cordoned", "h0 back", 60)
     deadline = time.monotonic() + 60
     while engine_containers(host) and time.monotonic() < deadline:
         time.sleep(0.5)  # reconcile removes what is left of the lost machine

@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("max_machines", sa.Integer(), nullable=True),
         sa.Column("state", sa.Enum(*HOST_STATES, name="hoststate"), nullable=False),
         sa.Column("reason", sa.String(), nullable=True),
+        sa.Column("state_before", sa.Enum(*HOST_STATES, name="hoststate"), nullable=True),
         sa.Column("engine_version", sa.String(), nullable=True),
         sa.Column("last_heartbeat", sa.DateTime(timezone=True), nullable=True),
         sa.Column("images", sa.JSON(), nullable=True),
