@@ -187,20 +187,33 @@ def put_host(*, ctl: Controller, name: str, spec: HostSpec) -> HostView:
     else:
         check_url(spec.url, tls)
         engine, version = _probe(spec.url, tls, ctl.settings.host_connect_timeout_s)
+    try:
+        view, moved = _record(ctl, name, spec, version)
+    finally:
+        if engine is not None:
+            engine.close()  # the probe; the fleet keeps a client of its own
+    provider = fleet(ctl)
+    if engine is not None:
+        if provider is not None and (moved or name not in provider.connected()):
+            provider.add_engine(name, open_engine(spec.url, tls, timeout_s=120))
+        ctl.workers.submit(sync_images, ctl=ctl, host=name)  # the runner image, meanwhile
+    return view
+
+
+def _record(ctl: Controller, name: str, spec: HostSpec, version: str) -> tuple[HostView, bool]:
+    """The host's record; and whether its address changed (a new engine client then)."""
     with unit_of_work(ctl.db) as tx:
         host = tx.get(Host, name)
         created = host is None
         host = host or Host(name=name, url=spec.url)
+        new_tls = spec.tls.model_dump() if spec.tls else {}
+        moved = created or host.url != spec.url or (host.tls or {}) != new_tls
         if not created and host.url != spec.url and _alive_on(tx, name):
             raise Conflict(
                 f"host {name} has machines: its url cannot change (drain it, remove them, "
                 "or register the new engine under another name)"
             )
-        host.url, host.tls, host.labels = (
-            spec.url,
-            spec.tls.model_dump() if spec.tls else {},
-            dict(spec.labels),
-        )
+        host.url, host.tls, host.labels = spec.url, new_tls, dict(spec.labels)
         _set_capacity(host, spec.capacity)
         host.engine_version, host.last_heartbeat, host.updated_at = version, utcnow(), utcnow()
         if host.state == HostState.unreachable:  # it answered just now
@@ -208,14 +221,7 @@ def put_host(*, ctl: Controller, name: str, spec: HostSpec) -> HostView:
             host.state_before, host.reason = None, None
         tx.add(host)
         events.record(tx, "host.added" if created else "host.updated", name, url=spec.url)
-        view = _view(tx, host, ctl.settings)
-    provider = fleet(ctl)
-    if engine is not None:
-        if provider is not None:
-            provider.add_engine(name, open_engine(spec.url, tls, timeout_s=120))
-        engine.close()
-        ctl.workers.submit(sync_images, ctl=ctl, host=name)  # the runner image, meanwhile
-    return view
+        return _view(tx, host, ctl.settings), moved
 
 
 def _probe(url: str, tls: EngineTLS | None, timeout_s: float) -> tuple[DockerProvider, str]:
