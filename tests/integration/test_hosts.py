@@ -301,6 +301,20 @@ def test_exec_sessions_and_files_reach_a_machine_on_a_nested_host(
     read = fleet.get(f"/api/v1/machines/{machine_id}/files", params={"path": "hello.txt"})
     assert read.content == b"from afar"
 
+    serve = (
+        "mkdir -p /tmp/site && echo far > /tmp/site/index.html && cd /tmp/site && "
+        "setsid nohup python3 -m http.server 8124 --bind 127.0.0.1 >/dev/null 2>&1 & "
+        "for i in $(seq 100); do python3 -c 'import socket; "
+        'socket.create_connection(("127.0.0.1", 8124))\' 2>/dev/null && exit 0; sleep 0.1; done; '
+        "exit 1"
+    )
+    started = fleet.post(f"/api/v1/machines/{machine_id}/exec", json={"cmd": serve})
+    assert started.json()["exit_code"] == 0, started.text
+    forwarded = fleet.post(f"/api/v1/machines/{machine_id}/ports", json={"port": 8124})
+    assert forwarded.status_code == 201, forwarded.text
+    page = httpx.get(f"{forwarded.json()['url']}/index.html", timeout=30)
+    assert page.text == "far\n"
+
 
 def by_host(machines: list[dict[str, Any]]) -> Counter[str]:
     return Counter(m["host"] for m in machines)
