@@ -96,7 +96,8 @@ def _call(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
     """One API call through the agents' own client; its typed errors become a message."""
     try:
         with Client(url, token, timeout_s=900) as client:
-            return client.call(method, path, **kwargs).json()
+            response = client.call(method, path, **kwargs)
+            return response.json() if response.content else {}
     except ShopfloorError as exc:
         _fail(f"{exc.status_code}: {exc.message}")
     except httpx.HTTPError as exc:
@@ -439,6 +440,91 @@ def runs_cancel(run_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") ->
     """Cancel a run; a running stage is stopped."""
     run = _call(url, token, "POST", f"/runs/{run_id}/cancel")
     console.print(f"{run['id']}: {run['status']} (cancel requested)")
+
+
+# ---------------------------------------------------------------- hosts, over HTTP
+
+hosts_app = typer.Typer(no_args_is_help=True, help="Hosts of the fleet (their Docker engines).")
+app.add_typer(hosts_app, name="hosts")
+
+
+@hosts_app.command("add")
+def hosts_add(
+    name: str,
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="unix:///path, ssh://user@host or tcp://host:2376."),
+    ],
+    label: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
+    cpus: float | None = None,
+    memory_mb: int | None = None,
+    disk_gb: float | None = None,
+    machines: Annotated[int | None, typer.Option(help="At most this many machines.")] = None,
+    tls_ca: Annotated[str | None, typer.Option(help="tcp://: the engine's CA file.")] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="tcp://: our certificate file.")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="tcp://: our key file.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Add or change a host; its engine must answer."""
+    capacity = {"cpus": cpus, "memory_mb": memory_mb, "disk_gb": disk_gb, "machines": machines}
+    body: dict[str, Any] = {
+        "url": engine,
+        "labels": dict(item.partition("=")[::2] for item in (label or [])),
+        "capacity": {k: v for k, v in capacity.items() if v is not None},
+    }
+    if tls_ca or tls_cert or tls_key:
+        body["tls"] = {"ca": tls_ca or "", "cert": tls_cert or "", "key": tls_key or ""}
+    console.print(_host_table([_call(url, token, "PUT", f"/hosts/{name}", json=body)]))
+
+
+def _host_table(hosts: list[dict[str, Any]]) -> Table:
+    table = Table("name", "state", "url", "labels", "used / capacity", "machines", "engine")
+    for h in hosts:
+        usage = []
+        for key, unit in (("cpus", ""), ("memory_mb", "M"), ("disk_gb", "G"), ("machines", "")):
+            cap = h["capacity"].get(key)
+            usage.append(f"{key} {h['used'][key]:g}{unit}/{'-' if cap is None else f'{cap:g}'}")
+        table.add_row(
+            h["name"],
+            h["state"] + (f" ({h['reason'][:40]})" if h.get("reason") else ""),
+            h["url"],
+            ",".join(f"{k}={v}" for k, v in h["labels"].items()) or "-",
+            " ".join(usage),
+            ", ".join(f"{k} {v}" for k, v in h["machines"].items() if v) or "-",
+            h.get("engine_version") or "-",
+        )
+    return table
+
+
+@hosts_app.command("ls")
+def hosts_ls(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """List hosts: state, capacity used, machines, engine version."""
+    console.print(_host_table(_call(url, token, "GET", "/hosts")["data"]))
+
+
+def _host_action(action: str) -> Any:
+    def command(name: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+        host = _call(url, token, "POST", f"/hosts/{name}/{action}")
+        console.print(f"{host['name']}: {host['state']}")
+
+    command.__doc__ = {
+        "cordon": "No new machine goes to the host.",
+        "uncordon": "The host takes new machines again.",
+        "drain": "Cordon the host and move its pools' ready machines elsewhere.",
+    }[action]
+    return command
+
+
+for _action in ("cordon", "uncordon", "drain"):
+    hosts_app.command(_action)(_host_action(_action))
+
+
+@hosts_app.command("rm")
+def hosts_rm(name: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Remove a host that has no machines."""
+    _call(url, token, "DELETE", f"/hosts/{name}")
+    console.print(f"{name}: removed")
 
 
 if os.environ.get("SHOPFLOOR_CLI_DEBUG"):

@@ -37,8 +37,13 @@ class MachineTemplate(BaseModel):
         description="start from this snapshot (GET /snapshots): its image, workspace, repo "
         "and commit; repo, ref, image and setup must then be left out",
     )
+    host_labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="labels a host must carry for the machine to be placed on it",
+    )
 
-    @field_validator("labels")
+    @field_validator("labels", "host_labels")
     @classmethod
     def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
         for key, value in labels.items():
@@ -55,6 +60,47 @@ class MachineTemplate(BaseModel):
             if not cmd.strip() or len(cmd) > 8192 or "\x00" in cmd:
                 raise ValueError("each setup command must be 1 to 8192 characters, no NUL")
         return setup
+
+
+class HostCapacity(BaseModel):
+    """What the fleet may reserve on a host; a field left out is not limited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float | None = Field(default=None, gt=0, le=4096)
+    memory_mb: int | None = Field(default=None, ge=64, le=64 * 1024 * 1024)
+    disk_gb: float | None = Field(default=None, gt=0, le=1024 * 1024)
+    machines: int | None = Field(default=None, ge=0, le=100000)
+
+
+class HostTLS(BaseModel):
+    """Client TLS files (paths on the controller's host) for a ``tcp://`` engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca: str = Field(min_length=1, max_length=4096)
+    cert: str = Field(min_length=1, max_length=4096)
+    key: str = Field(min_length=1, max_length=4096)
+
+
+class HostSpec(BaseModel):
+    """A host of the fleet: where its engine answers, its labels, its capacity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="unix:///path, ssh://user@host[:port] or tcp://host:2376 (with tls)",
+    )
+    tls: HostTLS | None = None
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    capacity: HostCapacity = Field(default_factory=HostCapacity)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        return MachineTemplate._labels(labels)
 
 
 class LeaseSelector(BaseModel):

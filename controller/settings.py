@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -154,6 +155,18 @@ class Settings(BaseSettings):
     """Wait after the first failed attempt; doubled after each further one."""
     webhook_batch: int = 20
     """Deliveries sent per tick of the loop (oldest due first)."""
+
+    # a fleet across hosts (issue 14)
+    placement: Literal["spread", "pack"] = "spread"
+    """Among the hosts that can take a new machine: the least loaded (spread) or the most
+    loaded that still has room (pack)."""
+    host_heartbeat_interval_s: float = 5.0
+    """How often every host's engine is pinged (heartbeat, version, state)."""
+    host_timeout_s: float = 30.0
+    """A host whose engine has not answered for this long is ``unreachable``: its machines
+    are lost and no new machine goes there."""
+    host_connect_timeout_s: float = 5.0
+    """How long registering a host may wait for its engine to answer."""
 
     opentelemetry: bool = False
     """FastAPI's OpenTelemetry spans, metrics and logs for every request, for a collector

@@ -24,6 +24,7 @@ from controller.api.routes import artifacts as artifacts_routes
 from controller.api.routes import events as events_routes
 from controller.api.routes import files as files_routes
 from controller.api.routes import flow as flow_routes
+from controller.api.routes import hosts as hosts_routes
 from controller.api.routes import learning as learning_routes
 from controller.api.routes import learning_tests as learning_tests_routes
 from controller.api.routes import leases as leases_routes
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         learning_tests_routes.router,
         owners_routes.router,
         webhooks_routes.router,
+        hosts_routes.router,
     ):
         app.include_router(router, prefix="/api/v1")
     app.include_router(system.router)

@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from controller.domain import (
+    HostCapacity,
     LeaseSelector,
     MachineTemplate,
     ResetPolicy,
@@ -40,6 +41,10 @@ class MachinePublic(BaseModel):
     setup: list[str]
     pool: str | None
     workdir: str
+    host: str = Field(
+        default="local",
+        description="the host (engine) it runs on; disk limits apply only on host local",
+    )
     fence: int = Field(
         description="grows with each lease granted or ended; never a credential (a lease's "
         "token is shown only to the caller it was granted to)"
@@ -176,6 +181,26 @@ class PoolPublic(BaseModel):
     reason: str | None
     owner: str | None = None
     counts: dict[str, int]
+    created_at: datetime
+    updated_at: datetime
+
+
+class HostPublic(BaseModel):
+    name: str
+    url: str
+    labels: dict[str, str]
+    state: str = Field(description="ready | cordoned | draining | unreachable")
+    reason: str | None
+    capacity: HostCapacity = Field(description="a field left empty is not limited")
+    used: dict[str, float] = Field(description="what its live machines reserve")
+    free: dict[str, float | None] = Field(description="capacity less used; null: no limit")
+    machines: dict[str, int] = Field(description="its machines by state")
+    engine_version: str | None
+    last_heartbeat: datetime | None
+    images: dict[str, Any] = Field(
+        description="images copied to it: state (loading | ready | failed), bytes sent"
+    )
+    disk_limits: bool = Field(description="whether machines here get disk caps (local only)")
     created_at: datetime
     updated_at: datetime
 

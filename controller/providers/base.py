@@ -7,7 +7,7 @@ imports the engine's SDK. Specs and answers are plain dataclasses so fakes are e
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -56,6 +56,8 @@ class ContainerSpec:
     """Size of /dev/shm; 0: the engine's default (64 MiB)."""
     tmpfs: dict[str, str] = field(default_factory=dict)
     """Small sized tmpfs mounts (path -> mount options, e.g. ``size=1m``)."""
+    host: str = "local"
+    """The host (engine) of the fleet the machine was placed on (issue 14)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class ContainerInfo:
     created_at: datetime
     ports: dict[int, int] = field(default_factory=dict)
     """Container port -> host port on 127.0.0.1."""
+    host: str = "local"
+    """The host (engine) of the fleet it runs on."""
 
     @property
     def running(self) -> bool:
@@ -79,6 +83,7 @@ class VolumeInfo:
     name: str
     labels: dict[str, str]
     created_at: datetime | None
+    host: str = "local"
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,34 @@ class DuplexStream(Protocol):
 
 class Provider(Protocol):
     def ping(self) -> None: ...
+
+    # the fleet (issue 14): one engine per host
+    def hosts(self) -> list[str]:
+        """The hosts whose engines this provider reaches (``["local"]`` for one engine)."""
+        ...
+
+    def on_host(self, host: str) -> Provider:
+        """The provider of one host's engine alone (reconcile compares host by host; a
+        machine is made on the host placement chose)."""
+        ...
+
+    def engine_version(self) -> str: ...
+
+    def image_id(self, ref: str) -> str | None:
+        """The image's content id (``sha256:…``), None when the engine lacks it."""
+        ...
+
+    def save_image(self, ref: str) -> Iterator[bytes]:
+        """The image as a ``docker save`` tarball, in chunks."""
+        ...
+
+    def load_image(self, chunks: Iterable[bytes]) -> None:
+        """``docker load`` of a tarball streamed in chunks."""
+        ...
+
+    def put_archive(self, name_or_id: str, path: str, tarball: bytes) -> None:
+        """Unpack a tar into the container's filesystem at ``path`` (as the engine: root)."""
+        ...
 
     def data_root(self) -> str:
         """The folder where the engine keeps its data (layers, volumes) on its host

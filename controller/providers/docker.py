@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 import docker
 import docker.errors
 from docker.models.containers import Container
+from docker.tls import TLSConfig
 from docker.types import Mount
+from paramiko.ssh_exception import SSHException
 
 from controller.errors import EngineError, ImageNotFound, InsufficientStorage
 from controller.providers.base import (
@@ -165,19 +168,39 @@ class DockerProvider:
     """``disks``: where sized disks live (loop-mounted files, :mod:`disks`); None: sizes are
     ignored. Used only with an engine on this host (it mounts what this host mounted)."""
 
-    def __init__(self, base_url: str | None = None, disks: DiskStore | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        disks: DiskStore | None = None,
+        *,
+        tls: EngineTLS | None = None,
+        timeout_s: int = 120,
+        remote: bool = False,
+    ) -> None:
+        """``tls``: client TLS files of a ``tcp://`` engine. ``remote``: an engine of another
+        host of the fleet (no disks, no namespace shortcuts, whatever its address says: a
+        nested engine's unix socket looks local, but its pids are not this host's)."""
         try:
             if base_url:
-                self.client = docker.DockerClient(base_url=base_url, timeout=120)
+                self.client = docker.DockerClient(
+                    base_url=base_url,
+                    timeout=timeout_s,
+                    tls=_tls_config(tls) if tls else False,
+                    use_ssh_client=False,  # paramiko: no docker CLI needed on the controller
+                )
             else:
-                self.client = docker.from_env(timeout=120)
+                self.client = docker.from_env(timeout=timeout_s)
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
+        except (OSError, ValueError, SSHException) as exc:  # ssh:// refused, a bad address
+            raise EngineError(f"cannot reach the Docker engine at {base_url}: {exc}") from exc
         self.api = self.client.api
+        self.local = not remote and self.api.base_url == LOCAL_ENGINE_URL
+        """Whether the engine runs on this host (it may use /proc and mounts of this host)."""
         self._data_root: str | None = None
         self.disks: DiskStore | None = None
         if disks is not None:
-            if self.api.base_url != LOCAL_ENGINE_URL:
+            if not self.local:
                 log.warning("disk limits are off: the engine is not on this host")
             else:
                 self.disks = disks
@@ -191,6 +214,46 @@ class DockerProvider:
     def ping(self) -> None:
         with _engine_errors("ping the engine"):
             self.client.ping()
+
+    def hosts(self) -> list[str]:
+        return ["local"]
+
+    def on_host(self, host: str) -> DockerProvider:
+        if host != "local":
+            raise EngineError(f"no engine for host {host!r}: this controller has one engine")
+        return self
+
+    def engine_version(self) -> str:
+        with _engine_errors("ask the engine for its version"):
+            return str(self.client.version().get("Version", "unknown"))
+
+    def image_id(self, ref: str) -> str | None:
+        try:
+            return str(self.api.inspect_image(ref)["Id"])  # type: ignore[no-untyped-call]
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot look up image {ref}: {exc}") from exc
+
+    def save_image(self, ref: str) -> Iterator[bytes]:
+        with _engine_errors(f"save image {ref}"):
+            chunks = self.api.get_image(ref, chunk_size=1024 * 1024)
+        try:
+            yield from chunks
+        except docker.errors.DockerException as exc:
+            raise EngineError(f"cannot save image {ref}: {exc}") from exc
+
+    def load_image(self, chunks: Iterable[bytes]) -> None:
+        with _engine_errors("load an image"):
+            # Progress lines; a failure is one of them.
+            for answer in self.api.load_image(chunks):  # type: ignore[no-untyped-call]
+                if isinstance(answer, dict) and answer.get("error"):
+                    raise EngineError(f"cannot load the image: {answer['error']}")
+
+    def put_archive(self, name_or_id: str, path: str, tarball: bytes) -> None:
+        with _engine_errors(f"copy files into {name_or_id}"):
+            if not self.api.put_archive(name_or_id, path, tarball):
+                raise EngineError(f"cannot copy files into {name_or_id}:{path}")
 
     def data_root(self) -> str:
         if self._data_root is None:  # an engine's data root does not move while it runs
@@ -642,7 +705,7 @@ class DockerProvider:
     def connect_loopback(
         self, name_or_id: str, port: int, *, timeout_s: float
     ) -> socket.socket | None:
-        if self.api.base_url != LOCAL_ENGINE_URL:  # the machine runs on another host
+        if not self.local:  # the machine runs on another host
             return None
         try:
             state = self.api.inspect_container(name_or_id)["State"]
@@ -659,7 +722,7 @@ class DockerProvider:
             return None
 
     def connect_unix(self, name_or_id: str, path: str, *, timeout_s: float) -> socket.socket | None:
-        if self.api.base_url != LOCAL_ENGINE_URL or not path.startswith("/"):
+        if not self.local or not path.startswith("/"):
             return None
         try:
             pid = int(self.api.inspect_container(name_or_id)["State"]["Pid"] or 0)
@@ -728,10 +791,31 @@ class DockerProvider:
         )
 
 
+@dataclass(frozen=True)
+class EngineTLS:
+    """Client TLS files of a ``tcp://`` engine (the engine's CA, our certificate and key)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def _tls_config(tls: EngineTLS) -> TLSConfig:
+    """The files are checked here: a missing or unreadable one is refused with its name."""
+    for what, path in (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)):
+        if not Path(path).is_file():
+            raise EngineError(f"TLS {what} file {path} does not exist or is not a file")
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            raise EngineError(f"cannot read TLS {what} file {path}: {exc}") from exc
+    return TLSConfig(client_cert=(tls.cert, tls.key), ca_cert=tls.ca, verify=True)
+
+
 @contextmanager
 def _engine_errors(doing: str) -> Iterator[None]:
     """Turn any SDK error into :class:`EngineError` naming what we were doing."""
     try:
         yield
-    except docker.errors.DockerException as exc:
+    except (docker.errors.DockerException, SSHException) as exc:  # SSHException: ssh:// hosts
         raise EngineError(f"cannot {doing}: {exc}") from exc

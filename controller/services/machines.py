@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,8 @@ from controller.errors import (
     ShopfloorError,
 )
 from controller.providers.base import Bind, ContainerSpec, Provider, ScratchMount
-from controller.services import repos
+from controller.providers.fleet import LOCAL
+from controller.services import hosts, repos
 from controller.services.access import MachineAccess
 from controller.services.images import RUNNER_CAPABILITIES
 from controller.services.runtime import Controller
@@ -221,6 +224,8 @@ class MachineSpec:
     snapshot: Snapshot | None = None
     """Start from this snapshot (its image, workspace, repo and commit) instead of a clone."""
     forked_from: str | None = None
+    host_labels: dict[str, str] = field(default_factory=dict)
+    """Labels the host must carry (placement, see ``hosts.place``)."""
 
 
 RUNNER_UID = 1000
@@ -275,8 +280,8 @@ def set_state(
     events.record(tx, kind, subject, **data)
 
 
-def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
-    """Record the intent; :func:`provision` makes it real."""
+def create_machine(*, tx: Session, spec: MachineSpec, host: str = LOCAL) -> Machine:
+    """Record the intent on the host placement chose; :func:`provision` makes it real."""
     machine = Machine(
         image=spec.image,
         repo=spec.repo.value if spec.repo else None,
@@ -290,6 +295,7 @@ def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
         pool=spec.pool,
         container_name="",
         volume_name="",
+        host=host,
     )
     machine.container_name = container_name(machine.id)
     machine.volume_name = volume_name(machine.id)
@@ -308,6 +314,7 @@ def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
         pool=machine.pool,
         snapshot=machine.snapshot_id,
         forked_from=machine.forked_from,
+        host=host,
     )
     return machine
 
@@ -329,7 +336,7 @@ def provision(
     try:
         if machine.snapshot_id and (snap is None or snap.state != SnapshotState.ready):
             raise ShopfloorError(f"the snapshot {machine.snapshot_id} is gone")
-        _build(provider, settings, install_id, machine, snap)
+        _build(db, provider, settings, install_id, machine, snap)
     except Exception as exc:  # noqa: BLE001 - any failure must end in `failed` with its reason
         reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
         log.warning("provisioning %s failed: %s", machine_id, reason)
@@ -352,49 +359,84 @@ def provision(
 
 
 def _build(
+    db: Engine,
     provider: Provider,
     settings: Settings,
     install_id: str,
     machine: Machine,
     snap: Snapshot | None = None,
 ) -> None:
+    """On a remote host: the image is copied there first (once), the repo's mirror is
+    copied into the machine instead of bind-mounted, and there are no disk caps (the
+    disks are loop devices of the controller's own host). From a snapshot: its workspace
+    (copy-on-write where the disks allow) and image, no clone, no setup."""
+    remote = machine.host != LOCAL
+    if remote:
+        hosts.ensure_image(db=db, provider=provider, host=machine.host, image=machine.image)
     binds: list[Bind] = []
-    if machine.repo and snap is None:
-        source = _source_path(provider, settings, machine.repo)
+    source = _source_path(provider, settings, machine.repo) if machine.repo and not snap else None
+    if source is not None and not remote:
         binds.append(Bind(str(source), SOURCE_MOUNT, read_only=True))
     labels = ownership_labels(settings, install_id, machine)
-    sized = settings.disk_limits
-    if snap is not None:  # the snapshot's workspace (copy-on-write where the disks allow)
-        provider.volume_from_snapshot(
+    sized = settings.disk_limits and not remote
+    engine = provider.on_host(machine.host)
+    if snap is not None:
+        engine.volume_from_snapshot(
             snap.volume_snapshot, machine.volume_name, labels, helper_image=snap.image
         )
     else:
-        provider.create_volume(
+        engine.create_volume(
             machine.volume_name, labels, size_bytes=settings.workspace_disk_bytes if sized else 0
         )
-    provider.run_container(
-        ContainerSpec(
-            name=machine.container_name,
-            image=machine.image,
-            labels=labels,
-            workspace_volume=machine.volume_name,
-            binds=binds,
-            cpus=machine.cpus,
-            memory_mb=machine.memory_mb,
-            pids_limit=settings.pids_limit,
-            network="egress" if machine.network == "egress" else "none",
-            cap_add=RUNNER_CAPABILITIES,
-            scratch_bytes=settings.scratch_disk_bytes if sized else 0,
-            scratch_mounts=SCRATCH_MOUNTS,
-            shm_bytes=settings.shm_bytes,
-            tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
-        )
+    spec = ContainerSpec(
+        name=machine.container_name,
+        image=machine.image,
+        labels=labels,
+        workspace_volume=machine.volume_name,
+        binds=binds,
+        cpus=machine.cpus,
+        memory_mb=machine.memory_mb,
+        pids_limit=settings.pids_limit,
+        network="egress" if machine.network == "egress" else "none",
+        cap_add=RUNNER_CAPABILITIES,
+        scratch_bytes=settings.scratch_disk_bytes if sized else 0,
+        scratch_mounts=SCRATCH_MOUNTS,
+        shm_bytes=settings.shm_bytes,
+        tmpfs={"/run/lock": "size=1m,mode=1777,nosuid,nodev,noexec"},
+        host=machine.host,
     )
+    try:
+        provider.run_container(spec)
+    except ImageNotFound:
+        if not remote:
+            raise
+        # The host lost the image since this process saw it there: copy it again, once.
+        hosts.forget_image(machine.host, machine.image)
+        hosts.ensure_image(db=db, provider=provider, host=machine.host, image=machine.image)
+        provider.run_container(spec)
     if snap is not None:
         return  # checkout and setup came with the snapshot
+    if source is not None and remote:
+        _copy_source(provider, machine, source)
     if machine.repo:
         _clone(provider, settings, machine)
     run_setup(provider, settings, machine)
+
+
+def _copy_source(provider: Provider, machine: Machine, source: Path) -> None:
+    """The mirror into a machine on another host (no bind of this host's folders there):
+    a tar of it unpacked at /source by the engine, owned by root, readable by the user."""
+    with tempfile.TemporaryFile() as tarball:
+        with tarfile.open(fileobj=tarball, mode="w") as tar:
+            tar.add(str(source), arcname=SOURCE_MOUNT.strip("/"), filter=_root_owned)
+        tarball.seek(0)
+        provider.put_archive(machine.container_name, "/", tarball.read())
+
+
+def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
 
 
 def _source_path(provider: Provider, settings: Settings, repo: str) -> Path:
@@ -745,6 +787,7 @@ def make_spec(
         labels=dict(template.labels),
         setup=list(template.setup),
         pool=pool,
+        host_labels=dict(template.host_labels),
     )
 
 
@@ -783,8 +826,16 @@ def request_machine(*, ctl: Controller, template: MachineTemplate, wait: bool) -
 
 def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
     """Record a machine and provision it, in this thread when ``wait`` else in the background."""
-    with unit_of_work(ctl.db) as tx:
-        machine = create_machine(tx=tx, spec=spec)
+    with unit_of_work(ctl.db) as tx:  # placement and record in one transaction
+        host = hosts.place(
+            tx,
+            settings=ctl.settings,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            host_labels=spec.host_labels,
+            pool=spec.pool,
+        )
+        machine = create_machine(tx=tx, spec=spec, host=host)
 
     def work() -> Machine:
         return provision(

@@ -20,7 +20,15 @@ from controller.services import leases, machines, owners
 from controller.services.runtime import Controller
 from controller.store import events
 from controller.store.db import unit_of_work
-from controller.store.models import ALIVE_STATES, Machine, MachineState, Pool, utcnow
+from controller.store.models import (
+    ALIVE_STATES,
+    Host,
+    HostState,
+    Machine,
+    MachineState,
+    Pool,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +140,30 @@ def fill(*, ctl: Controller) -> dict[str, int]:
     return started
 
 
+def _leave_draining_hosts(ctl: Controller, name: str) -> None:
+    """A draining host's ready machines leave the pool (destroyed; the pool refills on
+    other hosts); leased ones finish their lease and leave when they come back."""
+    with unit_of_work(ctl.reader) as tx:
+        moving = tx.exec(
+            select(Machine.id)
+            .join(Host, col(Host.name) == col(Machine.host))
+            .where(
+                Machine.pool == name,
+                Machine.state == MachineState.ready,
+                Host.state == HostState.draining,
+            )
+        ).all()
+    for machine_id in moving:
+        try:
+            machines.destroy_machine(
+                db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+            )
+        except ShopfloorError as exc:  # leased meanwhile: it leaves when it comes back
+            log.info("machine %s stays on its draining host for now: %s", machine_id, exc.message)
+
+
 def _fill_one(ctl: Controller, name: str) -> int:
+    _leave_draining_hosts(ctl, name)
     with unit_of_work(ctl.reader) as tx:
         pool = get_pool(tx, name)
         by_state = counts(tx, name)

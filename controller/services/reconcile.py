@@ -8,6 +8,7 @@ containers of another install are never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from controller.errors import EngineError
-from controller.providers.base import Provider
+from controller.providers.base import ContainerInfo, Provider, VolumeInfo
 from controller.services import machines, snapshots
 from controller.services.access import EXEC_READY, MachineAccess
 from controller.services.runtime import DiskWatch
@@ -25,6 +26,8 @@ from controller.store import events
 from controller.store.db import reader, unit_of_work
 from controller.store.models import (
     ALIVE_STATES,
+    Host,
+    HostState,
     Lease,
     LeaseState,
     Machine,
@@ -49,6 +52,8 @@ class ReconcileReport:
     near_full: list[str] = field(default_factory=list)
     """Machines whose workspace crossed the near-full share on this pass."""
     engine_error: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Hosts left out of this pass (their engine did not answer, or they are unreachable)."""
 
 
 DISK_GRACE_S = 60.0
@@ -100,22 +105,37 @@ def reconcile(
     machines lost, that this controller still leads (raises otherwise)."""
     report = ReconcileReport()
     owned = {machines.LABEL_CONTROLLER: install_id}
-    try:
-        containers = provider.list_containers(owned)
-        volumes = provider.list_volumes(owned)
-    except EngineError as exc:
-        report.engine_error = exc.message
-        log.warning("reconcile skipped: %s", exc.message)
-        return report
-    now = now or datetime.now(UTC)
-    by_machine = {c.labels.get(machines.LABEL_MACHINE, ""): c for c in containers}
     # Read without the write lock (leases are granted meanwhile); write only what changed.
     with unit_of_work(reader(db)) as tx:
-        alive = select(Machine.id, Machine.state).where(col(Machine.state).in_(ALIVE_STATES))
-        alive_now = {machine_id: MachineState(state) for machine_id, state in tx.exec(alive)}
+        alive = select(Machine.id, Machine.state, Machine.host).where(
+            col(Machine.state).in_(ALIVE_STATES)
+        )
+        rows = list(tx.exec(alive))
+        registered = {h.name: h.state for h in tx.exec(select(Host))}
         being_snapshotted = set(
             tx.exec(select(Snapshot.machine_id).where(Snapshot.state == SnapshotState.taking))
         )
+    silent = {name for name, state in registered.items() if state == HostState.unreachable}
+    alive_now = {machine_id: MachineState(state) for machine_id, state, _ in rows}
+    host_of = {machine_id: host for machine_id, _, host in rows}
+    containers, volumes, answered = _list_hosts(
+        provider,
+        owned,
+        sorted(set(provider.hosts()) | set(host_of.values()) | set(registered)),
+        silent,
+        report,
+    )
+    if not answered:
+        skipped = report.skipped
+        report.engine_error = (
+            next(iter(skipped.values()))
+            if len(skipped) == 1
+            else "; ".join(f"{h}: {e}" for h, e in skipped.items())
+        )
+        log.warning("reconcile skipped: %s", report.engine_error)
+        return report
+    now = now or datetime.now(UTC)
+    by_machine = {c.labels.get(machines.LABEL_MACHINE, ""): c for c in containers}
     settled = (
         MachineState.ready,
         MachineState.leased,
@@ -124,6 +144,8 @@ def reconcile(
         MachineState.paused,  # its container is there, paused: not lost
     )
     for machine_id, state in alive_now.items():
+        if host_of[machine_id] not in answered:
+            continue  # a host that did not answer: its machines are not known lost here
         container = by_machine.get(machine_id)
         if state in settled and container is None:
             report.lost.append(machine_id)
@@ -158,12 +180,14 @@ def reconcile(
             access.close_machine(machine=machine, why="the machine's container vanished")
     for machine_id in report.restarted:
         try:
-            provider.start_container(by_machine[machine_id].id)
+            found = by_machine[machine_id]
+            provider.on_host(found.host).start_container(found.id)
         except EngineError as exc:
             log.warning("could not restart %s: %s", machine_id, exc.message)
     for machine_id in report.resumed:
         try:
-            provider.unpause_container(by_machine[machine_id].id)
+            found = by_machine[machine_id]
+            provider.on_host(found.host).unpause_container(found.id)
         except EngineError as exc:
             log.warning("could not resume %s: %s", machine_id, exc.message)
     old = now - timedelta(seconds=grace_s)
@@ -180,7 +204,8 @@ def reconcile(
         if snapshot_part(container.labels):
             continue
         if orphaned(machine_id) and container.created_at < old:
-            _try(provider.remove_container, container.id, report.removed_containers)
+            engine = provider.on_host(container.host)
+            _try(engine.remove_container, container.id, report.removed_containers)
     live_volumes = {
         c.labels.get(machines.LABEL_MACHINE)
         for c in containers
@@ -192,7 +217,8 @@ def reconcile(
             continue
         too_young = volume.created_at is not None and volume.created_at >= old
         if orphaned(machine_id) and machine_id not in live_volumes and not too_young:
-            _try(provider.remove_volume, volume.name, report.removed_volumes)
+            engine = provider.on_host(volume.host)
+            _try(engine.remove_volume, volume.name, report.removed_volumes)
     keep = {c.name for c in containers if c.id not in report.removed_containers}
     keep |= {v.name for v in volumes if v.name not in report.removed_volumes}
     try:
@@ -208,6 +234,36 @@ def reconcile(
     if disk_watch is not None:
         report.near_full = _measure_disks(db, provider, disk_watch, set(alive_now), near_full)
     return report
+
+
+def _list_hosts(
+    provider: Provider,
+    owned: dict[str, str],
+    names: list[str],
+    silent: set[str],
+    report: ReconcileReport,
+) -> tuple[list[ContainerInfo], list[VolumeInfo], set[str]]:
+    """Our containers and volumes host by host; a host that does not answer is skipped
+    (recorded in the report), never taken for a host where everything vanished."""
+    containers: list[ContainerInfo] = []
+    volumes: list[VolumeInfo] = []
+    answered: set[str] = set()
+    for name in names:
+        if name in silent:
+            report.skipped[name] = "unreachable"
+            continue
+        try:
+            engine = provider.on_host(name)
+            found = engine.list_containers(owned)
+            kept = engine.list_volumes(owned)
+        except EngineError as exc:
+            report.skipped[name] = exc.message
+            log.warning("reconcile skipped host %s: %s", name, exc.message)
+            continue
+        containers += [dataclasses.replace(c, host=name) for c in found]
+        volumes += [dataclasses.replace(v, host=name) for v in kept]
+        answered.add(name)
+    return containers, volumes, answered
 
 
 def _measure_disks(
@@ -240,9 +296,45 @@ def _measure_disks(
     return crossed
 
 
-def _end_leases_of_lost(tx: Session, machine_id: str, now: datetime) -> None:
+def lose_host(
+    *,
+    db: Engine,
+    access: MachineAccess,
+    host: str,
+    why: str,
+    fenced: Callable[[Session], None] | None = None,
+) -> list[str]:
+    """A host became unreachable: its settled machines are ``lost`` (their leases end with
+    the reason, runs on them move), what was provisioning there failed. When the host comes
+    back, reconcile removes what is left of them (no live record: orphans)."""
+    now = datetime.now(UTC)
+    reason = f"its host {host} became unreachable: {why}"
+    with unit_of_work(db) as tx:
+        if fenced is not None:
+            fenced(tx)
+        found = list(
+            tx.exec(
+                select(Machine).where(Machine.host == host, col(Machine.state).in_(ALIVE_STATES))
+            )
+        )
+        for machine in found:
+            if machine.state == MachineState.provisioning:
+                machines.set_state(tx, machine, MachineState.failed, reason)
+            else:
+                machines.set_state(tx, machine, MachineState.lost, reason)
+                _end_leases_of_lost(tx, machine.id, now, reason=f"its machine was lost: {reason}")
+    for machine in found:
+        access.close_machine(machine=machine, why=reason)
+    return [m.id for m in found]
+
+
+def _end_leases_of_lost(
+    tx: Session,
+    machine_id: str,
+    now: datetime,
+    reason: str = "its machine was lost: the container vanished from the engine",
+) -> None:
     """A lost machine's lease ends with the reason: its renew answers 409 saying so."""
-    reason = "its machine was lost: the container vanished from the engine"
     active = select(Lease).where(Lease.machine_id == machine_id, Lease.state == LeaseState.active)
     for lease in tx.exec(active):
         lease.state, lease.ended_at, lease.reason = LeaseState.expired, now, reason

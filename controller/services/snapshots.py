@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 
 from controller.errors import Conflict, EngineError, InvalidInput, NotFound, ShopfloorError
 from controller.providers.base import Provider
+from controller.providers.fleet import LOCAL
 from controller.services import machines
 from controller.services.access import EXEC_READY, Key, check_machine
 from controller.services.runtime import Controller
@@ -206,6 +207,12 @@ def take(
             raise Conflict(
                 f"cannot snapshot machine {machine_id} while it is {machine.state.value}",
                 state=machine.state.value,
+            )
+        if machine.host != LOCAL:  # the copy-on-write disks are the controller's host's
+            raise Conflict(
+                f"machine {machine_id} is on host {machine.host!r}: snapshots and forks are "
+                f"made of machines on the host {LOCAL!r} only",
+                host=machine.host,
             )
         snap = Snapshot(
             name=name,

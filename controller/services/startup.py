@@ -10,8 +10,10 @@ from collections.abc import Callable
 
 from controller.providers.disks import DiskStore, unusable_reason
 from controller.providers.docker import DockerProvider
+from controller.providers.fleet import FleetProvider
 from controller.services import (
     driver,
+    hosts,
     images,
     leadership,
     leases,
@@ -23,7 +25,7 @@ from controller.services import (
 )
 from controller.services.runtime import Controller
 from controller.settings import Settings
-from controller.store.db import checkpoint, make_engine, migrate
+from controller.store.db import checkpoint, make_engine, migrate, reader
 from evidence import retention
 
 log = logging.getLogger(__name__)
@@ -36,13 +38,17 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.data_dir.chmod(0o700)  # keys, tokens' database, evidence: the controller's only
     migrate(settings.sqlalchemy_url)
-    provider = DockerProvider(settings.docker_host, disks=_disks(settings))
+    local = DockerProvider(settings.docker_host, disks=_disks(settings))
     default_image = settings.runner_image or images.runner_image_tag(images.default_extra_ca())
     db = make_engine(settings.sqlalchemy_url, checkpoint_loop=background)
+    # One engine per host (issue 14): each call goes to the engine of the machine's host.
+    provider = FleetProvider(
+        local, locate=hosts.locator(reader(db)), connect=hosts.connector(reader(db))
+    )
     traces = tracing.make(settings)  # once per controller: OTLP when an endpoint is set
     if settings.opentelemetry:
         tracing.share_with_fastapi(traces)
-    return Controller(
+    ctl = Controller(
         settings=settings,
         db=db,
         provider=provider,
@@ -51,6 +57,8 @@ def build_controller(settings: Settings, *, background: bool = False) -> Control
         default_image=default_image,
         tracing=traces,
     )
+    hosts.register_local(ctl=ctl)
+    return ctl
 
 
 def _disks(settings: Settings) -> DiskStore | None:
@@ -84,6 +92,7 @@ def start_loops(ctl: Controller) -> None:
     ctl.every(ctl.settings.leader_ttl_s / 3, "leader", lambda: leadership.keep_lead(ctl=ctl))
     ctl.every(CHECKPOINT_INTERVAL_S, "checkpoint", lambda: checkpoint(ctl.db))
     led = _led(ctl)
+    ctl.every(ctl.settings.host_heartbeat_interval_s, "hosts", lambda: _hosts(ctl))
     ctl.every(ctl.settings.reconcile_interval_s, "reconcile", led(lambda: _reconcile(ctl)))
     ctl.every(ctl.settings.lease_reap_interval_s, "lease-reaper", led(lambda: leases.reap(ctl=ctl)))
     ctl.every(ctl.settings.pool_interval_s, "pools", led(lambda: pools.fill(ctl=ctl)))
@@ -113,6 +122,25 @@ def _led(ctl: Controller) -> Callable[[Callable[[], object]], Callable[[], objec
         return tick_if_leader
 
     return led
+
+
+def _hosts(ctl: Controller) -> None:
+    """Every controller follows the registry (engines of hosts added or removed through
+    another one); the leader pings the hosts and loses the machines of a silent one."""
+    hosts.connect_all(ctl=ctl)
+    if not ctl.leads():
+        return
+    for name in hosts.heartbeat(ctl=ctl):
+        lost = reconcile.lose_host(
+            db=ctl.db,
+            access=ctl.access,
+            host=name,
+            why=f"no answer for {ctl.settings.host_timeout_s:g} s",
+            fenced=lambda tx: leadership.check_fence(
+                tx, name=leadership.LOOPS, holder=ctl.instance_id, fence=ctl.fence
+            ),
+        )
+        log.warning("host %s is unreachable; machines lost: %s", name, ", ".join(lost) or "none")
 
 
 def _reconcile(ctl: Controller) -> None:

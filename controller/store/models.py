@@ -101,6 +101,8 @@ class Machine(SQLModel, table=True):
     pool: str | None = Field(default=None, index=True)
     container_name: str
     volume_name: str
+    host: str = Field(default="local", index=True)
+    """The host (engine) the machine was placed on; every call about it goes there."""
     fence: int = 0
     """Fencing counter: grows with each lease granted or ended on this machine."""
     paused_from: str | None = None
@@ -158,6 +160,44 @@ class Snapshot(SQLModel, table=True):
     took_ms: float = 0.0
     paused_ms: float = 0.0
     created_at: datetime = ts_field(index=True)
+
+
+class HostState(StrEnum):
+    ready = "ready"
+    unreachable = "unreachable"
+    """Its engine did not answer for ``SHOPFLOOR_HOST_TIMEOUT_S``: its machines are lost."""
+    cordoned = "cordoned"
+    """Keeps its machines; no new machine goes there."""
+    draining = "draining"
+    """Like cordoned, and its ready machines leave the pools (refilled elsewhere)."""
+
+
+class Host(SQLModel, table=True):
+    """One Docker engine of the fleet (issue 14); ``local`` is SHOPFLOOR_DOCKER_HOST's."""
+
+    __tablename__ = "hosts"
+
+    name: str = Field(primary_key=True)
+    url: str
+    tls: dict[str, str] = json_field({})
+    """Client TLS file paths of a ``tcp://`` engine: ``ca``, ``cert``, ``key``."""
+    labels: dict[str, str] = json_field({})
+    cpus: float | None = None
+    """Capacity: CPUs the fleet may reserve here; None: no limit (``local`` by default)."""
+    memory_mb: int | None = None
+    disk_gb: float | None = None
+    max_machines: int | None = None
+    state: HostState = Field(default=HostState.ready, index=True)
+    reason: str | None = None
+    state_before: HostState | None = None
+    """While unreachable: the state it returns to when its engine answers (cordoned stays
+    cordoned)."""
+    engine_version: str | None = None
+    last_heartbeat: datetime | None = ts_field(nullable=True)
+    images: dict[str, Any] = json_field({})
+    """Image ref -> {state: loading|ready|failed, bytes, total, reason}: copies to this host."""
+    created_at: datetime = ts_field()
+    updated_at: datetime = ts_field()
 
 
 class ApiToken(SQLModel, table=True):

@@ -39,6 +39,13 @@ class FakeEngine:
         vol = machines.volume_name(machine_id)
         self.volumes[vol] = VolumeInfo(vol, labels, created)
 
+    def hosts(self) -> list[str]:
+        return ["local"]
+
+    def on_host(self, host: str) -> FakeEngine:
+        assert host == "local"
+        return self
+
     def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
         if self.fail:
             raise EngineError("engine down")
@@ -283,3 +290,48 @@ def test_snapshot_parts_are_removed_only_without_their_record(db: Engine) -> Non
     assert report.removed_volumes == []  # not a machine's orphan
     assert list(engine.images) == ["shopfloor/snapshot:snap-kept"]
     assert list(engine.snapshot_copies) == ["shopfloor-snap-snap-kept"]
+
+
+class FakeFleet:
+    """Two fake engines, one per host, behind the fleet's two calls reconcile makes."""
+
+    def __init__(self) -> None:
+        self.engines = {"local": FakeEngine(), "far": FakeEngine()}
+
+    def hosts(self) -> list[str]:
+        return sorted(self.engines)
+
+    def on_host(self, host: str) -> FakeEngine:
+        return self.engines[host]
+
+    def disk_usage(self, volume: str) -> tuple[int, int] | None:
+        return None
+
+    def remove_stray_disks(self, keep: set[str], grace_s: float) -> list[str]:
+        return []
+
+
+def test_a_host_that_does_not_answer_is_skipped_not_lost(db: Engine) -> None:
+    add_machine(db, "m-here", MachineState.ready)
+    add_machine(db, "m-far", MachineState.ready)
+    add_machine(db, "m-gone", MachineState.ready)
+    with unit_of_work(db) as tx:
+        for machine_id in ("m-far", "m-gone"):
+            machine = tx.get(Machine, machine_id)
+            assert machine
+            machine.host = "far"
+            tx.add(machine)
+    fleet = FakeFleet()
+    fleet.engines["local"].add("m-here")
+    fleet.engines["far"].add("m-far")
+    fleet.engines["far"].fail = True
+    report = reconcile(db, fleet)  # type: ignore[arg-type]
+    assert report.lost == []
+    assert report.skipped == {"far": "engine down"}
+    assert report.engine_error is None
+    assert state_of(db, "m-far") == MachineState.ready
+
+    fleet.engines["far"].fail = False  # back: only what vanished there is lost
+    report = reconcile(db, fleet)  # type: ignore[arg-type]
+    assert report.lost == ["m-gone"]
+    assert state_of(db, "m-far") == MachineState.ready
