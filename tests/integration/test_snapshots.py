@@ -129,7 +129,7 @@ def test_pause_freezes_and_resume_keeps_processes_sessions_and_forwards(
 
 def _pid(client: TestClient, machine_id: str) -> int:
     ctl = ctl_of(client)
-    docker = ctl.provider.api  # type: ignore[attr-defined]
+    docker = ctl.provider.on_host("local").api  # type: ignore[attr-defined]
     return int(docker.inspect_container(f"shopfloor-{machine_id}")["State"]["Pid"])
 
 
@@ -338,7 +338,7 @@ def test_a_full_disk_store_fails_snapshot_and_fork_and_leaves_nothing(
     with TestClient(create_app(settings, background=False)) as client:
         client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
         ctl = ctl_of(client)
-        disks = ctl.provider.disks  # type: ignore[attr-defined]
+        disks = ctl.provider.on_host("local").disks  # type: ignore[attr-defined]
         assert disks is not None
         assert disks.reflink, "the disk pool shares blocks"
         machine_id = new_machine(client)
