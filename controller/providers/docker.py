@@ -18,6 +18,7 @@ from docker.models.containers import Container
 from docker.tls import TLSConfig
 from docker.types import Mount
 from paramiko.ssh_exception import SSHException
+from requests.exceptions import RequestException
 
 from controller.errors import EngineError, ImageNotFound, InsufficientStorage
 from controller.providers.base import (
@@ -34,6 +35,9 @@ from controller.providers.netns import connect_in_namespace
 log = logging.getLogger(__name__)
 LOCAL_ENGINE_URL = "http+docker://localhost"
 """docker-py's base URL for an engine on a local unix socket."""
+ENGINE_FAILURES = (docker.errors.DockerException, SSHException, RequestException)
+"""What a failed engine call raises: the SDK's errors, an ssh:// host's, and the HTTP
+library's (a timeout of an engine that stopped answering is not wrapped by the SDK)."""
 JUST_STARTED = timedelta(seconds=10)
 LISTENER_WAIT_S = 2.0
 """How long :meth:`DockerProvider.connect_loopback` waits for a just-started machine's
@@ -190,9 +194,9 @@ class DockerProvider:
                 )
             else:
                 self.client = docker.from_env(timeout=timeout_s)
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
-        except (OSError, ValueError, SSHException) as exc:  # ssh:// refused, a bad address
+        except (OSError, ValueError, SSHException, RequestException) as exc:  # ssh://, address
             raise EngineError(f"cannot reach the Docker engine at {base_url}: {exc}") from exc
         self.api = self.client.api
         self.local = not remote and self.api.base_url == LOCAL_ENGINE_URL
@@ -232,7 +236,7 @@ class DockerProvider:
             return str(self.api.inspect_image(ref)["Id"])  # type: ignore[no-untyped-call]
         except docker.errors.ImageNotFound:
             return None
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot look up image {ref}: {exc}") from exc
 
     def save_image(self, ref: str) -> Iterator[bytes]:
@@ -240,7 +244,7 @@ class DockerProvider:
             chunks = self.api.get_image(ref, chunk_size=1024 * 1024)
         try:
             yield from chunks
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot save image {ref}: {exc}") from exc
 
     def load_image(self, chunks: Iterable[bytes]) -> None:
@@ -268,14 +272,14 @@ class DockerProvider:
             return True
         except docker.errors.ImageNotFound:
             return False
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot look up image {ref}: {exc}") from exc
 
     def pull_image(self, ref: str) -> bool:
         try:
             self.client.images.pull(ref)
             return True
-        except docker.errors.DockerException:
+        except ENGINE_FAILURES:
             return False
 
     def build_image(self, context: Path, tag: str, buildargs: dict[str, str]) -> None:
@@ -286,7 +290,7 @@ class DockerProvider:
         except docker.errors.BuildError as exc:
             tail = "".join(str(line.get("stream", "")) for line in exc.build_log)[-2000:]
             raise EngineError(f"image build failed: {exc.msg}\n{tail}") from exc
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"image build failed: {exc}") from exc
 
     def import_image(self, tarball: Path, tag: str) -> None:
@@ -320,7 +324,7 @@ class DockerProvider:
             self.client.volumes.get(name).remove(force=True)
         except docker.errors.NotFound:
             pass
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot remove volume {name}: {exc}") from exc
         if self.disks is not None:
             self.disks.remove(_volume_disk(name))
@@ -351,7 +355,7 @@ class DockerProvider:
             return False
         except docker.errors.NotFound:
             return True
-        except docker.errors.DockerException:
+        except ENGINE_FAILURES:
             return False
 
     def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
@@ -626,7 +630,7 @@ class DockerProvider:
             container = self.client.containers.run(spec.image, **kwargs)
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"unknown image {spec.image!r}: build or pull it first") from exc
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot start container {spec.name}: {exc}") from exc
         container.reload()
         return self._info(container)
@@ -636,7 +640,7 @@ class DockerProvider:
             return self._info(self.client.containers.get(name_or_id))
         except docker.errors.NotFound:
             return None
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot inspect {name_or_id}: {exc}") from exc
 
     def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
@@ -664,7 +668,7 @@ class DockerProvider:
             container.remove(force=True, v=False)
         except docker.errors.NotFound:
             pass
-        except docker.errors.DockerException as exc:
+        except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot remove {name_or_id}: {exc}") from exc
         if self.disks is not None:
             self.disks.remove(_container_disk(name))
@@ -817,5 +821,7 @@ def _engine_errors(doing: str) -> Iterator[None]:
     """Turn any SDK error into :class:`EngineError` naming what we were doing."""
     try:
         yield
-    except (docker.errors.DockerException, SSHException) as exc:  # SSHException: ssh:// hosts
+    except ENGINE_FAILURES as exc:
+        # SSHException: ssh:// hosts; RequestException: an engine that stopped answering
+        # (a timeout is the HTTP library's, not wrapped by the SDK).
         raise EngineError(f"cannot {doing}: {exc}") from exc

@@ -300,6 +300,11 @@ def delete_host(*, ctl: Controller, name: str) -> None:
     provider = fleet(ctl)
     if provider is not None:
         provider.remove_engine(name)
+    with _PROBES_LOCK:
+        gone = [key for key in _PROBES if key[0] == name]
+        probes = [_PROBES.pop(key) for key in gone]
+    for probe in probes:
+        probe.close()
 
 
 def _alive_on(tx: Session, name: str) -> int:
@@ -559,6 +564,12 @@ def heartbeat(*, ctl: Controller) -> list[str]:
     return lost
 
 
+_PROBES: dict[tuple[str, str, str], DockerProvider] = {}
+"""Heartbeat clients with the short timeout, one per host address (an ssh:// host keeps its
+connection between ticks); dropped when their engine fails to answer."""
+_PROBES_LOCK = threading.Lock()
+
+
 def _ping(ctl: Controller, host: Host) -> tuple[bool, str]:
     """Whether the engine answers within the connect timeout, and its version or error."""
     try:
@@ -566,11 +577,20 @@ def _ping(ctl: Controller, host: Host) -> tuple[bool, str]:
             engine: Provider = ctl.provider.on_host(LOCAL)
             engine.ping()
             return True, engine.engine_version()
-        probe = open_engine(host.url, _tls(host), ctl.settings.host_connect_timeout_s)
+        key = (host.name, host.url, repr(sorted((host.tls or {}).items())))
+        with _PROBES_LOCK:
+            probe = _PROBES.get(key)
+        if probe is None:
+            probe = open_engine(host.url, _tls(host), ctl.settings.host_connect_timeout_s)
+            with _PROBES_LOCK:
+                _PROBES[key] = probe
         try:
             probe.ping()
             return True, probe.engine_version()
-        finally:
+        except EngineError:
+            with _PROBES_LOCK:
+                _PROBES.pop(key, None)
             probe.close()
+            raise
     except EngineError as exc:
         return False, exc.message
