@@ -1,0 +1,185 @@
+"""Snapshots and forks as a hostile agent sees them: a lease is a boundary (issue 15).
+
+What an agent snapshots or forks under its lease is its own: other agents neither see nor
+use nor delete it, and a fork never reaches another holder (it is leased to the agent that
+made it and destroyed when that lease ends). Every agent's share has a limit (429).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from controller.settings import Settings
+from tests.integration.conftest import wait_state
+from tests.integration.test_fenced_channels import agent, lease, token_header
+from tests.integration.test_snapshots import API, assert_no_parts, ctl_of, new_machine, sh
+
+
+def leased_machine(client: TestClient, me: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    machine_id = new_machine(client)
+    return machine_id, lease(client, me, machine_id)
+
+
+def test_an_agents_snapshot_is_seen_and_deleted_only_by_it_and_ops(
+    client: TestClient, settings: Settings
+) -> None:
+    alice, mallory = agent(settings), agent(settings)
+    machine_id, granted = leased_machine(client, alice)
+    made = client.post(
+        f"{API}/machines/{machine_id}/snapshots",
+        json={"name": "alice-secret-name", "labels": {"customer": "acme"}},
+        headers={**alice, **token_header(granted["token"])},
+    )
+    assert made.status_code == 201, made.text
+    snap_id = made.json()["id"]
+
+    listed = client.get(f"{API}/snapshots", headers=mallory).json()
+    assert listed == {"data": [], "count": 0}
+    shown = client.get(f"{API}/snapshots/{snap_id}", headers=mallory)
+    assert shown.status_code == 404, shown.text
+    assert client.delete(f"{API}/snapshots/{snap_id}", headers=mallory).status_code == 404
+    mallorys_machine = client.post(
+        f"{API}/machines", json={"snapshot": snap_id}, headers=mallory
+    )
+    assert mallorys_machine.status_code == 403, mallorys_machine.text
+
+    mine = client.get(f"{API}/snapshots", headers=alice).json()
+    assert [s["id"] for s in mine["data"]] == [snap_id]
+    assert client.get(f"{API}/snapshots/{snap_id}", headers=alice).status_code == 200
+    assert [s["id"] for s in client.get(f"{API}/snapshots").json()["data"]] == [snap_id]
+
+    deleted = client.delete(f"{API}/snapshots/{snap_id}", headers=alice)
+    assert deleted.status_code == 200, deleted.text
+    assert_no_parts(client)
+
+
+def test_an_agent_may_not_pin_its_snapshots_past_retention(
+    client: TestClient, settings: Settings
+) -> None:
+    me = agent(settings)
+    machine_id, granted = leased_machine(client, me)
+    pinned = client.post(
+        f"{API}/machines/{machine_id}/snapshots",
+        json={"pinned": True},
+        headers={**me, **token_header(granted["token"])},
+    )
+    assert pinned.status_code == 403, pinned.text
+    assert "pin" in pinned.json()["detail"]
+    assert_no_parts(client)
+
+
+def test_an_agents_fork_is_leased_to_it_alone_and_destroyed_when_that_lease_ends(
+    client: TestClient, settings: Settings
+) -> None:
+    alice, mallory = agent(settings), agent(settings)
+    machine_id, granted = leased_machine(client, alice)
+    held = {**alice, **token_header(granted["token"])}
+    sh(client, machine_id, "echo alice-secret > /workspace/secret", **held)
+    forked = client.post(f"{API}/machines/{machine_id}/fork", json={"count": 2}, headers=held)
+    assert forked.status_code == 201, forked.text
+    body = forked.json()
+    copies = [m["id"] for m in body["machines"]]
+    assert [m["state"] for m in body["machines"]] == ["leased", "leased"]
+    fork_leases = {g["machine_id"]: g for g in body["leases"]}
+    assert set(fork_leases) == set(copies)
+
+    for copy in copies:  # another agent cannot take the copy of alice's workspace
+        taken = client.post(
+            f"{API}/leases",
+            json={"holder": "mallory", "machine_id": copy, "ttl_s": 30, "wait_s": 0},
+            headers=mallory,
+        )
+        assert taken.status_code in (408, 409), taken.text
+        stolen = client.post(
+            f"{API}/machines/{copy}/exec",
+            json={"cmd": "cat /workspace/secret"},
+            headers={**mallory, **token_header(fork_leases[copy]["token"])},
+        )
+        assert stolen.status_code == 403, stolen.text
+
+    first = copies[0]
+    own = {**alice, **token_header(fork_leases[first]["token"])}
+    assert sh(client, first, "cat /workspace/secret", **own)["stdout"] == "alice-secret\n"
+    released = client.delete(f"{API}/leases/{fork_leases[first]['id']}", headers=alice)
+    assert released.status_code == 200, released.text
+    assert wait_state(client, first, {"destroyed"})["state"] == "destroyed"
+    # the source's lease ending ends nothing of the other fork: it has its own lease
+    assert client.get(f"{API}/machines/{copies[1]}").json()["state"] == "leased"
+    client.delete(f"{API}/leases/{fork_leases[copies[1]]['id']}", headers=alice)
+    assert wait_state(client, copies[1], {"destroyed"})["state"] == "destroyed"
+    snap_id = body["snapshot"]["id"]
+    assert client.get(f"{API}/snapshots/{snap_id}", headers=mallory).status_code == 404
+    assert client.delete(f"{API}/snapshots/{snap_id}", headers=alice).status_code == 200
+    assert_no_parts(client)
+
+
+def test_an_agents_snapshots_and_forks_have_limits(
+    make_settings: Any,
+) -> None:
+    from controller.api.app import create_app
+    from controller.store.models import Role
+    from tests.integration.conftest import issue_token
+
+    settings = make_settings(snapshots_per_token=1, forks_per_token=1)
+    with TestClient(create_app(settings, background=False)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        me = agent(settings)
+        machine_id, granted = leased_machine(client, me)
+        held = {**me, **token_header(granted["token"])}
+        url = f"{API}/machines/{machine_id}"
+        assert client.post(f"{url}/snapshots", json={}, headers=held).status_code == 201
+        second = client.post(f"{url}/snapshots", json={}, headers=held)
+        assert second.status_code == 429, second.text
+        assert "SHOPFLOOR_SNAPSHOTS_PER_TOKEN" in second.json()["detail"]
+        many = client.post(f"{url}/fork", json={"count": 2}, headers=held)
+        assert many.status_code == 429, many.text
+        assert "SHOPFLOOR_FORKS_PER_TOKEN" in many.json()["detail"]
+        assert client.post(f"{API}/machines/{machine_id}/snapshots", json={}).status_code == 201
+        listed = client.get(f"{API}/snapshots").json()["data"]
+        assert len(listed) == 2  # ops are not counted against the agent's share
+        for snap in listed:
+            client.delete(f"{API}/snapshots/{snap['id']}")
+        assert_no_parts(client)
+
+
+def test_racing_pause_resume_snapshot_and_release_leaves_a_consistent_machine(
+    client: TestClient, settings: Settings
+) -> None:
+    me = agent(settings)
+    machine_id, granted = leased_machine(client, me)
+    held = {**me, **token_header(granted["token"])}
+    url = f"{API}/machines/{machine_id}"
+    answers: list[int] = []
+
+    def hammer(action: str) -> None:
+        for _ in range(4):
+            body = {} if action == "snapshots" else None
+            answers.append(client.post(f"{url}/{action}", json=body, headers=held).status_code)
+
+    threads = [
+        threading.Thread(target=hammer, args=(action,))
+        for action in ("pause", "resume", "snapshots", "pause", "resume", "snapshots")
+    ]
+    for thread in threads:
+        thread.start()
+    client.delete(f"{API}/leases/{granted['id']}", headers=me)
+    for thread in threads:
+        thread.join()
+    assert set(answers) <= {200, 201, 409}, answers
+    ctl = ctl_of(client)
+    machine = client.get(url).json()
+    if machine["state"] == "paused":  # paused after the lease ended: the reaper thaws it
+        from controller.services import leases
+
+        leases.reap(ctl=ctl)
+    machine = wait_state(client, machine_id, {"ready"})
+    info = ctl.provider.inspect_container(f"shopfloor-{machine_id}")
+    assert info is not None and info.status == "running", info
+    assert machine["paused_from"] is None
+    for snap in client.get(f"{API}/snapshots").json()["data"]:
+        assert snap["state"] == "ready"
+        assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
+    assert_no_parts(client)
