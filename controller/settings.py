@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     snapshot_max_bytes: int = 50 * 1024**3
     """Unpinned, unused snapshots are deleted, oldest first, while all snapshots together
     hold more than this."""
+    snapshots_per_token: int = 20
+    """Most snapshots one agent's API token may hold (its forks' snapshots too); past it,
+    429 until it deletes some (``DELETE /snapshots/{id}``). Ops are not counted."""
+    forks_per_token: int = 8
+    """Most live forks one agent's API token may hold (each a machine leased to it); past
+    it, 429 until it releases some."""
 
     # pools, leases, runs (issue 3)
     pool_interval_s: float = 2.0

@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from controller.domain import (
+    LeaseGranted,
     LeaseSelector,
     MachineTemplate,
     ResetPolicy,
@@ -117,6 +118,11 @@ class SnapshotPublic(BaseModel):
 class ForkAnswer(BaseModel):
     snapshot: SnapshotPublic
     machines: list[MachinePublic]
+    leases: list[LeaseGranted] = Field(
+        default_factory=list,
+        description="an agent's forks: each leased to it (their tokens shown only here); "
+        "a fork is destroyed when its lease ends",
+    )
 
 
 class ExecBody(BaseModel):

@@ -221,6 +221,8 @@ class MachineSpec:
     snapshot: Snapshot | None = None
     """Start from this snapshot (its image, workspace, repo and commit) instead of a clone."""
     forked_from: str | None = None
+    reserved_for: str | None = None
+    """An agent's fork: the API token alone to be granted it (``Machine.reserved_for``)."""
 
 
 RUNNER_UID = 1000
@@ -298,7 +300,7 @@ def create_machine(*, tx: Session, spec: MachineSpec) -> Machine:
         machine.repo, machine.repo_name, machine.ref = snap.repo, snap.repo_name, snap.ref
         machine.commit, machine.branch = snap.commit, snap.branch
         machine.setup, machine.snapshot_id = list(snap.setup), snap.id
-    machine.forked_from = spec.forked_from
+    machine.forked_from, machine.reserved_for = spec.forked_from, spec.reserved_for
     tx.add(machine)
     events.record(
         tx,

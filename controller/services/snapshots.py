@@ -17,24 +17,36 @@ code) or the fence they hold.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from controller.errors import Conflict, EngineError, InvalidInput, NotFound, ShopfloorError
+from controller.domain import LeaseGranted
+from controller.errors import (
+    Conflict,
+    EngineError,
+    Forbidden,
+    InvalidInput,
+    LimitReached,
+    NotFound,
+    ShopfloorError,
+)
 from controller.providers.base import Provider
-from controller.services import machines
+from controller.services import auth, machines
 from controller.services.access import EXEC_READY, Key, check_machine
 from controller.services.runtime import Controller
 from controller.store import events
+from controller.store import leases as lease_rows
 from controller.store.db import unit_of_work
 from controller.store.models import (
     ALIVE_STATES,
+    ApiToken,
     Lease,
     LeaseState,
     Machine,
@@ -45,6 +57,7 @@ from controller.store.models import (
     SnapshotState,
     utcnow,
 )
+from controller.store.rawsql import transaction
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +98,21 @@ def _authorize(tx: Session, machine: Machine, key: Key | None, action: str) -> N
     elif machine.state == MachineState.stopped:
         as_state = MachineState.ready  # what matters: no lease, ops only
     check_machine(tx, machine, key, as_state=as_state)
+
+
+def _agent(key: Key | None) -> str | None:
+    """The agent's API token id behind ``key`` (None: ops or the controller's own code):
+    what an agent snapshots or forks is its own, counted against its share."""
+    if key is None or key.caller is None or key.caller.role == Role.ops:
+        return None
+    return key.caller.id
+
+
+def _visible(snap: Snapshot | None, viewer: ApiToken | None) -> bool:
+    """Ops (and the controller) see every snapshot; an agent only its own."""
+    if snap is None:
+        return False
+    return viewer is None or viewer.role == Role.ops or snap.owner_token_id == viewer.id
 
 
 # ---------------------------------------------------------------- pause / resume
@@ -207,6 +235,9 @@ def take(
                 f"cannot snapshot machine {machine_id} while it is {machine.state.value}",
                 state=machine.state.value,
             )
+        owner = _agent(key)
+        if owner is not None:
+            _check_share(ctl, tx, owner, pinned)
         snap = Snapshot(
             name=name,
             labels=dict(labels or {}),
@@ -222,6 +253,7 @@ def take(
             memory_mb=machine.memory_mb,
             network=machine.network,
             setup=list(machine.setup),
+            owner_token_id=owner,
         )
         snap.image = image_ref(snap.id)
         snap.volume_snapshot = volume_snapshot_name(snap.id)
@@ -254,6 +286,23 @@ def take(
             paused_ms=current.paused_ms,
         )
         return current
+
+
+def _check_share(ctl: Controller, tx: Session, owner: str, pinned: bool) -> None:
+    """An agent's snapshots: never pinned (retention must be able to free them), and at
+    most ``snapshots_per_token`` of them (429)."""
+    if pinned:
+        raise Forbidden("only ops may pin a snapshot (pinned ones escape retention)")
+    held = len(tx.exec(select(Snapshot.id).where(Snapshot.owner_token_id == owner)).all())
+    cap = ctl.settings.snapshots_per_token
+    if held >= cap:
+        raise ctl.limits.refuse(
+            LimitReached(
+                f"this API token holds {held} snapshots, its limit "
+                "(SHOPFLOOR_SNAPSHOTS_PER_TOKEN): delete some (DELETE /api/v1/snapshots/<id>)",
+                limit="snapshots_per_token",
+            )
+        )
 
 
 _STILL: dict[str, threading.Lock] = {}
@@ -343,9 +392,13 @@ class SnapshotView:
     used_by: list[str]
 
 
-def list_snapshots(*, ctl: Controller) -> list[SnapshotView]:
+def list_snapshots(*, ctl: Controller, viewer: ApiToken | None = None) -> list[SnapshotView]:
+    """Every snapshot for ops; an agent's own for an agent."""
+    query = select(Snapshot).order_by(col(Snapshot.created_at).desc())
+    if viewer is not None and viewer.role != Role.ops:
+        query = query.where(Snapshot.owner_token_id == viewer.id)
     with unit_of_work(ctl.reader) as tx:
-        found = list(tx.exec(select(Snapshot).order_by(col(Snapshot.created_at).desc())))
+        found = list(tx.exec(query))
         users: dict[str, list[str]] = {}
         for machine_id, snapshot_id in tx.exec(
             select(Machine.id, Machine.snapshot_id).where(
@@ -356,20 +409,25 @@ def list_snapshots(*, ctl: Controller) -> list[SnapshotView]:
     return [SnapshotView(s, users.get(s.id, [])) for s in found]
 
 
-def show_snapshot(*, ctl: Controller, snapshot_id: str) -> SnapshotView:
+def show_snapshot(
+    *, ctl: Controller, snapshot_id: str, viewer: ApiToken | None = None
+) -> SnapshotView:
     with unit_of_work(ctl.reader) as tx:
         snap = tx.get(Snapshot, snapshot_id)
-        if snap is None:
+        if snap is None or not _visible(snap, viewer):  # another agent's: not even its name
             raise NotFound(f"no snapshot {snapshot_id}")
         users, _ = _used_by(tx, snapshot_id)
     return SnapshotView(snap, users)
 
 
-def delete_snapshot(*, ctl: Controller, snapshot_id: str) -> Snapshot:
-    """409 while a live machine started from it or a pool's template names it."""
+def delete_snapshot(
+    *, ctl: Controller, snapshot_id: str, viewer: ApiToken | None = None
+) -> Snapshot:
+    """409 while a live machine started from it or a pool's template names it. An agent
+    deletes only its own (another's is 404)."""
     with unit_of_work(ctl.db) as tx:
         snap = tx.get(Snapshot, snapshot_id)
-        if snap is None:
+        if snap is None or not _visible(snap, viewer):
             raise NotFound(f"no snapshot {snapshot_id}")
         if snap.state != SnapshotState.ready:
             raise Conflict(f"snapshot {snapshot_id} is still being taken", state=snap.state.value)
@@ -400,6 +458,7 @@ def start_machines(
     labels: dict[str, str] | None = None,
     forked_from: str | None = None,
     pool: str | None = None,
+    reserved_for: str | None = None,
 ) -> list[Machine]:
     """``count`` machines started from the snapshot at once, each its own volume (a
     copy-on-write copy where the disks allow), container, fence and labels. All or none:
@@ -417,6 +476,7 @@ def start_machines(
             pool=pool,
             snapshot=snap,
             forked_from=forked_from,
+            reserved_for=reserved_for,
         )
         made = [machines.create_machine(tx=tx, spec=spec) for _ in range(count)]
     ids = [m.id for m in made]
@@ -451,6 +511,8 @@ def start_machines(
 class Fork:
     snapshot: Snapshot
     machines: list[Machine]
+    leases: list[LeaseGranted] = field(default_factory=list)
+    """An agent's forks: each leased to it at once (nobody else is ever granted them)."""
 
 
 def fork(
@@ -463,15 +525,20 @@ def fork(
 ) -> Fork:
     """Snapshot the machine and start ``count`` copies of it. Under a lease the lease's
     token is needed (409 without); ops may fork a machine leased by another without it, and
-    that is recorded (``machine.forked`` with ``under_lease``)."""
+    that is recorded (``machine.forked`` with ``under_lease``). An agent's forks are its
+    own: each is leased to it at once for the source lease's TTL, no other grant ever takes
+    it, and it is destroyed when that lease ends; at most ``forks_per_token`` live (429)."""
     if not 1 <= count <= ctl.settings.fork_max:
         raise InvalidInput(
             f"count must be 1 to {ctl.settings.fork_max} (SHOPFLOOR_FORK_MAX), not {count}"
         )
     under_lease: str | None = None
+    owner = _agent(key)
     with unit_of_work(ctl.reader) as tx:
         machine = machines.get_machine(tx, machine_id)
         _authorize(tx, machine, key, "fork")
+        if owner is not None:
+            _check_forks(ctl, tx, owner, count)
         lease = tx.exec(
             select(Lease).where(Lease.machine_id == machine_id, Lease.state == LeaseState.active)
         ).first()
@@ -484,6 +551,7 @@ def fork(
         ):
             under_lease = lease.id
         source_labels = dict(machine.labels)
+        ttl_s = lease.ttl_s if lease is not None else 600.0
     snap = take(
         ctl=ctl,
         machine_id=machine_id,
@@ -498,10 +566,17 @@ def fork(
             count=count,
             labels={**source_labels, **(labels or {})},
             forked_from=machine_id,
+            reserved_for=owner,
         )
+        granted: list[LeaseGranted] = []
+        if owner is not None:
+            granted = _lease_forks(ctl, made, owner, ttl_s, f"fork of {machine_id}")
     except Exception:
         _discard(ctl, snap)
         raise
+    if owner is not None:
+        with unit_of_work(ctl.reader) as tx:
+            made = [machines.get_machine(tx, m.id) for m in made]
     with unit_of_work(ctl.db) as tx:
         events.record(
             tx,
@@ -512,7 +587,66 @@ def fork(
             under_lease=under_lease,
             by=key.caller.id if key is not None and key.caller is not None else None,
         )
-    return Fork(snap, made)
+    return Fork(snap, made, granted)
+
+
+def _check_forks(ctl: Controller, tx: Session, owner: str, count: int) -> None:
+    live = len(
+        tx.exec(
+            select(Machine.id).where(
+                Machine.reserved_for == owner, col(Machine.state).in_(ALIVE_STATES)
+            )
+        ).all()
+    )
+    cap = ctl.settings.forks_per_token
+    if live + count > cap:
+        raise ctl.limits.refuse(
+            LimitReached(
+                f"this API token holds {live} live forks and asked for {count} more, past "
+                f"its limit of {cap} (SHOPFLOOR_FORKS_PER_TOKEN): release some forks' leases",
+                limit="forks_per_token",
+            )
+        )
+
+
+def _lease_forks(
+    ctl: Controller, made: list[Machine], owner: str, ttl_s: float, holder: str
+) -> list[LeaseGranted]:
+    """Lease each of an agent's new forks to it, in one transaction; when one cannot be
+    (destroyed meanwhile), all of them are destroyed and the fork fails."""
+    granted: list[LeaseGranted] = []
+    try:
+        with transaction(ctl.db) as tx:
+            for machine in made:
+                secret = secrets.token_urlsafe(32)
+                row = lease_rows.grant_reserved(
+                    tx,
+                    machine_id=machine.id,
+                    owner_token_id=owner,
+                    holder=holder,
+                    ttl_s=ttl_s,
+                    token_hash=auth.hash_token(secret),
+                )
+                if row is None:  # rolls every grant back
+                    raise Conflict(f"fork {machine.id} was gone before it could be leased")
+                granted.append(LeaseGranted.model_validate({**row, "token": secret}))
+        return granted
+    except Conflict:
+        pass
+    for machine in made:
+        try:
+            machines.destroy_machine(
+                db=ctl.db,
+                provider=ctl.provider,
+                access=ctl.access,
+                machine_id=machine.id,
+                even_if_leased=True,
+            )
+        except ShopfloorError as exc:
+            log.warning("could not remove fork %s: %s", machine.id, exc.message)
+    raise Conflict(
+        f"a fork of {made[0].forked_from} was gone before it could be leased: fork again"
+    )
 
 
 # ---------------------------------------------------------------- retention and leftovers
