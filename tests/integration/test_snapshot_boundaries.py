@@ -183,3 +183,39 @@ def test_racing_pause_resume_snapshot_and_release_leaves_a_consistent_machine(
         assert snap["state"] == "ready"
         assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
     assert_no_parts(client)
+
+
+def test_racing_pauses_and_resumes_leave_the_engine_as_the_record_says(
+    client: TestClient,
+) -> None:
+    """A pause whose record a resume undid before the engine froze the machine must not
+    freeze it after all (frozen, yet recorded ready: commands would hang)."""
+    machine_id = new_machine(client)
+    url = f"{API}/machines/{machine_id}"
+    ctl = ctl_of(client)
+    answers: list[int] = []
+
+    def hammer(action: str) -> None:
+        for _ in range(15):
+            answers.append(client.post(f"{url}/{action}").status_code)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=hammer, args=(a,)) for a in ("pause", "resume") * 2]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        state = client.get(url).json()["state"]
+        info = ctl.provider.inspect_container(f"shopfloor-{machine_id}")
+        assert info is not None
+        assert (state, info.status) in {("paused", "paused"), ("ready", "running")}, answers
+    assert set(answers) <= {200, 409}, answers
+
+
+def test_a_snapshot_name_must_be_printable(client: TestClient) -> None:
+    machine_id = new_machine(client)
+    for name in ("bad\x00name", "line\nbreak", "x" * 201):
+        answer = client.post(f"{API}/machines/{machine_id}/snapshots", json={"name": name})
+        assert answer.status_code == 422, answer.text
+        assert "name" in answer.text
+    assert_no_parts(client)
