@@ -67,7 +67,14 @@ class SnapshotBody(BaseModel):
 
     name: str = Field(default="", max_length=200)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
-    pinned: bool = Field(default=False, description="kept by retention whatever its age")
+    pinned: bool = Field(default=False, description="kept by retention whatever its age (ops only)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError("name must be printable: no control characters or line breaks")
+        return name
 
     @field_validator("labels")
     @classmethod

@@ -133,15 +133,19 @@ def pause(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
         _authorize(tx, machine, key, "pause")
         machine.paused_from = machine.state.value
         machines.set_state(tx, machine, MachineState.paused)
-    try:
-        with _still(machine.id):  # after a snapshot in flight has thawed it
-            ctl.provider.pause_container(machine.container_name)
-    except EngineError:
-        with unit_of_work(ctl.db) as tx:
+    with _still(machine.id):  # after a snapshot in flight has thawed it
+        with unit_of_work(ctl.reader) as tx:
             current = machines.get_machine(tx, machine_id)
-            if current.state == MachineState.paused:
-                _unpaused(tx, current, "the engine could not pause it")
-        raise
+        if current.state != MachineState.paused:  # a resume came first: it stays thawed
+            return current
+        try:
+            ctl.provider.pause_container(machine.container_name)
+        except EngineError:
+            with unit_of_work(ctl.db) as tx:
+                current = machines.get_machine(tx, machine_id)
+                if current.state == MachineState.paused:
+                    _unpaused(tx, current, "the engine could not pause it")
+            raise
     return machine
 
 
@@ -155,13 +159,13 @@ def resume(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
                 state=machine.state.value,
             )
         _authorize(tx, machine, key, "resume")
-    with _still(machine.id):
+    with _still(machine.id):  # thaw and record as one: a pause waits for both
         _thaw(ctl.provider, machine.container_name)
-    with unit_of_work(ctl.db) as tx:
-        current = machines.get_machine(tx, machine_id)
-        if current.state == MachineState.paused:
-            _unpaused(tx, current)
-        return current
+        with unit_of_work(ctl.db) as tx:
+            current = machines.get_machine(tx, machine_id)
+            if current.state == MachineState.paused:
+                _unpaused(tx, current)
+            return current
 
 
 def _thaw(provider: Provider, container: str) -> None:
@@ -311,7 +315,9 @@ _STILL_GUARD = threading.Lock()
 
 def _still(machine_id: str) -> threading.Lock:
     """The lock of a machine's engine pauses in this controller: a snapshot, a pause or a
-    resume at a time, so that none finds the machine paused by another that thaws it."""
+    resume at a time, so that none finds the machine paused by another that thaws it. A
+    pause freezes the engine only if its record is still paused under it, and a resume
+    thaws and records under it: the engine ends as the record says."""
     with _STILL_GUARD:
         return _STILL.setdefault(machine_id, threading.Lock())
 
