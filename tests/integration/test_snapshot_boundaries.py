@@ -219,3 +219,25 @@ def test_a_snapshot_name_must_be_printable(client: TestClient) -> None:
         assert answer.status_code == 422, answer.text
         assert "name" in answer.text
     assert_no_parts(client)
+
+
+def test_a_fork_its_agent_was_never_granted_is_destroyed_by_the_reaper(
+    client: TestClient,
+) -> None:
+    """A controller killed between starting an agent's fork and leasing it to the agent
+    leaves a ready machine nobody may ever lease: the reaper destroys it."""
+    from controller.services import leases, snapshots
+
+    machine_id = new_machine(client)
+    ctl = ctl_of(client)
+    snap = client.post(f"{API}/machines/{machine_id}/snapshots", json={}).json()
+    made = snapshots.start_machines(
+        ctl=ctl, snapshot_id=snap["id"], count=1, forked_from=machine_id, reserved_for="t-gone"
+    )
+    fork_id = made[0].id
+    assert client.get(f"{API}/machines/{fork_id}").json()["state"] == "ready"
+    leases.reap(ctl=ctl)
+    assert client.get(f"{API}/machines/{fork_id}").json()["state"] == "destroyed"
+    assert ctl.provider.inspect_container(f"shopfloor-{fork_id}") is None
+    assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
+    assert_no_parts(client)
