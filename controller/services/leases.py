@@ -532,6 +532,7 @@ def reap(*, ctl: Controller) -> list[str]:
         expired.append(lease_id)
         _after_end(ctl, ended, policy)
     snapshots.resume_abandoned(ctl=ctl)  # then handed over as leased by nobody
+    snapshots.drop_ungranted_forks(ctl=ctl)
     _return_orphans(ctl)
     return expired
 

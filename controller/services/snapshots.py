@@ -215,6 +215,30 @@ def resume_abandoned(*, ctl: Controller) -> list[str]:
     return resumed
 
 
+def drop_ungranted_forks(*, ctl: Controller) -> list[str]:
+    """An agent's fork that is ready but was never leased to it (its controller died in
+    between) can never be leased by anyone: destroyed once older than ``orphan_grace_s``."""
+    settled = utcnow() - timedelta(seconds=ctl.settings.orphan_grace_s)
+    with unit_of_work(ctl.reader) as tx:
+        stuck = tx.exec(
+            select(Machine.id).where(
+                col(Machine.reserved_for).is_not(None),
+                Machine.state == MachineState.ready,
+                col(Machine.updated_at) <= settled,
+            )
+        ).all()
+    dropped = []
+    for machine_id in stuck:
+        try:
+            machines.destroy_machine(
+                db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+            )
+            dropped.append(machine_id)
+        except ShopfloorError as exc:
+            log.warning("could not remove the ungranted fork %s: %s", machine_id, exc.message)
+    return dropped
+
+
 # ---------------------------------------------------------------- snapshots
 
 
