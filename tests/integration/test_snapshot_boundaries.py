@@ -241,3 +241,50 @@ def test_a_fork_its_agent_was_never_granted_is_destroyed_by_the_reaper(
     assert ctl.provider.inspect_container(f"shopfloor-{fork_id}") is None
     assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
     assert_no_parts(client)
+
+
+def test_an_agents_snapshots_have_a_size_share(make_settings: Any) -> None:
+    from controller.api.app import create_app
+    from controller.store.models import Role
+    from tests.integration.conftest import issue_token
+
+    settings = make_settings(snapshot_bytes_per_token=1)
+    with TestClient(create_app(settings, background=False)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        me = agent(settings)
+        machine_id, granted = leased_machine(client, me)
+        held = {**me, **token_header(granted["token"])}
+        url = f"{API}/machines/{machine_id}/snapshots"
+        assert client.post(url, json={}, headers=held).status_code == 201
+        second = client.post(url, json={}, headers=held)
+        assert second.status_code == 429, second.text
+        assert "SHOPFLOOR_SNAPSHOT_BYTES_PER_TOKEN" in second.json()["detail"]
+        for snap in client.get(f"{API}/snapshots").json()["data"]:
+            client.delete(f"{API}/snapshots/{snap['id']}")
+        assert_no_parts(client)
+
+
+def test_a_stale_lease_token_opens_nothing_after_the_hand_over(
+    client: TestClient, settings: Settings
+) -> None:
+    """Paused, then released: the machine is thawed and handed over; the old holder's
+    token (and the old holder without one) can neither pause, resume, snapshot nor fork."""
+    from controller.services import leases
+
+    alice, bob = agent(settings), agent(settings)
+    machine_id, old = leased_machine(client, alice)
+    url = f"{API}/machines/{machine_id}"
+    stale = {**alice, **token_header(old["token"])}
+    assert client.post(f"{url}/pause", headers=stale).status_code == 200
+    assert client.delete(f"{API}/leases/{old['id']}", headers=alice).status_code == 200
+    leases.reap(ctl=ctl_of(client))  # thaws it; then it is handed over
+    wait_state(client, machine_id, {"ready"})
+    new = lease(client, bob, machine_id)
+    for action, body in (("pause", None), ("resume", None), ("snapshots", {}), ("fork", {})):
+        for headers in (stale, alice):
+            answer = client.post(f"{url}/{action}", json=body, headers=headers)
+            assert answer.status_code in (403, 409), (action, answer.text)
+    assert client.get(url).json()["state"] == "leased"
+    assert client.get(f"{API}/snapshots", headers=alice).json()["count"] == 0
+    assert client.delete(f"{API}/leases/{new['id']}", headers=bob).status_code == 200
+    assert_no_parts(client)
