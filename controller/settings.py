@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     snapshots_per_token: int = 20
     """Most snapshots one agent's API token may hold (its forks' snapshots too); past it,
     429 until it deletes some (``DELETE /snapshots/{id}``). Ops are not counted."""
+    snapshot_bytes_per_token: int = 20 * 1024**3
+    """Most bytes one agent's snapshots may hold together; past it, 429 until it deletes
+    some (so that retention does not free others' snapshots for one agent's)."""
     forks_per_token: int = 8
     """Most live forks one agent's API token may hold (each a machine leased to it); past
     it, 429 until it releases some."""

@@ -38,7 +38,7 @@ from controller.errors import (
     ShopfloorError,
 )
 from controller.providers.base import Provider
-from controller.services import auth, machines
+from controller.services import auth, limits, machines
 from controller.services.access import EXEC_READY, Key, check_machine
 from controller.services.runtime import Controller
 from controller.store import events
@@ -317,18 +317,24 @@ def take(
 
 
 def _check_share(ctl: Controller, tx: Session, owner: str, pinned: bool) -> None:
-    """An agent's snapshots: never pinned (retention must be able to free them), and at
-    most ``snapshots_per_token`` of them (429)."""
+    """An agent's snapshots: never pinned (retention must be able to free them), at most
+    ``snapshots_per_token`` of them holding less than ``snapshot_bytes_per_token`` (429)."""
     if pinned:
         raise Forbidden("only ops may pin a snapshot (pinned ones escape retention)")
-    held = len(tx.exec(select(Snapshot.id).where(Snapshot.owner_token_id == owner)).all())
-    cap = ctl.settings.snapshots_per_token
-    if held >= cap:
+    sizes = tx.exec(select(Snapshot.size_bytes).where(Snapshot.owner_token_id == owner)).all()
+    held, size = len(sizes), sum(sizes)
+    cap, cap_bytes = ctl.settings.snapshots_per_token, ctl.settings.snapshot_bytes_per_token
+    if held >= cap or size >= cap_bytes:
+        what, limit = (
+            (f"{held} snapshots", limits.SNAPSHOTS)
+            if held >= cap
+            else (f"{size} bytes of snapshots", limits.SNAPSHOT_BYTES)
+        )
         raise ctl.limits.refuse(
             LimitReached(
-                f"this API token holds {held} snapshots, its limit "
-                "(SHOPFLOOR_SNAPSHOTS_PER_TOKEN): delete some (DELETE /api/v1/snapshots/<id>)",
-                limit="snapshots_per_token",
+                f"this API token holds {what}, its limit (SHOPFLOOR_{limit.upper()}): "
+                "delete some (DELETE /api/v1/snapshots/<id>)",
+                limit=limit,
             )
         )
 
@@ -634,7 +640,7 @@ def _check_forks(ctl: Controller, tx: Session, owner: str, count: int) -> None:
             LimitReached(
                 f"this API token holds {live} live forks and asked for {count} more, past "
                 f"its limit of {cap} (SHOPFLOOR_FORKS_PER_TOKEN): release some forks' leases",
-                limit="forks_per_token",
+                limit=limits.FORKS,
             )
         )
 
