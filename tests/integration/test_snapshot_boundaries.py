@@ -288,3 +288,69 @@ def test_a_stale_lease_token_opens_nothing_after_the_hand_over(
     assert client.get(f"{API}/snapshots", headers=alice).json()["count"] == 0
     assert client.delete(f"{API}/leases/{new['id']}", headers=bob).status_code == 200
     assert_no_parts(client)
+
+
+def test_on_postgresql_an_agents_fork_is_its_own(make_settings: Any, postgres_url: str) -> None:
+    """The reserved grant and the reserved machine's reset policy in PostgreSQL's SQL."""
+    from controller.api.app import create_app
+    from controller.store.models import Role
+    from tests.integration.conftest import issue_token
+
+    settings = make_settings(database_url=postgres_url)
+    with TestClient(create_app(settings, background=False)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        alice, mallory = agent(settings), agent(settings)
+        machine_id, granted = leased_machine(client, alice)
+        held = {**alice, **token_header(granted["token"])}
+        forked = client.post(f"{API}/machines/{machine_id}/fork", json={"count": 1}, headers=held)
+        assert forked.status_code == 201, forked.text
+        fork_lease = forked.json()["leases"][0]
+        copy = fork_lease["machine_id"]
+        assert client.get(f"{API}/machines/{copy}").json()["state"] == "leased"
+        snap_id = forked.json()["snapshot"]["id"]
+        assert client.get(f"{API}/snapshots", headers=mallory).json()["count"] == 0
+        assert client.get(f"{API}/snapshots", headers=alice).json()["count"] == 1
+        assert client.delete(f"{API}/leases/{fork_lease['id']}", headers=alice).status_code == 200
+        assert wait_state(client, copy, {"destroyed"})["state"] == "destroyed"
+        taken = client.post(
+            f"{API}/leases",
+            json={"holder": "mallory", "machine_id": copy, "ttl_s": 30, "wait_s": 0},
+            headers=mallory,
+        )
+        assert taken.status_code in (403, 409), taken.text
+        assert client.delete(f"{API}/snapshots/{snap_id}", headers=alice).status_code == 200
+        client.delete(f"{API}/leases/{granted['id']}", headers=alice)
+
+
+def test_racing_forks_stay_within_the_agents_fork_share(make_settings: Any) -> None:
+    from controller.api.app import create_app
+    from controller.store.models import Role
+    from tests.integration.conftest import issue_token
+
+    settings = make_settings(forks_per_token=2)
+    with TestClient(create_app(settings, background=False)) as client:
+        client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
+        me = agent(settings)
+        machine_id, granted = leased_machine(client, me)
+        held = {**me, **token_header(granted["token"])}
+        answers: list[Any] = []
+
+        def one() -> None:
+            answers.append(
+                client.post(f"{API}/machines/{machine_id}/fork", json={"count": 1}, headers=held)
+            )
+
+        threads = [threading.Thread(target=one) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [201, 201, 429, 429, 429], [a.text for a in answers]
+        for answer in answers:
+            for fork_lease in answer.json().get("leases", []):
+                client.delete(f"{API}/leases/{fork_lease['id']}", headers=me)
+                wait_state(client, fork_lease["machine_id"], {"destroyed"})
+        for snap in client.get(f"{API}/snapshots").json()["data"]:
+            assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
+        assert_no_parts(client)
