@@ -265,6 +265,7 @@ def take(
             )
         owner = _agent(key)
         if owner is not None:
+            _lock_share(tx, owner)
             _check_share(ctl, tx, owner, pinned)
         snap = Snapshot(
             name=name,
@@ -314,6 +315,12 @@ def take(
             paused_ms=current.paused_ms,
         )
         return current
+
+
+def _lock_share(tx: Session, owner: str) -> None:
+    """Count an agent's share one request at a time, within the write that adds to it: its
+    token's row locked (PostgreSQL; SQLite's writers are one at a time already)."""
+    tx.exec(select(ApiToken.id).where(ApiToken.id == owner).with_for_update()).first()
 
 
 def _check_share(ctl: Controller, tx: Session, owner: str, pinned: bool) -> None:
@@ -503,6 +510,9 @@ def start_machines(
         snap = tx.get(Snapshot, snapshot_id)
         if snap is None:
             raise NotFound(f"no snapshot {snapshot_id}")
+        if reserved_for is not None:  # counted again where they are made: racing forks
+            _lock_share(tx, reserved_for)
+            _check_forks(ctl, tx, reserved_for, count)
         spec = machines.MachineSpec(
             image=snap.image,
             cpus=snap.cpus,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from controller.settings import Settings
@@ -322,12 +323,16 @@ def test_on_postgresql_an_agents_fork_is_its_own(make_settings: Any, postgres_ur
         client.delete(f"{API}/leases/{granted['id']}", headers=alice)
 
 
-def test_racing_forks_stay_within_the_agents_fork_share(make_settings: Any) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_racing_forks_stay_within_the_agents_fork_share(
+    make_settings: Any, database: str, request: pytest.FixtureRequest
+) -> None:
     from controller.api.app import create_app
     from controller.store.models import Role
     from tests.integration.conftest import issue_token
 
-    settings = make_settings(forks_per_token=2)
+    url = {"database_url": request.getfixturevalue("postgres_url")} if database != "sqlite" else {}
+    settings = make_settings(forks_per_token=2, **url)
     with TestClient(create_app(settings, background=False)) as client:
         client.headers["Authorization"] = f"Bearer {issue_token(settings, Role.ops)}"
         me = agent(settings)
