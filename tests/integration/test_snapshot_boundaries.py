@@ -8,6 +8,7 @@ made it and destroyed when that lease ends). Every agent's share has a limit (42
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -213,12 +214,31 @@ def test_racing_pauses_and_resumes_leave_the_engine_as_the_record_says(
     assert set(answers) <= {200, 409}, answers
 
 
-def test_a_snapshot_name_must_be_printable(client: TestClient) -> None:
+def test_hostile_names_labels_and_ids_get_a_4xx_and_reach_no_engine_name(
+    client: TestClient,
+) -> None:
     machine_id = new_machine(client)
     for name in ("bad\x00name", "line\nbreak", "x" * 201):
         answer = client.post(f"{API}/machines/{machine_id}/snapshots", json={"name": name})
         assert answer.status_code == 422, answer.text
         assert "name" in answer.text
+    odd = client.post(f"{API}/machines/{machine_id}/snapshots", json={"name": "é🙂" * 100})
+    assert odd.status_code == 201, odd.text  # any printable text is a name
+    assert odd.json()["image"] == f"shopfloor/snapshot:{odd.json()['id']}"  # never from it
+    for bad in ("../../etc", "snap-x;docker rm -f", "x" * 5000):
+        assert client.get(f"{API}/snapshots/{bad}").status_code in (404, 414)
+        made = client.post(f"{API}/machines", json={"snapshot": bad})
+        assert made.status_code == 422, made.text
+    for labels in ({"../up": "x"}, {"k": "v\n"}, {"k": "v" * 257}):
+        forked = client.post(f"{API}/machines/{machine_id}/fork", json={"labels": labels})
+        assert forked.status_code == 422, forked.text
+    raw = client.post(
+        f"{API}/machines/{machine_id}/snapshots",
+        content=b'{"name": "\xff\xfe"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert raw.status_code in (400, 422), raw.text  # FastAPI: "error parsing the body"
+    assert client.delete(f"{API}/snapshots/{odd.json()['id']}").status_code == 200
     assert_no_parts(client)
 
 
@@ -359,3 +379,44 @@ def test_racing_forks_stay_within_the_agents_fork_share(
         for snap in client.get(f"{API}/snapshots").json()["data"]:
             assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
         assert_no_parts(client)
+
+
+def test_racing_snapshots_forks_and_destroy_leave_no_half_snapshot(client: TestClient) -> None:
+    """Snapshots and forks of a machine that ops destroy meanwhile: each either is whole
+    (record ready, image and workspace copy there) or left nothing behind."""
+    machine_id = new_machine(client)
+    url = f"{API}/machines/{machine_id}"
+    ctl = ctl_of(client)
+    answers: list[Any] = []
+
+    def snapshot() -> None:
+        for _ in range(3):
+            answers.append(client.post(f"{url}/snapshots", json={}))
+
+    def fork() -> None:
+        answers.append(client.post(f"{url}/fork", json={"count": 2}))
+
+    def destroy() -> None:
+        time.sleep(0.6)
+        answers.append(client.delete(url))
+
+    threads = [threading.Thread(target=f) for f in (snapshot, snapshot, fork, destroy)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {a.status_code for a in answers} <= {200, 201, 409, 502}, [a.text for a in answers]
+    assert client.get(url).json()["state"] == "destroyed"
+    listed = client.get(f"{API}/snapshots").json()["data"]
+    copies = {c.name for c in ctl.provider.list_volume_snapshots({})}
+    for snap in listed:
+        assert snap["state"] == "ready", snap
+        assert ctl.provider.image_info(snap["image"]) is not None, snap
+        assert f"shopfloor-snap-{snap['id']}" in copies or snap["id"] in " ".join(copies), snap
+    for answer in answers:
+        if answer.status_code == 201 and "machines" in answer.json():
+            for machine in answer.json()["machines"]:
+                client.delete(f"{API}/machines/{machine['id']}")
+    for snap in listed:
+        assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
+    assert_no_parts(client)
