@@ -420,3 +420,43 @@ def test_racing_snapshots_forks_and_destroy_leave_no_half_snapshot(client: TestC
     for snap in listed:
         assert client.delete(f"{API}/snapshots/{snap['id']}").status_code == 200
     assert_no_parts(client)
+
+
+def test_a_snapshot_whose_record_is_cleaned_while_it_is_taken_leaves_no_parts(
+    client: TestClient,
+) -> None:
+    """Another controller's reconcile may clean a ``taking`` record while this one still
+    makes its parts: the taker must remove what it made, not leave it to the orphan sweep."""
+    from sqlmodel import select as sql_select
+
+    from controller.errors import NotFound
+    from controller.services import snapshots
+    from controller.store.db import unit_of_work
+    from controller.store.models import Snapshot
+
+    machine_id = new_machine(client)
+    sh(client, machine_id, "head -c 50000000 /dev/urandom > /workspace/big")
+    ctl = ctl_of(client)
+    failures: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            snapshots.take(ctl=ctl, machine_id=machine_id, key=None)
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            failures.append(exc)
+
+    taker = threading.Thread(target=take)
+    with snapshots._still(machine_id):  # the record is written; its parts wait for us
+        taker.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with unit_of_work(ctl.reader) as tx:
+                if tx.exec(sql_select(Snapshot.id)).first():
+                    break
+            time.sleep(0.02)
+        cleaned = snapshots.clean_interrupted(db=ctl.db, provider=ctl.provider, older_than_s=0)
+        assert len(cleaned) == 1
+    taker.join()
+    assert len(failures) == 1
+    assert isinstance(failures[0], NotFound), failures
+    assert_no_parts(client)
