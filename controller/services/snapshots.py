@@ -295,26 +295,28 @@ def take(
         raise
     with unit_of_work(ctl.db) as tx:
         current = tx.get(Snapshot, snap.id)
-        if current is None:  # deleted meanwhile
-            raise NotFound(f"snapshot {snap.id} was deleted while it was taken")
-        current.state = SnapshotState.ready
-        current.size_bytes = size
-        current.has_memory = False
-        current.memory_reason = memory_reason
-        current.shared_blocks = ctl.provider.snapshots_share_blocks()
-        current.paused_ms = round(paused_ms, 1)
-        current.took_ms = round((time.monotonic() - started) * 1000, 1)
-        tx.add(current)
-        events.record(
-            tx,
-            "snapshot.taken",
-            current.id,
-            machine_id=machine_id,
-            size_bytes=size,
-            took_ms=current.took_ms,
-            paused_ms=current.paused_ms,
-        )
-        return current
+        if current is not None:
+            current.state = SnapshotState.ready
+            current.size_bytes = size
+            current.has_memory = False
+            current.memory_reason = memory_reason
+            current.shared_blocks = ctl.provider.snapshots_share_blocks()
+            current.paused_ms = round(paused_ms, 1)
+            current.took_ms = round((time.monotonic() - started) * 1000, 1)
+            tx.add(current)
+            events.record(
+                tx,
+                "snapshot.taken",
+                current.id,
+                machine_id=machine_id,
+                size_bytes=size,
+                took_ms=current.took_ms,
+                paused_ms=current.paused_ms,
+            )
+    if current is None:  # cleaned meanwhile (another controller's reconcile): ours to remove
+        _remove_parts(ctl.provider, snap.id)
+        raise NotFound(f"snapshot {snap.id} was deleted while it was taken")
+    return current
 
 
 def _lock_share(tx: Session, owner: str) -> None:
