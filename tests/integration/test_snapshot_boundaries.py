@@ -460,3 +460,26 @@ def test_a_snapshot_whose_record_is_cleaned_while_it_is_taken_leaves_no_parts(
     assert len(failures) == 1
     assert isinstance(failures[0], NotFound), failures
     assert_no_parts(client)
+
+
+def test_an_agents_fork_paused_when_its_lease_ends_is_still_destroyed(
+    client: TestClient, settings: Settings
+) -> None:
+    from controller.services import leases
+
+    me = agent(settings)
+    machine_id, granted = leased_machine(client, me)
+    held = {**me, **token_header(granted["token"])}
+    forked = client.post(f"{API}/machines/{machine_id}/fork", json={"count": 1}, headers=held)
+    assert forked.status_code == 201, forked.text
+    fork_lease = forked.json()["leases"][0]
+    copy = fork_lease["machine_id"]
+    own = {**me, **token_header(fork_lease["token"])}
+    assert client.post(f"{API}/machines/{copy}/pause", headers=own).status_code == 200
+    assert client.delete(f"{API}/leases/{fork_lease['id']}", headers=me).status_code == 200
+    assert client.get(f"{API}/machines/{copy}").json()["state"] == "paused"
+    leases.reap(ctl=ctl_of(client))  # thawed, then handed over: destroyed, being a fork
+    assert wait_state(client, copy, {"destroyed"})["state"] == "destroyed"
+    snap_id = forked.json()["snapshot"]["id"]
+    assert client.delete(f"{API}/snapshots/{snap_id}", headers=me).status_code == 200
+    assert_no_parts(client)
