@@ -141,6 +141,10 @@ def test_an_agents_snapshots_and_forks_have_limits(
         assert client.post(f"{API}/machines/{machine_id}/snapshots", json={}).status_code == 201
         listed = client.get(f"{API}/snapshots").json()["data"]
         assert len(listed) == 2  # ops are not counted against the agent's share
+        metrics = client.get("/metrics").text
+        assert 'shopfloor_limit_refusals_total{limit="snapshots_per_token"} 1.0' in metrics
+        assert 'shopfloor_limit_refusals_total{limit="forks_per_token"} 1.0' in metrics
+        assert 'shopfloor_limit{limit="forks_per_token"} 1.0' in metrics
         for snap in listed:
             client.delete(f"{API}/snapshots/{snap['id']}")
         assert_no_parts(client)
