@@ -352,9 +352,19 @@ class Machine:
         return str(self._call("POST", "/snapshots", json=body).json()["id"])
 
     def fork(self, count: int = 1) -> list[str]:
-        """Start ``count`` copies of the machine as it is now; answers their ids (ready)."""
+        """Start ``count`` copies of the machine as it is now (ops: unleased); answers
+        their ids. An agent wants :meth:`fork_leases`: its forks are leased to it."""
         answer = self._call("POST", "/fork", json={"count": count}).json()
         return [str(m["id"]) for m in answer["machines"]]
+
+    def fork_leases(self, count: int = 1) -> list[Lease]:
+        """An agent's fork: ``count`` copies, each leased to this agent alone (release each
+        when done: the fork is destroyed then)."""
+        answer = self._call("POST", "/fork", json={"count": count}).json()
+        return [
+            Lease(self.client, g["id"], g["machine_id"], g["token"], int(g["fence"]), g["ttl_s"])
+            for g in answer.get("leases", [])
+        ]
 
 
 class Session:

@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     snapshot_max_bytes: int = 50 * 1024**3
     """Unpinned, unused snapshots are deleted, oldest first, while all snapshots together
     hold more than this."""
+    snapshots_per_token: int = 20
+    """Most snapshots one agent's API token may hold (its forks' snapshots too); past it,
+    429 until it deletes some (``DELETE /snapshots/{id}``). Ops are not counted."""
+    snapshot_bytes_per_token: int = 20 * 1024**3
+    """Most bytes one agent's snapshots may hold together; past it, 429 until it deletes
+    some (so that retention does not free others' snapshots for one agent's)."""
+    forks_per_token: int = 8
+    """Most live forks one agent's API token may hold (each a machine leased to it); past
+    it, 429 until it releases some."""
 
     # pools, leases, runs (issue 3)
     pool_interval_s: float = 2.0

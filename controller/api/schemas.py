@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from controller.domain import (
     HostCapacity,
+    LeaseGranted,
     LeaseSelector,
     MachineTemplate,
     ResetPolicy,
@@ -71,7 +72,14 @@ class SnapshotBody(BaseModel):
 
     name: str = Field(default="", max_length=200)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
-    pinned: bool = Field(default=False, description="kept by retention whatever its age")
+    pinned: bool = Field(default=False, description="kept by retention whatever its age (ops only)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError("name must be printable: no control characters or line breaks")
+        return name
 
     @field_validator("labels")
     @classmethod
@@ -122,6 +130,11 @@ class SnapshotPublic(BaseModel):
 class ForkAnswer(BaseModel):
     snapshot: SnapshotPublic
     machines: list[MachinePublic]
+    leases: list[LeaseGranted] = Field(
+        default_factory=list,
+        description="an agent's forks: each leased to it (their tokens shown only here); "
+        "a fork is destroyed when its lease ends",
+    )
 
 
 class ExecBody(BaseModel):

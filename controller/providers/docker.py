@@ -154,8 +154,10 @@ class DemuxedStream:
                 pass
 
 
-_COPY_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID"]
-"""What ``cp -a`` as root needs to read every file of a volume and keep owners and modes."""
+_COPY_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID"]
+"""What ``cp -a`` as root needs to read every file of a volume and keep owners and modes
+(DAC_OVERRIDE reads and searches every directory too). Not DAC_READ_SEARCH: it opens
+``open_by_handle_at`` to the helper, the call of the known container escape."""
 LABEL_SNAPSHOT = "shopfloor.snapshot"
 PAUSE_ATTEMPTS = 5
 

@@ -103,7 +103,7 @@ def make_target(
     return Target(repo=selector.repo, labels=tuple(sorted(selector.labels.items())))
 
 
-def check_target(tx: Tx, target: Target) -> None:
+def check_target(tx: Tx, target: Target, owner: ApiToken | None = None) -> None:
     """Raise when what the target names does not exist or can never be leased.
 
     Asked only when a grant found no machine, so the hot path skips this read.
@@ -117,6 +117,13 @@ def check_target(tx: Tx, target: Target) -> None:
         machine = rows.machine_state(tx, target.machine_id)
         if machine is None:
             raise NotFound(f"no machine {target.machine_id}")
+        if machine["reserved_for"] is not None:
+            mine = owner is not None and machine["reserved_for"] == owner.id
+            raise Forbidden(
+                f"machine {target.machine_id} is an agent's fork: it is leased only to that "
+                "agent, at the fork, and destroyed when that lease ends"
+                + (" (it ended: fork again)" if mine else "")
+            )
         if machine["state"] not in LEASABLE:
             raise Conflict(
                 f"machine {target.machine_id} is {machine['state']} and cannot be leased",
@@ -163,7 +170,7 @@ def grant_in(
     )
     if lease is None:
         if first_try:
-            check_target(tx, target)
+            check_target(tx, target, owner)
         return None
     return LeaseGranted.model_validate({**lease, "token": secret})
 
@@ -525,6 +532,7 @@ def reap(*, ctl: Controller) -> list[str]:
         expired.append(lease_id)
         _after_end(ctl, ended, policy)
     snapshots.resume_abandoned(ctl=ctl)  # then handed over as leased by nobody
+    snapshots.drop_ungranted_forks(ctl=ctl)
     _return_orphans(ctl)
     return expired
 

@@ -24,7 +24,10 @@ FORWARDS = "forwards_per_lease"
 FILES = "files_in_flight"
 BODY = "body_size"
 RATE = "token_rate"
-KNOWN = (SESSIONS, FORWARDS, FILES, BODY, RATE)
+SNAPSHOTS = "snapshots_per_token"
+SNAPSHOT_BYTES = "snapshot_bytes_per_token"
+FORKS = "forks_per_token"
+KNOWN = (SESSIONS, FORWARDS, FILES, BODY, RATE, SNAPSHOTS, SNAPSHOT_BYTES, FORKS)
 
 _IDLE_S = 600.0
 """A bucket untouched this long is full again anyway: forgotten at the next sweep."""

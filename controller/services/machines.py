@@ -226,6 +226,8 @@ class MachineSpec:
     forked_from: str | None = None
     host_labels: dict[str, str] = field(default_factory=dict)
     """Labels the host must carry (placement, see ``hosts.place``)."""
+    reserved_for: str | None = None
+    """An agent's fork: the API token alone to be granted it (``Machine.reserved_for``)."""
 
 
 RUNNER_UID = 1000
@@ -304,7 +306,7 @@ def create_machine(*, tx: Session, spec: MachineSpec, host: str = LOCAL) -> Mach
         machine.repo, machine.repo_name, machine.ref = snap.repo, snap.repo_name, snap.ref
         machine.commit, machine.branch = snap.commit, snap.branch
         machine.setup, machine.snapshot_id = list(snap.setup), snap.id
-    machine.forked_from = spec.forked_from
+    machine.forked_from, machine.reserved_for = spec.forked_from, spec.reserved_for
     tx.add(machine)
     events.record(
         tx,

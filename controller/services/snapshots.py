@@ -17,25 +17,37 @@ code) or the fence they hold.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from controller.errors import Conflict, EngineError, InvalidInput, NotFound, ShopfloorError
+from controller.domain import LeaseGranted
+from controller.errors import (
+    Conflict,
+    EngineError,
+    Forbidden,
+    InvalidInput,
+    LimitReached,
+    NotFound,
+    ShopfloorError,
+)
 from controller.providers.base import Provider
 from controller.providers.fleet import LOCAL
-from controller.services import machines
+from controller.services import auth, limits, machines
 from controller.services.access import EXEC_READY, Key, check_machine
 from controller.services.runtime import Controller
 from controller.store import events
+from controller.store import leases as lease_rows
 from controller.store.db import unit_of_work
 from controller.store.models import (
     ALIVE_STATES,
+    ApiToken,
     Lease,
     LeaseState,
     Machine,
@@ -46,6 +58,7 @@ from controller.store.models import (
     SnapshotState,
     utcnow,
 )
+from controller.store.rawsql import transaction
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +101,21 @@ def _authorize(tx: Session, machine: Machine, key: Key | None, action: str) -> N
     check_machine(tx, machine, key, as_state=as_state)
 
 
+def _agent(key: Key | None) -> str | None:
+    """The agent's API token id behind ``key`` (None: ops or the controller's own code):
+    what an agent snapshots or forks is its own, counted against its share."""
+    if key is None or key.caller is None or key.caller.role == Role.ops:
+        return None
+    return key.caller.id
+
+
+def _visible(snap: Snapshot | None, viewer: ApiToken | None) -> bool:
+    """Ops (and the controller) see every snapshot; an agent only its own."""
+    if snap is None:
+        return False
+    return viewer is None or viewer.role == Role.ops or snap.owner_token_id == viewer.id
+
+
 # ---------------------------------------------------------------- pause / resume
 
 
@@ -106,15 +134,19 @@ def pause(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
         _authorize(tx, machine, key, "pause")
         machine.paused_from = machine.state.value
         machines.set_state(tx, machine, MachineState.paused)
-    try:
-        with _still(machine.id):  # after a snapshot in flight has thawed it
-            ctl.provider.pause_container(machine.container_name)
-    except EngineError:
-        with unit_of_work(ctl.db) as tx:
+    with _still(machine.id):  # after a snapshot in flight has thawed it
+        with unit_of_work(ctl.reader) as tx:
             current = machines.get_machine(tx, machine_id)
-            if current.state == MachineState.paused:
-                _unpaused(tx, current, "the engine could not pause it")
-        raise
+        if current.state != MachineState.paused:  # a resume came first: it stays thawed
+            return current
+        try:
+            ctl.provider.pause_container(machine.container_name)
+        except EngineError:
+            with unit_of_work(ctl.db) as tx:
+                current = machines.get_machine(tx, machine_id)
+                if current.state == MachineState.paused:
+                    _unpaused(tx, current, "the engine could not pause it")
+            raise
     return machine
 
 
@@ -128,13 +160,13 @@ def resume(*, ctl: Controller, machine_id: str, key: Key | None) -> Machine:
                 state=machine.state.value,
             )
         _authorize(tx, machine, key, "resume")
-    with _still(machine.id):
+    with _still(machine.id):  # thaw and record as one: a pause waits for both
         _thaw(ctl.provider, machine.container_name)
-    with unit_of_work(ctl.db) as tx:
-        current = machines.get_machine(tx, machine_id)
-        if current.state == MachineState.paused:
-            _unpaused(tx, current)
-        return current
+        with unit_of_work(ctl.db) as tx:
+            current = machines.get_machine(tx, machine_id)
+            if current.state == MachineState.paused:
+                _unpaused(tx, current)
+            return current
 
 
 def _thaw(provider: Provider, container: str) -> None:
@@ -184,6 +216,30 @@ def resume_abandoned(*, ctl: Controller) -> list[str]:
     return resumed
 
 
+def drop_ungranted_forks(*, ctl: Controller) -> list[str]:
+    """An agent's fork that is ready but was never leased to it (its controller died in
+    between) can never be leased by anyone: destroyed once older than ``orphan_grace_s``."""
+    settled = utcnow() - timedelta(seconds=ctl.settings.orphan_grace_s)
+    with unit_of_work(ctl.reader) as tx:
+        stuck = tx.exec(
+            select(Machine.id).where(
+                col(Machine.reserved_for).is_not(None),
+                Machine.state == MachineState.ready,
+                col(Machine.updated_at) <= settled,
+            )
+        ).all()
+    dropped = []
+    for machine_id in stuck:
+        try:
+            machines.destroy_machine(
+                db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=machine_id
+            )
+            dropped.append(machine_id)
+        except ShopfloorError as exc:
+            log.warning("could not remove the ungranted fork %s: %s", machine_id, exc.message)
+    return dropped
+
+
 # ---------------------------------------------------------------- snapshots
 
 
@@ -214,6 +270,10 @@ def take(
                 f"made of machines on the host {LOCAL!r} only",
                 host=machine.host,
             )
+        owner = _agent(key)
+        if owner is not None:
+            _lock_share(tx, owner)
+            _check_share(ctl, tx, owner, pinned)
         snap = Snapshot(
             name=name,
             labels=dict(labels or {}),
@@ -229,6 +289,7 @@ def take(
             memory_mb=machine.memory_mb,
             network=machine.network,
             setup=list(machine.setup),
+            owner_token_id=owner,
         )
         snap.image = image_ref(snap.id)
         snap.volume_snapshot = volume_snapshot_name(snap.id)
@@ -241,26 +302,57 @@ def take(
         raise
     with unit_of_work(ctl.db) as tx:
         current = tx.get(Snapshot, snap.id)
-        if current is None:  # deleted meanwhile
-            raise NotFound(f"snapshot {snap.id} was deleted while it was taken")
-        current.state = SnapshotState.ready
-        current.size_bytes = size
-        current.has_memory = False
-        current.memory_reason = memory_reason
-        current.shared_blocks = ctl.provider.snapshots_share_blocks()
-        current.paused_ms = round(paused_ms, 1)
-        current.took_ms = round((time.monotonic() - started) * 1000, 1)
-        tx.add(current)
-        events.record(
-            tx,
-            "snapshot.taken",
-            current.id,
-            machine_id=machine_id,
-            size_bytes=size,
-            took_ms=current.took_ms,
-            paused_ms=current.paused_ms,
+        if current is not None:
+            current.state = SnapshotState.ready
+            current.size_bytes = size
+            current.has_memory = False
+            current.memory_reason = memory_reason
+            current.shared_blocks = ctl.provider.snapshots_share_blocks()
+            current.paused_ms = round(paused_ms, 1)
+            current.took_ms = round((time.monotonic() - started) * 1000, 1)
+            tx.add(current)
+            events.record(
+                tx,
+                "snapshot.taken",
+                current.id,
+                machine_id=machine_id,
+                size_bytes=size,
+                took_ms=current.took_ms,
+                paused_ms=current.paused_ms,
+            )
+    if current is None:  # cleaned meanwhile (another controller's reconcile): ours to remove
+        _remove_parts(ctl.provider, snap.id)
+        raise NotFound(f"snapshot {snap.id} was deleted while it was taken")
+    return current
+
+
+def _lock_share(tx: Session, owner: str) -> None:
+    """Count an agent's share one request at a time, within the write that adds to it: its
+    token's row locked (PostgreSQL; SQLite's writers are one at a time already)."""
+    tx.exec(select(ApiToken.id).where(ApiToken.id == owner).with_for_update()).first()
+
+
+def _check_share(ctl: Controller, tx: Session, owner: str, pinned: bool) -> None:
+    """An agent's snapshots: never pinned (retention must be able to free them), at most
+    ``snapshots_per_token`` of them holding less than ``snapshot_bytes_per_token`` (429)."""
+    if pinned:
+        raise Forbidden("only ops may pin a snapshot (pinned ones escape retention)")
+    sizes = tx.exec(select(Snapshot.size_bytes).where(Snapshot.owner_token_id == owner)).all()
+    held, size = len(sizes), sum(sizes)
+    cap, cap_bytes = ctl.settings.snapshots_per_token, ctl.settings.snapshot_bytes_per_token
+    if held >= cap or size >= cap_bytes:
+        what, limit = (
+            (f"{held} snapshots", limits.SNAPSHOTS)
+            if held >= cap
+            else (f"{size} bytes of snapshots", limits.SNAPSHOT_BYTES)
         )
-        return current
+        raise ctl.limits.refuse(
+            LimitReached(
+                f"this API token holds {what}, its limit (SHOPFLOOR_{limit.upper()}): "
+                "delete some (DELETE /api/v1/snapshots/<id>)",
+                limit=limit,
+            )
+        )
 
 
 _STILL: dict[str, threading.Lock] = {}
@@ -269,7 +361,9 @@ _STILL_GUARD = threading.Lock()
 
 def _still(machine_id: str) -> threading.Lock:
     """The lock of a machine's engine pauses in this controller: a snapshot, a pause or a
-    resume at a time, so that none finds the machine paused by another that thaws it."""
+    resume at a time, so that none finds the machine paused by another that thaws it. A
+    pause freezes the engine only if its record is still paused under it, and a resume
+    thaws and records under it: the engine ends as the record says."""
     with _STILL_GUARD:
         return _STILL.setdefault(machine_id, threading.Lock())
 
@@ -350,9 +444,13 @@ class SnapshotView:
     used_by: list[str]
 
 
-def list_snapshots(*, ctl: Controller) -> list[SnapshotView]:
+def list_snapshots(*, ctl: Controller, viewer: ApiToken | None = None) -> list[SnapshotView]:
+    """Every snapshot for ops; an agent's own for an agent."""
+    query = select(Snapshot).order_by(col(Snapshot.created_at).desc())
+    if viewer is not None and viewer.role != Role.ops:
+        query = query.where(Snapshot.owner_token_id == viewer.id)
     with unit_of_work(ctl.reader) as tx:
-        found = list(tx.exec(select(Snapshot).order_by(col(Snapshot.created_at).desc())))
+        found = list(tx.exec(query))
         users: dict[str, list[str]] = {}
         for machine_id, snapshot_id in tx.exec(
             select(Machine.id, Machine.snapshot_id).where(
@@ -363,20 +461,25 @@ def list_snapshots(*, ctl: Controller) -> list[SnapshotView]:
     return [SnapshotView(s, users.get(s.id, [])) for s in found]
 
 
-def show_snapshot(*, ctl: Controller, snapshot_id: str) -> SnapshotView:
+def show_snapshot(
+    *, ctl: Controller, snapshot_id: str, viewer: ApiToken | None = None
+) -> SnapshotView:
     with unit_of_work(ctl.reader) as tx:
         snap = tx.get(Snapshot, snapshot_id)
-        if snap is None:
+        if snap is None or not _visible(snap, viewer):  # another agent's: not even its name
             raise NotFound(f"no snapshot {snapshot_id}")
         users, _ = _used_by(tx, snapshot_id)
     return SnapshotView(snap, users)
 
 
-def delete_snapshot(*, ctl: Controller, snapshot_id: str) -> Snapshot:
-    """409 while a live machine started from it or a pool's template names it."""
+def delete_snapshot(
+    *, ctl: Controller, snapshot_id: str, viewer: ApiToken | None = None
+) -> Snapshot:
+    """409 while a live machine started from it or a pool's template names it. An agent
+    deletes only its own (another's is 404)."""
     with unit_of_work(ctl.db) as tx:
         snap = tx.get(Snapshot, snapshot_id)
-        if snap is None:
+        if snap is None or not _visible(snap, viewer):
             raise NotFound(f"no snapshot {snapshot_id}")
         if snap.state != SnapshotState.ready:
             raise Conflict(f"snapshot {snapshot_id} is still being taken", state=snap.state.value)
@@ -407,6 +510,7 @@ def start_machines(
     labels: dict[str, str] | None = None,
     forked_from: str | None = None,
     pool: str | None = None,
+    reserved_for: str | None = None,
 ) -> list[Machine]:
     """``count`` machines started from the snapshot at once, each its own volume (a
     copy-on-write copy where the disks allow), container, fence and labels. All or none:
@@ -415,6 +519,9 @@ def start_machines(
         snap = tx.get(Snapshot, snapshot_id)
         if snap is None:
             raise NotFound(f"no snapshot {snapshot_id}")
+        if reserved_for is not None:  # counted again where they are made: racing forks
+            _lock_share(tx, reserved_for)
+            _check_forks(ctl, tx, reserved_for, count)
         spec = machines.MachineSpec(
             image=snap.image,
             cpus=snap.cpus,
@@ -424,6 +531,7 @@ def start_machines(
             pool=pool,
             snapshot=snap,
             forked_from=forked_from,
+            reserved_for=reserved_for,
         )
         made = [machines.create_machine(tx=tx, spec=spec) for _ in range(count)]
     ids = [m.id for m in made]
@@ -458,6 +566,8 @@ def start_machines(
 class Fork:
     snapshot: Snapshot
     machines: list[Machine]
+    leases: list[LeaseGranted] = field(default_factory=list)
+    """An agent's forks: each leased to it at once (nobody else is ever granted them)."""
 
 
 def fork(
@@ -470,15 +580,20 @@ def fork(
 ) -> Fork:
     """Snapshot the machine and start ``count`` copies of it. Under a lease the lease's
     token is needed (409 without); ops may fork a machine leased by another without it, and
-    that is recorded (``machine.forked`` with ``under_lease``)."""
+    that is recorded (``machine.forked`` with ``under_lease``). An agent's forks are its
+    own: each is leased to it at once for the source lease's TTL, no other grant ever takes
+    it, and it is destroyed when that lease ends; at most ``forks_per_token`` live (429)."""
     if not 1 <= count <= ctl.settings.fork_max:
         raise InvalidInput(
             f"count must be 1 to {ctl.settings.fork_max} (SHOPFLOOR_FORK_MAX), not {count}"
         )
     under_lease: str | None = None
+    owner = _agent(key)
     with unit_of_work(ctl.reader) as tx:
         machine = machines.get_machine(tx, machine_id)
         _authorize(tx, machine, key, "fork")
+        if owner is not None:
+            _check_forks(ctl, tx, owner, count)
         lease = tx.exec(
             select(Lease).where(Lease.machine_id == machine_id, Lease.state == LeaseState.active)
         ).first()
@@ -491,6 +606,7 @@ def fork(
         ):
             under_lease = lease.id
         source_labels = dict(machine.labels)
+        ttl_s = lease.ttl_s if lease is not None else 600.0
     snap = take(
         ctl=ctl,
         machine_id=machine_id,
@@ -505,10 +621,17 @@ def fork(
             count=count,
             labels={**source_labels, **(labels or {})},
             forked_from=machine_id,
+            reserved_for=owner,
         )
+        granted: list[LeaseGranted] = []
+        if owner is not None:
+            granted = _lease_forks(ctl, made, owner, ttl_s, f"fork of {machine_id}")
     except Exception:
         _discard(ctl, snap)
         raise
+    if owner is not None:
+        with unit_of_work(ctl.reader) as tx:
+            made = [machines.get_machine(tx, m.id) for m in made]
     with unit_of_work(ctl.db) as tx:
         events.record(
             tx,
@@ -519,7 +642,66 @@ def fork(
             under_lease=under_lease,
             by=key.caller.id if key is not None and key.caller is not None else None,
         )
-    return Fork(snap, made)
+    return Fork(snap, made, granted)
+
+
+def _check_forks(ctl: Controller, tx: Session, owner: str, count: int) -> None:
+    live = len(
+        tx.exec(
+            select(Machine.id).where(
+                Machine.reserved_for == owner, col(Machine.state).in_(ALIVE_STATES)
+            )
+        ).all()
+    )
+    cap = ctl.settings.forks_per_token
+    if live + count > cap:
+        raise ctl.limits.refuse(
+            LimitReached(
+                f"this API token holds {live} live forks and asked for {count} more, past "
+                f"its limit of {cap} (SHOPFLOOR_FORKS_PER_TOKEN): release some forks' leases",
+                limit=limits.FORKS,
+            )
+        )
+
+
+def _lease_forks(
+    ctl: Controller, made: list[Machine], owner: str, ttl_s: float, holder: str
+) -> list[LeaseGranted]:
+    """Lease each of an agent's new forks to it, in one transaction; when one cannot be
+    (destroyed meanwhile), all of them are destroyed and the fork fails."""
+    granted: list[LeaseGranted] = []
+    try:
+        with transaction(ctl.db) as tx:
+            for machine in made:
+                secret = secrets.token_urlsafe(32)
+                row = lease_rows.grant_reserved(
+                    tx,
+                    machine_id=machine.id,
+                    owner_token_id=owner,
+                    holder=holder,
+                    ttl_s=ttl_s,
+                    token_hash=auth.hash_token(secret),
+                )
+                if row is None:  # rolls every grant back
+                    raise Conflict(f"fork {machine.id} was gone before it could be leased")
+                granted.append(LeaseGranted.model_validate({**row, "token": secret}))
+        return granted
+    except Conflict:
+        pass
+    for machine in made:
+        try:
+            machines.destroy_machine(
+                db=ctl.db,
+                provider=ctl.provider,
+                access=ctl.access,
+                machine_id=machine.id,
+                even_if_leased=True,
+            )
+        except ShopfloorError as exc:
+            log.warning("could not remove fork %s: %s", machine.id, exc.message)
+    raise Conflict(
+        f"a fork of {made[0].forked_from} was gone before it could be leased: fork again"
+    )
 
 
 # ---------------------------------------------------------------- retention and leftovers

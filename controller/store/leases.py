@@ -26,6 +26,12 @@ from controller.store.rawsql import Row, Sql, Tx
 _POOL_NAMED = Sql("SELECT name FROM pools WHERE name = :pool")
 _POOL_NAMES = Sql("SELECT name FROM pools ORDER BY name")
 _LEASED_NOW = "SET state = 'leased', fence = fence + 1, updated_at = :now"
+_RESET = "CASE WHEN m.reserved_for IS NULL THEN p.reset ELSE 'recreate' END AS reset"
+"""A machine's reset policy: its pool's, but an agent's fork is destroyed after its lease."""
+_FLIP_RESERVED = Sql(
+    f"UPDATE machines {_LEASED_NOW} WHERE id = :candidate AND state = 'ready' "
+    "AND reserved_for = :owner RETURNING id, fence, pool"
+)
 _FLIP_BY_ID = Sql(
     f"UPDATE machines {_LEASED_NOW} WHERE id = :candidate AND state = 'ready' "
     "RETURNING id, fence, pool"
@@ -44,18 +50,18 @@ _RENEW_LEASE = Sql(
     "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
 )
 _MACHINE_AND_POLICY = Sql(
-    "SELECT m.state, m.fence, m.paused_from, p.reset FROM machines m "
+    f"SELECT m.state, m.fence, m.paused_from, {_RESET} FROM machines m "
     "LEFT JOIN pools p ON p.name = m.pool WHERE m.id = :machine_id"
 )
 _FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
 _DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
 _ORPHANS = Sql(
-    "SELECT m.id, p.reset FROM machines m LEFT JOIN pools p ON p.name = m.pool "
+    f"SELECT m.id, {_RESET} FROM machines m LEFT JOIN pools p ON p.name = m.pool "
     "WHERE m.state = 'leased' AND m.updated_at < :settled_before AND NOT EXISTS "
     "(SELECT 1 FROM leases l WHERE l.machine_id = m.id AND l.state = 'active')"
 )
-STATE_AND_FENCE = Sql("SELECT state, fence FROM machines WHERE id = :machine_id")
-"""A machine's state and fence."""
+STATE_AND_FENCE = Sql("SELECT state, fence, reserved_for FROM machines WHERE id = :machine_id")
+"""A machine's state, fence and the token it is reserved for (an agent's fork)."""
 ACCESS = Sql(
     "SELECT m.state, m.fence, l.id AS lease_id, l.fence AS lease_fence, l.token_hash, "
     "l.owner_token_id, l.claim_hash, l.claimed_by "
@@ -90,7 +96,9 @@ def _candidates(by: tuple[str, ...]) -> Sql:
 
 def _fits(by: tuple[str, ...]) -> str:
     assert set(by) <= set(_FILTERS), by
-    return " AND ".join(["state = 'ready'", *(f"{column} = :want_{column}" for column in by)])
+    return " AND ".join(
+        ["state = 'ready'", "reserved_for IS NULL", *(f"{c} = :want_{c}" for c in by)]
+    )
 
 
 # ---------------------------------------------------------------- reads
@@ -105,7 +113,7 @@ def pool_names(tx: Tx) -> list[str]:
 
 
 def machine_state(tx: Tx, machine_id: str) -> Row | None:
-    """``{state, fence}`` of a machine, or None."""
+    """``{state, fence, reserved_for}`` of a machine, or None."""
     return tx.one(STATE_AND_FENCE, machine_id=machine_id)
 
 
@@ -151,6 +159,29 @@ def grant(
     claimed = _claim(tx, filters, labels_fit)
     if claimed is None:
         return None
+    return _write_lease(tx, claimed, holder, ttl_s, owner_token_id, token_hash, wait_ms)
+
+
+def grant_reserved(
+    tx: Tx, *, machine_id: str, owner_token_id: str, holder: str, ttl_s: float, token_hash: str
+) -> Row | None:
+    """Lease a ready machine reserved for ``owner_token_id`` (an agent's fork) to it; None
+    when it is not ready or not reserved for that token. No other grant ever takes it."""
+    claimed = tx.one(_FLIP_RESERVED, candidate=machine_id, owner=owner_token_id, now=utcnow())
+    if claimed is None:
+        return None
+    return _write_lease(tx, claimed, holder, ttl_s, owner_token_id, token_hash, 0.0)
+
+
+def _write_lease(
+    tx: Tx,
+    claimed: Row,
+    holder: str,
+    ttl_s: float,
+    owner_token_id: str | None,
+    token_hash: str,
+    wait_ms: float,
+) -> Row:
     now = utcnow()
     lease: Row = {
         "id": new_id("l"),

@@ -111,6 +111,9 @@ class Machine(SQLModel, table=True):
     """The snapshot the machine was started from (a fork's, or one named in its template)."""
     forked_from: str | None = None
     """The machine a fork copies."""
+    reserved_for: str | None = None
+    """The API token (an agent's) whose fork this is: only it is ever granted the machine,
+    and the machine is destroyed when its lease ends (nothing of it reaches another holder)."""
     created_at: datetime = ts_field()
     updated_at: datetime = ts_field()
     ready_at: datetime | None = ts_field(nullable=True)
@@ -139,6 +142,9 @@ class Snapshot(SQLModel, table=True):
     state: SnapshotState = Field(default=SnapshotState.taking, index=True)
     machine_id: str = Field(index=True)
     """The machine it was taken of."""
+    owner_token_id: str | None = Field(default=None, index=True)
+    """The agent's API token that took it (None: ops or the controller): an agent sees,
+    uses and deletes only its own snapshots."""
     image: str = ""
     """The image of the machine's filesystem (``docker commit``)."""
     base_image: str = ""

@@ -143,13 +143,16 @@ def test_an_agent_pauses_snapshots_and_forks_its_leased_machine(
         machine.resume()
         snapshot_id = machine.snapshot("from-the-client")
         assert snapshot_id.startswith("snap-")
-        forks = machine.fork(1)
+        forks = machine.fork_leases(1)
         assert len(forks) == 1
         with pytest.raises(Conflict):  # the lease's token does not open the fork
-            agent.machine(forks[0], lease_token=machine.token).exec("true")
-    info = agent.call("GET", f"/machines/{forks[0]}").json()
+            agent.machine(forks[0].machine_id, lease_token=machine.token).exec("true")
+        assert forks[0].machine.exec("cat /workspace/state").stdout == "mine\n"
+    info = agent.call("GET", f"/machines/{forks[0].machine_id}").json()
     assert info["forked_from"] == machine_id
-    assert info["state"] == "ready"
+    assert info["state"] == "leased"  # its own lease, the agent's
+    forks[0].release()  # and with it the fork
+    assert wait_gone(agent, forks[0].machine_id)
 
 
 def wait_ready(client: Client, machine_id: str) -> None:
@@ -157,3 +160,12 @@ def wait_ready(client: Client, machine_id: str) -> None:
     while client.call("GET", f"/machines/{machine_id}").json()["state"] != "ready":
         assert time.monotonic() < deadline, "the machine did not come back"
         time.sleep(0.05)
+
+
+def wait_gone(client: Client, machine_id: str) -> bool:
+    deadline = time.monotonic() + 60
+    while client.call("GET", f"/machines/{machine_id}").json()["state"] != "destroyed":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -480,7 +480,8 @@ def test_without_disk_limits_snapshots_copy_the_workspace_and_say_so(
         sh(
             client,
             source,
-            "mkdir -p /workspace/d && echo kept > /workspace/d/f && chmod 600 /workspace/d/f",
+            "mkdir -p /workspace/d && echo kept > /workspace/d/f && chmod 600 /workspace/d/f"
+            " && mkdir /workspace/shut && echo hid > /workspace/shut/g && chmod 000 /workspace/shut",
         )
         forked = client.post(f"{API}/machines/{source}/fork", json={"count": 2})
         assert forked.status_code == 201, forked.text
@@ -489,6 +490,8 @@ def test_without_disk_limits_snapshots_copy_the_workspace_and_say_so(
         for machine in body["machines"]:
             got = sh(client, machine["id"], "stat -c '%U %a' /workspace/d/f; cat /workspace/d/f")
             assert got["stdout"] == "runner 600\nkept\n"
+            shut = "stat -c '%a' /workspace/shut; chmod 700 /workspace/shut; cat /workspace/shut/g"
+            assert sh(client, machine["id"], shut)["stdout"] == "0\nhid\n"
         for machine in body["machines"]:
             client.delete(f"{API}/machines/{machine['id']}")
         assert client.delete(f"{API}/snapshots/{body['snapshot']['id']}").status_code == 200

@@ -159,6 +159,7 @@ def fork_machine(
             snapshots.SnapshotView(done.snapshot, [m.id for m in done.machines])
         ),
         machines=[public(m, ctl) for m in done.machines],
+        leases=done.leases,
     )
 
 

@@ -124,6 +124,9 @@ class LimitsCollector(Collector):
             (limits.FILES, settings.files_in_flight),
             (limits.BODY, settings.body_limit_bytes),
             (limits.RATE, settings.token_rate_per_s),
+            (limits.SNAPSHOTS, settings.snapshots_per_token),
+            (limits.SNAPSHOT_BYTES, settings.snapshot_bytes_per_token),
+            (limits.FORKS, settings.forks_per_token),
         ):
             configured.add_metric([name], value)
         yield configured
