@@ -209,6 +209,11 @@ class StagePublic(BaseModel):
     summary: str | None
     outputs: dict[str, object]
     history: list[dict[str, object]]
+    fork: dict[str, object] = Field(
+        default_factory=dict,
+        description='a forking stage\'s {"count": n, "select": ...}; its history has one entry '
+        "per fork, with fork, winner and machine_id",
+    )
     machine_id: str | None
     started_at: datetime | None
     finished_at: datetime | None
