@@ -108,7 +108,7 @@ def test_all_forks_failing_fail_the_stage_with_every_attempts_evidence(
         assert (index, "junit") in per_fork, per_fork
     time.sleep(1)
     assert alive_forks(client, run["id"]) == []
-    assert next(s for s in done["stages"] if s["name"] == "test")["status"] == "pending"
+    assert next(s for s in done["stages"] if s["name"] == "test")["status"] == "skipped"
 
 
 def test_select_by_command_and_first(live_client: TestClient, sample_repo: Path) -> None:
