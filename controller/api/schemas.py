@@ -175,6 +175,10 @@ class PoolPublic(BaseModel):
     reset: str
     reason: str | None
     owner: str | None = None
+    prebuilt: str | None = Field(
+        default=None,
+        description="with prebuild: the snapshot new machines start from (setup done once)",
+    )
     counts: dict[str, int]
     created_at: datetime
     updated_at: datetime
