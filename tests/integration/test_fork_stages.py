@@ -4,6 +4,7 @@ run's machine, the run continuing on the winner's."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import httpx
 from fastapi.testclient import TestClient
 
 from controller.providers.docker import DockerProvider
+from controller.settings import Settings
 from controller.store.models import Role
-from tests.integration.conftest import ControllerProcess, wait_json
+from tests.integration.conftest import ControllerProcess, issue_token, wait_json
 from tests.integration.test_runs import cmd, create_run, wait_run
 
 API = "/api/v1"
@@ -39,7 +41,7 @@ def alive_forks(client: TestClient, run_id: str) -> list[dict[str, Any]]:
 
 
 def test_the_fork_whose_change_passes_the_tests_wins_and_the_run_continues_on_it(
-    live_client: TestClient, sample_repo: Path
+    live_client: TestClient, sample_repo: Path, settings: Settings
 ) -> None:
     client = live_client
     run = create_run(
@@ -73,6 +75,16 @@ def test_the_fork_whose_change_passes_the_tests_wins_and_the_run_continues_on_it
     artifacts = client.get(f"{API}/runs/{run['id']}/artifacts").json()["data"]
     fork_logs = {a["meta"].get("fork") for a in artifacts if a["stage"] == "implement"}
     assert fork_logs >= {1, 2, 3}
+    # The gallery shows the three attempts side by side, each with its tests, the winner marked.
+    browser = TestClient(client.app, follow_redirects=False)
+    signed = browser.post("/gallery/login", data={"token": issue_token(settings, Role.reviewer)})
+    assert signed.status_code == 303, signed.text
+    page = browser.get(f"/gallery/runs/{run['id']}").text
+    columns = re.findall(r'<div class="fork( winner)?" data-fork="(\d)">(.*?)</div>', page, re.S)
+    assert [(bool(w), int(i)) for w, i, _ in columns] == [(False, 1), (True, 2), (False, 3)]
+    for winner, _, html in columns:
+        assert ("0 failed" in html) == bool(winner), html
+        assert "implement-attempt1-fork" in html
     # The losers and, once the run ended, every fork are gone.
     time.sleep(1)
     assert alive_forks(client, run["id"]) == []
