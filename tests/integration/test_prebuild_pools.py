@@ -85,12 +85,14 @@ def test_a_prebuild_pool_runs_its_setup_once_and_rebuilds_on_a_new_commit(
     assert all(m["commit"] == head for m in renewed), renewed
     assert {m["snapshot_id"] for m in renewed} <= {second, None}
     lines = {setup_runs(client, m["id"])[0] for m in renewed}
-    assert len(lines) == 1 and not lines & {runs[builder["id"]][0]}
+    assert len(lines) == 1
+    assert not lines & {runs[builder["id"]][0]}
     # The old snapshot is used by nothing now: retention may delete it (and so may ops).
     time.sleep(0.5)
     assert client.delete(f"{API}/snapshots/{first_snapshot}").status_code == 200
     refused = client.delete(f"{API}/snapshots/{second}")
-    assert refused.status_code == 409 and "pools pre" in refused.json()["detail"]
+    assert refused.status_code == 409
+    assert "pools pre" in refused.json()["detail"]
 
 
 def test_prebuild_bad_input(client: TestClient, sample_repo: Path) -> None:
