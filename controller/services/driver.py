@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -790,6 +790,7 @@ class RunDriver:
         caller can take one); all or none."""
         assert self.machine is not None
         labels = {FORK_STAGE_LABEL: stage.id, "run": self.run_id}
+        began = time.monotonic()
         snap = snapshots.take(
             ctl=self.ctl,
             machine_id=self.machine.id,
@@ -808,17 +809,13 @@ class RunDriver:
                 labels={**self.machine.labels, **labels},
                 forked_from=self.machine.id,
             )
-            for machine in made:
-                lease = leases.acquire_blocking(
-                    ctl=self.ctl,
-                    request=leases.LeaseRequest(
-                        target=leases.Target(machine_id=machine.id),
-                        holder=f"run:{self.run_id}",
-                        ttl_s=self.ctl.settings.run_lease_ttl_s,
-                        wait_s=10,
-                    ),
-                )
-                got.append((machine, lease))
+            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fork-lease") as pool:
+                granted = [pool.submit(self._lease_fork, machine) for machine in made]
+                wait(granted)
+            got = [(m, f.result()) for m, f in zip(made, granted, strict=True) if not f.exception()]
+            failed = next((f.exception() for f in granted if f.exception()), None)
+            if failed is not None:
+                raise failed
         except Exception:
             for machine in made:
                 _destroy_quietly(self.ctl, machine.id)
@@ -826,6 +823,14 @@ class RunDriver:
                 _release_quietly(self.ctl, lease.id)
             _delete_snapshot_quietly(self.ctl, snap.id)
             raise
+        log.info(
+            "run %s: stage %s forked %d ways in %.2fs (snapshot %.2fs)",
+            self.run_id,
+            stage.name,
+            count,
+            time.monotonic() - began,
+            snap.took_ms / 1000,
+        )
         with unit_of_work(self.ctl.db) as tx:
             events.record(
                 tx,
@@ -836,8 +841,21 @@ class RunDriver:
                 source=self.machine.id,
                 snapshot=snap.id,
                 forks=[m.id for m in made],
+                took_ms=round((time.monotonic() - began) * 1000, 1),
+                snapshot_ms=snap.took_ms,
             )
         return got
+
+    def _lease_fork(self, machine: Machine) -> LeasePublic:
+        return leases.acquire_blocking(
+            ctl=self.ctl,
+            request=leases.LeaseRequest(
+                target=leases.Target(machine_id=machine.id),
+                holder=f"run:{self.run_id}",
+                ttl_s=self.ctl.settings.run_lease_ttl_s,
+                wait_s=10,
+            ),
+        )
 
     def _run_forks(
         self, stage: Stage, attempt: int, select: Any, forks: list[tuple[Machine, LeasePublic]]
@@ -858,8 +876,7 @@ class RunDriver:
                 )
                 for index, (machine, lease) in enumerate(forks, start=1)
             ]
-            while not all(f.done() for f in futures):
-                time.sleep(0.5)
+            while wait(futures, timeout=0.5).not_done:
                 self._renew_if_due()
         results: list[_ForkResult] = []
         stopping: BaseException | None = None
