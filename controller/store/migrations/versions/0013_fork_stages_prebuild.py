@@ -16,6 +16,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("stages") as batch:
         batch.add_column(sa.Column("fork", sa.JSON(), nullable=True))
+    op.execute("UPDATE stages SET fork = '{}' WHERE fork IS NULL")  # stages before: not forked
     with op.batch_alter_table("pools") as batch:
         batch.add_column(sa.Column("prebuilt", sa.String(), nullable=True))
 
