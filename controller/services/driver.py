@@ -204,6 +204,8 @@ class RunDriver:
         """This driver's span of the run (``services/tracing.py``); a no-op when off."""
         self.fork_meta: dict[str, Any] = {}
         """On a fork of a forking stage: which fork, added to the meta of its evidence."""
+        self.fork_decided: threading.Event | None = None
+        """On a fork of a ``select: "first"`` stage: set once a fork passed; the others stop."""
 
     # ------------------------------------------------------------ the whole run
 
@@ -694,6 +696,9 @@ class RunDriver:
             if self._cancel_requested():
                 self._kill_leftovers()
                 return _Outcome("cancelled", "cancelled during the attempt", cancelled=True)
+            if self.fork_decided is not None and self.fork_decided.is_set():
+                self._kill_leftovers()
+                return _Outcome("failed", "stopped: another fork passed first")
             if time.monotonic() > deadline:
                 self._kill_leftovers()
                 return _Outcome(
@@ -861,7 +866,8 @@ class RunDriver:
         self, stage: Stage, attempt: int, select: Any, forks: list[tuple[Machine, LeasePublic]]
     ) -> list[_ForkResult]:
         """Each fork's agent and select check in its own thread; this one keeps the run's
-        own lease alive meanwhile."""
+        own lease alive meanwhile. With ``select: "first"`` the others stop once one passed."""
+        decided = threading.Event() if select == "first" else None
         with ThreadPoolExecutor(max_workers=len(forks), thread_name_prefix="fork-stage") as pool:
             futures: list[Future[_ForkResult]] = [
                 pool.submit(
@@ -873,6 +879,7 @@ class RunDriver:
                     index,
                     machine,
                     lease,
+                    decided,
                 )
                 for index, (machine, lease) in enumerate(forks, start=1)
             ]
@@ -914,8 +921,10 @@ class RunDriver:
         index: int,
         machine: Machine,
         lease: LeasePublic,
+        decided: threading.Event | None = None,
     ) -> _ForkResult:
         fork = copy.copy(self)  # the same run, with the fork's machine, lease and handle
+        fork.fork_decided = decided
         fork.machine, fork.lease = machine, lease
         fork.handle = handle_for(self.ctl, machine)
         fork.renewed_at = time.monotonic()
@@ -930,6 +939,8 @@ class RunDriver:
             won, check = fork._select_check(stage, attempt, select, lines)
             lines.append(f"[shopfloor: select {'passed' if won else 'failed'}: {check}]")
         finished_mono, finished = time.monotonic(), utcnow()
+        if won and decided is not None:
+            decided.set()
         if not outcome.cancelled:
             fork._write_stage_notes(stage, attempt, outcome, lines)
         fork._save_log(stage, attempt, lines, name=f"{stage.name}-attempt{attempt}-fork{index}.log")

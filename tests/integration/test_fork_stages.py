@@ -154,7 +154,10 @@ def test_select_by_command_and_first(live_client: TestClient, sample_repo: Path)
         stages=[
             cmd("prepare", "true"),
             {
-                **cmd("implement", f"i=$({FORK_NO}); sleep $i; echo $i > picked.txt"),
+                **cmd(
+                    "implement",
+                    f"i=$({FORK_NO}); sleep $(( (i - 1) * 60 + 1 )); echo $i > picked.txt",
+                ),
                 "fork": 2,
                 "select": "first",
             },
@@ -163,6 +166,11 @@ def test_select_by_command_and_first(live_client: TestClient, sample_repo: Path)
     )
     done = wait_run(client, first["id"], timeout_s=240)
     assert done["status"] == "passed", json.dumps(done, indent=1)
+    implement = next(s for s in done["stages"] if s["name"] == "implement")
+    by_fork = {h["fork"]: h for h in implement["history"]}
+    assert by_fork[1]["winner"]
+    # The slower fork (a minute to go) was stopped once the first passed.
+    assert by_fork[2]["summary"] == "stopped: another fork passed first"
 
 
 def test_bad_fork_specs_are_refused_before_the_run_is_queued(
