@@ -697,7 +697,7 @@ class RunDriver:
                 self._kill_leftovers()
                 return _Outcome("cancelled", "cancelled during the attempt", cancelled=True)
             if self.fork_decided is not None and self.fork_decided.is_set():
-                self._kill_leftovers()
+                self._kill_leftovers(graceful=False)  # a losing fork's machine goes anyway
                 return _Outcome("failed", "stopped: another fork passed first")
             if time.monotonic() > deadline:
                 self._kill_leftovers()
@@ -1204,11 +1204,11 @@ class RunDriver:
             quarantined=frozenset(t.test for t in known if t.state == "quarantined"),
         )
 
-    def _kill_leftovers(self) -> None:
+    def _kill_leftovers(self, *, graceful: bool = True) -> None:
         """SIGTERM, a grace, then SIGKILL to every process the stage left in the machine."""
         if self.handle is None:
             return
-        for signal in ("TERM", "KILL"):
+        for signal in ("TERM", "KILL") if graceful else ("KILL",):
             try:
                 self.handle.run(f"kill -{signal} -1 2>/dev/null; true", timeout_s=10)
             except Exception as exc:  # noqa: BLE001 - the kill may take the transport down too
