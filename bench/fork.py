@@ -1,6 +1,7 @@
 """Pause, snapshot and fork through the HTTP API, against the raw engine in the same run.
 
     .venv/bin/python bench/fork.py [--rounds 5]
+    .venv/bin/python bench/fork.py --stages-only    # pool refill and fork: 3 stage only
 
 A real controller (`shopfloor serve`, SQLite, disk limits on when run as root) makes a
 machine of the sample repo whose setup builds a workspace of about 150 MB (a virtualenv,
@@ -17,11 +18,23 @@ a copy of the Python library standing in for installed packages, and build outpu
 
 Goals (issue 15): pause + resume <= 150 ms; fork <= 1.5 s at 150 MB; fork at 1.5 GB <= 2x
 the fork at 150 MB; fork >= 5x faster than a fresh machine with clone + setup.
+
+Then, on a second controller (:func:`stage_and_pool_figures`):
+
+- pool refill: a pool of one machine with that setup and the same with ``"prebuild": true``;
+  its machine destroyed, the pool makes another: the time from the new machine's record to
+  ``ready`` (and from the delete until then), median of the rounds. Goal: prebuild >= 5x
+  faster than running setup.
+- a ``fork: 3`` stage against the same stage unforked, in runs on the sample repo: the
+  stage's agent runs the sample's tests and waits ``AGENT_WAIT_S`` (an agent mostly waits on
+  its model), ``select: "first"``; the stage's duration from its record, and the fixed cost
+  forking adds (seconds). Goal: <= 1.5x.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -45,6 +58,10 @@ GOAL_PAUSE_MS = 150.0
 GOAL_FORK_S = 1.5
 GOAL_GROWTH = 2.0
 GOAL_VS_FRESH = 5.0
+AGENT_WAIT_S = 10
+"""The bench stage's agent: the sample's tests, then this long waiting (a coding agent mostly
+waits on its model; real stages take minutes). Forking adds a fixed cost (snapshot, forks
+started), printed apart, so a shorter stage gives a larger ratio."""
 MB = 1024 * 1024
 SETUP = [
     "python3 -m venv /workspace/venv",
@@ -266,5 +283,172 @@ def main() -> None:
         print(f"  {name:<48} {verdict(met)}")  # noqa: T201
 
 
+def _wait(check: Callable[[], Any], what: str, timeout_s: float = 600) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _ready_in(api: httpx.Client, pool: str, not_ids: set[str]) -> dict[str, Any] | None:
+    found = call(api, "GET", "/machines", params={"pool": pool, "state": "ready"})["data"]
+    fresh = [m for m in found if m["id"] not in not_ids]
+    return fresh[0] if fresh else None
+
+
+def _refills(api: httpx.Client, pool: str, rounds: int) -> tuple[list[float], list[float]]:
+    """(record -> ready, delete -> ready) of the pool's machine, ``rounds`` times."""
+    seen: set[str] = set()
+    current = _wait(lambda: _ready_in(api, pool, seen), f"pool {pool} to fill")
+    provisioning, wall = [], []
+    for _ in range(rounds):
+        seen.add(current["id"])
+        started = time.perf_counter()
+        call(api, "DELETE", f"/machines/{current['id']}")
+        current = _wait(lambda: _ready_in(api, pool, seen), f"pool {pool} to refill")
+        wall.append(time.perf_counter() - started)
+        made = _parse(current["created_at"])
+        provisioning.append((_parse(current["ready_at"]) - made).total_seconds())
+    call(api, "DELETE", f"/machines/{current['id']}")
+    return provisioning, wall
+
+
+def _parse(value: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _stage_seconds(api: httpx.Client, body: dict[str, Any], stage: str) -> float:
+    run = call(api, "POST", "/runs", json=body)
+    done = _wait(
+        lambda: (
+            (r := call(api, "GET", f"/runs/{run['id']}"))["status"]
+            in ("passed", "failed", "cancelled")
+            and r
+        ),
+        f"run {run['id']}",
+    )
+    if done["status"] != "passed":
+        raise SystemExit(f"bench run failed: {done['reason']}")
+    found = next(s for s in done["stages"] if s["name"] == stage)
+    return float((_parse(found["finished_at"]) - _parse(found["started_at"])).total_seconds())
+
+
+def stage_and_pool_figures(rounds: int, *, pools: bool = True) -> None:
+    import os
+
+    os.environ["SHOPFLOOR_POOL_INTERVAL_S"] = "0.1"
+    os.environ["SHOPFLOOR_RUN_POLL_INTERVAL_S"] = "0.1"
+    setup_made = setup_wall = pre_made = pre_wall = [float("nan")]
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_controller(Path(tmp) / "data") as (api, _image),
+    ):
+        repo = make_sample_repo(Path(tmp) / "sample-app")
+        if pools:
+            setup_made, setup_wall, pre_made, pre_wall = _pool_refills(api, repo, rounds)
+        plain, forked, making = _fork_stages(api, repo, rounds)
+    _print_stage_and_pool(setup_made, setup_wall, pre_made, pre_wall, plain, forked, making)
+
+
+def _pool_refills(
+    api: httpx.Client, repo: Path, rounds: int
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Refills of a pool that runs setup, then of one with ``prebuild``."""
+    template = {"repo": str(repo), "setup": SETUP}
+    pool_body = {"min_ready": 1, "max_machines": 1}
+    call(api, "PUT", "/pools/bench-setup", json={"template": template, **pool_body})
+    setup_made, setup_wall = _refills(api, "bench-setup", max(2, rounds // 2))
+    call(api, "PUT", "/pools/bench-setup", json={"template": template, "min_ready": 0})
+    prebuilt = {**template, "prebuild": True}
+    call(api, "PUT", "/pools/bench-pre", json={"template": prebuilt, **pool_body})
+    pre_made, pre_wall = _refills(api, "bench-pre", rounds)
+    call(api, "PUT", "/pools/bench-pre", json={"template": prebuilt, "min_ready": 0})
+    return setup_made, setup_wall, pre_made, pre_wall
+
+
+def _fork_stages(
+    api: httpx.Client, repo: Path, rounds: int
+) -> tuple[list[float], list[float], list[float]]:
+    """(unforked stage s, fork: 3 stage s, of which making the forks s) per round."""
+    stage = {
+        "name": "implement",
+        "agent": "command",
+        "with": {"cmd": f"python3 run_tests.py && sleep {AGENT_WAIT_S} && echo done > done.txt"},
+    }
+    first = {"name": "prepare", "agent": "command", "with": {"cmd": "true"}}
+    after = {"name": "after", "agent": "command", "with": {"cmd": "test -s done.txt"}}
+
+    def body(forked: bool) -> dict[str, Any]:
+        extra = {"fork": 3, "select": "first"} if forked else {}
+        return {
+            "task": "bench",
+            "repo": str(repo),
+            "stages": [first, {**stage, **extra}, after],
+        }
+
+    plain, forked = [], []
+    for _ in range(rounds):
+        plain.append(_stage_seconds(api, body(False), "implement"))
+        forked.append(_stage_seconds(api, body(True), "implement"))
+    made = call(api, "GET", "/events", params={"kind": "stage.forked", "limit": 1000})
+    making = [e["data"]["took_ms"] / 1000 for e in made["data"]]
+    snapping = [e["data"]["snapshot_ms"] / 1000 for e in made["data"]]
+    print(f"  (snapshot of the run's machine: median {statistics.median(snapping):.3f} s)")  # noqa: T201
+    return plain, forked, making
+
+
+def _print_stage_and_pool(
+    setup_made: list[float],
+    setup_wall: list[float],
+    pre_made: list[float],
+    pre_wall: list[float],
+    plain: list[float],
+    forked: list[float],
+    making: list[float],
+) -> None:
+    med = statistics.median
+    print("pool refill and fork stage, medians")  # noqa: T201
+    rows = [
+        ("pool refill, setup: record -> ready", med(setup_made)),
+        ("pool refill, setup: delete -> ready", med(setup_wall)),
+        ("pool refill, prebuild: record -> ready", med(pre_made)),
+        ("pool refill, prebuild: delete -> ready", med(pre_wall)),
+        (f"stage unforked (tests + {AGENT_WAIT_S} s of agent)", med(plain)),
+        ("stage with fork: 3", med(forked)),
+        ("  of which snapshot + 3 forks started + leased", med(making)),
+        ("  fork: 3 stage - unforked stage (fixed cost)", med(forked) - med(plain)),
+    ]
+    pools = not math.isnan(med(setup_made))  # not measured with --fork-stage-only
+    for name, value in rows if pools else rows[4:]:
+        print(f"  {name:<48} {value:9.3f} s")  # noqa: T201
+    refill = med(setup_made) / med(pre_made)
+    stage_ratio = med(forked) / med(plain)
+    print("ratios")  # noqa: T201
+    if pools:
+        print(f"  refill with setup / refill from prebuild         {refill:9.2f}")  # noqa: T201
+    print(f"  fork: 3 stage / same stage unforked              {stage_ratio:9.2f}")  # noqa: T201
+    print("goals")  # noqa: T201
+    goals = [("fork: 3 stage <= 1.5x the stage unforked", stage_ratio <= 1.5)]
+    if pools:
+        goals.insert(
+            0,
+            (f"prebuild refill >= {GOAL_VS_FRESH:.0f}x faster than setup", refill >= GOAL_VS_FRESH),
+        )
+    for name, met in goals:
+        print(f"  {name:<48} {'met' if met else 'NOT MET'}")  # noqa: T201
+
+
 if __name__ == "__main__":
-    main()
+    if "--fork-stage-only" in sys.argv:  # the fork-stage figure alone
+        stage_and_pool_figures(5, pools=False)
+    elif "--stages-only" in sys.argv:  # the pool-refill and fork-stage figures alone
+        stage_and_pool_figures(5)
+    else:
+        main()
+        stage_and_pool_figures(5)

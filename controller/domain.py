@@ -42,6 +42,11 @@ class MachineTemplate(BaseModel):
         max_length=32,
         description="labels a host must carry for the machine to be placed on it",
     )
+    prebuild: bool = Field(
+        default=False,
+        description="pools only: run clone + setup once per commit of the ref, snapshot that "
+        "machine and start every later machine from the snapshot",
+    )
 
     @field_validator("labels", "host_labels")
     @classmethod
@@ -134,6 +139,20 @@ class LeaseGranted(LeasePublic):
     )
 
 
+class SelectCommand(BaseModel):
+    """A fork wins when this command, run in its checkout after its agent passed, exits 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: str = Field(min_length=1, max_length=8192)
+    timeout_s: float = Field(default=600, gt=0, le=86400)
+
+
+ForkSelect = Literal["tests", "first"] | SelectCommand
+"""How a forking stage picks its winner: ``tests`` (the default) the next stage's tester
+passes on the fork; ``first`` the first fork whose agent passes; or a command's exit code."""
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -142,6 +161,17 @@ class StageSpec(BaseModel):
     with_: dict[str, object] = Field(default_factory=dict, alias="with")
     timeout_s: float = Field(default=600, gt=0, le=86400)
     retries: int = Field(default=0, ge=0, le=5)
+    fork: int | None = Field(
+        default=None,
+        ge=2,
+        le=8,
+        description="try the stage this many ways at once, each on a fork of the run's machine",
+    )
+    select: ForkSelect | None = Field(
+        default=None,
+        description='with fork: "tests" (default: the next stage\'s tester passes on the fork), '
+        '"first" (the first fork to pass) or {"command": "..."} (its exit code decides)',
+    )
 
 
 class RunSpec(BaseModel):
@@ -162,7 +192,36 @@ class RunSpec(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+        for position, stage in enumerate(stages):
+            _check_fork(stages, position, stage)
         return stages
+
+
+def _check_fork(stages: list[StageSpec], position: int, stage: StageSpec) -> None:
+    """A forking stage forks the machine the run already worked on, and needs a rule it can
+    apply: refused here, before the run is queued, rather than failing mid-run."""
+    if stage.fork is None:
+        if stage.select is not None:
+            raise ValueError(f"stage {stage.name!r}: select needs fork (2 to 8)")
+        return
+    if position == 0:
+        raise ValueError(
+            f"stage {stage.name!r} cannot fork: it is the run's first stage, and the run has "
+            "no machine yet (it is leased when the run starts); fork a later stage"
+        )
+    if stage.agent == "remote":
+        raise ValueError(
+            f"stage {stage.name!r} cannot fork: a remote agent claims one machine per stage"
+        )
+    if stage.select in (None, "tests"):
+        following = stages[position + 1] if position + 1 < len(stages) else None
+        if following is None or following.agent != "tester":
+            raise ValueError(
+                f'stage {stage.name!r} forks with select "tests" (the default), which runs '
+                "the next stage's tester on each fork, but the next stage is "
+                + (f"{following.name!r} (agent {following.agent})" if following else "missing")
+                + '; add a tester stage after it, or say select "first" or {"command": "..."}'
+            )
 
 
 class StageReport(BaseModel):

@@ -193,6 +193,10 @@ class PoolPublic(BaseModel):
     reset: str
     reason: str | None
     owner: str | None = None
+    prebuilt: str | None = Field(
+        default=None,
+        description="with prebuild: the snapshot new machines start from (setup done once)",
+    )
     counts: dict[str, int]
     created_at: datetime
     updated_at: datetime
@@ -247,6 +251,11 @@ class StagePublic(BaseModel):
     summary: str | None
     outputs: dict[str, object]
     history: list[dict[str, object]]
+    fork: dict[str, object] = Field(
+        default_factory=dict,
+        description='a forking stage\'s {"count": n, "select": ...}; its history has one entry '
+        "per fork, with fork, winner and machine_id",
+    )
     machine_id: str | None
     started_at: datetime | None
     finished_at: datetime | None

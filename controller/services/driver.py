@@ -16,10 +16,12 @@ leased, which counts as a context re-creation.
 from __future__ import annotations
 
 import contextvars
+import copy
 import json
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -41,6 +43,7 @@ from controller.services import (
     pools,
     remote_stages,
     runs,
+    snapshots,
     tracing,
 )
 from controller.services.handles import handle_for
@@ -48,6 +51,7 @@ from controller.services.runtime import Controller
 from controller.store import events
 from controller.store.db import unit_of_work
 from controller.store.models import (
+    ALIVE_STATES,
     FINISHED_RUN_STATUSES,
     Lease,
     LeaseState,
@@ -55,6 +59,7 @@ from controller.store.models import (
     MachineState,
     Run,
     RunStatus,
+    Snapshot,
     Stage,
     StageStatus,
     utcnow,
@@ -200,6 +205,10 @@ class RunDriver:
         """The run's repo and ref, for its trace."""
         self.span: Span = INVALID_SPAN
         """This driver's span of the run (``services/tracing.py``); a no-op when off."""
+        self.fork_meta: dict[str, Any] = {}
+        """On a fork of a forking stage: which fork, added to the meta of its evidence."""
+        self.fork_decided: threading.Event | None = None
+        """On a fork of a ``select: "first"`` stage: set once a fork passed; the others stop."""
 
     # ------------------------------------------------------------ the whole run
 
@@ -472,6 +481,8 @@ class RunDriver:
         private machine is destroyed first, so no hand-over races its removal."""
         with unit_of_work(self.ctl.reader) as tx:
             private = runs.get_run(tx, self.run_id).pool is None
+        if self.machine is not None and self.machine.pool is None:
+            private = True  # a fork the run continued on belongs to no pool
         if private and self.machine is not None:
             _destroy_quietly(self.ctl, self.machine.id)
         self._end_lease()
@@ -541,7 +552,7 @@ class RunDriver:
                     RunStatus.failed,
                     f"stage {stage.name} failed after {stage.attempts} attempt(s): {stage.summary}",
                 )
-            outcome = self._attempt(stage)
+            outcome = self._fork_attempt(stage) if stage.fork else self._attempt(stage)
             if outcome.cancelled:
                 raise _RunEnded(RunStatus.cancelled, f"cancelled during stage {stage.name}")
             if outcome.machine_lost:
@@ -555,6 +566,7 @@ class RunDriver:
 
     def _recover_interrupted(self, stage_id: str) -> None:
         """A stage left ``running`` by a dead controller: its attempt failed; clean the machine."""
+        self._clean_forks(stage_id)
         with unit_of_work(self.ctl.db) as tx:
             runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
             stage = tx.get(Stage, stage_id)
@@ -688,6 +700,9 @@ class RunDriver:
             if self._cancel_requested():
                 self._kill_leftovers()
                 return _Outcome("cancelled", "cancelled during the attempt", cancelled=True)
+            if self.fork_decided is not None and self.fork_decided.is_set():
+                self._kill_leftovers(graceful=False)  # a losing fork's machine goes anyway
+                return _Outcome("failed", "stopped: another fork passed first")
             if time.monotonic() > deadline:
                 self._kill_leftovers()
                 return _Outcome(
@@ -720,6 +735,464 @@ class RunDriver:
             files={a.name: a.data for a in result.artifacts if len(a.data) <= NOTE_FILE_CAP_BYTES},
         )
 
+    # ------------------------------------------------------------ forking stages
+
+    def _fork_attempt(self, stage: Stage) -> _Outcome:
+        """One attempt of a forking stage: the run's machine is snapshotted and started
+        ``count`` times, the agent runs once on each fork in parallel (own history entry,
+        log and evidence), the stage's select rule picks the winner and the run continues
+        on the winner's machine (same workspace and handoff folder: no context re-creation).
+        The others are destroyed once their evidence is kept."""
+        assert self.machine is not None
+        assert self.lease is not None
+        attempt = stage.attempts + 1
+        count = int(stage.fork["count"])
+        select: Any = stage.fork.get("select", "tests")
+        started = utcnow()
+        self._check_claim()
+        with unit_of_work(self.ctl.db) as tx:
+            runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
+            current = tx.get(Stage, stage.id)
+            assert current is not None
+            current.status, current.attempts = StageStatus.running, attempt
+            current.started_at = current.started_at or started
+            current.machine_id = self.machine.id
+            tx.add(current)
+            events.record(
+                tx,
+                "stage.started",
+                stage.id,
+                run_id=self.run_id,
+                stage=stage.name,
+                attempt=attempt,
+                machine_id=self.machine.id,
+                fork=count,
+            )
+            run = runs.get_run(tx, self.run_id)
+        self._write_lessons(run)  # before the snapshot: every fork finds them
+        try:
+            self._write_run_json(run, stage, attempt)
+        except ShopfloorError as exc:
+            failed = _Outcome("failed", f"could not write run.json: {exc.message}")
+            self._record_attempt(stage, attempt, failed, started, utcnow(), [])
+            return failed
+        try:
+            forks = self._make_forks(stage, count)
+        except ShopfloorError as exc:
+            failed = _Outcome(
+                "failed", f"could not fork machine {self.machine.id} {count} ways: {exc.message}"
+            )
+            self._record_attempt(stage, attempt, failed, started, utcnow(), [])
+            return failed
+        results = self._run_forks(stage, attempt, select, forks)
+        cancelled = any(r.outcome.cancelled for r in results)
+        winners = sorted(
+            (r for r in results if r.won and not cancelled), key=lambda r: r.finished_mono
+        )
+        winner = winners[0] if winners else None
+        outcome = self._record_forks(stage, attempt, count, select, results, winner, started)
+        self._settle_forks(results, winner)
+        return outcome
+
+    def _make_forks(self, stage: Stage, count: int) -> list[tuple[Machine, LeasePublic]]:
+        """Snapshot the run's machine, start the forks and lease each to the run (so no other
+        caller can take one); all or none."""
+        assert self.machine is not None
+        labels = {FORK_STAGE_LABEL: stage.id, "run": self.run_id}
+        began = time.monotonic()
+        snap = snapshots.take(
+            ctl=self.ctl,
+            machine_id=self.machine.id,
+            key=None,
+            name=f"stage {stage.name} of run {self.run_id}",
+            labels=labels,
+        )
+        made: list[Machine] = []
+        got: list[tuple[Machine, LeasePublic]] = []
+        lease: LeasePublic
+        try:
+            made = snapshots.start_machines(
+                ctl=self.ctl,
+                snapshot_id=snap.id,
+                count=count,
+                labels={**self.machine.labels, **labels},
+                forked_from=self.machine.id,
+            )
+            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fork-lease") as pool:
+                granted = [pool.submit(self._lease_fork, machine) for machine in made]
+                wait(granted)
+            got = [(m, f.result()) for m, f in zip(made, granted, strict=True) if not f.exception()]
+            failed = next((f.exception() for f in granted if f.exception()), None)
+            if failed is not None:
+                raise failed
+        except Exception:
+            for machine in made:
+                _destroy_quietly(self.ctl, machine.id)
+            for _, lease in got:
+                _release_quietly(self.ctl, lease.id)
+            _delete_snapshot_quietly(self.ctl, snap.id)
+            raise
+        log.info(
+            "run %s: stage %s forked %d ways in %.2fs (snapshot %.2fs)",
+            self.run_id,
+            stage.name,
+            count,
+            time.monotonic() - began,
+            snap.took_ms / 1000,
+        )
+        with unit_of_work(self.ctl.db) as tx:
+            events.record(
+                tx,
+                "stage.forked",
+                stage.id,
+                run_id=self.run_id,
+                stage=stage.name,
+                source=self.machine.id,
+                snapshot=snap.id,
+                forks=[m.id for m in made],
+                took_ms=round((time.monotonic() - began) * 1000, 1),
+                snapshot_ms=snap.took_ms,
+            )
+        return got
+
+    def _lease_fork(self, machine: Machine) -> LeasePublic:
+        return leases.acquire_blocking(
+            ctl=self.ctl,
+            request=leases.LeaseRequest(
+                target=leases.Target(machine_id=machine.id),
+                holder=f"run:{self.run_id}",
+                ttl_s=self.ctl.settings.run_lease_ttl_s,
+                wait_s=10,
+            ),
+        )
+
+    def _run_forks(
+        self, stage: Stage, attempt: int, select: Any, forks: list[tuple[Machine, LeasePublic]]
+    ) -> list[_ForkResult]:
+        """Each fork's agent and select check in its own thread; this one keeps the run's
+        own lease alive meanwhile. With ``select: "first"`` the others stop once one passed."""
+        decided = threading.Event() if select == "first" else None
+        with ThreadPoolExecutor(max_workers=len(forks), thread_name_prefix="fork-stage") as pool:
+            futures: list[Future[_ForkResult]] = [
+                pool.submit(
+                    contextvars.copy_context().run,
+                    self._one_fork,
+                    stage,
+                    attempt,
+                    select,
+                    index,
+                    machine,
+                    lease,
+                    decided,
+                )
+                for index, (machine, lease) in enumerate(forks, start=1)
+            ]
+            while wait(futures, timeout=0.5).not_done:
+                self._renew_if_due()
+        results: list[_ForkResult] = []
+        stopping: BaseException | None = None
+        for index, (future, (machine, lease)) in enumerate(zip(futures, forks, strict=True), 1):
+            error = future.exception()
+            if isinstance(error, _Stopping | runs.ClaimLost):
+                stopping = error
+                continue
+            if error is not None:
+                text = f"{type(error).__name__}: {error}"
+                results.append(
+                    _ForkResult(
+                        index,
+                        machine,
+                        lease,
+                        _Outcome("failed", f"the fork's driver failed: {text}"),
+                        False,
+                        None,
+                        time.monotonic(),
+                        utcnow(),
+                        [],
+                    )
+                )
+                continue
+            results.append(future.result())
+        if stopping is not None:  # the forks are cleaned by the next start
+            raise stopping
+        return results
+
+    def _one_fork(
+        self,
+        stage: Stage,
+        attempt: int,
+        select: Any,
+        index: int,
+        machine: Machine,
+        lease: LeasePublic,
+        decided: threading.Event | None = None,
+    ) -> _ForkResult:
+        fork = copy.copy(self)  # the same run, with the fork's machine, lease and handle
+        fork.fork_decided = decided
+        fork.machine, fork.lease = machine, lease
+        fork.handle = handle_for(self.ctl, machine)
+        fork.renewed_at = time.monotonic()
+        fork.lessons_on = machine.id  # copied from the run's machine with the workspace
+        fork.fork_meta = {"fork": index, "fork_machine": machine.id}
+        started = utcnow()
+        lines: list[str] = [f"[shopfloor: fork {index} on machine {machine.id}]"]
+        outcome = fork._run_agent(stage, attempt, lines)
+        check: str | None = None
+        won = outcome.status == "passed"
+        if won and select != "first":
+            won, check = fork._select_check(stage, attempt, select, lines)
+            lines.append(f"[shopfloor: select {'passed' if won else 'failed'}: {check}]")
+        finished_mono, finished = time.monotonic(), utcnow()
+        if won and decided is not None:
+            decided.set()
+        if not outcome.cancelled:
+            fork._write_stage_notes(stage, attempt, outcome, lines)
+        fork._save_log(stage, attempt, lines, name=f"{stage.name}-attempt{attempt}-fork{index}.log")
+        return _ForkResult(
+            index, machine, lease, outcome, won, check, finished_mono, finished, lines, started
+        )
+
+    def _select_check(
+        self, stage: Stage, attempt: int, select: Any, lines: list[str]
+    ) -> tuple[bool, str]:
+        """Whether this fork's result is good: a command's exit code, or the next stage's
+        tester run on the fork (its evidence kept with the fork's)."""
+        assert self.handle is not None
+        if isinstance(select, dict):
+            try:
+                ran = self.handle.run(
+                    str(select["command"]), timeout_s=float(select.get("timeout_s", 600))
+                )
+            except Exception as exc:  # noqa: BLE001 - a failed check is a lost fork
+                return False, f"the select command could not run: {exc}"
+            lines.extend((ran.stdout + ran.stderr).splitlines()[-50:])
+            return ran.exit_code == 0, f"the select command exited {ran.exit_code}"
+        with unit_of_work(self.ctl.reader) as tx:
+            run = runs.get_run(tx, self.run_id)
+            following = next(
+                (s for s in runs.stages_of(tx, self.run_id) if s.position == stage.position + 1),
+                None,
+            )
+        if following is None:
+            return True, "no next stage to test with"
+        work = Assignment(
+            run_id=run.id,
+            task=run.task,
+            repo=run.repo,
+            ref=run.ref,
+            stage=following.name,
+            attempt=attempt,
+            params=dict(following.params),
+            machine=self.handle,
+            timeout_s=following.timeout_s,
+            log=lines.append,
+            known_tests=self._known_tests(run),
+        )
+        try:
+            result = registry.get_agent(following.agent).run(work)
+        except Exception as exc:  # noqa: BLE001 - a failed check is a lost fork
+            return False, f"{following.name} ({following.agent}) raised: {exc}"
+        saved = self.fork_meta
+        self.fork_meta = {**saved, "select": following.name}
+        try:
+            self._store_artifacts(stage, attempt, result)
+        except ShopfloorError as exc:
+            log.warning("evidence of the select check not stored: %s", exc.message)
+        finally:
+            self.fork_meta = saved
+        return result.status == "passed", f"{following.name} on the fork: {result.summary}"
+
+    def _save_log(self, stage: Stage, attempt: int, lines: list[str], *, name: str) -> None:
+        if not lines or self.machine is None:
+            return
+        try:
+            runs.save_artifact(
+                ctl=self.ctl,
+                run_id=self.run_id,
+                stage=stage.name,
+                attempt=attempt,
+                machine=self.machine,
+                kind="log",
+                name=name,
+                data="\n".join(lines).encode(),
+                content_type="text/plain; charset=utf-8",
+                meta={"source": "driver", **self.fork_meta},
+            )
+        except ShopfloorError as exc:
+            log.warning("stage log of %s not stored: %s", stage.name, exc.message)
+
+    def _record_forks(
+        self,
+        stage: Stage,
+        attempt: int,
+        count: int,
+        select: Any,
+        results: list[_ForkResult],
+        winner: _ForkResult | None,
+        started: Any,
+    ) -> _Outcome:
+        """Every fork's attempt in the stage's history and, with a winner, the run moved to
+        its machine and lease — in one transaction, so a restart finds one or the other."""
+        cancelled = any(r.outcome.cancelled for r in results)
+        if winner is not None:
+            outcome = _Outcome(
+                "passed",
+                f"fork {winner.index} of {count} won: {winner.outcome.summary}",
+                {
+                    **winner.outcome.outputs,
+                    "fork": {"count": count, "winner": winner.index, "machine": winner.machine.id},
+                },
+            )
+        elif cancelled:
+            outcome = _Outcome("cancelled", "cancelled during the forks", cancelled=True)
+        else:
+            why = "; ".join(
+                f"fork {r.index}: {r.check or r.outcome.summary}"[:300] for r in results
+            )
+            outcome = _Outcome("failed", f"all {count} forks failed: {why}")
+        finished = utcnow()
+        self._check_claim()
+        with unit_of_work(self.ctl.db) as tx:
+            runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
+            current = tx.get(Stage, stage.id)
+            assert current is not None
+            last_try = attempt > current.retries
+            current.status = (
+                StageStatus.passed
+                if winner is not None
+                else StageStatus.cancelled
+                if cancelled
+                else StageStatus.failed
+                if last_try
+                else StageStatus.pending
+            )
+            current.summary, current.outputs = outcome.summary, outcome.outputs
+            if winner is not None or last_try or cancelled:
+                current.finished_at = finished
+            entries = []
+            for r in results:
+                entry = _history_entry(
+                    attempt,
+                    r.outcome.status if r.won or r.outcome.status != "passed" else "failed",
+                    r.outcome.summary + (f" ({r.check})" if r.check else ""),
+                    r.machine.id,
+                    r.started or started,
+                    r.finished,
+                    log_tail=("\n".join(r.lines) + "\n" + r.outcome.agent_log)[-LOG_TAIL_CHARS:],
+                )
+                entry.update(
+                    fork=r.index, forks=count, winner=r is winner, select=_select_name(select)
+                )
+                entries.append(entry)
+            current.history = [*current.history, *entries]
+            if winner is not None:
+                current.machine_id = winner.machine.id
+                run = runs.get_run(tx, self.run_id)
+                run.lease_id, run.machine_id = winner.lease.id, winner.machine.id
+                tx.add(run)
+                events.record(
+                    tx,
+                    "run.machine",
+                    run.id,
+                    machine_id=winner.machine.id,
+                    lease_id=winner.lease.id,
+                    fork_of=self.machine.id if self.machine else None,
+                    stage=stage.name,
+                )
+            tx.add(current)
+            events.record(
+                tx,
+                "stage.attempt",
+                stage.id,
+                run_id=self.run_id,
+                stage=stage.name,
+                attempt=attempt,
+                status=outcome.status,
+                summary=outcome.summary[:500],
+                forks=count,
+                winner=winner.index if winner else None,
+            )
+            if current.status == StageStatus.failed:
+                owners.stage_failed_in(tx, run=runs.get_run(tx, self.run_id), stage=current)
+        return outcome
+
+    def _settle_forks(self, results: list[_ForkResult], winner: _ForkResult | None) -> None:
+        """The losers (and, with a winner, the run's previous machine) go; their evidence is
+        stored already. The winner's snapshot stays until retention finds it unused."""
+        for r in results:
+            if r is not winner:
+                _destroy_quietly(self.ctl, r.machine.id)
+                _release_quietly(self.ctl, r.lease.id)
+        if winner is None:
+            with unit_of_work(self.ctl.reader) as tx:
+                snap_id = tx.exec(
+                    select(Machine.snapshot_id).where(
+                        col(Machine.id).in_([r.machine.id for r in results])
+                    )
+                ).first()
+            if snap_id:
+                _delete_snapshot_quietly(self.ctl, snap_id)
+            return
+        old_machine, old_lease = self.machine, self.lease
+        self.machine, self.lease = winner.machine, winner.lease
+        self.handle = handle_for(self.ctl, winner.machine)
+        self.renewed_at = time.monotonic()
+        self.lessons_on = winner.machine.id
+        self._trace_machine()
+        with unit_of_work(self.ctl.reader) as tx:
+            pooled = runs.get_run(tx, self.run_id).pool is not None
+        if old_machine is not None and (not pooled or old_machine.pool is None):
+            _destroy_quietly(self.ctl, old_machine.id)
+        if old_lease is not None:
+            _release_quietly(self.ctl, old_lease.id)
+
+    def _clean_forks(self, stage_id: str) -> None:
+        """After a restart: forks of this stage that are not the run's machine, and leases
+        the run holds besides its own (a machine it left mid-switch), are removed."""
+        with unit_of_work(self.ctl.reader) as tx:
+            run = runs.get_run(tx, self.run_id)
+            stage = tx.get(Stage, stage_id)
+            if stage is None or not stage.fork:
+                return
+            alive = [
+                m
+                for m in tx.exec(select(Machine).where(col(Machine.state).in_(ALIVE_STATES)))
+                if m.labels.get(FORK_STAGE_LABEL) == stage_id and m.id != run.machine_id
+            ]
+            stray = list(
+                tx.exec(
+                    select(Lease).where(
+                        Lease.holder == f"run:{self.run_id}",
+                        Lease.state == LeaseState.active,
+                        Lease.id != (run.lease_id or ""),
+                    )
+                )
+            )
+            strays = {lease.id: tx.get(Machine, lease.machine_id) for lease in stray}
+            snaps = [
+                s.id
+                for s in tx.exec(select(Snapshot))
+                if s.labels.get(FORK_STAGE_LABEL) == stage_id
+            ]
+        for machine in alive:
+            _destroy_quietly(self.ctl, machine.id)
+        for lease_id, left in strays.items():
+            if left is not None and (run.pool is None or left.pool is None):
+                _destroy_quietly(self.ctl, left.id)
+            _release_quietly(self.ctl, lease_id)
+        for snap_id in snaps:
+            _delete_snapshot_quietly(self.ctl, snap_id)
+        if alive or strays:
+            with unit_of_work(self.ctl.db) as tx:
+                events.record(
+                    tx,
+                    "stage.forks_cleaned",
+                    stage_id,
+                    run_id=self.run_id,
+                    machines=[m.id for m in alive],
+                    leases=list(strays),
+                )
+
     def _known_tests(self, run: Run) -> KnownTests:
         """The repo's known flaky tests, quarantined ones only where the run's policy says
         ``flaky = "quarantine"``; nothing when learning is off (the tester then neither
@@ -747,11 +1220,11 @@ class RunDriver:
                 return None
         return self.known
 
-    def _kill_leftovers(self) -> None:
+    def _kill_leftovers(self, *, graceful: bool = True) -> None:
         """SIGTERM, a grace, then SIGKILL to every process the stage left in the machine."""
         if self.handle is None:
             return
-        for signal in ("TERM", "KILL"):
+        for signal in ("TERM", "KILL") if graceful else ("KILL",):
             try:
                 self.handle.run(f"kill -{signal} -1 2>/dev/null; true", timeout_s=10)
             except Exception as exc:  # noqa: BLE001 - the kill may take the transport down too
@@ -774,7 +1247,11 @@ class RunDriver:
             "task": run.task,
             "repo": run.repo,
             "ref": run.ref,
-            "current": {"stage": stage.name, "attempt": attempt},
+            "current": {
+                "stage": stage.name,
+                "attempt": attempt,
+                **({"fork": self.fork_meta["fork"]} if self.fork_meta else {}),
+            },
             "context_recreations": run.context_recreations,
             "lessons": f"{HANDOFF_DIR}/{learning.LESSONS_MD}" if self.lessons else None,
             "stages": [
@@ -879,7 +1356,7 @@ class RunDriver:
                 name=artifact.name,
                 data=artifact.data,
                 content_type=artifact.content_type,
-                meta=dict(artifact.meta),
+                meta={**artifact.meta, **self.fork_meta},
             )
 
     def _record_attempt(
@@ -978,6 +1455,44 @@ def _history_entry(
         "duration_ms": round(duration, 1) if duration is not None else None,
         "log_tail": log_tail,
     }
+
+
+FORK_STAGE_LABEL = "fork-stage"
+"""The label on a forking stage's forks and snapshot: the stage's id (found again after a
+restart)."""
+
+
+@dataclass
+class _ForkResult:
+    index: int
+    machine: Machine
+    lease: LeasePublic
+    outcome: _Outcome
+    won: bool
+    """The agent passed and the select rule accepted the result."""
+    check: str | None
+    finished_mono: float
+    finished: Any
+    lines: list[str]
+    started: Any = None
+
+
+def _select_name(select: Any) -> str:
+    return "command" if isinstance(select, dict) else str(select)
+
+
+def _release_quietly(ctl: Controller, lease_id: str) -> None:
+    try:
+        leases.release(ctl=ctl, lease_id=lease_id, caller=None)
+    except ShopfloorError:
+        pass  # ended already
+
+
+def _delete_snapshot_quietly(ctl: Controller, snapshot_id: str) -> None:
+    try:
+        snapshots.delete_snapshot(ctl=ctl, snapshot_id=snapshot_id)
+    except ShopfloorError as exc:  # still used (the winner) or gone: retention decides
+        log.info("snapshot %s kept: %s", snapshot_id, exc.message)
 
 
 class _RunEnded(Exception):

@@ -823,6 +823,10 @@ def _spec_from_snapshot(
 
 def request_machine(*, ctl: Controller, template: MachineTemplate, wait: bool) -> Machine:
     """A machine from a template: checked, recorded, and provisioned (see :func:`submit`)."""
+    if template.prebuild:
+        raise InvalidInput(
+            "prebuild is for pools (PUT /pools/{name}): a single machine runs its setup"
+        )
     return submit(ctl=ctl, spec=make_spec(ctl=ctl, template=template), wait=wait)
 
 

@@ -3,6 +3,12 @@
 The loop is level-triggered: each tick counts the pool's machines by state and starts as
 many provisionings as are missing, never going over ``max_machines``. A template that
 keeps failing stops the pool (with the reason on the pool) until the template changes.
+
+A template with ``prebuild`` pays clone + setup once per commit of its ref: one machine
+(the builder, outside the pool meanwhile) is made the usual way, snapshotted
+(``snapshots.take``) and then joins the pool; every later machine starts from that snapshot
+(``Pool.prebuilt``). When the ref moves to another commit the next fill builds anew; the old
+snapshot is then used by nobody once its machines are gone, and retention deletes it.
 """
 
 from __future__ import annotations
@@ -10,13 +16,13 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlmodel import Session, col, select
 
 from controller.domain import MachineTemplate, ResetPolicy
 from controller.errors import InvalidInput, NotFound, ShopfloorError
-from controller.services import leases, machines, owners
+from controller.services import leases, machines, owners, repos, snapshots
 from controller.services.runtime import Controller
 from controller.store import events
 from controller.store.db import unit_of_work
@@ -27,12 +33,16 @@ from controller.store.models import (
     Machine,
     MachineState,
     Pool,
+    Snapshot,
+    SnapshotState,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 
 _POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+PREBUILD_LABEL = "prebuild-of"
+"""On a prebuild pool's builder machine (and its snapshot): the pool's name."""
 
 
 def check_name(name: str) -> str:
@@ -77,11 +87,19 @@ def put_pool(
         owners.check_owner(owner)
     if min_ready > max_machines:
         raise InvalidInput(f"min_ready ({min_ready}) cannot exceed max_machines ({max_machines})")
+    if template.prebuild and template.snapshot:
+        raise InvalidInput(
+            "prebuild makes the pool's own snapshot: leave out snapshot, or prebuild"
+        )
+    if template.prebuild and not (template.repo or template.setup):
+        raise InvalidInput("prebuild needs a repo or setup commands to run once")
     machines.make_spec(ctl=ctl, template=template, pool=name)
     with unit_of_work(ctl.db) as tx:
         pool = tx.get(Pool, name)
         created = pool is None
         pool = pool or Pool(name=name)
+        if pool.template != template.model_dump():
+            pool.prebuilt = None  # made from another template: built anew
         pool.template = template.model_dump()
         pool.min_ready, pool.max_machines, pool.reset = (
             min_ready,
@@ -183,9 +201,86 @@ def _fill_one(ctl: Controller, name: str) -> int:
     if wanted:
         template = MachineTemplate.model_validate(pool.template)
         spec = machines.make_spec(ctl=ctl, template=template, pool=name)
+        if template.prebuild:
+            prebuilt = _prebuilt_spec(ctl, pool, spec)
+            if prebuilt is None:
+                return 0  # being built
+            spec = prebuilt
         for _ in range(wanted):
             machines.submit(ctl=ctl, spec=spec, wait=False)
     return wanted
+
+
+def _prebuilt_spec(
+    ctl: Controller, pool: Pool, spec: machines.MachineSpec
+) -> machines.MachineSpec | None:
+    """The spec of a machine from the pool's snapshot for the ref's current commit, or None
+    while that snapshot is being built (one builder at a time; raises when it failed)."""
+    commit = (
+        repos.resolve_commit(
+            ctl.settings.data_dir, spec.repo, spec.ref, timeout_s=ctl.settings.provision_timeout_s
+        )
+        if spec.repo
+        else None
+    )
+    with unit_of_work(ctl.reader) as tx:
+        snap = tx.get(Snapshot, pool.prebuilt) if pool.prebuilt else None
+        builders = list(
+            tx.exec(
+                select(Machine)
+                .where(col(Machine.pool).is_(None), Machine.created_at >= pool.updated_at)
+                .order_by(col(Machine.created_at).desc())
+            )
+        )
+    if snap is not None and snap.state == SnapshotState.ready and snap.commit == commit:
+        return replace(spec, image=snap.image, repo=None, setup=[], snapshot=snap)
+    builder = next((m for m in builders if m.labels.get(PREBUILD_LABEL) == pool.name), None)
+    if builder is not None and builder.state == MachineState.ready and builder.commit != commit:
+        machines.destroy_machine(  # the ref moved while it was built: build again
+            db=ctl.db, provider=ctl.provider, access=ctl.access, machine_id=builder.id
+        )
+        builder = None
+    if builder is None or builder.state in (MachineState.destroyed, MachineState.lost):
+        labels = {**spec.labels, PREBUILD_LABEL: pool.name}
+        machines.submit(ctl=ctl, spec=replace(spec, pool=None, labels=labels), wait=False)
+        return None
+    if builder.state == MachineState.failed:
+        raise ShopfloorError(f"the prebuild of pool {pool.name} failed: {builder.reason}")
+    if builder.state != MachineState.ready:
+        return None  # provisioning: clone + setup still running
+    _snapshot_builder(ctl, pool.name, builder)
+    return None
+
+
+def _snapshot_builder(ctl: Controller, name: str, builder: Machine) -> None:
+    """Snapshot the builder, make it the pool's prebuilt snapshot and the builder one of the
+    pool's machines (its setup is not wasted)."""
+    snap = snapshots.take(
+        ctl=ctl,
+        machine_id=builder.id,
+        key=None,
+        name=f"prebuild of pool {name}",
+        labels={PREBUILD_LABEL: name},
+    )
+    with unit_of_work(ctl.db) as tx:
+        pool = tx.get(Pool, name)
+        machine = tx.get(Machine, builder.id)
+        if pool is None:
+            return
+        previous, pool.prebuilt = pool.prebuilt, snap.id
+        tx.add(pool)
+        if machine is not None and machine.state == MachineState.ready and machine.pool is None:
+            machine.pool = name
+            tx.add(machine)
+        events.record(
+            tx,
+            "pool.prebuilt",
+            name,
+            snapshot=snap.id,
+            commit=snap.commit,
+            builder=builder.id,
+            replaces=previous,
+        )
 
 
 def _failing_reason(ctl: Controller, tx: Session, pool: Pool) -> str | None:

@@ -180,6 +180,27 @@ def sync_mirror(data_dir: Path, source: RepoSource, *, timeout_s: float = 600) -
     return path
 
 
+def resolve_commit(
+    data_dir: Path, source: RepoSource, ref: str, *, timeout_s: float = 600
+) -> str | None:
+    """The commit ``ref`` names in the repo now (its mirror brought up to date first);
+    None when the repo has no such ref (the clone then says why)."""
+    path = sync_mirror(data_dir, source, timeout_s=timeout_s)
+    result = _git(
+        [
+            "--git-dir",
+            str(path),
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            "--end-of-options",
+            f"{ref}^{{commit}}",
+        ],
+        timeout_s,
+    )
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
 @contextmanager
 def _locked(lock_file: Path) -> Iterator[None]:
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)

@@ -162,6 +162,31 @@ class TextRow:
 
 
 @dataclass
+class ForkColumn:
+    """One fork of a forking stage's attempt: its result and its own evidence."""
+
+    fork: int
+    winner: bool
+    status: str
+    summary: str
+    machine_id: str | None
+    diffs: list[TextRow] = field(default_factory=list)
+    reports: list[JunitRow] = field(default_factory=list)
+    screenshots: list[ScreenshotRow] = field(default_factory=list)
+    logs: list[Artifact] = field(default_factory=list)
+
+
+@dataclass
+class ForkAttempt:
+    """A forking stage's attempt: its forks side by side."""
+
+    stage: str
+    attempt: int
+    select: str
+    columns: list[ForkColumn]
+
+
+@dataclass
 class RunPage:
     run: Run
     stages: list[StageRow]
@@ -179,6 +204,8 @@ class RunPage:
     logs: list[LogRow] = field(default_factory=list)
     screenshots: list[ScreenshotRow] = field(default_factory=list)
     files: list[Artifact] = field(default_factory=list)
+    forks: list[ForkAttempt] = field(default_factory=list)
+    """Forking stages' attempts, each fork with its own diff, tests and screenshots."""
 
     @property
     def failed_cases(self) -> list[tuple[Artifact, junit.Case]]:
@@ -257,7 +284,62 @@ def _run_page(tx: Session, store: ArtifactStore, run_id: str) -> RunPage | None:
         for a in by_kind.get(ArtifactKind.screenshot, [])
     ]
     page.files = by_kind.get(ArtifactKind.file, [])
+    page.forks = fork_attempts(tx, store, run_id, stages)
     return page
+
+
+def fork_attempts(
+    tx: Session, store: ArtifactStore, run_id: str, stages: list[Stage]
+) -> list[ForkAttempt]:
+    """Each attempt of a forking stage, its forks in order with the evidence each kept
+    (artifacts carry their fork's number in ``meta["fork"]``)."""
+    forked = [s for s in stages if s.fork]
+    if not forked:
+        return []
+    names = [s.name for s in forked]
+    found: dict[tuple[str, int, int], list[Artifact]] = {}
+    for artifact in tx.exec(
+        select(Artifact)
+        .where(Artifact.run_id == run_id, col(Artifact.stage).in_(names))
+        .order_by(col(Artifact.created_at), col(Artifact.id))
+    ):
+        fork = artifact.meta.get("fork")
+        if isinstance(fork, int):
+            found.setdefault((artifact.stage, artifact.attempt, fork), []).append(artifact)
+    attempts: list[ForkAttempt] = []
+    for stage in forked:
+        by_attempt: dict[int, list[dict[str, Any]]] = {}
+        for entry in stage.history:
+            if "fork" in entry:
+                by_attempt.setdefault(int(entry["attempt"]), []).append(entry)
+        for attempt, entries in sorted(by_attempt.items()):
+            columns = []
+            for entry in sorted(entries, key=lambda e: int(e["fork"])):
+                mine = found.get((stage.name, attempt, int(entry["fork"])), [])
+                columns.append(
+                    ForkColumn(
+                        fork=int(entry["fork"]),
+                        winner=bool(entry.get("winner")),
+                        status=str(entry.get("status")),
+                        summary=str(entry.get("summary") or ""),
+                        machine_id=entry.get("machine_id"),
+                        diffs=[text_row(store, a) for a in mine if a.kind is ArtifactKind.diff][
+                            :INLINE_REPORTS
+                        ],
+                        reports=[junit_row(store, a) for a in mine if a.kind is ArtifactKind.junit][
+                            :INLINE_REPORTS
+                        ],
+                        screenshots=[
+                            ScreenshotRow(artifact=a, comparison=a.facts.get("comparison"))
+                            for a in mine
+                            if a.kind is ArtifactKind.screenshot
+                        ],
+                        logs=[a for a in mine if a.kind is ArtifactKind.log],
+                    )
+                )
+            select_rule = str(entries[0].get("select") or "tests")
+            attempts.append(ForkAttempt(stage.name, attempt, select_rule, columns))
+    return attempts
 
 
 def kind_counts(tx: Session, run_id: str) -> Counter[ArtifactKind]:

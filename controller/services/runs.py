@@ -15,7 +15,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from agents import registry
-from controller.domain import MachineTemplate, RunSpec
+from controller.domain import MachineTemplate, RunSpec, StageSpec
 from controller.errors import Conflict, Forbidden, InvalidInput, NotFound
 from controller.services import machines, owners, pools, repos
 from controller.services.runtime import Controller
@@ -99,6 +99,7 @@ def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> Ru
                     params=dict(stage_spec.with_),
                     timeout_s=stage_spec.timeout_s,
                     retries=stage_spec.retries,
+                    fork=_fork_of(stage_spec),
                 )
             )
         events.record(
@@ -112,6 +113,16 @@ def create_run(*, ctl: Controller, spec: RunSpec, caller: ApiToken | None) -> Ru
         )
         tx.flush()
         return _view(tx, run)
+
+
+def _fork_of(spec: StageSpec) -> dict[str, Any]:
+    if spec.fork is None:
+        return {}
+    select = spec.select or "tests"
+    return {
+        "count": spec.fork,
+        "select": select if isinstance(select, str) else select.model_dump(),
+    }
 
 
 def show_run(*, ctl: Controller, run_id: str) -> RunView:

@@ -434,7 +434,11 @@ def _used_by(tx: Session, snapshot_id: str) -> tuple[list[str], list[str]]:
             )
         )
     )
-    pools = [p.name for p in tx.exec(select(Pool)) if p.template.get("snapshot") == snapshot_id]
+    pools = [
+        p.name
+        for p in tx.exec(select(Pool))
+        if snapshot_id in (p.template.get("snapshot"), p.prebuilt)  # prebuilt: its current one
+    ]
     return users, pools
 
 

@@ -345,6 +345,9 @@ class Pool(SQLModel, table=True):
     """Why the pool cannot fill, when its last provisioning failed."""
     owner: str | None = None
     """Who answers for the pool's runs when the repo's ``[owners]`` names nobody (issue 13)."""
+    prebuilt: str | None = None
+    """With ``prebuild``: the snapshot the pool starts its machines from (its commit is the
+    snapshot's); none until the first machine's setup was snapshotted."""
     created_at: datetime = ts_field()
     updated_at: datetime = ts_field()
 
@@ -429,6 +432,8 @@ class Stage(SQLModel, table=True):
     summary: str | None = None
     outputs: dict[str, Any] = json_field({})
     history: list[dict[str, Any]] = json_field([])
+    fork: dict[str, Any] = json_field({})
+    """A forking stage's ``{"count": n, "select": ...}`` (empty: not forked)."""
     machine_id: str | None = None
     started_at: datetime | None = ts_field(nullable=True)
     finished_at: datetime | None = ts_field(nullable=True)

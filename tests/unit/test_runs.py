@@ -45,3 +45,38 @@ def test_history_entry_measures_the_attempt() -> None:
     assert entry["attempt"] == 2
     assert entry["duration_ms"] == 1500.0
     assert _history_entry(1, "failed", "restart", None, None, None)["duration_ms"] is None
+
+
+PREPARE = {"name": "prepare", "agent": "command"}
+TESTER = {"name": "test", "agent": "tester"}
+
+
+@pytest.mark.parametrize(
+    ("stages", "problem"),
+    [
+        ([PREPARE, {"name": "x", "agent": "command", "fork": 1}, TESTER], "greater than or equal"),
+        ([PREPARE, {"name": "x", "agent": "command", "fork": 9}, TESTER], "less than or equal"),
+        ([{"name": "x", "agent": "command", "fork": 2}, TESTER], "has no machine yet"),
+        ([PREPARE, {"name": "x", "agent": "remote", "fork": 2}, TESTER], "remote agent"),
+        ([PREPARE, {"name": "x", "agent": "command", "fork": 2}], "next stage is missing"),
+        ([PREPARE, {"name": "x", "agent": "command", "select": "first"}], "select needs fork"),
+        ([PREPARE, {"name": "x", "agent": "command", "fork": 2, "select": "any"}], "select"),
+        (
+            [PREPARE, {"name": "x", "agent": "command", "fork": 2, "select": {"cmd": "true"}}],
+            "command",
+        ),
+    ],
+)
+def test_bad_fork_stages_say_what_to_fix(stages: list[dict[str, object]], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        RunBody.model_validate({"task": "t", "repo": "/r", "stages": stages})
+
+
+def test_fork_stages_that_can_run() -> None:
+    forked = {"name": "x", "agent": "command", "fork": 3}
+    body(PREPARE, forked, TESTER)
+    body(PREPARE, {**forked, "select": "first"})
+    spec = body(PREPARE, {**forked, "select": {"command": "make check"}}).stages[1]
+    assert spec.select is not None
+    assert not isinstance(spec.select, str)
+    assert spec.select.command == "make check"

@@ -22,6 +22,7 @@ def public(view: pools.PoolView) -> PoolPublic:
         reset=pool.reset,
         reason=pool.reason,
         owner=pool.owner,
+        prebuilt=pool.prebuilt,
         counts=view.counts,
         created_at=pool.created_at,
         updated_at=pool.updated_at,
