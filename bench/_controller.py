@@ -80,11 +80,44 @@ class KeepAlive:
 
 
 @contextmanager
-def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[httpx.Client, str]]:
-    """Yields an API client with a token of ``role`` and the runner image tag."""
+def running_controller(
+    data_dir: Path, role: str = "ops", database_url: str | None = None
+) -> Iterator[tuple[httpx.Client, str]]:
+    """Yields an API client with a token of ``role`` and the runner image tag.
+
+    ``database_url``: a PostgreSQL database instead of SQLite in the data dir (see
+    :func:`another_controller` for a second controller on it)."""
     image = subprocess.run(
         [SHOPFLOOR, "image", "build"], check=True, capture_output=True, text=True
     ).stdout.split()[-1]
+    env = _env(data_dir, image, database_url)
+    server, url = _serve(env)
+    try:
+        headers = {"Authorization": f"Bearer {token(env, role)}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+            yield client, image
+    finally:
+        _stop(server)
+        _remove_leftovers()
+        unmount_under(data_dir)
+
+
+@contextmanager
+def another_controller(
+    client: httpx.Client, data_dir: Path, image: str, database_url: str
+) -> Iterator[httpx.Client]:
+    """A second ``shopfloor serve`` on the same PostgreSQL database (a data dir of its own,
+    as every controller has): yields a client like ``client``, with its token, for it."""
+    server, url = _serve(_env(data_dir, image, database_url))
+    try:
+        with httpx.Client(base_url=url, headers=client.headers, timeout=600) as other:
+            yield other
+    finally:
+        _stop(server)
+        unmount_under(data_dir)
+
+
+def _env(data_dir: Path, image: str, database_url: str | None) -> dict[str, str]:
     env = {
         **os.environ,
         "SHOPFLOOR_DATA_DIR": str(data_dir),
@@ -95,6 +128,12 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
         "SHOPFLOOR_TOKEN_RATE_PER_S": "1000000",
         "SHOPFLOOR_TOKEN_RATE_BURST": "1000000",
     }
+    if database_url:
+        env["SHOPFLOOR_DATABASE_URL"] = database_url
+    return env
+
+
+def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     server = subprocess.Popen(
         [SHOPFLOOR, "serve", "--port", str(port), "--log-level", "warning"],
@@ -102,24 +141,21 @@ def running_controller(data_dir: Path, role: str = "ops") -> Iterator[tuple[http
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("controller did not start") from None
-                time.sleep(0.2)
-        headers = {"Authorization": f"Bearer {token(env, role)}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
-            yield client, image
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        _remove_leftovers()
-        unmount_under(data_dir)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
+            return server, url
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                _stop(server)
+                raise SystemExit("controller did not start") from None
+            time.sleep(0.2)
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def _remove_leftovers() -> None:
