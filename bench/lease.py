@@ -1,32 +1,39 @@
-"""Lease + release latency from a warm pool through the HTTP API, against the raw engine.
+"""Lease + release latency from a warm pool through the HTTP API, on SQLite and PostgreSQL.
 
-    .venv/bin/python bench/lease.py [--n 400] [--agents 50] [--rounds 20]
+    .venv/bin/python bench/lease.py [--database both|sqlite|postgres] [--n 400] [--agents 50]
 
-A real controller (`shopfloor serve`, SQLite) keeps a warm pool of machines holding the
-sample repo's checkout; agents take a lease and give it back (reset policy ``keep``) over
+A real controller (`shopfloor serve`) keeps a warm pool of machines holding the sample
+repo's checkout; agents take a lease and give it back (reset policy ``keep``) over
 keep-alive HTTP/1.1. In the same run the raw engine is timed: an inspect round trip and
-`docker exec true` on one of the machines.
+`docker exec true` on one of the machines. It runs once on SQLite (the data dir's) and once
+on PostgreSQL: a private cluster started for the run (scripts/pg_cluster.py, as the tests
+start theirs), first with one controller, then with a second ``shopfloor serve`` on the
+same database serving the same pool (its own data dir, as every controller has).
 
 - 1 agent: lease, release, lease, ... one request at a time; timed with a lean client
   (see ``_controller.KeepAlive``) and, beside it, with httpx as agents/client.py uses it.
 - 50 agents at once: in each round all agents ask for a lease at the same instant, then
   all give theirs back at the same instant; every agent times its own requests.
-- 50 agents back to back: each agent leases and releases in a loop with no pause between,
-  which is a saturation test: latency there is queueing (agents / throughput), printed
-  with the throughput the controller sustained.
+- 10 agents back to back: rounds in which the agents drain the warm pool of 50 with no
+  pause between their cycles (5 each), which is a saturation test: latency there is
+  queueing, printed with the cycles per second over the timed rounds. On PostgreSQL again
+  with the agents spread over two controllers.
 
-- hand-over: release -> the machine ready for the next holder, with the wipe between
-  holders (every process of the machine's user ended, home, /tmp, /dev/shm and the rest
-  wiped; ``clean`` also restores the checkout), per policy on a one-machine pool of the
-  sample repo: the time from the release call to the next lease of the same machine
-  (``wait_s``) answering, as the next agent sees it.
+- hand-over (SQLite): release -> the machine ready for the next holder, with the wipe
+  between holders (every process of the machine's user ended, home, /tmp, /dev/shm and
+  the rest wiped; ``clean`` also restores the checkout), per policy on a one-machine pool
+  of the sample repo: the time from the release call to the next lease of the same
+  machine (``wait_s``) answering, as the next agent sees it.
 
-A machine is leasable again only after its hand-over, so between timed rounds the bench
-waits (untimed) for the pool to be ready again, and leases wait (``wait_s``) rather than
-fail when an agent outruns the hand-overs: the lease figures time a warm pool's API path.
+A machine is leasable again only after its hand-over (~0.1 s of work in the machine, two
+at a time per controller), so a steady stream of cycles runs at the hand-overs' pace
+whatever the database. Between timed rounds the bench waits (untimed) for the pool to be
+ready again, and leases wait (``wait_s``) rather than fail when an agent outruns the
+hand-overs: the lease figures time a warm pool's API path.
 
 Goals (issue 3): at 1 agent p50 <= 5 ms and p99 <= 25 ms; at 50 agents p99 <= 100 ms.
 Goal (issue 12): hand-over p50 <= 300 ms for ``keep`` and for ``clean``.
+Goals (issue 14): the same on PostgreSQL, and >= 500 cycles/s with two controllers.
 
     .venv/bin/python bench/lease.py --only handover    # the hand-over figures alone
 """
@@ -297,7 +304,7 @@ def lease_figures(
     solo, solo_httpx = one_agent(client, args.n)
     at_once = many_agents_at_once(client, args.agents, args.rounds)
     back, cycles_per_s = back_to_back(
-        [client], args.b2b_agents, args.agents // args.b2b_agents, args.rounds
+        [client], args.b2b_agents, args.agents // args.b2b_agents, args.b2b_rounds
     )
     return Figures(database, inspect_ms, exec_ms, solo, solo_httpx, at_once, back, cycles_per_s)
 
@@ -331,7 +338,7 @@ def on_postgres(tmp: Path, repo: Path, args: argparse.Namespace) -> None:
                     [client, other],
                     args.b2b_agents,
                     args.agents // args.b2b_agents,
-                    args.rounds,
+                    args.b2b_rounds,
                 )
     finally:
         cluster.remove()
@@ -395,6 +402,7 @@ def main() -> None:
     parser.add_argument(
         "--b2b-agents", type=int, default=10, help="agents back to back (each drains its share)"
     )
+    parser.add_argument("--b2b-rounds", type=int, default=8, help="rounds back to back")
     parser.add_argument("--handovers", type=int, default=40, help="hand-overs per policy")
     parser.add_argument("--only", choices=["all", "handover"], default="all")
     parser.add_argument("--database", choices=["both", "sqlite", "postgres"], default="both")
