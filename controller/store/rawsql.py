@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -219,6 +220,8 @@ def _pg_value(value: Any) -> Any:
     return value
 
 
+IDLE_PING_S = 5.0
+"""A loop connection unused for this long is pinged before its next statement."""
 LOOP_CONNECTIONS = 8
 """Connections per event loop for the lease statements (PostgreSQL): enough for a wave of
 fifty agents to keep the server busy, few enough to leave SQLAlchemy's pool its own."""
@@ -227,14 +230,14 @@ fifty agents to keep the server busy, few enough to leave SQLAlchemy's pool its 
 class LoopConnections:
     """PostgreSQL connections used from the event loop itself (psycopg's async API), in
     autocommit: a lease statement is one round trip and its own transaction, with no hop to
-    a worker thread and no checkout ping.
+    a worker thread and no checkout ping (only a connection idle for a while is pinged).
 
     A worker thread's round trip costs more than the network here: each answer must take
     the interpreter's lock back from whatever thread holds it (the hand-overs, the loops),
     up to its switch interval of 5 ms. Requests that arrive together run on up to
     :data:`LOOP_CONNECTIONS` connections at once; the server groups their commits' log
     flushes itself. A connection that failed or was left inside a transaction is closed,
-    and the next request opens a new one (the database coming back is found that way).
+    and the next request opens a new one, so the database coming back is found by itself.
     """
 
     def __init__(self, engine: Engine, size: int = LOOP_CONNECTIONS) -> None:
@@ -243,7 +246,8 @@ class LoopConnections:
         )
         self._size = size
         self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, list[psycopg.AsyncConnection[Any]]]
+            asyncio.AbstractEventLoop,
+            tuple[asyncio.Semaphore, list[tuple[psycopg.AsyncConnection[Any], float]]],
         ] = weakref.WeakKeyDictionary()
 
     async def rows(self, sql: Sql, **params: Any) -> list[Row]:
@@ -253,9 +257,7 @@ class LoopConnections:
             self._per_loop[loop] = (asyncio.Semaphore(self._size), [])
         turn, idle = self._per_loop[loop]
         async with turn:
-            conn = idle.pop() if idle else None
-            if conn is None or conn.closed:
-                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            conn = await self._take(idle)
             kept = False
             try:
                 values = {name: _pg_value(value) for name, value in params.items()}
@@ -265,10 +267,29 @@ class LoopConnections:
                 kept = True
             finally:
                 if kept or conn.info.transaction_status == TransactionStatus.IDLE:
-                    idle.append(conn)
+                    idle.append((conn, time.monotonic()))
                 else:  # broken, or cancelled mid-statement: never handed out again
                     conn.pgconn.finish()
         return [dict(zip(names, values, strict=True)) for values in found]
+
+    async def _take(
+        self, idle: list[tuple[psycopg.AsyncConnection[Any], float]]
+    ) -> psycopg.AsyncConnection[Any]:
+        """The most recently used connection; one idle for longer than :data:`IDLE_PING_S`
+        is pinged first (the database may have restarted meanwhile), as SQLAlchemy's pool
+        does at every checkout."""
+        while idle:
+            conn, used = idle.pop()
+            if conn.closed:
+                continue
+            if time.monotonic() - used < IDLE_PING_S:
+                return conn
+            try:
+                await conn.execute("SELECT 1")
+                return conn
+            except psycopg.Error:
+                conn.pgconn.finish()
+        return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
 
     async def one(self, sql: Sql, **params: Any) -> Row | None:
         found = await self.rows(sql, **params)
@@ -278,4 +299,4 @@ class LoopConnections:
         """Close every idle connection (without a loop: the controller is stopping)."""
         for _turn, idle in list(self._per_loop.values()):
             while idle:
-                idle.pop().pgconn.finish()
+                idle.pop()[0].pgconn.finish()
