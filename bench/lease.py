@@ -137,7 +137,7 @@ def many_agents_at_once(client: httpx.Client, agents: int, rounds: int) -> Sampl
 
     def agent(i: int) -> None:
         own = KeepAlive(client)
-        for _ in range(rounds):
+        for round_ in range(rounds + 1):
             if i == 0:
                 wait_ready(client, agents)  # the last round's hand-overs, untimed
             start_lease.wait()
@@ -147,7 +147,8 @@ def many_agents_at_once(client: httpx.Client, agents: int, rounds: int) -> Sampl
             start_release.wait()
             path = f"/api/v1/leases/{lease['id']}"  # type: ignore[index]
             release_ms, _ = timed_ms(lambda: own.call("DELETE", path))  # noqa: B023
-            samples.add(grant_ms, release_ms)
+            if round_:  # the first round warms up (the database connections it opens)
+                samples.add(grant_ms, release_ms)
         own.close()
 
     run_threads(agents, agent)
@@ -160,16 +161,19 @@ def back_to_back(
     """Rounds in which ``agents`` agents, spread over ``clients`` (one per controller), each
     run ``per_agent`` lease+release cycles with no pause between: the warm pool drained as
     fast as the controllers serve it. Between rounds the bench waits, untimed, for the
-    hand-overs. Answers the samples and the cycles per second over the timed rounds."""
+    hand-overs; a first round warms up. Answers the samples and the cycles per second over
+    the timed rounds."""
     samples = Samples()
     start, done = threading.Barrier(agents + 1), threading.Barrier(agents + 1)
 
     def agent(i: int) -> None:
         own = KeepAlive(clients[i % len(clients)])
-        for _ in range(rounds):
+        for round_ in range(rounds + 1):
             start.wait()
             for _ in range(per_agent):
-                samples.add(*cycle_keepalive(own, f"agent-{i}"))
+                cycle = cycle_keepalive(own, f"agent-{i}")
+                if round_:  # the first round warms up
+                    samples.add(*cycle)
             done.wait()
         own.close()
 
@@ -177,12 +181,13 @@ def back_to_back(
     for thread in threads:
         thread.start()
     timed = 0.0
-    for _ in range(rounds):
+    for round_ in range(rounds + 1):
         wait_ready(clients[0], agents * per_agent)
         start.wait()
         started = time.perf_counter()
         done.wait()
-        timed += time.perf_counter() - started
+        if round_:
+            timed += time.perf_counter() - started
     for thread in threads:
         thread.join()
     return samples, agents * per_agent * rounds / timed
