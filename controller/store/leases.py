@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from controller.errors import Conflict
 from controller.store import events
 from controller.store.models import LeaseState, MachineState, new_id, utcnow
-from controller.store.rawsql import GroupCommit, LoopConnections, Row, Sql, Tx, Work
+from controller.store.rawsql import GroupCommit, LoopConnections, Row, Sql, Tx
 
 # ---------------------------------------------------------------- statements
 
@@ -358,10 +358,6 @@ class LeaseLane:
     def __init__(self, engine: Engine) -> None:
         self.group_commit = GroupCommit(engine)
         self._pg = LoopConnections(engine) if engine.dialect.name == "postgresql" else None
-
-    async def run(self, work: Work[Any]) -> Any:
-        """Any work in the group commit."""
-        return await self.group_commit.run(work)
 
     async def grant(
         self,
