@@ -222,9 +222,9 @@ def _pg_value(value: Any) -> Any:
 
 IDLE_PING_S = 5.0
 """A loop connection unused for this long is pinged before its next statement."""
-LOOP_CONNECTIONS = 8
-"""Connections per event loop for the lease statements (PostgreSQL): enough for a wave of
-fifty agents to keep the server busy, few enough to leave SQLAlchemy's pool its own."""
+LOOP_CONNECTIONS = 2
+"""Connections per event loop for the lease statements (PostgreSQL). The lease lane sends
+one request at a time this way (others take the group commit), so two is room enough."""
 
 
 class LoopConnections:
@@ -234,9 +234,8 @@ class LoopConnections:
 
     A worker thread's round trip costs more than the network here: each answer must take
     the interpreter's lock back from whatever thread holds it (the hand-overs, the loops),
-    up to its switch interval of 5 ms. Requests that arrive together run on up to
-    :data:`LOOP_CONNECTIONS` connections at once; the server groups their commits' log
-    flushes itself. A connection that failed or was left inside a transaction is closed,
+    up to its switch interval of 5 ms. Up to :data:`LOOP_CONNECTIONS` statements run at
+    once; more wait their turn on the loop. A connection that failed or was left inside a transaction is closed,
     and the next request opens a new one, so the database coming back is found by itself.
     """
 
