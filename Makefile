@@ -47,7 +47,7 @@ test: setup engine browser postgres image
 test-unit: setup
 	$(BIN)/pytest -q tests/unit
 
-bench: setup engine browser image
+bench: setup engine browser postgres image  # bench/lease.py runs on SQLite and on PostgreSQL
 	@set -e; for bench in bench/*.py; do \
 		case $$bench in */_*) continue;; esac; \
 		echo "== $$bench"; $(BIN)/python $$bench; done

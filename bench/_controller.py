@@ -85,24 +85,57 @@ def running_controller(
     role: str = "ops",
     extra_env: dict[str, str] | None = None,
     serve: list[str] | None = None,
+    database_url: str | None = None,
 ) -> Iterator[tuple[httpx.Client, str]]:
     """Yields an API client with a token of ``role`` and the runner image tag; ``extra_env``
-    adds settings, ``serve`` replaces the ``shopfloor`` program that serves."""
-    # The controller is this checkout's code (a worktree's bench must not serve the code
-    # the virtualenv was installed from).
-    here = {
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    }
+    adds settings, ``serve`` replaces the ``shopfloor`` program that serves,
+    ``database_url`` names a PostgreSQL database instead of SQLite in the data dir (see
+    :func:`another_controller` for a second controller on it)."""
     image = subprocess.run(
         [SHOPFLOOR, "image", "build"],
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, **here},
+        env={**os.environ, **_HERE},
     ).stdout.split()[-1]
+    env = _env(data_dir, image, database_url, extra_env)
+    server, url = _serve(env, serve)
+    try:
+        headers = {"Authorization": f"Bearer {token(env, role)}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+            yield client, image
+    finally:
+        _stop(server)
+        _remove_leftovers()
+        unmount_under(data_dir)
+
+
+@contextmanager
+def another_controller(
+    client: httpx.Client, data_dir: Path, image: str, database_url: str
+) -> Iterator[httpx.Client]:
+    """A second ``shopfloor serve`` on the same PostgreSQL database (a data dir of its own,
+    as every controller has): yields a client like ``client``, with its token, for it."""
+    server, url = _serve(_env(data_dir, image, database_url))
+    try:
+        with httpx.Client(base_url=url, headers=client.headers, timeout=600) as other:
+            yield other
+    finally:
+        _stop(server)
+        unmount_under(data_dir)
+
+
+_HERE = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+"""The controller is this checkout's code (a worktree's bench must not serve the code the
+virtualenv was installed from)."""
+
+
+def _env(
+    data_dir: Path, image: str, database_url: str | None, extra_env: dict[str, str] | None = None
+) -> dict[str, str]:
     env = {
         **os.environ,
-        **here,
+        **_HERE,
         "SHOPFLOOR_DATA_DIR": str(data_dir),
         "SHOPFLOOR_EXTRA_LABELS": f"{BENCH_LABEL}={BENCH_RUN}",
         "SHOPFLOOR_RUNNER_IMAGE": image,
@@ -112,6 +145,14 @@ def running_controller(
         "SHOPFLOOR_TOKEN_RATE_BURST": "1000000",
         **(extra_env or {}),
     }
+    if database_url:
+        env["SHOPFLOOR_DATABASE_URL"] = database_url
+    return env
+
+
+def _serve(
+    env: dict[str, str], serve: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     server = subprocess.Popen(
         [*(serve or [SHOPFLOOR]), "serve", "--port", str(port), "--log-level", "warning"],
@@ -119,24 +160,21 @@ def running_controller(
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("controller did not start") from None
-                time.sleep(0.2)
-        headers = {"Authorization": f"Bearer {token(env, role)}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
-            yield client, image
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        _remove_leftovers()
-        unmount_under(data_dir)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
+            return server, url
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                _stop(server)
+                raise SystemExit("controller did not start") from None
+            time.sleep(0.2)
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def _remove_leftovers() -> None:

@@ -1,32 +1,39 @@
-"""Lease + release latency from a warm pool through the HTTP API, against the raw engine.
+"""Lease + release latency from a warm pool through the HTTP API, on SQLite and PostgreSQL.
 
-    .venv/bin/python bench/lease.py [--n 400] [--agents 50] [--rounds 20]
+    .venv/bin/python bench/lease.py [--database both|sqlite|postgres] [--n 400] [--agents 50]
 
-A real controller (`shopfloor serve`, SQLite) keeps a warm pool of machines holding the
-sample repo's checkout; agents take a lease and give it back (reset policy ``keep``) over
+A real controller (`shopfloor serve`) keeps a warm pool of machines holding the sample
+repo's checkout; agents take a lease and give it back (reset policy ``keep``) over
 keep-alive HTTP/1.1. In the same run the raw engine is timed: an inspect round trip and
-`docker exec true` on one of the machines.
+`docker exec true` on one of the machines. It runs once on SQLite (the data dir's) and once
+on PostgreSQL: a private cluster started for the run (scripts/pg_cluster.py, as the tests
+start theirs), first with one controller, then with a second ``shopfloor serve`` on the
+same database serving the same pool (its own data dir, as every controller has).
 
 - 1 agent: lease, release, lease, ... one request at a time; timed with a lean client
   (see ``_controller.KeepAlive``) and, beside it, with httpx as agents/client.py uses it.
 - 50 agents at once: in each round all agents ask for a lease at the same instant, then
   all give theirs back at the same instant; every agent times its own requests.
-- 50 agents back to back: each agent leases and releases in a loop with no pause between,
-  which is a saturation test: latency there is queueing (agents / throughput), printed
-  with the throughput the controller sustained.
+- 10 agents back to back: rounds in which the agents drain the warm pool of 50 with no
+  pause between their cycles (5 each), which is a saturation test: latency there is
+  queueing, printed with the cycles per second over the timed rounds. On PostgreSQL again
+  with the agents spread over two controllers.
 
-- hand-over: release -> the machine ready for the next holder, with the wipe between
-  holders (every process of the machine's user ended, home, /tmp, /dev/shm and the rest
-  wiped; ``clean`` also restores the checkout), per policy on a one-machine pool of the
-  sample repo: the time from the release call to the next lease of the same machine
-  (``wait_s``) answering, as the next agent sees it.
+- hand-over (SQLite): release -> the machine ready for the next holder, with the wipe
+  between holders (every process of the machine's user ended, home, /tmp, /dev/shm and
+  the rest wiped; ``clean`` also restores the checkout), per policy on a one-machine pool
+  of the sample repo: the time from the release call to the next lease of the same
+  machine (``wait_s``) answering, as the next agent sees it.
 
-A machine is leasable again only after its hand-over, so between timed rounds the bench
-waits (untimed) for the pool to be ready again, and leases wait (``wait_s``) rather than
-fail when an agent outruns the hand-overs: the lease figures time a warm pool's API path.
+A machine is leasable again only after its hand-over (~0.1 s of work in the machine, two
+at a time per controller), so a steady stream of cycles runs at the hand-overs' pace
+whatever the database. Between timed rounds the bench waits (untimed) for the pool to be
+ready again, and leases wait (``wait_s``) rather than fail when an agent outruns the
+hand-overs: the lease figures time a warm pool's API path.
 
 Goals (issue 3): at 1 agent p50 <= 5 ms and p99 <= 25 ms; at 50 agents p99 <= 100 ms.
 Goal (issue 12): hand-over p50 <= 300 ms for ``keep`` and for ``clean``.
+Goals (issue 14): the same on PostgreSQL, and >= 500 cycles/s with two controllers.
 
     .venv/bin/python bench/lease.py --only handover    # the hand-over figures alone
 """
@@ -40,20 +47,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from _controller import KeepAlive, running_controller  # noqa: E402
+from _controller import KeepAlive, another_controller, running_controller  # noqa: E402
 from make_repo import make_sample_repo  # noqa: E402
+from pg_cluster import PgCluster  # noqa: E402
 
 from controller.providers.docker import DockerProvider  # noqa: E402
 
 GOAL_P50_1, GOAL_P99_1, GOAL_P99_50 = 5.0, 25.0, 100.0
 GOAL_HANDOVER_P50 = 300.0
+GOAL_CYCLES_TWO = 500.0
 LEASE = {"pool": "bench", "ttl_s": 60, "wait_s": 60}
 
 
@@ -126,7 +137,7 @@ def many_agents_at_once(client: httpx.Client, agents: int, rounds: int) -> Sampl
 
     def agent(i: int) -> None:
         own = KeepAlive(client)
-        for _ in range(rounds):
+        for round_ in range(rounds + 1):
             if i == 0:
                 wait_ready(client, agents)  # the last round's hand-overs, untimed
             start_lease.wait()
@@ -136,29 +147,50 @@ def many_agents_at_once(client: httpx.Client, agents: int, rounds: int) -> Sampl
             start_release.wait()
             path = f"/api/v1/leases/{lease['id']}"  # type: ignore[index]
             release_ms, _ = timed_ms(lambda: own.call("DELETE", path))  # noqa: B023
-            samples.add(grant_ms, release_ms)
+            if round_:  # the first round warms up (the database connections it opens)
+                samples.add(grant_ms, release_ms)
         own.close()
 
     run_threads(agents, agent)
     return samples
 
 
-def many_agents_back_to_back(
-    client: httpx.Client, agents: int, per_agent: int
+def back_to_back(
+    clients: list[httpx.Client], agents: int, per_agent: int, rounds: int
 ) -> tuple[Samples, float]:
+    """Rounds in which ``agents`` agents, spread over ``clients`` (one per controller), each
+    run ``per_agent`` lease+release cycles with no pause between: the warm pool drained as
+    fast as the controllers serve it. Between rounds the bench waits, untimed, for the
+    hand-overs; a first round warms up. Answers the samples and the cycles per second over
+    the timed rounds."""
     samples = Samples()
-    barrier = threading.Barrier(agents)
+    start, done = threading.Barrier(agents + 1), threading.Barrier(agents + 1)
 
     def agent(i: int) -> None:
-        own = KeepAlive(client)
-        barrier.wait()
-        for _ in range(per_agent):
-            samples.add(*cycle_keepalive(own, f"agent-{i}"))
+        own = KeepAlive(clients[i % len(clients)])
+        for round_ in range(rounds + 1):
+            start.wait()
+            for _ in range(per_agent):
+                cycle = cycle_keepalive(own, f"agent-{i}")
+                if round_:  # the first round warms up
+                    samples.add(*cycle)
+            done.wait()
         own.close()
 
-    started = time.perf_counter()
-    run_threads(agents, agent)
-    return samples, agents * per_agent / (time.perf_counter() - started)
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(agents)]
+    for thread in threads:
+        thread.start()
+    timed = 0.0
+    for round_ in range(rounds + 1):
+        wait_ready(clients[0], agents * per_agent)
+        start.wait()
+        started = time.perf_counter()
+        done.wait()
+        if round_:
+            timed += time.perf_counter() - started
+    for thread in threads:
+        thread.join()
+    return samples, agents * per_agent * rounds / timed
 
 
 def run_threads(n: int, target: Callable[[int], None]) -> None:
@@ -249,74 +281,144 @@ def report(label: str, samples: Samples, raw_ms: float) -> None:
         )
 
 
-def verdict(value: float, goal: float) -> str:
-    return f"{value:.2f} ({'met' if value <= goal else 'MISSED'})"
+def verdict(value: float, goal: float, at_least: bool = False) -> str:
+    met = value >= goal if at_least else value <= goal
+    return f"{value:.2f} ({'met' if met else 'MISSED'})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=400, help="lease cycles at 1 agent")
-    parser.add_argument("--agents", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=20, help="rounds of all agents at once")
-    parser.add_argument("--per-agent", type=int, default=20, help="cycles per agent back to back")
-    parser.add_argument("--handovers", type=int, default=40, help="hand-overs per policy")
-    parser.add_argument("--only", choices=["all", "handover"], default="all")
-    args = parser.parse_args()
+@dataclass
+class Figures:
+    """One database's lease figures, taken on one controller (and, on PostgreSQL, two)."""
 
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # see the report
-        repo = make_sample_repo(Path(tmp) / "sample-app")
-        with running_controller(Path(tmp) / "data") as (client, _image):
+    database: str
+    inspect_ms: float
+    exec_ms: float
+    solo: Samples
+    solo_httpx: Samples
+    at_once: Samples
+    back_to_back: Samples
+    cycles_per_s: float
+    two: tuple[Samples, float] | None = None
+
+
+def lease_figures(
+    client: httpx.Client, repo: Path, args: argparse.Namespace, database: str
+) -> Figures:
+    fill_pool(client, repo, args.agents)
+    inspect_ms, exec_ms = raw_engine(client, "bench")
+    solo, solo_httpx = one_agent(client, args.n)
+    at_once = many_agents_at_once(client, args.agents, args.rounds)
+    back, cycles_per_s = back_to_back(
+        [client], args.b2b_agents, args.agents // args.b2b_agents, args.b2b_rounds
+    )
+    return Figures(database, inspect_ms, exec_ms, solo, solo_httpx, at_once, back, cycles_per_s)
+
+
+def on_sqlite(tmp: Path, repo: Path, args: argparse.Namespace) -> None:
+    with running_controller(tmp / "sqlite") as (client, _image):
+        if args.handovers:
             handovers = {
                 policy: hand_over(client, repo, policy, args.handovers)
                 for policy in ("keep", "clean")
             }
             inspect_ms, exec_ms = raw_engine(client, "handover-keep")
-            if args.only == "all":
-                fill_pool(client, repo, args.agents)
-                solo, solo_httpx = one_agent(client, args.n)
-                at_once = many_agents_at_once(client, args.agents, args.rounds)
-                back_to_back, cycles_per_s = many_agents_back_to_back(
-                    client, args.agents, args.per_agent
-                )
+        figures = lease_figures(client, repo, args, "SQLite") if args.only == "all" else None
+    if args.handovers:
+        print_handovers(handovers, inspect_ms, exec_ms)
+    if figures is not None:
+        print_figures(figures, args)
 
-    print("lease hand-over: release -> the same machine leased again, with the wipe")  # noqa: T201
-    print(  # noqa: T201
+
+def on_postgres(tmp: Path, repo: Path, args: argparse.Namespace) -> None:
+    """A private PostgreSQL cluster (scripts/pg_cluster.py, as the tests start theirs); one
+    controller, then a second one on the same database serving the same pool."""
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        url = cluster.url
+        with running_controller(tmp / "pg-a", database_url=url) as (client, image):
+            figures = lease_figures(client, repo, args, "PostgreSQL")
+            with another_controller(client, tmp / "pg-b", image, url) as other:
+                figures.two = back_to_back(
+                    [client, other],
+                    args.b2b_agents,
+                    args.agents // args.b2b_agents,
+                    args.b2b_rounds,
+                )
+    finally:
+        cluster.remove()
+    print_figures(figures, args)
+
+
+def print_handovers(handovers: dict[str, list[float]], inspect_ms: float, exec_ms: float) -> None:
+    print("lease hand-over: release -> the same machine leased again, with the wipe (SQLite)")
+    print(
         f"  raw engine (same run): inspect p50 {inspect_ms:.2f} ms,"
         f" docker exec true p50 {exec_ms:.2f} ms"
     )
     for policy, values in handovers.items():
         p50, p99 = pct(values, 50), pct(values, 99)
-        print(  # noqa: T201
+        print(
             f"  {policy:6} hand-over p50 {p50:8.2f} ms  p99 {p99:8.2f} ms"
             f"   ({p50 / exec_ms:5.1f}x docker exec p50);"
             f" goal p50 <= {GOAL_HANDOVER_P50:g} ms: {verdict(p50, GOAL_HANDOVER_P50)}"
         )
-    if args.only != "all":
-        return
 
+
+def print_figures(f: Figures, args: argparse.Namespace) -> None:
     many = f"{args.agents} agents"
-    print("lease + release through the HTTP API, warm pool, SQLite")  # noqa: T201
-    print(  # noqa: T201
-        f"  raw engine (same run): inspect p50 {inspect_ms:.2f} ms,"
-        f" docker exec true p50 {exec_ms:.2f} ms"
+    b2b = f"{args.b2b_agents} agents back to back"
+    print(f"lease + release through the HTTP API, warm pool, {f.database}")
+    print(
+        f"  raw engine (same run): inspect p50 {f.inspect_ms:.2f} ms,"
+        f" docker exec true p50 {f.exec_ms:.2f} ms"
     )
-    report("1 agent", solo, exec_ms)
-    report("1 agent, through httpx", solo_httpx, exec_ms)
-    report(f"{many} at once", at_once, exec_ms)
-    report(f"{many} back to back", back_to_back, exec_ms)
-    print(  # noqa: T201
-        f"  {many} back to back: {cycles_per_s:.0f} lease+release cycles/s sustained"
-        " (latency there is queueing: agents / throughput)"
+    report("1 agent", f.solo, f.exec_ms)
+    report("1 agent, through httpx", f.solo_httpx, f.exec_ms)
+    report(f"{many} at once", f.at_once, f.exec_ms)
+    report(b2b, f.back_to_back, f.exec_ms)
+    print(
+        f"  {b2b}, one controller: {f.cycles_per_s:.0f} lease+release cycles/s"
+        f" (rounds that drain the warm pool of {args.agents}; latency there is queueing)"
     )
-    print(  # noqa: T201
-        f"  goals: 1 agent lease+release p50 <= {GOAL_P50_1:g} ms:"
-        f" {verdict(pct(solo.cycles, 50), GOAL_P50_1)};"
-        f" p99 <= {GOAL_P99_1:g} ms: {verdict(pct(solo.cycles, 99), GOAL_P99_1)};"
+    if f.two is not None:
+        report(f"{b2b}, 2 controllers", f.two[0], f.exec_ms)
+        print(
+            f"  {b2b}, spread over two controllers on one database:"
+            f" {f.two[1]:.0f} lease+release cycles/s;"
+            f" goal >= {GOAL_CYCLES_TWO:g}: {verdict(f.two[1], GOAL_CYCLES_TWO, at_least=True)}"
+        )
+    print(
+        f"  goals ({f.database}): 1 agent lease+release p50 <= {GOAL_P50_1:g} ms:"
+        f" {verdict(pct(f.solo.cycles, 50), GOAL_P50_1)};"
+        f" p99 <= {GOAL_P99_1:g} ms: {verdict(pct(f.solo.cycles, 99), GOAL_P99_1)};"
         f" {many} at once, lease and release p99 <= {GOAL_P99_50:g} ms:"
-        f" lease {verdict(pct(at_once.grants, 99), GOAL_P99_50)},"
-        f" release {verdict(pct(at_once.releases, 99), GOAL_P99_50)};"
-        f" read as one lease+release cycle: {verdict(pct(at_once.cycles, 99), GOAL_P99_50)}"
+        f" lease {verdict(pct(f.at_once.grants, 99), GOAL_P99_50)},"
+        f" release {verdict(pct(f.at_once.releases, 99), GOAL_P99_50)};"
+        f" read as one lease+release cycle: {verdict(pct(f.at_once.cycles, 99), GOAL_P99_50)}"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=400, help="lease cycles at 1 agent")
+    parser.add_argument("--agents", type=int, default=50, help="agents at once; the pool size")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of all agents at once")
+    parser.add_argument(
+        "--b2b-agents", type=int, default=10, help="agents back to back (each drains its share)"
+    )
+    parser.add_argument("--b2b-rounds", type=int, default=8, help="rounds back to back")
+    parser.add_argument("--handovers", type=int, default=40, help="hand-overs per policy")
+    parser.add_argument("--only", choices=["all", "handover"], default="all")
+    parser.add_argument("--database", choices=["both", "sqlite", "postgres"], default="both")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # see the report
+        repo = make_sample_repo(Path(tmp) / "sample-app")
+        if args.database in ("both", "sqlite"):
+            on_sqlite(Path(tmp), repo, args)
+        if args.database in ("both", "postgres") and args.only == "all":
+            on_postgres(Path(tmp), repo, args)
 
 
 if __name__ == "__main__":

@@ -769,8 +769,7 @@ class RunDriver:
                 fork=count,
             )
             run = runs.get_run(tx, self.run_id)
-        self._write_lessons(run)  # before the snapshot: every fork finds them
-        try:
+        try:  # with the lessons, before the snapshot: every fork finds them
             self._write_run_json(run, stage, attempt)
         except ShopfloorError as exc:
             failed = _Outcome("failed", f"could not write run.json: {exc.message}")

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy.engine import Engine
@@ -43,7 +43,7 @@ from controller.services import auth, machines, snapshots
 from controller.services.lease_runtime import LeaseRuntime
 from controller.services.runtime import Controller
 from controller.store import leases as rows
-from controller.store.db import unit_of_work
+from controller.store.db import run_read, unit_of_work
 from controller.store.models import (
     ApiToken,
     Lease,
@@ -201,6 +201,34 @@ def _grant(request: LeaseRequest, started: float, check: bool) -> Work[LeaseGran
     )
 
 
+async def _grant_async(
+    ctl: Controller, request: LeaseRequest, started: float, *, first_try: bool
+) -> LeaseGranted | None:
+    """:func:`grant_in` from the event loop, through the lease lane (``store.leases``)."""
+    target = request.target
+    given = {"pool": target.pool, "id": target.machine_id, "repo": target.repo}
+    secret, token_hash = new_secret()
+    lease = await ctl.lease_lane.grant(
+        filters={column: value for column, value in given.items() if value is not None},
+        labels_fit=target.matches_labels if target.labels else None,
+        holder=request.holder,
+        ttl_s=request.ttl_s,
+        owner_token_id=request.owner.id if request.owner else None,
+        token_hash=token_hash,
+        wait_ms=round((time.monotonic() - started) * 1000, 3),
+    )
+    if lease is None:
+        if first_try:
+            await run_read(ctl.reader, _check_target_now, ctl.reader, target)
+        return None
+    return LeaseGranted.model_validate({**lease, "token": secret})
+
+
+def _check_target_now(db: Engine, target: Target) -> None:
+    with transaction(db, write=False) as tx:
+        check_target(tx, target)
+
+
 def _timeout(request: LeaseRequest) -> WaitTimeout:
     what = (
         f"pool {request.target.pool!r}"
@@ -232,7 +260,7 @@ async def acquire_async(*, ctl: Controller, request: LeaseRequest) -> LeaseGrant
             wakeup.clear()
             seen = rt.generation
             if rt.is_first(waiter):
-                lease = await ctl.group_commit.run(_grant(request, started, not tried))
+                lease = await _grant_async(ctl, request, started, first_try=not tried)
                 tried = True
                 if lease is not None:
                     _after_grant(ctl, lease)
@@ -336,19 +364,33 @@ def renew(
 async def renew_async(
     *, ctl: Controller, lease_id: str, caller: ApiToken | None, ttl_s: float | None = None
 ) -> LeasePublic:
-    """:func:`renew` from the event loop, in a group commit (see ``rawsql.GroupCommit``)."""
-    work = functools.partial(_renew_in, lease_id=lease_id, caller=caller, ttl_s=ttl_s)
-    return await ctl.group_commit.run(work)
+    """:func:`renew` from the event loop, through the lease lane (``store.leases``)."""
+    lease, new_ttl, expires_at = await ctl.lease_lane.renew(
+        lease_id,
+        functools.partial(_renewable, caller=caller),
+        functools.partial(_new_expiry, ttl_s=ttl_s),
+    )
+    return _public(lease, ttl_s=new_ttl, expires_at=expires_at)
+
+
+def _renewable(lease: Row | None, lease_id: str, *, caller: ApiToken | None) -> Row:
+    if lease is None:
+        raise NotFound(f"no lease {lease_id}")
+    _check_owner(lease, caller)
+    _check_active(lease, "renew")
+    return lease
+
+
+def _new_expiry(lease: Row, *, ttl_s: float | None) -> tuple[float, datetime]:
+    new_ttl: float = lease["ttl_s"] if ttl_s is None else ttl_s
+    return new_ttl, utcnow() + timedelta(seconds=new_ttl)
 
 
 def _renew_in(
     tx: Tx, *, lease_id: str, caller: ApiToken | None, ttl_s: float | None
 ) -> LeasePublic:
-    lease = _load_lease(tx, lease_id)
-    _check_owner(lease, caller)
-    _check_active(lease, "renew")
-    ttl_s = lease["ttl_s"] if ttl_s is None else ttl_s
-    expires_at = utcnow() + timedelta(seconds=ttl_s)
+    lease = _renewable(rows.load(tx, lease_id), lease_id, caller=caller)
+    ttl_s, expires_at = _new_expiry(lease, ttl_s=ttl_s)
     rows.renew(tx, lease_id, ttl_s=ttl_s, expires_at=expires_at)
     return _public(lease, ttl_s=ttl_s, expires_at=expires_at)
 
@@ -361,20 +403,42 @@ def release(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> Lease
 
 
 async def release_async(*, ctl: Controller, lease_id: str, caller: ApiToken | None) -> LeasePublic:
-    """:func:`release` from the event loop, in a group commit (see ``rawsql.GroupCommit``)."""
-    work = functools.partial(_release_in, ctl=ctl, lease_id=lease_id, caller=caller)
-    ended, policy = await ctl.group_commit.run(work)
-    _after_end(ctl, ended, policy)
+    """:func:`release` from the event loop, through the lease lane (``store.leases``)."""
+    returning = runtime(ctl).returning
+    held: list[str] = []
+
+    def check(row: Row | None, lease_id: str) -> Row:
+        lease = _releasable(row, lease_id, caller=caller)
+        # Before the commit, as in _end: the reaper's orphan pass must not hand it over too.
+        returning.add(lease["machine_id"])
+        held.append(lease["machine_id"])
+        return lease
+
+    try:
+        lease, policy = await ctl.lease_lane.end(lease_id, LeaseState.released, check)
+    except BaseException:
+        returning.difference_update(held)
+        raise
+    if policy is None:
+        returning.difference_update(held)
+    ended = _public(lease, state=LeaseState.released, ended_at=lease["ended_at"])
+    _after_end(ctl, ended, cast("ResetPolicy | None", policy))
     return ended
+
+
+def _releasable(lease: Row | None, lease_id: str, *, caller: ApiToken | None) -> Row:
+    if lease is None:
+        raise NotFound(f"no lease {lease_id}")
+    _check_owner(lease, caller)
+    if lease["state"] != LeaseState.active:
+        raise Conflict(f"lease {lease_id} is already {lease['state']}", state=lease["state"])
+    return lease
 
 
 def _release_in(
     tx: Tx, *, ctl: Controller, lease_id: str, caller: ApiToken | None
 ) -> tuple[LeasePublic, ResetPolicy | None]:
-    lease = _load_lease(tx, lease_id)
-    _check_owner(lease, caller)
-    if lease["state"] != LeaseState.active:
-        raise Conflict(f"lease {lease_id} is already {lease['state']}", state=lease["state"])
+    lease = _releasable(rows.load(tx, lease_id), lease_id, caller=caller)
     return _end(ctl, tx, lease, LeaseState.released)
 
 
@@ -385,12 +449,15 @@ def _public(lease: Row, **changes: Any) -> LeasePublic:
 def _end(
     ctl: Controller, tx: Tx, lease: Row, state: LeaseState
 ) -> tuple[LeasePublic, ResetPolicy | None]:
-    """End the lease and fence the machine; say how the machine must come back (or None)."""
+    """End the lease and fence the machine; say how the machine must come back (or None).
+    Conflict when another transaction ended the lease since it was read."""
     now = utcnow()
-    policy = cast("ResetPolicy | None", rows.end(tx, lease, state, now))
+    ended, policy = rows.end(tx, lease, state, now)
+    if not ended:
+        raise Conflict(f"lease {lease['id']} ended meanwhile (released or expired)")
     if policy is not None:  # every policy: the machine waits leased for its hand-over
         runtime(ctl).returning.add(lease["machine_id"])
-    return _public(lease, state=state, ended_at=now), policy
+    return _public(lease, state=state, ended_at=now), cast("ResetPolicy | None", policy)
 
 
 def _after_grant(ctl: Controller, lease: LeasePublic) -> None:
@@ -524,11 +591,14 @@ def reap(*, ctl: Controller) -> list[str]:
     with transaction(ctl.reader, write=False) as tx:
         due = rows.due(tx, utcnow())
     for lease_id in due:
-        with transaction(ctl.db) as tx:
-            lease = _load_lease(tx, lease_id)
-            if lease["state"] != LeaseState.active or lease["expires_at"] > utcnow():
-                continue  # renewed or released meanwhile
-            ended, policy = _end(ctl, tx, lease, LeaseState.expired)
+        try:
+            with transaction(ctl.db) as tx:
+                lease = _load_lease(tx, lease_id)
+                if lease["state"] != LeaseState.active or lease["expires_at"] > utcnow():
+                    continue  # renewed or released meanwhile
+                ended, policy = _end(ctl, tx, lease, LeaseState.expired)
+        except Conflict:
+            continue  # released (by another controller) between the read and the change
         expired.append(lease_id)
         _after_end(ctl, ended, policy)
     snapshots.resume_abandoned(ctl=ctl)  # then handed over as leased by nobody

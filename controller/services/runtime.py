@@ -23,7 +23,7 @@ from controller.services.limits import Limits
 from controller.services.tracing import Tracing
 from controller.settings import Settings
 from controller.store.db import reader
-from controller.store.rawsql import GroupCommit
+from controller.store.leases import LeaseLane
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,13 @@ class Controller:
     """Run first by :meth:`close` (the leader steps down)."""
     reader: Engine = field(init=False)
     """The same database for read-only transactions (no write lock on SQLite)."""
-    group_commit: GroupCommit = field(init=False)
-    """Lease writes from the event loop, committed together when they arrive together."""
+    lease_lane: LeaseLane = field(init=False)
+    """The lease hot paths from the event loop (group commit on SQLite, one statement per
+    round trip on PostgreSQL's loop connections)."""
 
     def __post_init__(self) -> None:
         self.reader = reader(self.db)
-        self.group_commit = GroupCommit(self.db)
+        self.lease_lane = LeaseLane(self.db)
         self.limits = Limits(self.settings)
         self.access = MachineAccess(
             db=self.db, provider=self.provider, settings=self.settings, limits=self.limits
@@ -135,6 +136,7 @@ class Controller:
         self.handovers.shutdown(wait=False, cancel_futures=True)
         self.access.close()
         self.tracing.close()
+        self.lease_lane.close()
         close_provider = getattr(self.provider, "close", None)  # the spare disks, the client
         if callable(close_provider):
             close_provider()

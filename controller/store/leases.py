@@ -5,6 +5,11 @@ statements on the driver's own connection (see ``rawsql``); the services above k
 queueing, who may do what, and what a machine gets between two leases. Every function
 takes a ``rawsql.Tx``: one transaction, or one savepoint of a group commit.
 
+From the event loop the hot paths go through a :class:`LeaseLane`: on SQLite a group commit
+of these same functions (``rawsql.GroupCommit``); on PostgreSQL a grant is one statement, a
+release or renew a read and one conditional statement, each its own transaction, on the
+loop's own connections (``rawsql.LoopConnections``). Both keep the same rows and events.
+
 A lease row carries the machine's fence at its grant (``fence``) and the SHA-256 of its
 secret (``token_hash``), never the secret itself; a remote stage's claim adds its own
 secret's hash (``claim_hash``) and the API token that claimed it (``claimed_by``).
@@ -17,9 +22,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.engine import Engine
+
+from controller.errors import Conflict
 from controller.store import events
 from controller.store.models import LeaseState, MachineState, new_id, utcnow
-from controller.store.rawsql import Row, Sql, Tx
+from controller.store.rawsql import GroupCommit, LoopConnections, Row, Sql, Tx
 
 # ---------------------------------------------------------------- statements
 
@@ -45,7 +53,10 @@ _INSERT_LEASE = Sql(
     f"VALUES ({', '.join(':' + name for name in _LEASE_COLUMNS.split(', '))})"
 )
 _SELECT_LEASE = Sql(f"SELECT {_LEASE_COLUMNS}, reason FROM leases WHERE id = :lease_id")
-_END_LEASE = Sql("UPDATE leases SET state = :new_state, ended_at = :now WHERE id = :lease_id")
+_END_LEASE = Sql(
+    "UPDATE leases SET state = :new_state, ended_at = :now WHERE id = :lease_id "
+    "AND state = 'active'"
+)
 _RENEW_LEASE = Sql(
     "UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry WHERE id = :lease_id"
 )
@@ -82,7 +93,11 @@ def _claim_first(by: tuple[str, ...]) -> Sql:
     (``FOR UPDATE SKIP LOCKED``); the outer ``state = 'ready'`` check makes the flip safe
     on both databases.
     """
-    return Sql(
+    return Sql(_claim_text(by))
+
+
+def _claim_text(by: tuple[str, ...]) -> str:
+    return (
         f"UPDATE machines {_LEASED_NOW} WHERE state = 'ready' AND id = "
         f"(SELECT id FROM machines WHERE {_fits(by)} ORDER BY updated_at LIMIT 1 {{skip_locked}}) "
         "RETURNING id, fence, pool"
@@ -182,23 +197,13 @@ def _write_lease(
     token_hash: str,
     wait_ms: float,
 ) -> Row:
-    now = utcnow()
-    lease: Row = {
-        "id": new_id("l"),
-        "machine_id": claimed["id"],
-        "pool": claimed["pool"],
-        "holder": holder,
-        "owner_token_id": owner_token_id,
-        "fence": claimed["fence"],
-        "token_hash": token_hash,
-        "state": LeaseState.active,
-        "ttl_s": ttl_s,
-        "wait_ms": wait_ms,
-        "requested_at": now - timedelta(milliseconds=wait_ms),
-        "acquired_at": now,
-        "expires_at": now + timedelta(seconds=ttl_s),
-        "ended_at": None,
-    }
+    lease = _new_lease(
+        holder=holder,
+        ttl_s=ttl_s,
+        owner_token_id=owner_token_id,
+        token_hash=token_hash,
+        wait_ms=wait_ms,
+    ) | {"machine_id": claimed["id"], "pool": claimed["pool"], "fence": claimed["fence"]}
     tx.run(_INSERT_LEASE, **lease)
     events.insert(
         tx,
@@ -216,6 +221,29 @@ def _write_lease(
         ),
     )
     return lease
+
+
+def _new_lease(
+    *, holder: str, ttl_s: float, owner_token_id: str | None, token_hash: str, wait_ms: float
+) -> Row:
+    """A lease row granted now, without its machine (``machine_id``, ``pool``, ``fence``)."""
+    now = utcnow()
+    return {
+        "id": new_id("l"),
+        "machine_id": None,
+        "pool": None,
+        "holder": holder,
+        "owner_token_id": owner_token_id,
+        "fence": None,
+        "token_hash": token_hash,
+        "state": LeaseState.active,
+        "ttl_s": ttl_s,
+        "wait_ms": wait_ms,
+        "requested_at": now - timedelta(milliseconds=wait_ms),
+        "acquired_at": now,
+        "expires_at": now + timedelta(seconds=ttl_s),
+        "ended_at": None,
+    }
 
 
 def _claim(
@@ -239,13 +267,17 @@ def renew(tx: Tx, lease_id: str, *, ttl_s: float, expires_at: datetime) -> None:
     events.insert(tx, ("lease.renewed", lease_id, {"expires_at": expires_at.isoformat()}))
 
 
-def end(tx: Tx, lease: Row, state: LeaseState, now: datetime) -> str | None:
+def end(tx: Tx, lease: Row, state: LeaseState, now: datetime) -> tuple[bool, str | None]:
     """End the lease and fence its machine off (the lease's secret is stale from now on,
     even once the machine is ready again). Whatever the policy, the machine stays leased
-    (by nobody) until its hand-over is done (``services.leases.return_machine``); the answer
-    is the machine's reset policy, or None when the lease no longer held the machine."""
+    (by nobody) until its hand-over is done (``services.leases.return_machine``).
+
+    Answers whether this call ended it (False: it was no longer active, ended by another
+    transaction meanwhile) and the machine's reset policy, or None when the lease no
+    longer held the machine."""
     machine_id = lease["machine_id"]
-    tx.run(_END_LEASE, lease_id=lease["id"], new_state=state, now=now)
+    if not tx.run(_END_LEASE, lease_id=lease["id"], new_state=state, now=now):
+        return False, None
     changes: list[events.Change] = [
         (f"lease.{state.value}", lease["id"], {"machine_id": machine_id, "fence": lease["fence"]})
     ]
@@ -259,15 +291,234 @@ def end(tx: Tx, lease: Row, state: LeaseState, now: datetime) -> str | None:
         # Fenced off now; handed over once resumed (``snapshots.resume_abandoned``).
         tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
         events.insert(tx, *changes)
-        return None
+        return True, None
     if (
         machine is None
         or machine["state"] != MachineState.leased
         or machine["fence"] != lease["fence"]
     ):
         events.insert(tx, *changes)
-        return None
+        return True, None
     policy: str = machine["reset"] or "keep"
     tx.run(_FENCE_OFF, machine_id=machine_id, now=now)
     events.insert(tx, *changes)
-    return policy
+    return True, policy
+
+
+# ---------------------------------------------------------------- from the event loop
+
+_PG_GRANT_TAIL = """
+), lease AS (
+  INSERT INTO leases (id, machine_id, pool, holder, owner_token_id, fence, token_hash, state,
+                      ttl_s, wait_ms, requested_at, acquired_at, expires_at, ended_at)
+  SELECT :id, id, pool, :holder, :owner_token_id, fence, :token_hash,
+         CAST('active' AS leasestate), :ttl_s, :wait_ms, :requested_at, :acquired_at,
+         :expires_at, NULL
+  FROM claimed
+  RETURNING machine_id, pool, fence
+), written AS (
+  INSERT INTO events (at, kind, subject_id, data)
+  SELECT :acquired_at, 'machine.state', machine_id,
+         json_build_object('state', 'leased', 'previous', 'ready', 'reason', NULL)
+  FROM lease
+  UNION ALL
+  SELECT :acquired_at, 'lease.granted', CAST(:id AS text),
+         json_build_object('machine_id', machine_id, 'holder', CAST(:holder AS text),
+                           'fence', fence, 'ttl_s', CAST(:ttl_s AS float8),
+                           'wait_ms', CAST(:wait_ms AS float8))
+  FROM lease
+)
+SELECT machine_id, pool, fence FROM lease
+"""
+
+
+@functools.cache
+def _pg_grant(by: tuple[str, ...]) -> Sql:
+    """:func:`grant` as one statement: the claim of :func:`_claim_first`, the lease row and
+    its two events, in the same order and shape as :func:`grant` writes them."""
+    return Sql(f"WITH claimed AS ({_claim_text(by)}{_PG_GRANT_TAIL}")
+
+
+_PG_END = Sql(
+    """
+WITH ended AS (
+  UPDATE leases SET state = :new_state, ended_at = :now
+  WHERE id = :lease_id AND state = 'active'
+  RETURNING machine_id, fence
+), fenced AS (
+  UPDATE machines m SET fence = m.fence + 1, updated_at = :now
+  FROM ended e
+  WHERE m.id = e.machine_id AND m.fence = e.fence
+    AND (m.state = 'leased' OR (m.state = 'paused' AND m.paused_from = 'leased'))
+  RETURNING m.pool, m.state, m.reserved_for
+), written AS (
+  INSERT INTO events (at, kind, subject_id, data)
+  SELECT :now, CAST(:kind AS text), CAST(:lease_id AS text),
+         json_build_object('machine_id', machine_id, 'fence', fence)
+  FROM ended
+)
+SELECT (SELECT count(*) FROM ended) AS ended,
+       (SELECT count(*) FROM fenced WHERE state = 'leased') AS fenced,
+       (SELECT CASE WHEN f.reserved_for IS NULL THEN p.reset ELSE 'recreate' END
+        FROM fenced f LEFT JOIN pools p ON p.name = f.pool) AS reset
+"""
+)
+"""What :func:`end` does, as one statement: the lease ended only if still active, its
+machine fenced off only if this lease still held it, the event written."""
+_PG_RENEW = Sql(
+    """
+WITH renewed AS (
+  UPDATE leases SET ttl_s = :new_ttl, expires_at = :new_expiry
+  WHERE id = :lease_id AND state = 'active'
+  RETURNING id
+), written AS (
+  INSERT INTO events (at, kind, subject_id, data)
+  SELECT :now, 'lease.renewed', id, json_build_object('expires_at', CAST(:expiry_text AS text))
+  FROM renewed
+)
+SELECT count(*) AS renewed FROM renewed
+"""
+)
+
+Check = Callable[[Row | None, str], Row]
+"""Asked about a lease row (None: no such lease) and its id before it is changed: answers
+the row, or raises to refuse (the services' rules: who may, in which state)."""
+Plan = Callable[[Row], tuple[float, datetime]]
+"""Asked about a checked lease row before a renewal: its new TTL and expiry."""
+
+
+class LeaseLane:
+    """The lease hot paths from the event loop, the fastest way each database allows.
+
+    SQLite: the functions above in a group commit (``rawsql.GroupCommit``: one transaction
+    for the requests that arrive together, a savepoint each). PostgreSQL: a request that
+    finds no other on the loop connections runs statements that are one round trip and
+    their own transaction each there (``rawsql.LoopConnections``); a release or a renew
+    first reads the lease, asks the service's check, then changes it only if it is still
+    active, so two controllers (or the reaper) racing for one lease end it once. Requests
+    that come while one is in flight take the group commit, as on SQLite: measured here,
+    fifty single-statement transactions on the loop answered a wave later (p99) than a few
+    grouped ones in a worker thread, while a lone request is 2-4x faster on the loop. A
+    grant with a label selector, which asks Python about each candidate's labels, always
+    takes the group commit.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.group_commit = GroupCommit(engine)
+        self._pg = LoopConnections(engine) if engine.dialect.name == "postgresql" else None
+        self._in_flight = 0
+        """Requests on the loop connections now: while one is, the others take the group
+        commit, so a wave of fifty is a few transactions off the loop, not fifty."""
+
+    def _alone(self) -> bool:
+        return self._pg is not None and not self._in_flight
+
+    async def grant(
+        self,
+        *,
+        filters: dict[str, str],
+        labels_fit: Callable[[dict[str, str]], bool] | None,
+        holder: str,
+        ttl_s: float,
+        owner_token_id: str | None,
+        token_hash: str,
+        wait_ms: float,
+    ) -> Row | None:
+        """See :func:`grant`."""
+        given: dict[str, Any] = {
+            "holder": holder,
+            "ttl_s": ttl_s,
+            "owner_token_id": owner_token_id,
+            "token_hash": token_hash,
+            "wait_ms": wait_ms,
+        }
+        if self._pg is None or labels_fit is not None or not self._alone():
+            work = functools.partial(grant, filters=filters, labels_fit=labels_fit, **given)
+            found: Row | None = await self.group_commit.run(work)
+            return found
+        lease = _new_lease(**given)
+        params = {f"want_{column}": value for column, value in filters.items()}
+        statement = _pg_grant(tuple(filters))
+        self._in_flight += 1
+        try:
+            claimed = await self._pg.one(statement, now=lease["acquired_at"], **params, **lease)
+        finally:
+            self._in_flight -= 1
+        return None if claimed is None else lease | claimed
+
+    async def end(self, lease_id: str, state: LeaseState, check: Check) -> tuple[Row, str | None]:
+        """Load the lease, ``check`` it, end it (see :func:`end`): the row as it was and the
+        machine's reset policy (None when the lease no longer held the machine); Conflict
+        when another transaction ended it between the read and the change."""
+        if self._pg is None or not self._alone():
+            found: tuple[Row, str | None] = await self.group_commit.run(
+                functools.partial(_end_checked, lease_id=lease_id, state=state, check=check)
+            )
+            return found
+        self._in_flight += 1
+        try:
+            lease = check(await self._pg.one(_SELECT_LEASE, lease_id=lease_id), lease_id)
+            now = utcnow()
+            kind = f"lease.{state.value}"
+            done = await self._pg.one(
+                _PG_END, lease_id=lease_id, new_state=state, now=now, kind=kind
+            )
+        finally:
+            self._in_flight -= 1
+        if done is None or not done["ended"]:
+            raise _ended_meanwhile(lease_id)
+        return lease | {"ended_at": now}, (done["reset"] or "keep") if done["fenced"] else None
+
+    async def renew(self, lease_id: str, check: Check, plan: Plan) -> tuple[Row, float, datetime]:
+        """Load the lease, ``check`` it, ask ``plan`` for its new TTL and expiry, and renew
+        it if it is still active: the row as it was, the TTL and the expiry."""
+        if self._pg is None or not self._alone():
+            found: tuple[Row, float, datetime] = await self.group_commit.run(
+                functools.partial(_renew_planned, lease_id=lease_id, check=check, plan=plan)
+            )
+            return found
+        self._in_flight += 1
+        try:
+            lease = check(await self._pg.one(_SELECT_LEASE, lease_id=lease_id), lease_id)
+            ttl_s, expires_at = plan(lease)
+            done = await self._pg.one(
+                _PG_RENEW,
+                lease_id=lease_id,
+                new_ttl=ttl_s,
+                new_expiry=expires_at,
+                now=utcnow(),
+                expiry_text=expires_at.isoformat(),
+            )
+        finally:
+            self._in_flight -= 1
+        if done is None or not done["renewed"]:
+            raise _ended_meanwhile(lease_id)
+        return lease, ttl_s, expires_at
+
+    def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
+
+
+def _ended_meanwhile(lease_id: str) -> Conflict:
+    return Conflict(f"lease {lease_id} ended meanwhile (released or expired)")
+
+
+def _end_checked(
+    tx: Tx, *, lease_id: str, state: LeaseState, check: Check
+) -> tuple[Row, str | None]:
+    lease = check(load(tx, lease_id), lease_id)
+    now = utcnow()
+    ended, policy = end(tx, lease, state, now)
+    if not ended:
+        raise _ended_meanwhile(lease_id)
+    return lease | {"ended_at": now}, policy
+
+
+def _renew_planned(
+    tx: Tx, *, lease_id: str, check: Check, plan: Plan
+) -> tuple[Row, float, datetime]:
+    lease = check(load(tx, lease_id), lease_id)
+    ttl_s, expires_at = plan(lease)
+    renew(tx, lease_id, ttl_s=ttl_s, expires_at=expires_at)
+    return lease, ttl_s, expires_at

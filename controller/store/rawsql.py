@@ -5,6 +5,9 @@ context, result objects); sqlite3 runs the same statement in 5-10 µs. The lease
 (grant, renew, release, expiry) and the fence check before a session command run their
 statements here; everything else uses SQLAlchemy.
 
+On PostgreSQL the event loop also holds a few connections of its own (:class:`LoopConnections`)
+for the lease statements that are one round trip each (see ``leases.LeaseLane``).
+
 One text serves both databases: ``:name`` parameters (rewritten to ``%(name)s`` for
 psycopg), and ``{skip_locked}``, which becomes ``FOR UPDATE SKIP LOCKED`` on PostgreSQL.
 Values are stored as SQLAlchemy stores them (on SQLite: timestamps in its text format, JSON
@@ -17,12 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, TypeVar
 
+import psycopg
+from psycopg.pq import TransactionStatus
 from sqlalchemy import JSON
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
@@ -202,3 +209,93 @@ class GroupCommit:
                 except Exception as exc:  # noqa: BLE001 - handed to that request alone
                     outcomes.append((None, exc))
         return outcomes
+
+
+def _pg_value(value: Any) -> Any:
+    """What :meth:`Tx._value` gives PostgreSQL: enums by value, JSON as text."""
+    if isinstance(value, Enum):
+        return value.value
+    if type(value) is dict or type(value) is list:
+        return json.dumps(value)
+    return value
+
+
+IDLE_PING_S = 5.0
+"""A loop connection unused for this long is pinged before its next statement."""
+LOOP_CONNECTIONS = 2
+"""Connections per event loop for the lease statements (PostgreSQL). The lease lane sends
+one request at a time this way (others take the group commit), so two is room enough."""
+
+
+class LoopConnections:
+    """PostgreSQL connections used from the event loop itself (psycopg's async API), in
+    autocommit: a lease statement is one round trip and its own transaction, with no hop to
+    a worker thread and no checkout ping (only a connection idle for a while is pinged).
+
+    A worker thread's round trip costs more than the network here: each answer must take
+    the interpreter's lock back from whatever thread holds it (the hand-overs, the loops),
+    up to its switch interval of 5 ms. Up to :data:`LOOP_CONNECTIONS` statements run at
+    once; more wait their turn on the loop. A connection that failed or was left inside a transaction is closed,
+    and the next request opens a new one, so the database coming back is found by itself.
+    """
+
+    def __init__(self, engine: Engine, size: int = LOOP_CONNECTIONS) -> None:
+        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        self._size = size
+        self._per_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop,
+            tuple[asyncio.Semaphore, list[tuple[psycopg.AsyncConnection[Any], float]]],
+        ] = weakref.WeakKeyDictionary()
+
+    async def rows(self, sql: Sql, **params: Any) -> list[Row]:
+        """Run one statement (its own transaction) and answer its rows."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._per_loop:
+            self._per_loop[loop] = (asyncio.Semaphore(self._size), [])
+        turn, idle = self._per_loop[loop]
+        async with turn:
+            conn = await self._take(idle)
+            kept = False
+            try:
+                values = {name: _pg_value(value) for name, value in params.items()}
+                cursor = await conn.execute(sql.postgres, values)
+                found = await cursor.fetchall() if cursor.description is not None else []
+                names = [column.name for column in cursor.description or ()]
+                kept = True
+            finally:
+                if kept or conn.info.transaction_status == TransactionStatus.IDLE:
+                    idle.append((conn, time.monotonic()))
+                else:  # broken, or cancelled mid-statement: never handed out again
+                    conn.pgconn.finish()
+        return [dict(zip(names, values, strict=True)) for values in found]
+
+    async def _take(
+        self, idle: list[tuple[psycopg.AsyncConnection[Any], float]]
+    ) -> psycopg.AsyncConnection[Any]:
+        """The most recently used connection; one idle for longer than :data:`IDLE_PING_S`
+        is pinged first (the database may have restarted meanwhile), as SQLAlchemy's pool
+        does at every checkout."""
+        while idle:
+            conn, used = idle.pop()
+            if conn.closed:
+                continue
+            if time.monotonic() - used < IDLE_PING_S:
+                return conn
+            try:
+                await conn.execute("SELECT 1")
+                return conn
+            except psycopg.Error:
+                conn.pgconn.finish()
+        return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+
+    async def one(self, sql: Sql, **params: Any) -> Row | None:
+        found = await self.rows(sql, **params)
+        return found[0] if found else None
+
+    def close(self) -> None:
+        """Close every idle connection (without a loop: the controller is stopping)."""
+        for _turn, idle in list(self._per_loop.values()):
+            while idle:
+                idle.pop()[0].pgconn.finish()

@@ -9,10 +9,7 @@ parallel runs on one engine don't disturb each other. A missing engine fails the
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from make_repo import make_sample_repo
+from pg_cluster import PgCluster, free_port
 
 from controller.api.app import create_app
 from controller.providers.disks import unmount_under
@@ -239,60 +237,7 @@ class ControllerProcess:
 
 # ---------------------------------------------------------------- PostgreSQL
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class PgCluster:
-    """A private PostgreSQL cluster in a temp dir on a free port; ``stop`` and ``start`` it
-    to take the database away from a controller and give it back."""
-
-    def __init__(self) -> None:
-        assert (PG_BIN / "initdb").exists(), "PostgreSQL 15 is needed (make test installs it)"
-        self.base = Path(tempfile.mkdtemp(prefix="shopfloor-pg-"))
-        self.as_postgres: list[str] = []
-        if os.geteuid() == 0:  # the server refuses to run as root
-            shutil.chown(self.base, "postgres", "postgres")
-            self.as_postgres = ["runuser", "-u", "postgres", "--"]
-        self.data, self.port = self.base / "data", free_port()
-        self.url = f"postgresql+psycopg://shopfloor@127.0.0.1:{self.port}/postgres"
-        self._pg(
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(self.data),
-            "-U",
-            "shopfloor",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-        )
-
-    def _pg(self, *argv: str) -> None:
-        subprocess.run([*self.as_postgres, *argv], check=True, capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c max_connections=300"
-        )
-        log = str(self.base / "log")
-        self._pg(
-            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start"
-        )
-
-    def stop(self) -> None:
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def remove(self) -> None:
-        try:
-            self.stop()
-        except subprocess.CalledProcessError:
-            pass  # stopped already
-        shutil.rmtree(self.base, ignore_errors=True)
+# The cluster starter lives in scripts/pg_cluster.py: bench/lease.py starts its own with it.
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ repo whose fetch is refused at once, so their provisioning fails before any cont
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pg_cluster import fresh_database
 
 from controller.store.models import Role
 from tests.integration.conftest import ControllerProcess
@@ -102,23 +102,14 @@ def controller(
 ) -> Iterator[ControllerProcess]:
     env = {"SHOPFLOOR_RUN_POLL_INTERVAL_S": "3600"}  # runs stay queued
     if request.param == "postgres":
-        env["SHOPFLOOR_DATABASE_URL"] = _fresh_database(request.getfixturevalue("postgres_url"))
+        env["SHOPFLOOR_DATABASE_URL"] = fresh_database(
+            request.getfixturevalue("postgres_url"), "conc"
+        )
     process = ControllerProcess(tmp_path / "data", runner_image, **env).start()
     try:
         yield process
     finally:
         process.stop()
-
-
-def _fresh_database(server_url: str) -> str:
-    """A database of its own on the shared test cluster (other tests use ``postgres``)."""
-    import psycopg
-
-    name = f"conc_{secrets.token_hex(4)}"
-    plain = server_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def test_every_route_answers_48_clients_at_once(controller: ControllerProcess) -> None:

@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from pg_cluster import PgCluster
 
 from controller.api.app import create_app
 from controller.providers.docker import DockerProvider
 from controller.settings import Settings
 from controller.store.models import Role
-from tests.integration.conftest import ControllerProcess, PgCluster, issue_token, wait_state
+from tests.integration.conftest import ControllerProcess, issue_token, wait_state
 
 # ---------------------------------------------------------------- the database stops
 

@@ -6,6 +6,7 @@ back through the ORM, so both layers are seen to agree on timestamps, enums and 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -207,3 +208,100 @@ def test_reaper_expires_an_unrenewed_lease(
     assert _handed_over(hand_overs, "m-0")
     with pytest.raises(Conflict, match="already expired"):
         leases.renew(db=ctl.db, lease_id=lease.id, caller=None)
+
+
+def test_the_event_loop_lane_writes_what_the_transactions_write(
+    ctl: Controller, hand_overs: list[tuple[str, str]]
+) -> None:
+    """Grant, renew and release from the event loop (``store.leases.LeaseLane``: a group
+    commit on SQLite, one statement per round trip on PostgreSQL) leave the same rows and
+    events as the transactions above, and refuse what they refuse."""
+    owner, other = _owner(ctl, "t-agent"), _owner(ctl, "t-other")
+
+    async def scenario() -> tuple[LeasePublic, LeasePublic, LeasePublic]:
+        request = leases.LeaseRequest(
+            target=leases.make_target(pool="py", machine_id=None, selector=None),
+            holder="x'); DROP TABLE leases; --",
+            ttl_s=60,
+            wait_s=0,
+            owner=owner,
+        )
+        lease = await leases.acquire_async(ctl=ctl, request=request)
+        with pytest.raises(Forbidden):
+            await leases.renew_async(ctl=ctl, lease_id=lease.id, caller=other)
+        renewed = await leases.renew_async(ctl=ctl, lease_id=lease.id, caller=owner, ttl_s=600)
+        with pytest.raises(NotFound, match="no lease l-nope"):
+            await leases.release_async(ctl=ctl, lease_id="l-nope", caller=owner)
+        with pytest.raises(Forbidden):
+            await leases.release_async(ctl=ctl, lease_id=lease.id, caller=other)
+        ended = await leases.release_async(ctl=ctl, lease_id=lease.id, caller=owner)
+        with pytest.raises(Conflict, match="already released"):
+            await leases.release_async(ctl=ctl, lease_id=lease.id, caller=owner)
+        with pytest.raises(Conflict, match="already released"):
+            await leases.renew_async(ctl=ctl, lease_id=lease.id, caller=owner)
+        unknown = leases.LeaseRequest(
+            target=leases.Target(pool="nope"), holder="a", ttl_s=60, wait_s=0, owner=owner
+        )
+        with pytest.raises(NotFound, match="unknown pool 'nope'; pools: py"):
+            await leases.acquire_async(ctl=ctl, request=unknown)
+        return lease, renewed, ended
+
+    lease, renewed, ended = asyncio.run(scenario())
+    assert lease.fence == 1
+    assert renewed.expires_at > lease.expires_at + timedelta(seconds=500)
+    assert ended.state == LeaseState.released
+    with unit_of_work(ctl.db) as tx:
+        stored = tx.get(Lease, lease.id)
+        machine = tx.get(Machine, lease.machine_id)
+        assert stored is not None
+        assert machine is not None
+        assert stored.holder == "x'); DROP TABLE leases; --"
+        assert stored.owner_token_id == "t-agent"
+        assert stored.state == LeaseState.released
+        assert stored.acquired_at == lease.acquired_at  # aware, to the microsecond
+        assert stored.expires_at == renewed.expires_at
+        assert stored.ended_at == ended.ended_at
+        assert stored.token_hash is not None
+        assert machine.state == MachineState.leased  # by nobody, until its hand-over is done
+        assert machine.fence == 2
+        found = tx.exec(select(Event).order_by(col(Event.id))).all()
+    assert [(e.kind, e.subject_id) for e in found] == [
+        ("machine.state", lease.machine_id),
+        ("lease.granted", lease.id),
+        ("lease.renewed", lease.id),
+        ("lease.released", lease.id),
+    ]
+    assert found[0].data == {"state": "leased", "previous": "ready", "reason": None}
+    assert found[1].data == {
+        "machine_id": lease.machine_id,
+        "holder": "x'); DROP TABLE leases; --",
+        "fence": 1,
+        "ttl_s": 60,
+        "wait_ms": lease.wait_ms,
+    }
+    assert found[2].data == {"expires_at": renewed.expires_at.isoformat()}
+    assert found[3].data == {"machine_id": lease.machine_id, "fence": 1}
+    assert _handed_over(hand_overs, lease.machine_id)
+
+
+def test_a_lease_ends_once_when_two_ends_race(ctl: Controller) -> None:
+    """A release and the reaper (or two controllers' releases) that both read the lease
+    active: one ends it and fences the machine off, the other is refused; one end event."""
+    lease = _grant(ctl, machine_id="m-0")
+    assert lease is not None
+    with transaction(ctl.reader, write=False) as first:
+        row = leases.rows.load(first, lease.id)  # the reaper's read: active
+    assert row is not None
+    asyncio.run(leases.release_async(ctl=ctl, lease_id=lease.id, caller=None))
+    with transaction(ctl.db) as late:  # its change, after the release committed
+        assert leases.rows.end(late, row, LeaseState.expired, utcnow()) == (False, None)
+    with unit_of_work(ctl.db) as tx:
+        stored, machine = tx.get(Lease, lease.id), tx.get(Machine, "m-0")
+        assert stored is not None
+        assert machine is not None
+        assert stored.state == LeaseState.released
+        assert machine.fence == 2
+        ends = tx.exec(
+            select(Event).where(col(Event.kind).in_(["lease.released", "lease.expired"]))
+        )
+        assert len(ends.all()) == 1

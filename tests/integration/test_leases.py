@@ -1,4 +1,5 @@
-"""Pools and leases through the HTTP API against the real engine, with the loops running."""
+"""Pools and leases through the HTTP API against the real engine, with the loops running, on
+SQLite and on PostgreSQL (whose lease calls take the event loop's own connections)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
+from pg_cluster import fresh_database
 
 from controller.settings import Settings
 from controller.store.models import Role
 from tests.integration.conftest import issue_token, wait_state
 
 NOBODY = {"Authorization": "Bearer not-a-token"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_settings(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> Callable[..., Settings]:
+    """Every test here on both databases: a fresh PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        return make_settings
+    url = fresh_database(request.getfixturevalue("postgres_url"), "leases")
+
+    def on_postgres(**overrides: Any) -> Settings:
+        return make_settings(database_url=url, **overrides)
+
+    return on_postgres
+
+
 API = "/api/v1"
 
 

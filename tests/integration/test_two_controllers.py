@@ -17,9 +17,10 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from pg_cluster import PgCluster
 
 from controller.store.models import Role
-from tests.integration.conftest import ControllerProcess, PgCluster, wait_json
+from tests.integration.conftest import ControllerProcess, wait_json
 
 CTX = "/workspace/.shopfloor"
 
