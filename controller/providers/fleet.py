@@ -18,6 +18,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from controller.errors import EngineError
 from controller.providers.base import (
@@ -33,6 +34,7 @@ from controller.providers.base import (
 
 log = logging.getLogger(__name__)
 LOCAL = "local"
+_Placed = TypeVar("_Placed", ContainerInfo, VolumeInfo)
 
 
 class FleetProvider:
@@ -270,32 +272,25 @@ class FleetProvider:
 
     # every host
     def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
-        found: list[ContainerInfo] = []
-        answered, error = False, None
-        for host in self.hosts():
-            try:
-                listed = self.on_host(host).list_containers(labels)
-            except EngineError as exc:
-                log.info("host %s left out of the list: %s", host, exc.message)
-                error = exc
-                continue
-            found += [dataclasses.replace(c, host=host) for c in listed]
-            answered = True
-        if not answered and error is not None:
-            raise error  # no engine answered: an empty list would mean "nothing exists"
-        return found
+        return self._gather(lambda engine: engine.list_containers(labels))
 
     def list_volumes(self, labels: dict[str, str]) -> list[VolumeInfo]:
-        found: list[VolumeInfo] = []
+        return self._gather(lambda engine: engine.list_volumes(labels))
+
+    def _gather(self, listing: Callable[[Provider], list[_Placed]]) -> list[_Placed]:
+        """One list over every host's engine, each entry marked with its host; a host that
+        does not answer is left out, unless none answers (an empty list would then say
+        "nothing exists")."""
+        found: list[_Placed] = []
         answered, error = False, None
         for host in self.hosts():
             try:
-                listed = self.on_host(host).list_volumes(labels)
+                listed = listing(self.on_host(host))
             except EngineError as exc:
                 log.info("host %s left out of the list: %s", host, exc.message)
                 error = exc
                 continue
-            found += [dataclasses.replace(v, host=host) for v in listed]
+            found += [dataclasses.replace(entry, host=host) for entry in listed]
             answered = True
         if not answered and error is not None:
             raise error

@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -613,9 +613,10 @@ class RunDriver:
                     tracing.failed(span, outcome.summary)
             return outcome
 
-    def _attempt_traced(self, stage: Stage, attempt: int) -> _Outcome:
+    def _mark_started(self, stage: Stage, attempt: int, **extra: Any) -> datetime:
+        """The stage is running this attempt on the run's machine (kept by this driver's
+        claim); answers when it started."""
         assert self.machine is not None
-        assert self.handle is not None
         started = utcnow()
         self._check_claim()
         with unit_of_work(self.ctl.db) as tx:
@@ -634,7 +635,14 @@ class RunDriver:
                 stage=stage.name,
                 attempt=attempt,
                 machine_id=self.machine.id,
+                **extra,
             )
+        return started
+
+    def _attempt_traced(self, stage: Stage, attempt: int) -> _Outcome:
+        assert self.machine is not None
+        assert self.handle is not None
+        started = self._mark_started(stage, attempt)
         lines: list[str] = []
         outcome = self._run_agent(stage, attempt, lines)
         if not outcome.cancelled and not self._still_ours(suspicious=outcome.status != "passed"):
@@ -748,26 +756,8 @@ class RunDriver:
         attempt = stage.attempts + 1
         count = int(stage.fork["count"])
         select: Any = stage.fork.get("select", "tests")
-        started = utcnow()
-        self._check_claim()
-        with unit_of_work(self.ctl.db) as tx:
-            runs.hold_claim(tx, self.run_id, driver=self.me, ttl_s=self.claim_ttl_s)
-            current = tx.get(Stage, stage.id)
-            assert current is not None
-            current.status, current.attempts = StageStatus.running, attempt
-            current.started_at = current.started_at or started
-            current.machine_id = self.machine.id
-            tx.add(current)
-            events.record(
-                tx,
-                "stage.started",
-                stage.id,
-                run_id=self.run_id,
-                stage=stage.name,
-                attempt=attempt,
-                machine_id=self.machine.id,
-                fork=count,
-            )
+        started = self._mark_started(stage, attempt, fork=count)
+        with unit_of_work(self.ctl.reader) as tx:
             run = runs.get_run(tx, self.run_id)
         try:  # with the lessons, before the snapshot: every fork finds them
             self._write_run_json(run, stage, attempt)
