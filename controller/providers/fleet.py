@@ -155,7 +155,8 @@ class FleetProvider:
     def remove_stray_disks(self, keep: set[str], grace_s: float) -> list[str]:
         return self.local.remove_stray_disks(keep, grace_s)  # disks are the local engine's
 
-    # snapshots: of machines on the local host only (``snapshots.take`` refuses the others)
+    # snapshots' parts, the local engine's (the snapshots service asks the engine of each
+    # snapshot's host itself, through ``on_host``)
     def snapshot_volume(
         self, volume: str, name: str, labels: dict[str, str], helper_image: str
     ) -> int:

@@ -373,7 +373,7 @@ def _build(
     disks are loop devices of the controller's own host). From a snapshot: its workspace
     (copy-on-write where the disks allow) and image, no clone, no setup."""
     remote = machine.host != LOCAL
-    if remote:
+    if remote and snap is None:  # a snapshot's image is on its host already
         hosts.ensure_image(db=db, provider=provider, host=machine.host, image=machine.image)
     binds: list[Bind] = []
     source = _source_path(provider, settings, machine.repo) if machine.repo and not snap else None
@@ -410,7 +410,7 @@ def _build(
     try:
         provider.run_container(spec)
     except ImageNotFound:
-        if not remote:
+        if not remote or snap is not None:
             raise
         # The host lost the image since this process saw it there: copy it again, once.
         hosts.forget_image(machine.host, machine.image)

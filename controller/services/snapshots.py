@@ -38,7 +38,6 @@ from controller.errors import (
     ShopfloorError,
 )
 from controller.providers.base import Provider
-from controller.providers.fleet import LOCAL
 from controller.services import auth, limits, machines
 from controller.services.access import EXEC_READY, Key, check_machine
 from controller.services.runtime import Controller
@@ -264,12 +263,6 @@ def take(
                 f"cannot snapshot machine {machine_id} while it is {machine.state.value}",
                 state=machine.state.value,
             )
-        if machine.host != LOCAL:  # the copy-on-write disks are the controller's host's
-            raise Conflict(
-                f"machine {machine_id} is on host {machine.host!r}: snapshots and forks are "
-                f"made of machines on the host {LOCAL!r} only",
-                host=machine.host,
-            )
         owner = _agent(key)
         if owner is not None:
             _lock_share(tx, owner)
@@ -279,6 +272,7 @@ def take(
             labels=dict(labels or {}),
             pinned=pinned,
             machine_id=machine.id,
+            host=machine.host,
             base_image=machine.image,
             repo=machine.repo,
             repo_name=machine.repo_name,
@@ -296,7 +290,7 @@ def take(
         tx.add(snap)
     try:
         size, paused_ms = _save(ctl, machine, snap)
-        memory_reason = ctl.provider.checkpoint_unsupported()
+        memory_reason = _engine(ctl, snap).checkpoint_unsupported()
     except Exception:
         _discard(ctl, snap)
         raise
@@ -307,7 +301,7 @@ def take(
             current.size_bytes = size
             current.has_memory = False
             current.memory_reason = memory_reason
-            current.shared_blocks = ctl.provider.snapshots_share_blocks()
+            current.shared_blocks = _engine(ctl, snap).snapshots_share_blocks()
             current.paused_ms = round(paused_ms, 1)
             current.took_ms = round((time.monotonic() - started) * 1000, 1)
             tx.add(current)
@@ -321,7 +315,7 @@ def take(
                 paused_ms=current.paused_ms,
             )
     if current is None:  # cleaned meanwhile (another controller's reconcile): ours to remove
-        _remove_parts(ctl.provider, snap.id)
+        _remove_parts(_engine(ctl, snap), snap.id)
         raise NotFound(f"snapshot {snap.id} was deleted while it was taken")
     return current
 
@@ -375,7 +369,7 @@ def _save(ctl: Controller, machine: Machine, snap: Snapshot) -> tuple[int, float
 
 
 def _save_still(ctl: Controller, machine: Machine, snap: Snapshot) -> tuple[int, float]:
-    provider = ctl.provider
+    provider = _engine(ctl, snap)
     container = machine.container_name
     info = provider.inspect_container(container)
     if info is None:
@@ -407,11 +401,16 @@ def _save_still(ctl: Controller, machine: Machine, snap: Snapshot) -> tuple[int,
 
 def _discard(ctl: Controller, snap: Snapshot) -> None:
     """Remove a snapshot's image, workspace copy and record (a failed or deleted one)."""
-    _remove_parts(ctl.provider, snap.id)
+    _remove_parts(_engine(ctl, snap), snap.id)
     with unit_of_work(ctl.db) as tx:
         current = tx.get(Snapshot, snap.id)
         if current is not None:
             tx.delete(current)
+
+
+def _engine(ctl: Controller, snap: Snapshot) -> Provider:
+    """The engine of the snapshot's host: its image, its workspace copy, its machines."""
+    return ctl.provider.on_host(snap.host)
 
 
 def _remove_parts(provider: Provider, snapshot_id: str) -> None:
@@ -499,7 +498,7 @@ def delete_snapshot(
             )
         tx.delete(snap)
         events.record(tx, "snapshot.deleted", snapshot_id, machine_id=snap.machine_id)
-    _remove_parts(ctl.provider, snapshot_id)
+    _remove_parts(_engine(ctl, snap), snapshot_id)
     return snap
 
 
@@ -537,7 +536,7 @@ def start_machines(
             forked_from=forked_from,
             reserved_for=reserved_for,
         )
-        made = [machines.create_machine(tx=tx, spec=spec) for _ in range(count)]
+        made = [machines.create_machine(tx=tx, spec=spec, host=snap.host) for _ in range(count)]
     ids = [m.id for m in made]
 
     def one(machine_id: str) -> Machine:
@@ -754,7 +753,10 @@ def clean_interrupted(
         for snap in stuck:
             tx.delete(snap)
     for snap in stuck:
-        _remove_parts(provider, snap.id)
+        try:
+            _remove_parts(provider.on_host(snap.host), snap.id)
+        except EngineError as exc:  # its host is gone: remove_orphans finds them later
+            log.warning("snapshot %s's parts not removed: %s", snap.id, exc.message)
     return [s.id for s in stuck]
 
 
@@ -763,16 +765,30 @@ def remove_orphans(
 ) -> list[str]:
     """Images, workspace copies and copy helpers of snapshots that have no record (a
     controller killed between making them and recording, or deleting them), older than the
-    grace. Answers what was removed."""
+    grace, host by host (one that does not answer is skipped). Answers what was removed."""
+    with unit_of_work(db) as tx:
+        known = set(tx.exec(select(Snapshot.id)).all())
+    removed: list[str] = []
+    for host in provider.hosts():
+        try:
+            engine = provider.on_host(host)
+            removed += _remove_orphans_on(
+                engine, known, install_id, now - timedelta(seconds=grace_s)
+            )
+        except EngineError as exc:
+            log.info("snapshot leftovers on host %s not looked for: %s", host, exc.message)
+    return removed
+
+
+def _remove_orphans_on(
+    provider: Provider, known: set[str], install_id: str, old: datetime
+) -> list[str]:
     owned = {machines.LABEL_CONTROLLER: install_id, machines.LABEL_SNAPSHOT: ""}
     images = provider.list_images(owned)
     copies = provider.list_volume_snapshots({machines.LABEL_CONTROLLER: install_id})
     helpers = [
         c for c in provider.list_containers(owned) if not c.labels.get(machines.LABEL_MACHINE)
     ]
-    with unit_of_work(db) as tx:
-        known = set(tx.exec(select(Snapshot.id)).all())
-    old = now - timedelta(seconds=grace_s)
     removed: list[str] = []
     for image in images:
         snapshot_id = image.labels.get(machines.LABEL_SNAPSHOT, "")

@@ -142,6 +142,8 @@ class Snapshot(SQLModel, table=True):
     state: SnapshotState = Field(default=SnapshotState.taking, index=True)
     machine_id: str = Field(index=True)
     """The machine it was taken of."""
+    host: str = "local"
+    """The host whose engine holds its image and workspace copy; its machines start there."""
     owner_token_id: str | None = Field(default=None, index=True)
     """The agent's API token that took it (None: ops or the controller): an agent sees,
     uses and deletes only its own snapshots."""

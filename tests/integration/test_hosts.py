@@ -316,6 +316,41 @@ def test_exec_sessions_and_files_reach_a_machine_on_a_nested_host(
     assert page.text == "far\n"
 
 
+def test_a_machine_on_a_nested_host_is_snapshotted_and_forked_on_that_host(
+    clean_fleet: TestClient, nested: list[NestedHost]
+) -> None:
+    """Snapshot and fork go to the machine's own engine (a whole copy there: the
+    copy-on-write disks are the controller's host's); the copies start on that host."""
+    fleet = clean_fleet
+    made = fleet.post("/api/v1/machines?wait=true", json={**SMALL, "host_labels": {"zone": "h2"}})
+    assert made.status_code == 201, made.text
+    source = made.json()["id"]
+    wrote = fleet.post(
+        f"/api/v1/machines/{source}/exec", json={"cmd": "echo far-state > /workspace/kept"}
+    )
+    assert wrote.json()["exit_code"] == 0, wrote.text
+    forked = fleet.post(f"/api/v1/machines/{source}/fork", json={"count": 2})
+    assert forked.status_code == 201, forked.text
+    body = forked.json()
+    copies = [m["id"] for m in body["machines"]]
+    snap = fleet.get(f"/api/v1/snapshots/{body['snapshot']['id']}").json()
+    assert snap["shared_blocks"] is False  # a whole copy on a remote engine, and it says so
+    for copy in copies:
+        machine = fleet.get(f"/api/v1/machines/{copy}").json()
+        assert (machine["host"], machine["state"]) == ("h2", "ready"), machine
+        read = fleet.post(f"/api/v1/machines/{copy}/exec", json={"cmd": "cat /workspace/kept"})
+        assert read.json()["stdout"] == "far-state\n", read.text
+    on_h2 = {c.labels["shopfloor.machine"] for c in engine_containers(nested[2])}
+    assert set(copies) <= on_h2
+    with closing(docker.from_env()) as local:  # nothing of it on the controller's engine
+        assert not local.images.list(filters={"label": f"shopfloor.snapshot={snap['id']}"})
+    for copy in copies:
+        assert fleet.delete(f"/api/v1/machines/{copy}").status_code == 200
+    assert fleet.delete(f"/api/v1/snapshots/{snap['id']}").status_code == 200
+    with closing(nested[2].client()) as engine:  # its parts went with it, on its host
+        assert not engine.images.list(filters={"label": f"shopfloor.snapshot={snap['id']}"})
+
+
 def by_host(machines: list[dict[str, Any]]) -> Counter[str]:
     return Counter(m["host"] for m in machines)
 

@@ -310,16 +310,6 @@ class FakeFleet:
     def remove_stray_disks(self, keep: set[str], grace_s: float) -> list[str]:
         return []
 
-    # snapshots' leftovers are looked for on the local engine (snapshots.remove_orphans)
-    def list_images(self, labels: dict[str, str]) -> list[ImageInfo]:
-        return self.engines["local"].list_images(labels)
-
-    def list_volume_snapshots(self, labels: dict[str, str]) -> list[VolumeSnapshot]:
-        return self.engines["local"].list_volume_snapshots(labels)
-
-    def list_containers(self, labels: dict[str, str]) -> list[ContainerInfo]:
-        return self.engines["local"].list_containers(labels)
-
 
 def test_a_host_that_does_not_answer_is_skipped_not_lost(db: Engine) -> None:
     add_machine(db, "m-here", MachineState.ready)

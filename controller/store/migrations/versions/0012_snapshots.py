@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("pinned", sa.Boolean(), nullable=False),
         sa.Column("state", sa.Enum("taking", "ready", name="snapshotstate"), nullable=False),
         sa.Column("machine_id", sa.String(), nullable=False),
+        sa.Column("host", sa.String(), nullable=False, server_default="local"),
         sa.Column("image", sa.String(), nullable=False),
         sa.Column("base_image", sa.String(), nullable=False),
         sa.Column("volume_snapshot", sa.String(), nullable=False),
