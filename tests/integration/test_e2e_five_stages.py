@@ -54,36 +54,36 @@ def test_five_stages_leave_every_kind_of_evidence_in_the_gallery(
     assert all(s["facts"]["comparison"] is None for s in shots)  # nothing approved yet
 
     gallery = TestClient(client.app)  # a browser-like client: cookies, no bearer token
-    with gallery:
-        login = gallery.post(
-            "/gallery/login",
-            data={
-                "token": issue_token(settings, Role.reviewer),
-                "next": f"/gallery/runs/{run['id']}",
-            },
-            follow_redirects=True,
-        )
-        assert login.status_code == 200
-        page = login.text
-        for section in ("timeline", "plan", "diff", "tests", "logs", "screenshots"):
-            assert f'id="{section}"' in page, section
-        assert "Built by the" in page  # the implement stage's diff
-        assert page.count('class="stage"') == 5
-        assert run["machine_id"] in page
-        for artifact in artifacts:
-            view = gallery.get(f"/gallery/artifacts/{artifact['id']}")
-            assert view.status_code == 200, (artifact["name"], view.text[:300])
-        thumb = gallery.get(f"/gallery/artifacts/{shots[0]['id']}/thumb")
-        assert thumb.headers["content-type"] == "image/png"
+    # (no `with`: its lifespan would start and close a second controller on the same app)
+    login = gallery.post(
+        "/gallery/login",
+        data={
+            "token": issue_token(settings, Role.reviewer),
+            "next": f"/gallery/runs/{run['id']}",
+        },
+        follow_redirects=True,
+    )
+    assert login.status_code == 200
+    page = login.text
+    for section in ("timeline", "plan", "diff", "tests", "logs", "screenshots"):
+        assert f'id="{section}"' in page, section
+    assert "Built by the" in page  # the implement stage's diff
+    assert page.count('class="stage"') == 5
+    assert run["machine_id"] in page
+    for artifact in artifacts:
+        view = gallery.get(f"/gallery/artifacts/{artifact['id']}")
+        assert view.status_code == 200, (artifact["name"], view.text[:300])
+    thumb = gallery.get(f"/gallery/artifacts/{shots[0]['id']}/thumb")
+    assert thumb.headers["content-type"] == "image/png"
 
-        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
-        assert csrf is not None
-        approved = gallery.post(
-            f"/gallery/runs/{run['id']}/verdict",
-            data={"decision": "approve", "comment": "page reads right", "csrf": csrf.group(1)},
-        )
-        assert approved.status_code == 200
-        assert "closed" in approved.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    approved = gallery.post(
+        f"/gallery/runs/{run['id']}/verdict",
+        data={"decision": "approve", "comment": "page reads right", "csrf": csrf.group(1)},
+    )
+    assert approved.status_code == 200
+    assert "closed" in approved.text
     shown = client.get(f"{API}/runs/{run['id']}").json()
     assert (shown["verdict"], shown["closed"]) == ("approved", True)
 
