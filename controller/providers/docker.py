@@ -683,6 +683,8 @@ class DockerProvider:
                 self.api.pause(name_or_id)
                 return
             except docker.errors.APIError as exc:
+                if "already paused" in str(exc):
+                    return  # another pause got there first: the machine is as asked
                 if "unable to freeze" not in str(exc) or attempt == PAUSE_ATTEMPTS - 1:
                     raise EngineError(f"cannot pause {name_or_id}: {exc}") from exc
                 log.info("pausing %s: the freezer gave up; again", name_or_id)
