@@ -30,7 +30,14 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from sqlmodel import Session, col, select
 
 from agents import config, registry
-from agents.base import HANDOFF_DIR, Assignment, KnownTests, MachineHandle, StageResult
+from agents.base import (
+    HANDOFF_DIR,
+    Assignment,
+    KnownTests,
+    MachineHandle,
+    RemoteReport,
+    StageResult,
+)
 from controller.domain import CaseHealth, LeasePublic, MachineTemplate
 from controller.errors import Conflict, InvalidInput, ShopfloorError
 from controller.services import (
@@ -613,6 +620,31 @@ class RunDriver:
                     tracing.failed(span, outcome.summary)
             return outcome
 
+    def _assignment(
+        self, run: Run, stage: Stage, attempt: int, lines: list[str], *, reports: bool = True
+    ) -> Assignment:
+        """What the stage's agent is given, on this driver's machine; ``reports``: a remote
+        agent's report is read for this stage (not for a fork's select check)."""
+        assert self.handle is not None
+
+        def report() -> RemoteReport | None:
+            return remote_stages.reported(self.ctl.reader, stage.id, attempt) if reports else None
+
+        return Assignment(
+            run_id=run.id,
+            task=run.task,
+            repo=run.repo,
+            ref=run.ref,
+            stage=stage.name,
+            attempt=attempt,
+            params=dict(stage.params),
+            machine=self.handle,
+            timeout_s=stage.timeout_s,
+            log=lines.append,
+            remote_report=report,
+            known_tests=self._known_tests(run),
+        )
+
     def _mark_started(self, stage: Stage, attempt: int, **extra: Any) -> datetime:
         """The stage is running this attempt on the run's machine (kept by this driver's
         claim); answers when it started."""
@@ -669,20 +701,7 @@ class RunDriver:
             if not self._container_alive():
                 return _Outcome("failed", f"machine unreachable: {exc.message}", machine_lost=True)
             return _Outcome("failed", f"could not write run.json: {exc.message}")
-        work = Assignment(
-            run_id=run.id,
-            task=run.task,
-            repo=run.repo,
-            ref=run.ref,
-            stage=stage.name,
-            attempt=attempt,
-            params=dict(stage.params),
-            machine=self.handle,
-            timeout_s=stage.timeout_s,
-            log=lines.append,
-            remote_report=lambda: remote_stages.reported(self.ctl.reader, stage.id, attempt),
-            known_tests=self._known_tests(run),
-        )
+        work = self._assignment(run, stage, attempt, lines)
         box: dict[str, Any] = {}
 
         def run_agent() -> None:
@@ -964,19 +983,7 @@ class RunDriver:
             )
         if following is None:
             return True, "no next stage to test with"
-        work = Assignment(
-            run_id=run.id,
-            task=run.task,
-            repo=run.repo,
-            ref=run.ref,
-            stage=following.name,
-            attempt=attempt,
-            params=dict(following.params),
-            machine=self.handle,
-            timeout_s=following.timeout_s,
-            log=lines.append,
-            known_tests=self._known_tests(run),
-        )
+        work = self._assignment(run, following, attempt, lines, reports=False)
         try:
             result = registry.get_agent(following.agent).run(work)
         except Exception as exc:  # noqa: BLE001 - a failed check is a lost fork
