@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import docker
 import httpx
 
 from controller.providers.disks import unmount_under
@@ -77,6 +78,18 @@ class KeepAlive:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def bare_run(engine: docker.DockerClient, image: str) -> float:
+    """Seconds for a raw ``docker run`` of ``image`` (labelled, no network, an init), the
+    container removed after: what provisioning is compared with."""
+    started = time.perf_counter()
+    container = engine.containers.run(
+        image, detach=True, labels={BENCH_LABEL: BENCH_RUN}, network_mode="none", init=True
+    )
+    elapsed = time.perf_counter() - started
+    container.remove(force=True)
+    return elapsed
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from _controller import BENCH_LABEL, BENCH_RUN, KeepAlive, running_controller  # noqa: E402
+from _controller import BENCH_LABEL, BENCH_RUN, KeepAlive, bare_run, running_controller  # noqa: E402
 
 from controller.settings import Settings  # noqa: E402
 from controller.store.db import make_engine, migrate, unit_of_work  # noqa: E402
@@ -42,16 +42,6 @@ PLACEMENTS = 500
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def bare_run(engine: docker.DockerClient, image: str) -> float:
-    started = time.perf_counter()
-    container = engine.containers.run(
-        image, detach=True, labels={BENCH_LABEL: BENCH_RUN}, network_mode="none", init=True
-    )
-    elapsed = time.perf_counter() - started
-    container.remove(force=True)
-    return elapsed
 
 
 def provision(api: httpx.Client) -> float:

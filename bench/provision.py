@@ -16,19 +16,9 @@ import docker
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _controller import BENCH_LABEL, BENCH_RUN, running_controller  # noqa: E402
+from _controller import bare_run, running_controller  # noqa: E402
 
 ROUNDS = 15
-
-
-def bare_run(client: docker.DockerClient, image: str) -> float:
-    started = time.perf_counter()
-    container = client.containers.run(
-        image, detach=True, labels={BENCH_LABEL: BENCH_RUN}, network_mode="none", init=True
-    )
-    elapsed = time.perf_counter() - started
-    container.remove(force=True)
-    return elapsed
 
 
 def provision(api: httpx.Client) -> float:
