@@ -87,6 +87,7 @@ def test_learning_off_leaves_runs_as_if_no_learning_existed(
 
         # A machine whose commands are SIGKILLed (infra) three times, while the same stage
         # passed on the other machine, stays in service: no quarantine, no move.
+        wait_ready(client, "off", 2)  # the third run's machine may still be on its way back
         held = lease(client, {}, machine_id=passed["machine_id"])
         ready = client.get(f"{API}/machines", params={"pool": "off", "state": "ready"})
         bad = ready.json()["data"][0]["id"]
