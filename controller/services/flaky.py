@@ -29,8 +29,10 @@ from sqlmodel import Session, col, select
 from controller.domain import CaseHealth, TestState
 from controller.errors import InvalidInput
 from controller.services.runtime import Controller
+from controller.store import learning as learning_rows
 from controller.store.db import unit_of_work
 from controller.store.models import CaseStats, Run
+from controller.store.rawsql import transaction
 
 BROKEN_STREAK = 5
 """Failures in a row that make a test ``broken`` even if it was seen flaky before: a test
@@ -106,19 +108,13 @@ def known_flaky(*, ctl: Controller, repo: str, quarantine: bool | None = None) -
 
     ``quarantine`` overrides the repo's policy (a run passes its own); None: the policy of
     the repo's latest run that read one. With learning off nothing is quarantined."""
-    with unit_of_work(ctl.reader) as tx:
-        if quarantine is None:
+    if quarantine is None:
+        with unit_of_work(ctl.reader) as tx:
             quarantine = quarantines(tx, repo)
-        quarantine = quarantine and ctl.settings.learning
-        rows = tx.exec(
-            select(CaseStats)
-            .where(
-                CaseStats.repo == repo,
-                col(CaseStats.same_tree) | (col(CaseStats.retry_passes) > 0),
-            )
-            .order_by(col(CaseStats.test))
-        )
-        out = [health(stats, quarantine=quarantine) for stats in rows]
+    quarantine = quarantine and ctl.settings.learning
+    with transaction(ctl.reader, write=False) as raw:
+        found = learning_rows.nondeterministic_tests(raw, repo=repo)
+    out = [health(stats, quarantine=quarantine) for stats in found]
     return [t for t in out if t.state in ("flaky", "quarantined")]
 
 

@@ -28,6 +28,7 @@ from controller.errors import Conflict, ShopfloorError
 from controller.services import flaky, leases, machines, owners
 from controller.services.runtime import Controller
 from controller.store import events
+from controller.store import learning as learning_rows
 from controller.store.db import unit_of_work
 from controller.store.models import (
     Artifact,
@@ -44,6 +45,7 @@ from controller.store.models import (
     StageStatus,
     utcnow,
 )
+from controller.store.rawsql import transaction
 from evidence import junit, store
 from evidence.lessons import render_markdown
 from evidence.signatures import (
@@ -298,16 +300,18 @@ def _quarantine_if_due(
 
 
 def _record_pass(ctl: Controller, run_id: str, stage: str, repo: str | None) -> list[str]:
-    """Link the open signatures of this repo's stage, seen in other runs, to this run."""
-    with unit_of_work(ctl.reader) as tx:
-        if repo is None:
+    """Link the open signatures of this repo's stage, seen in other runs, to this run.
+    Nearly every pass finds none: that answer is one plain statement (``store.learning``)."""
+    if repo is None:
+        with unit_of_work(ctl.reader) as tx:
             run = tx.get(Run, run_id)
             if run is None:
                 return []
             repo = run.repo
-        candidates = _open_elsewhere(tx, repo, stage, run_id)
-        if not candidates:
+    with transaction(ctl.reader, write=False) as raw:
+        if not learning_rows.open_elsewhere(raw, repo=repo, stage=stage, run_id=run_id):
             return []
+    with unit_of_work(ctl.reader) as tx:
         diff = tx.exec(
             select(Artifact.sha256)
             .where(
@@ -426,6 +430,8 @@ def _runs_of(tx: Session, row: FailureSignature) -> list[str]:
 
 LESSONS_MD = "lessons.md"
 LESSONS_JSON = "lessons.json"
+LESSONS_SCANNED = 500
+"""Signatures of a repo a run's lessons choose from (the most frequent)."""
 
 
 def lessons_for(
@@ -439,31 +445,21 @@ def lessons_for(
         return None
     limit = ctl.settings.lessons_limit
     try:
-        with unit_of_work(ctl.reader) as tx:
-            rows = list(
-                tx.exec(
-                    select(FailureSignature)
-                    .where(FailureSignature.repo == repo)
-                    .order_by(
-                        col(FailureSignature.count).desc(),
-                        col(FailureSignature.last_seen).desc(),
-                    )
-                    .limit(500)
-                )
-            )
+        with transaction(ctl.reader, write=False) as raw:
+            signatures = learning_rows.repo_signatures(raw, repo=repo, limit=LESSONS_SCANNED)
         flaky_tests = [
             {"test": t.test, "state": t.state, "score": round(t.score, 4)}
             for t in (flaky.known_flaky(ctl=ctl, repo=repo) if known is None else known)
         ]
         fixed = sorted(
-            (row for row in rows if row.fixed_by is not None),
+            (row for row in signatures if row.fixed_by is not None),
             key=lambda row: row.fixed_at or row.last_seen,
             reverse=True,
         )
         return {
             "repo": repo,
             "generated_at": utcnow().isoformat(),
-            "open_failures": [_failure_doc(row) for row in rows if row.open][:limit],
+            "open_failures": [_failure_doc(row) for row in signatures if row.open][:limit],
             "fixes": [
                 {
                     **_failure_doc(row),
