@@ -7,8 +7,9 @@ takes a ``rawsql.Tx``: one transaction, or one savepoint of a group commit.
 
 From the event loop the hot paths go through a :class:`LeaseLane`: on SQLite a group commit
 of these same functions (``rawsql.GroupCommit``); on PostgreSQL a grant is one statement, a
-release or renew a read and one conditional statement, each its own transaction, on the
-loop's own connections (``rawsql.LoopConnections``). Both keep the same rows and events.
+release or renew a read and one conditional statement, on the loop's own connections
+(``rawsql.LoopConnections``, which commits the statements that arrive together as one).
+Both keep the same rows and events.
 
 A lease row carries the machine's fence at its grant (``fence``) and the SHA-256 of its
 secret (``token_hash``), never the secret itself; a remote stage's claim adds its own
@@ -391,27 +392,18 @@ class LeaseLane:
     """The lease hot paths from the event loop, the fastest way each database allows.
 
     SQLite: the functions above in a group commit (``rawsql.GroupCommit``: one transaction
-    for the requests that arrive together, a savepoint each). PostgreSQL: a request that
-    finds no other on the loop connections runs statements that are one round trip and
-    their own transaction each there (``rawsql.LoopConnections``); a release or a renew
-    first reads the lease, asks the service's check, then changes it only if it is still
-    active, so two controllers (or the reaper) racing for one lease end it once. Requests
-    that come while one is in flight take the group commit, as on SQLite: measured here,
-    fifty single-statement transactions on the loop answered a wave later (p99) than a few
-    grouped ones in a worker thread, while a lone request is 2-4x faster on the loop. A
-    grant with a label selector, which asks Python about each candidate's labels, always
-    takes the group commit.
+    for the requests that arrive together, a savepoint each). PostgreSQL: statements that
+    are one round trip each, sent from the loop (``rawsql.LoopConnections``, which batches
+    the statements of requests that arrive together into one pipeline and one commit): a
+    grant is one statement; a release or a renew first reads the lease, asks the service's
+    check, then changes it only if it is still active, so two controllers (or the reaper)
+    racing for one lease end it once. A grant with a label selector, which asks Python
+    about each candidate's labels, takes the group commit.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.group_commit = GroupCommit(engine)
         self._pg = LoopConnections(engine) if engine.dialect.name == "postgresql" else None
-        self._in_flight = 0
-        """Requests on the loop connections now: while one is, the others take the group
-        commit, so a wave of fifty is a few transactions off the loop, not fifty."""
-
-    def _alone(self) -> bool:
-        return self._pg is not None and not self._in_flight
 
     async def grant(
         self,
@@ -432,39 +424,29 @@ class LeaseLane:
             "token_hash": token_hash,
             "wait_ms": wait_ms,
         }
-        if self._pg is None or labels_fit is not None or not self._alone():
+        if self._pg is None or labels_fit is not None:
             work = functools.partial(grant, filters=filters, labels_fit=labels_fit, **given)
             found: Row | None = await self.group_commit.run(work)
             return found
         lease = _new_lease(**given)
         params = {f"want_{column}": value for column, value in filters.items()}
         statement = _pg_grant(tuple(filters))
-        self._in_flight += 1
-        try:
-            claimed = await self._pg.one(statement, now=lease["acquired_at"], **params, **lease)
-        finally:
-            self._in_flight -= 1
+        claimed = await self._pg.one(statement, now=lease["acquired_at"], **params, **lease)
         return None if claimed is None else lease | claimed
 
     async def end(self, lease_id: str, state: LeaseState, check: Check) -> tuple[Row, str | None]:
         """Load the lease, ``check`` it, end it (see :func:`end`): the row as it was and the
         machine's reset policy (None when the lease no longer held the machine); Conflict
         when another transaction ended it between the read and the change."""
-        if self._pg is None or not self._alone():
+        if self._pg is None:
             found: tuple[Row, str | None] = await self.group_commit.run(
                 functools.partial(_end_checked, lease_id=lease_id, state=state, check=check)
             )
             return found
-        self._in_flight += 1
-        try:
-            lease = check(await self._pg.one(_SELECT_LEASE, lease_id=lease_id), lease_id)
-            now = utcnow()
-            kind = f"lease.{state.value}"
-            done = await self._pg.one(
-                _PG_END, lease_id=lease_id, new_state=state, now=now, kind=kind
-            )
-        finally:
-            self._in_flight -= 1
+        lease = check(await self._pg.one(_SELECT_LEASE, lease_id=lease_id), lease_id)
+        now = utcnow()
+        kind = f"lease.{state.value}"
+        done = await self._pg.one(_PG_END, lease_id=lease_id, new_state=state, now=now, kind=kind)
         if done is None or not done["ended"]:
             raise _ended_meanwhile(lease_id)
         return lease | {"ended_at": now}, (done["reset"] or "keep") if done["fenced"] else None
@@ -472,25 +454,21 @@ class LeaseLane:
     async def renew(self, lease_id: str, check: Check, plan: Plan) -> tuple[Row, float, datetime]:
         """Load the lease, ``check`` it, ask ``plan`` for its new TTL and expiry, and renew
         it if it is still active: the row as it was, the TTL and the expiry."""
-        if self._pg is None or not self._alone():
+        if self._pg is None:
             found: tuple[Row, float, datetime] = await self.group_commit.run(
                 functools.partial(_renew_planned, lease_id=lease_id, check=check, plan=plan)
             )
             return found
-        self._in_flight += 1
-        try:
-            lease = check(await self._pg.one(_SELECT_LEASE, lease_id=lease_id), lease_id)
-            ttl_s, expires_at = plan(lease)
-            done = await self._pg.one(
-                _PG_RENEW,
-                lease_id=lease_id,
-                new_ttl=ttl_s,
-                new_expiry=expires_at,
-                now=utcnow(),
-                expiry_text=expires_at.isoformat(),
-            )
-        finally:
-            self._in_flight -= 1
+        lease = check(await self._pg.one(_SELECT_LEASE, lease_id=lease_id), lease_id)
+        ttl_s, expires_at = plan(lease)
+        done = await self._pg.one(
+            _PG_RENEW,
+            lease_id=lease_id,
+            new_ttl=ttl_s,
+            new_expiry=expires_at,
+            now=utcnow(),
+            expiry_text=expires_at.isoformat(),
+        )
         if done is None or not done["renewed"]:
             raise _ended_meanwhile(lease_id)
         return lease, ttl_s, expires_at

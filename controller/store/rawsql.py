@@ -223,20 +223,54 @@ def _pg_value(value: Any) -> Any:
 IDLE_PING_S = 5.0
 """A loop connection unused for this long is pinged before its next statement."""
 LOOP_CONNECTIONS = 2
-"""Connections per event loop for the lease statements (PostgreSQL). The lease lane sends
-one request at a time this way (others take the group commit), so two is room enough."""
+"""Connections per event loop for the lease statements (PostgreSQL): a batch in flight on
+each; statements that come meanwhile wait and leave together as the next batch."""
+
+LoopConnection = psycopg.AsyncConnection[Any]
+
+
+class _Statement:
+    """One statement waiting on the loop for a connection, and who waits for its rows."""
+
+    def __init__(self, sql: Sql, params: Mapping[str, Any]) -> None:
+        self.text = sql.postgres
+        self.values = {name: _pg_value(value) for name, value in params.items()}
+        self.answer: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
+
+    def settle(self, rows: list[Row] | None = None, error: BaseException | None = None) -> None:
+        if self.answer.done():  # its request went away meanwhile
+            return
+        if error is not None:
+            self.answer.set_exception(error)
+        else:
+            self.answer.set_result(rows or [])
+
+
+class _OnLoop:
+    """One event loop's connections and the statements waiting to be sent."""
+
+    def __init__(self, size: int) -> None:
+        self.turn = asyncio.Semaphore(size)
+        self.idle: list[tuple[LoopConnection, float]] = []
+        self.waiting: list[_Statement] = []
+        self.sending: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
 
 
 class LoopConnections:
     """PostgreSQL connections used from the event loop itself (psycopg's async API), in
-    autocommit: a lease statement is one round trip and its own transaction, with no hop to
-    a worker thread and no checkout ping (only a connection idle for a while is pinged).
+    autocommit, for the lease statements: no hop to a worker thread, no checkout ping (only
+    a connection idle for a while is pinged).
 
     A worker thread's round trip costs more than the network here: each answer must take
     the interpreter's lock back from whatever thread holds it (the hand-overs, the loops),
-    up to its switch interval of 5 ms. Up to :data:`LOOP_CONNECTIONS` statements run at
-    once; more wait their turn on the loop. A connection that failed or was left inside a transaction is closed,
-    and the next request opens a new one, so the database coming back is found by itself.
+    up to its switch interval of 5 ms. So every statement is sent from the loop, and the
+    statements that reach it in the same turn (fifty agents asking at once), or while both
+    connections are busy, leave together: one pipeline (psycopg's pipeline mode: sent at
+    once, answered at once) and one implicit transaction, so one commit for the batch, the
+    group commit of PostgreSQL. A lone statement is its own transaction. If a batch fails,
+    nothing of it holds, and each of its statements is tried again alone, so one that
+    fails fails by itself. A connection that failed or was left inside a transaction is
+    closed, and the next statement opens a new one, so the database coming back is found.
     """
 
     def __init__(self, engine: Engine, size: int = LOOP_CONNECTIONS) -> None:
@@ -244,36 +278,80 @@ class LoopConnections:
             hide_password=False
         )
         self._size = size
-        self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop,
-            tuple[asyncio.Semaphore, list[tuple[psycopg.AsyncConnection[Any], float]]],
-        ] = weakref.WeakKeyDictionary()
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _OnLoop] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def rows(self, sql: Sql, **params: Any) -> list[Row]:
-        """Run one statement (its own transaction) and answer its rows."""
+        """Run one statement (in its batch's transaction) and answer its rows."""
         loop = asyncio.get_running_loop()
-        if loop not in self._per_loop:
-            self._per_loop[loop] = (asyncio.Semaphore(self._size), [])
-        turn, idle = self._per_loop[loop]
-        async with turn:
-            conn = await self._take(idle)
-            kept = False
-            try:
-                values = {name: _pg_value(value) for name, value in params.items()}
-                cursor = await conn.execute(sql.postgres, values)
-                found = await cursor.fetchall() if cursor.description is not None else []
-                names = [column.name for column in cursor.description or ()]
-                kept = True
-            finally:
-                if kept or conn.info.transaction_status == TransactionStatus.IDLE:
-                    idle.append((conn, time.monotonic()))
-                else:  # broken, or cancelled mid-statement: never handed out again
-                    conn.pgconn.finish()
-        return [dict(zip(names, values, strict=True)) for values in found]
+        here = self._per_loop.get(loop)
+        if here is None:
+            here = self._per_loop[loop] = _OnLoop(self._size)
+        statement = _Statement(sql, params)
+        here.waiting.append(statement)
+        if len(here.waiting) == 1:
+            # Runs after the requests already queued on the loop have added theirs.
+            task = loop.create_task(self._send_waiting(here))
+            here.sending.add(task)
+            task.add_done_callback(here.sending.discard)
+        return await statement.answer
 
-    async def _take(
-        self, idle: list[tuple[psycopg.AsyncConnection[Any], float]]
-    ) -> psycopg.AsyncConnection[Any]:
+    async def one(self, sql: Sql, **params: Any) -> Row | None:
+        found = await self.rows(sql, **params)
+        return found[0] if found else None
+
+    async def _send_waiting(self, here: _OnLoop) -> None:
+        async with here.turn:
+            batch, here.waiting = here.waiting, []
+            try:
+                if len(batch) > 1:
+                    try:
+                        await self._send(here, batch)
+                        return
+                    except psycopg.Error as exc:
+                        if not _rolled_back(exc):  # it may have committed: no second try
+                            for statement in batch:
+                                statement.settle(error=exc)
+                            return
+                for statement in batch:  # nothing of the batch holds: each alone
+                    try:
+                        await self._send(here, [statement])
+                    except psycopg.Error as exc:
+                        statement.settle(error=exc)
+            except BaseException as exc:  # cancelled (the loop is stopping): so are they
+                for statement in batch:
+                    statement.settle(error=exc)
+                raise
+
+    async def _send(self, here: _OnLoop, batch: list[_Statement]) -> None:
+        """Send ``batch`` in one transaction on a connection of ``here``; settle each."""
+        conn = await self._take(here.idle)
+        kept = False
+        try:
+            if len(batch) == 1:
+                answers = [await _answer(await conn.execute(batch[0].text, batch[0].values))]
+            else:
+                async with conn.pipeline():
+                    cursors = [conn.cursor() for _ in batch]
+                    for cursor, statement in zip(cursors, batch, strict=True):
+                        await cursor.execute(statement.text, statement.values)
+                answers = [await _answer(cursor) for cursor in cursors]
+            kept = True
+        finally:
+            alone_and_idle = len(batch) == 1 and (
+                conn.info.transaction_status == TransactionStatus.IDLE
+            )
+            if kept or alone_and_idle:
+                here.idle.append((conn, time.monotonic()))
+            else:
+                # Broken, cancelled mid-statement, or a failed pipeline: the server skipped
+                # what followed the error, statements psycopg counts as prepared included.
+                conn.pgconn.finish()
+        for statement, rows in zip(batch, answers, strict=True):
+            statement.settle(rows)
+
+    async def _take(self, idle: list[tuple[LoopConnection, float]]) -> LoopConnection:
         """The most recently used connection; one idle for longer than :data:`IDLE_PING_S`
         is pinged first (the database may have restarted meanwhile), as SQLAlchemy's pool
         does at every checkout."""
@@ -290,12 +368,22 @@ class LoopConnections:
                 conn.pgconn.finish()
         return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
 
-    async def one(self, sql: Sql, **params: Any) -> Row | None:
-        found = await self.rows(sql, **params)
-        return found[0] if found else None
-
     def close(self) -> None:
         """Close every idle connection (without a loop: the controller is stopping)."""
-        for _turn, idle in list(self._per_loop.values()):
-            while idle:
-                idle.pop()[0].pgconn.finish()
+        for here in list(self._per_loop.values()):
+            while here.idle:
+                here.idle.pop()[0].pgconn.finish()
+
+
+async def _answer(cursor: psycopg.AsyncCursor[Any]) -> list[Row]:
+    if cursor.description is None:
+        return []
+    names = [column.name for column in cursor.description]
+    return [dict(zip(names, values, strict=True)) for values in await cursor.fetchall()]
+
+
+def _rolled_back(error: psycopg.Error) -> bool:
+    """Did the server answer ``error`` to a statement (so its transaction surely rolled
+    back), rather than the connection failing (where the commit may have happened)?"""
+    state = error.sqlstate
+    return state is not None and state[:2] not in ("08", "57")  # connection, shutdown

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
@@ -34,7 +35,7 @@ from controller.store.models import (
     Role,
     utcnow,
 )
-from controller.store.rawsql import transaction
+from controller.store.rawsql import LoopConnections, Sql, transaction
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -305,3 +306,43 @@ def test_a_lease_ends_once_when_two_ends_race(ctl: Controller) -> None:
             select(Event).where(col(Event.kind).in_(["lease.released", "lease.expired"]))
         )
         assert len(ends.all()) == 1
+
+
+def test_statements_that_reach_the_loop_together_commit_together_and_fail_alone(
+    postgres_url: str, tmp_path: Path, runner_image: str
+) -> None:
+    """PostgreSQL's loop connections (``rawsql.LoopConnections``) send the statements of a
+    wave as one pipeline and one transaction; when one of them fails, the others are tried
+    again alone and hold, and only the failing one is refused."""
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=postgres_url, runner_image=runner_image
+    )
+    controller = build_controller(settings)
+    insert = Sql(
+        "INSERT INTO events (at, kind, subject_id, data) VALUES (:at, 'test.wave', :subject, "
+        "'{}') RETURNING id, txid_current() AS tx"
+    )
+    divide = Sql("SELECT 1 / CAST(:zero AS integer) AS x")
+
+    async def wave(subjects: range, *, failing: bool) -> list[object]:
+        conns = LoopConnections(controller.db)
+        try:
+            asked = [conns.one(insert, at=utcnow(), subject=str(s)) for s in subjects]
+            if failing:
+                asked.insert(3, conns.one(divide, zero=0))
+            return await asyncio.gather(*asked, return_exceptions=True)
+        finally:
+            conns.close()
+
+    try:
+        _reset_tables(controller)
+        together = asyncio.run(wave(range(10), failing=False))
+        assert len({row["tx"] for row in together}) == 1, together  # type: ignore[index]
+        apart = asyncio.run(wave(range(10, 20), failing=True))
+        assert isinstance(apart.pop(3), psycopg.errors.DivisionByZero), apart
+        assert len({row["tx"] for row in apart}) == 10, apart  # type: ignore[index]
+        with unit_of_work(controller.db) as tx:
+            stored = tx.exec(select(Event.subject_id).where(Event.kind == "test.wave")).all()
+        assert sorted(stored, key=int) == [str(s) for s in range(20)]
+    finally:
+        controller.close()
