@@ -331,8 +331,15 @@ def _load_lease(tx: Tx, lease_id: str) -> Row:
     return row
 
 
+def _acting_for(caller: ApiToken | None) -> str | None:
+    """The token whose leases ``caller`` may renew or release (with those taken by no
+    token); None: every lease (ops, or the controller itself)."""
+    return None if caller is None or caller.role == Role.ops else caller.id
+
+
 def _check_owner(lease: Row, caller: ApiToken | None) -> None:
-    if caller is None or caller.role == Role.ops or lease["owner_token_id"] in (None, caller.id):
+    acting_for = _acting_for(caller)
+    if acting_for is None or lease["owner_token_id"] in (None, acting_for):
         return
     raise Forbidden(
         f"lease {lease['id']} was taken by another token (holder {lease['holder']!r}); "
@@ -415,7 +422,9 @@ async def release_async(*, ctl: Controller, lease_id: str, caller: ApiToken | No
         return lease
 
     try:
-        lease, policy = await ctl.lease_lane.end(lease_id, LeaseState.released, check)
+        lease, policy = await ctl.lease_lane.end(
+            lease_id, LeaseState.released, check, acting_for=_acting_for(caller)
+        )
     except BaseException:
         returning.difference_update(held)
         raise

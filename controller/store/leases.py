@@ -341,11 +341,16 @@ def _pg_grant(by: tuple[str, ...]) -> Sql:
 
 
 _PG_END = Sql(
-    """
-WITH ended AS (
-  UPDATE leases SET state = :new_state, ended_at = :now
-  WHERE id = :lease_id AND state = 'active'
-  RETURNING machine_id, fence
+    f"""
+WITH found AS (
+  SELECT {_LEASE_COLUMNS}, reason FROM leases WHERE id = :lease_id
+), ended AS (
+  UPDATE leases l SET state = :new_state, ended_at = :now
+  FROM found f
+  WHERE l.id = f.id AND l.state = 'active'
+    AND (CAST(:acting_for AS text) IS NULL OR l.owner_token_id IS NULL
+         OR l.owner_token_id = :acting_for)
+  RETURNING l.machine_id, l.fence
 ), fenced AS (
   UPDATE machines m SET fence = m.fence + 1, updated_at = :now
   FROM ended e
@@ -358,14 +363,18 @@ WITH ended AS (
          json_build_object('machine_id', machine_id, 'fence', fence)
   FROM ended
 )
-SELECT (SELECT count(*) FROM ended) AS ended,
+SELECT f.*,
+       (SELECT count(*) FROM ended) AS ended,
        (SELECT count(*) FROM fenced WHERE state = 'leased') AS fenced,
-       (SELECT CASE WHEN f.reserved_for IS NULL THEN p.reset ELSE 'recreate' END
-        FROM fenced f LEFT JOIN pools p ON p.name = f.pool) AS reset
+       (SELECT CASE WHEN x.reserved_for IS NULL THEN p.reset ELSE 'recreate' END
+        FROM fenced x LEFT JOIN pools p ON p.name = x.pool) AS reset
+FROM (SELECT 1) AS one LEFT JOIN found f ON true
 """
 )
-"""What :func:`end` does, as one statement: the lease ended only if still active, its
-machine fenced off only if this lease still held it, the event written."""
+"""What :func:`end` does, as one statement with the read the service checks: the lease as
+it was (its columns; all None when there is no such lease), ended only if still active and
+taken by ``acting_for``'s token or by none (NULL: any), its machine fenced off only if this
+lease still held it, the event written."""
 _PG_RENEW = Sql(
     """
 WITH renewed AS (
@@ -434,20 +443,31 @@ class LeaseLane:
         claimed = await self._pg.one(statement, now=lease["acquired_at"], **params, **lease)
         return None if claimed is None else lease | claimed
 
-    async def end(self, lease_id: str, state: LeaseState, check: Check) -> tuple[Row, str | None]:
+    async def end(
+        self, lease_id: str, state: LeaseState, check: Check, *, acting_for: str | None
+    ) -> tuple[Row, str | None]:
         """Load the lease, ``check`` it, end it (see :func:`end`): the row as it was and the
         machine's reset policy (None when the lease no longer held the machine); Conflict
-        when another transaction ended it between the read and the change."""
+        when another transaction ended it between the read and the change.
+
+        ``acting_for``: the token whose leases ``check`` lets end (None: any). On PostgreSQL
+        the read, the rule and the change are one statement (one round trip): ``check`` then
+        sees the row as it was and explains a refusal; the rule it applies must be the
+        statement's (active, taken by that token or by none)."""
         if self._pg is None:
             found: tuple[Row, str | None] = await self.group_commit.run(
                 functools.partial(_end_checked, lease_id=lease_id, state=state, check=check)
             )
             return found
-        lease = check(await self._pg.one(_SELECT_LEASE, lease_id=lease_id), lease_id)
         now = utcnow()
         kind = f"lease.{state.value}"
-        done = await self._pg.one(_PG_END, lease_id=lease_id, new_state=state, now=now, kind=kind)
-        if done is None or not done["ended"]:
+        done = await self._pg.one(
+            _PG_END, lease_id=lease_id, new_state=state, now=now, kind=kind, acting_for=acting_for
+        )
+        assert done is not None  # one row always: the lease's columns are None without one
+        was = {column: done[column] for column in (*_LEASE_COLUMNS.split(", "), "reason")}
+        lease = check(was if was["id"] is not None else None, lease_id)
+        if not done["ended"]:
             raise _ended_meanwhile(lease_id)
         return lease | {"ended_at": now}, (done["reset"] or "keep") if done["fenced"] else None
 

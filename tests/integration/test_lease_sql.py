@@ -346,3 +346,37 @@ def test_statements_that_reach_the_loop_together_commit_together_and_fail_alone(
         assert sorted(stored, key=int) == [str(s) for s in range(20)]
     finally:
         controller.close()
+
+
+def test_who_may_release_from_the_loop(ctl: Controller) -> None:
+    """The rule a release from the loop applies (on PostgreSQL inside its one statement,
+    ``acting_for``) is the service's: the token that took the lease or ops; anyone for a
+    lease no token took. A refused release leaves the lease active."""
+    with unit_of_work(ctl.db) as tx:
+        tx.add(ApiToken(id="t-ops", role=Role.ops, token_hash="c"))
+    agent, other, ops = _owner(ctl, "t-agent"), _owner(ctl, "t-other"), _owner(ctl, "t-ops")
+
+    def release(lease_id: str, caller: ApiToken | None) -> LeasePublic:
+        return asyncio.run(leases.release_async(ctl=ctl, lease_id=lease_id, caller=caller))
+
+    taken = _grant(ctl, machine_id="m-0")  # by t-agent
+    assert taken is not None
+    with pytest.raises(Forbidden, match="taken by another token"):
+        release(taken.id, other)
+    with unit_of_work(ctl.db) as tx:
+        stored = tx.get(Lease, taken.id)
+        assert stored is not None
+        assert stored.state == LeaseState.active
+    assert release(taken.id, ops).state == LeaseState.released
+    with pytest.raises(Conflict, match="already released"):
+        release(taken.id, agent)
+
+    with unit_of_work(ctl.db) as tx:
+        tx.exec(update(Machine).where(col(Machine.id) == "m-1").values(state=MachineState.ready))
+    with transaction(ctl.db) as tx:
+        unowned = leases.rows.grant(
+            tx, filters={"id": "m-1"}, labels_fit=None, holder="h", ttl_s=60,
+            owner_token_id=None, token_hash="x", wait_ms=0.0,
+        )  # fmt: skip
+    assert unowned is not None
+    assert release(unowned["id"], other).state == LeaseState.released
