@@ -554,7 +554,7 @@ def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
             )
         except ProcessesSurvive as exc:
             if ctl.stopping.is_set():
-                raise  # failed with the reason: no new container while the controller stops
+                raise  # no new container while the controller stops
             log.warning("recreating %s: %s", machine_id, exc.message)
             machines.recreate_machine(
                 db=ctl.db,
@@ -568,6 +568,11 @@ def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
             return
         _settle_if_unleased(ctl.db, machine_id, MachineState.ready)
     except ShopfloorError as exc:
+        if ctl.stopping.is_set():
+            # Cut short by the stop (the engines close under it): the machine stays leased
+            # by nobody, and the next start's orphan pass hands it over again.
+            log.info("returning %s left to the next start: %s", machine_id, exc.message)
+            return
         log.warning("returning %s after its lease failed: %s", machine_id, exc.message)
         _settle_if_unleased(
             ctl.db, machine_id, MachineState.failed, f"{policy} after lease failed: {exc.message}"

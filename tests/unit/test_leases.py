@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from controller.errors import EngineError
+from controller.services import leases, machines
 from controller.services.lease_runtime import LeaseRuntime
 from controller.services.leases import Target
+from controller.services.runtime import Controller
+from controller.store.db import make_engine, migrate, unit_of_work
+from controller.store.models import Machine, MachineState, Pool
 
 
 def test_selector_labels_must_all_match() -> None:
@@ -42,3 +54,44 @@ def test_only_sleeping_requests_are_woken_but_every_notify_counts() -> None:
     assert rt.generation != seen  # ... it sees the change before sleeping and looks again
     rt.leave(trying)  # it never waited, so nobody is woken for its leaving
     assert woken == []
+
+
+def test_a_hand_over_cut_short_by_the_stop_is_left_to_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller closes its engines while a hand-over runs: the machine must not be
+    marked failed (it is fine), only left leased by nobody for the next start's orphan pass.
+    The same error while the controller runs marks it failed with the reason."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    engine = make_engine(url)
+    with unit_of_work(engine) as tx:
+        tx.add(Pool(name="p", reset="keep"))
+        for name in ("m-stop", "m-run"):
+            tx.add(
+                Machine(
+                    id=name, state=MachineState.leased, image="x", cpus=1.0, memory_mb=64,
+                    labels={}, pool="p", container_name=name, volume_name=name, repo="r",
+                )
+            )  # fmt: skip
+
+    def engine_gone(**_: object) -> None:
+        raise EngineError("no engine for host 'local': it is not registered")
+
+    monkeypatch.setattr(machines, "hand_over", engine_gone)
+    stopping = threading.Event()
+    ctl = cast(
+        Controller,
+        SimpleNamespace(db=engine, stopping=stopping, settings=None, provider=None, access=None),
+    )
+    leases._return(ctl, "m-run", "keep")
+    stopping.set()
+    leases._return(ctl, "m-stop", "keep")
+    with unit_of_work(engine) as tx:
+        stopped, running = tx.get(Machine, "m-stop"), tx.get(Machine, "m-run")
+        assert stopped is not None
+        assert running is not None
+        assert stopped.state == MachineState.leased
+        assert running.state == MachineState.failed
+        assert "not registered" in (running.reason or "")
+    engine.dispose()
