@@ -73,7 +73,8 @@ def test_a_prebuild_pool_runs_its_setup_once_and_rebuilds_on_a_new_commit(
     # A new commit on the ref: the next machines come from a new snapshot of it.
     head = commit(sample_repo)
     for machine in machines:
-        assert client.delete(f"{API}/machines/{machine['id']}").status_code == 200
+        gone = client.delete(f"{API}/machines/{machine['id']}")
+        assert gone.status_code == 200, gone.text
     wait_for(
         lambda: client.get(f"{API}/pools/pre").json()["prebuilt"] not in (None, first_snapshot),
         timeout_s=180,
