@@ -8,7 +8,9 @@ keep-alive HTTP/1.1. In the same run the raw engine is timed: an inspect round t
 `docker exec true` on one of the machines. It runs once on SQLite (the data dir's) and once
 on PostgreSQL: a private cluster started for the run (scripts/pg_cluster.py, as the tests
 start theirs), first with one controller, then with a second ``shopfloor serve`` on the
-same database serving the same pool (its own data dir, as every controller has).
+same database serving the same pool (its own data dir, as every controller has). The
+controllers reach the cluster over its unix socket, as a controller on the database's own
+host does; ``--pg-via tcp`` takes TCP loopback instead.
 
 - 1 agent: lease, release, lease, ... one request at a time; timed with a lean client
   (see ``_controller.KeepAlive``) and, beside it, with httpx as agents/client.py uses it.
@@ -335,9 +337,9 @@ def on_postgres(tmp: Path, repo: Path, args: argparse.Namespace) -> None:
     cluster = PgCluster()
     try:
         cluster.start()
-        url = cluster.url
+        url = cluster.tcp_url if args.pg_via == "tcp" else cluster.url
         with running_controller(tmp / "pg-a", database_url=url) as (client, image):
-            figures = lease_figures(client, repo, args, "PostgreSQL")
+            figures = lease_figures(client, repo, args, f"PostgreSQL over its {args.pg_via}")
             with another_controller(client, tmp / "pg-b", image, url) as other:
                 figures.two = back_to_back(
                     [client, other],
@@ -410,6 +412,13 @@ def main() -> None:
     parser.add_argument("--b2b-rounds", type=int, default=8, help="rounds back to back")
     parser.add_argument("--handovers", type=int, default=40, help="hand-overs per policy")
     parser.add_argument("--only", choices=["all", "handover"], default="all")
+    parser.add_argument(
+        "--pg-via",
+        choices=["socket", "tcp"],
+        default="socket",
+        help="reach the cluster over its unix socket (a controller on the database's host)"
+        " or over TCP loopback (one on another host, minus the network)",
+    )
     parser.add_argument("--database", choices=["both", "sqlite", "postgres"], default="both")
     args = parser.parse_args()
 

@@ -1,9 +1,14 @@
 """A private PostgreSQL 15 cluster in a temp dir on a free port, for the tests and the benches.
 
     cluster = PgCluster()   # initdb, trust auth for the user ``shopfloor``
-    cluster.start()         # pg_ctl start, listening on 127.0.0.1 only
-    cluster.url             # postgresql+psycopg://shopfloor@127.0.0.1:<port>/postgres
+    cluster.start()         # pg_ctl start: its unix socket, and 127.0.0.1 only
+    cluster.url             # postgresql+psycopg://shopfloor@/postgres?host=<dir>&port=<port>
+    cluster.tcp_url         # postgresql+psycopg://shopfloor@127.0.0.1:<port>/postgres
     cluster.remove()        # stop it and remove its files
+
+``url`` is the unix socket, as a controller reaches a PostgreSQL on its own host (Debian's
+default, ``host=/var/run/postgresql``); ``tcp_url`` the way a controller on another host
+does (a loopback round trip costs ~0.3 ms more per statement here than the socket's).
 
 The tests (tests/integration/conftest.py) and bench/lease.py both start theirs with it, so
 both run the database the same way; ``make test`` installs PostgreSQL 15 (``make
@@ -41,7 +46,8 @@ class PgCluster:
             shutil.chown(self.base, "postgres", "postgres")
             self.as_postgres = ["runuser", "-u", "postgres", "--"]
         self.data, self.port = self.base / "data", free_port()
-        self.url = f"postgresql+psycopg://shopfloor@127.0.0.1:{self.port}/postgres"
+        self.url = f"postgresql+psycopg://shopfloor@/postgres?host={self.base}&port={self.port}"
+        self.tcp_url = f"postgresql+psycopg://shopfloor@127.0.0.1:{self.port}/postgres"
         self._pg(
             str(PG_BIN / "initdb"),
             "-D",
@@ -83,9 +89,11 @@ class PgCluster:
 def fresh_database(server_url: str, prefix: str = "db") -> str:
     """A new, empty database on the cluster at ``server_url``; its URL."""
     import psycopg
+    from sqlalchemy.engine import make_url
 
     name = f"{prefix}_{secrets.token_hex(4)}"
-    plain = server_url.replace("postgresql+psycopg://", "postgresql://")
+    server = make_url(server_url)
+    plain = server.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
+    return server.set(database=name).render_as_string(hide_password=False)

@@ -29,7 +29,8 @@ def test_two_controllers_drive_a_run_once_and_take_it_over_when_one_dies(
     tmp_path: Path, runner_image: str, sample_repo: Path, pg_cluster: PgCluster
 ) -> None:
     env = {
-        "SHOPFLOOR_DATABASE_URL": pg_cluster.url,
+        # Over TCP, as controllers on two hosts reach it (the other tests take its socket).
+        "SHOPFLOOR_DATABASE_URL": pg_cluster.tcp_url,
         "SHOPFLOOR_POOL_INTERVAL_S": "0.3",
         "SHOPFLOOR_RUN_POLL_INTERVAL_S": "0.2",
         "SHOPFLOOR_LEASE_REAP_INTERVAL_S": "0.3",
