@@ -201,11 +201,12 @@ class DockerProvider:
         except (OSError, ValueError, SSHException, RequestException) as exc:  # ssh://, address
             raise EngineError(f"cannot reach the Docker engine at {base_url}: {exc}") from exc
         self.api = self.client.api
-        if self.api.base_url == LOCAL_ENGINE_URL:
+        on_unix_socket = self.api.base_url == LOCAL_ENGINE_URL
+        if on_unix_socket:
             # A unix socket goes through no proxy, yet requests reads the proxy variables
             # on every call: ~0.15 ms of CPU, a quarter of a ping (tcp:// engines keep them).
             self.api.trust_env = False
-        self.local = not remote and self.api.base_url == LOCAL_ENGINE_URL
+        self.local = not remote and on_unix_socket
         """Whether the engine runs on this host (it may use /proc and mounts of this host)."""
         self._data_root: str | None = None
         self.disks: DiskStore | None = None
