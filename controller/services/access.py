@@ -503,11 +503,15 @@ class MachineAccess:
     def close_machine(self, *, machine: Machine, why: str) -> None:
         """The machine was reset, stopped, destroyed or lost: close all its channels and its
         SSH connection."""
-        closed = self.forwards.close_machine(machine.id)
-        closed += self.sessions.end_machine(machine.id, why)
-        self.ssh.drop(machine.container_name)
+        self.close_container(machine_id=machine.id, container=machine.container_name, why=why)
+
+    def close_container(self, *, machine_id: str, container: str, why: str) -> None:
+        """:meth:`close_machine` by the machine's id and container name."""
+        closed = self.forwards.close_machine(machine_id)
+        closed += self.sessions.end_machine(machine_id, why)
+        self.ssh.drop(container)
         if closed:
-            log.info("closed %d channel(s) into %s: %s", closed, machine.id, why)
+            log.info("closed %d channel(s) into %s: %s", closed, machine_id, why)
 
     def close(self) -> None:
         self.forwards.close()

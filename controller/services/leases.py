@@ -44,11 +44,11 @@ from controller.services.lease_runtime import LeaseRuntime
 from controller.services.runtime import Controller
 from controller.store import leases as rows
 from controller.store.db import run_read, unit_of_work
+from controller.store.events import Change
 from controller.store.models import (
     ApiToken,
     Lease,
     LeaseState,
-    Machine,
     MachineState,
     Role,
     utcnow,
@@ -504,9 +504,9 @@ def return_machine(*, ctl: Controller, machine_id: str, policy: ResetPolicy) -> 
     rt.returning.add(machine_id)
     try:
         with _returning_lock(machine_id):
-            if _held_or_back(ctl.db, machine_id):
-                return
-            _return(ctl, machine_id, policy)
+            container = _leased_by_nobody(ctl.db, machine_id)
+            if container is not None:
+                _return(ctl, machine_id, container, policy)
     finally:
         rt.returning.discard(machine_id)
         rt.notify()
@@ -521,18 +521,17 @@ def _returning_lock(machine_id: str) -> threading.Lock:
         return _RETURN_LOCKS.setdefault(machine_id, threading.Lock())
 
 
-def _held_or_back(db: Engine, machine_id: str) -> bool:
-    """Is the machine no longer leased by nobody (back, failed, or leased again)?"""
-    with unit_of_work(db) as tx:
-        machine = tx.get(Machine, machine_id)
-        return (
-            machine is None
-            or machine.state != MachineState.leased
-            or _active_lease(tx, machine_id) is not None
-        )
+def _leased_by_nobody(db: Engine, machine_id: str) -> str | None:
+    """The machine's container if it is still leased by nobody; None when it is back,
+    failed, gone or leased again."""
+    with transaction(db, write=False) as tx:
+        machine = rows.coming_back(tx, machine_id)
+    if machine is None or machine["state"] != MachineState.leased or not machine["unheld"]:
+        return None
+    return str(machine["container_name"])
 
 
-def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
+def _return(ctl: Controller, machine_id: str, container: str, policy: ResetPolicy) -> None:
     try:
         if policy == "recreate":
             machines.destroy_machine(
@@ -544,12 +543,13 @@ def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
             )
             return
         try:
-            machines.hand_over(
+            handed_over = machines.hand_over(
                 db=ctl.db,
                 provider=ctl.provider,
                 settings=ctl.settings,
                 access=ctl.access,
                 machine_id=machine_id,
+                container=container,
                 restore_checkout=policy == "clean",
             )
         except ProcessesSurvive as exc:
@@ -566,7 +566,7 @@ def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
                 why=exc.message,
             )
             return
-        _settle_if_unleased(ctl.db, machine_id, MachineState.ready)
+        _settle_if_unleased(ctl.db, machine_id, MachineState.ready, also=(handed_over,))
     except ShopfloorError as exc:
         if ctl.stopping.is_set():
             # Cut short by the stop (the engines close under it): the machine stays leased
@@ -583,20 +583,18 @@ def _return(ctl: Controller, machine_id: str, policy: ResetPolicy) -> None:
         _settle_if_unleased(ctl.db, machine_id, MachineState.failed, reason)
 
 
-def _active_lease(tx: Session, machine_id: str) -> Lease | None:
-    return tx.exec(
-        select(Lease).where(Lease.machine_id == machine_id, Lease.state == LeaseState.active)
-    ).first()
-
-
 def _settle_if_unleased(
-    db: Engine, machine_id: str, state: MachineState, reason: str | None = None
+    db: Engine,
+    machine_id: str,
+    state: MachineState,
+    reason: str | None = None,
+    *,
+    also: tuple[Change, ...] = (),
 ) -> None:
-    """Move a leased machine that nobody holds any more to ``state``."""
-    with unit_of_work(db) as tx:
-        machine = tx.get(Machine, machine_id)
-        if machine and machine.state == MachineState.leased and not _active_lease(tx, machine_id):
-            machines.set_state(tx, machine, state, reason)
+    """Move a leased machine that nobody holds any more to ``state`` (plain SQL, as every
+    lease end comes here: see ``store.leases.settle``)."""
+    with transaction(db) as tx:
+        rows.settle(tx, machine_id, state, reason, also=also)
 
 
 def reap(*, ctl: Controller) -> list[str]:

@@ -36,6 +36,7 @@ from controller.services.runtime import Controller
 from controller.settings import Settings
 from controller.store import events
 from controller.store.db import unit_of_work
+from controller.store.events import Change
 from controller.store.models import Machine, MachineState, Snapshot, SnapshotState, utcnow
 from controller.transport import exec as commands
 from controller.transport.output import HeadTail
@@ -563,32 +564,36 @@ def hand_over(
     settings: Settings,
     access: MachineAccess,
     machine_id: str,
+    container: str,
     restore_checkout: bool,
-) -> Machine:
+) -> Change:
     """Between two holders: end every channel and every process of the machine's user and
     wipe what it owns outside /workspace (see ``_HANDOVER_SCRIPT``); with
     ``restore_checkout`` (policy ``clean``) the checkout is restored and setup runs again.
+    Answers its event, for the caller to write with the machine's next state.
 
     Raises :class:`ProcessesSurvive` when processes could not all be ended (the caller
     recreates the machine), :class:`ShopfloorError` when the wipe or reset failed."""
-    machine = _transition(db, machine_id, (MachineState.leased,), "hand over")
     started = time.monotonic()
-    access.close_machine(machine=machine, why="its lease ended")
+    access.close_container(machine_id=machine_id, container=container, why="its lease ended")
     env = {
         "SF_KILL_ROUNDS": str(HANDOVER_KILL_ROUNDS),
         "SF_USER": "runner",
         "SF_WIPE": _HANDOVER_WIPE,
     }
+    machine = None
     if restore_checkout:
+        with unit_of_work(db) as tx:
+            machine = get_machine(tx, machine_id)
         env.update(
             SF_RESET=_RESET_SCRIPT,
             SF_REPO_NAME=machine.repo_name or "",
             SF_COMMIT=machine.commit or "",
             SF_BRANCH=machine.branch or "",
         )
-    answer = _hand_over_through_helper(provider, machine.container_name, env)
+    answer = _hand_over_through_helper(provider, container, env)
     if answer is None:
-        answer = _hand_over_through_engine(provider, machine.container_name, env)
+        answer = _hand_over_through_engine(provider, container, env)
     exit_code, detail = answer
     detail = detail.strip()[-2000:]
     if exit_code == SURVIVORS_EXIT or exit_code is None or exit_code >= 126:
@@ -597,18 +602,10 @@ def hand_over(
         )
     if exit_code != 0:
         raise ShopfloorError(f"hand-over failed (exit {exit_code}): {detail}")
-    if restore_checkout:
+    if machine is not None:
         run_setup(provider, settings, machine)
-    with unit_of_work(db) as tx:
-        machine = get_machine(tx, machine_id)
-        events.record(
-            tx,
-            "machine.handed_over",
-            machine.id,
-            reset=restore_checkout,
-            ms=round((time.monotonic() - started) * 1000, 1),
-        )
-    return machine
+    elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+    return ("machine.handed_over", machine_id, {"reset": restore_checkout, "ms": elapsed_ms})
 
 
 def _hand_over_through_helper(

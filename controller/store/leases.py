@@ -82,6 +82,18 @@ ACCESS = Sql(
 )
 """What a command's check needs, in one read: the machine's state and fence and its active
 lease's fence, owner, secret hash and claim (NULLs when it has none)."""
+_UNHELD = (
+    "NOT EXISTS (SELECT 1 FROM leases l WHERE l.machine_id = machines.id AND l.state = 'active')"
+)
+"""No active lease holds the machine (``machines``: the row at hand)."""
+_COMING_BACK = Sql(
+    f"SELECT state, container_name, {_UNHELD} AS unheld FROM machines WHERE id = :machine_id"
+)
+_SETTLE = Sql(
+    "UPDATE machines SET state = :state, reason = :reason, updated_at = :now, "
+    "ready_at = CASE WHEN :becomes_ready THEN COALESCE(ready_at, :now) ELSE ready_at END "
+    f"WHERE id = :machine_id AND state = 'leased' AND {_UNHELD}"
+)
 _FILTERS = ("pool", "id", "repo")
 """Columns a target may filter on; only these names ever reach the SQL text."""
 
@@ -153,7 +165,38 @@ def orphans(tx: Tx, *, settled_before: datetime) -> list[Row]:
     return tx.rows(_ORPHANS, settled_before=settled_before)
 
 
+def coming_back(tx: Tx, machine_id: str) -> Row | None:
+    """A machine whose lease ended, as its hand-over needs it: ``{state, container_name,
+    unheld}`` (``unheld``: no active lease holds it), or None."""
+    return tx.one(_COMING_BACK, machine_id=machine_id)
+
+
 # ---------------------------------------------------------------- writes
+
+
+def settle(
+    tx: Tx,
+    machine_id: str,
+    state: MachineState,
+    reason: str | None = None,
+    *,
+    also: tuple[events.Change, ...] = (),
+) -> bool:
+    """Move a machine that is leased by nobody to ``state`` (after its hand-over), with its
+    event; whether it moved. ``also``: events written either way (what the hand-over did)."""
+    moved = tx.run(
+        _SETTLE,
+        machine_id=machine_id,
+        state=state,
+        reason=reason,
+        now=utcnow(),
+        becomes_ready=state == MachineState.ready,
+    )
+    if moved:
+        also += (events.machine_state(machine_id, state, MachineState.leased, reason),)
+    if also:
+        events.insert(tx, *also)
+    return moved > 0
 
 
 def grant(

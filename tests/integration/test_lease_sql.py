@@ -23,6 +23,7 @@ from controller.services import leases
 from controller.services.runtime import Controller
 from controller.services.startup import build_controller
 from controller.settings import Settings
+from controller.store import leases as rows
 from controller.store.db import unit_of_work
 from controller.store.models import (
     ApiToken,
@@ -168,6 +169,48 @@ def test_grant_renew_release_round_trip(ctl: Controller, hand_overs: list[tuple[
         assert machine.state == MachineState.leased  # by nobody, until its hand-over is done
         assert machine.fence == 2
     assert _handed_over(hand_overs, lease.machine_id)
+
+
+def test_a_machine_comes_back_only_once_no_lease_holds_it(ctl: Controller) -> None:
+    """The hand-over's bookkeeping (``store.leases.coming_back`` and ``settle``, plain SQL
+    as every lease end takes it) reads and writes what the ORM does."""
+    lease = _grant(ctl, machine_id="m-0")
+    assert lease is not None
+    handed_over = ("machine.handed_over", "m-0", {"reset": False, "ms": 12.5})
+    with transaction(ctl.db) as tx:
+        assert rows.coming_back(tx, "m-0") == {
+            "state": "leased",
+            "container_name": "c-0",
+            "unheld": False,
+        }
+        assert not rows.settle(tx, "m-0", MachineState.ready)  # its holder still has it
+        assert rows.coming_back(tx, "m-nope") is None
+
+    leases.release(ctl=ctl, lease_id=lease.id, caller=None)
+    before = utcnow()
+    with transaction(ctl.db) as tx:
+        assert rows.coming_back(tx, "m-0") == {
+            "state": "leased",
+            "container_name": "c-0",
+            "unheld": True,
+        }
+        assert rows.settle(tx, "m-0", MachineState.ready, also=(handed_over,))
+        assert not rows.settle(tx, "m-0", MachineState.failed, "late")  # back already
+    with transaction(ctl.db) as tx:
+        assert rows.settle(tx, "m-1", MachineState.failed, "never leased") is False
+
+    with unit_of_work(ctl.db) as tx:
+        machine = tx.get(Machine, "m-0")
+        assert machine is not None
+        assert machine.state == MachineState.ready
+        assert machine.reason is None
+        assert machine.ready_at is not None
+        assert machine.ready_at >= before  # aware, and set by the hand-over
+        last = tx.exec(select(Event).order_by(col(Event.id).desc()).limit(2)).all()
+    assert [(e.kind, e.data) for e in reversed(last)] == [
+        ("machine.handed_over", {"reset": False, "ms": 12.5}),
+        ("machine.state", {"state": "ready", "previous": "leased", "reason": None}),
+    ]
 
 
 def test_pool_hands_out_each_machine_once(ctl: Controller) -> None:

@@ -84,9 +84,9 @@ def test_a_hand_over_cut_short_by_the_stop_is_left_to_the_next_start(
         Controller,
         SimpleNamespace(db=engine, stopping=stopping, settings=None, provider=None, access=None),
     )
-    leases._return(ctl, "m-run", "keep")
+    leases._return(ctl, "m-run", "m-run", "keep")
     stopping.set()
-    leases._return(ctl, "m-stop", "keep")
+    leases._return(ctl, "m-stop", "m-stop", "keep")
     with unit_of_work(engine) as tx:
         stopped, running = tx.get(Machine, "m-stop"), tx.get(Machine, "m-run")
         assert stopped is not None
