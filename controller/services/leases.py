@@ -564,6 +564,7 @@ def _return(ctl: Controller, machine_id: str, container: str, policy: ResetPolic
                 install_id=ctl.install_id,
                 machine_id=machine_id,
                 why=exc.message,
+                stopping=ctl.stopping,
             )
             return
         _settle_if_unleased(ctl.db, machine_id, MachineState.ready, also=(handed_over,))

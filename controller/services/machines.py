@@ -10,6 +10,7 @@ import json
 import logging
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,9 +331,11 @@ def provision(
     install_id: str,
     machine_id: str,
     reraise: bool = False,
+    stopping: threading.Event | None = None,
 ) -> Machine:
     """Create volume and container, clone, run setup (or restore its snapshot); on any
-    failure remove what was made. ``reraise``: raise the failure after recording it."""
+    failure remove what was made. ``reraise``: raise the failure after recording it.
+    ``stopping``: the controller's stop, which cuts a provisioning short (see below)."""
     with unit_of_work(db) as tx:
         machine = get_machine(tx, machine_id)
         snap = tx.get(Snapshot, machine.snapshot_id) if machine.snapshot_id else None
@@ -342,6 +345,14 @@ def provision(
         _build(db, provider, settings, install_id, machine, snap)
     except Exception as exc:  # noqa: BLE001 - any failure must end in `failed` with its reason
         reason = exc.message if isinstance(exc, ShopfloorError) else f"{type(exc).__name__}: {exc}"
+        if stopping is not None and stopping.is_set():
+            # The engines close under it, so the reason would be theirs ("no engine for
+            # host"): left `provisioning`, which the next start fails as interrupted
+            # (reconcile.fail_interrupted) and whose leftovers it removes.
+            log.info("provisioning %s left to the next start: %s", machine_id, reason)
+            if reraise:
+                raise
+            return machine
         log.warning("provisioning %s failed: %s", machine_id, reason)
         remove_resources(provider, machine)
         with unit_of_work(db) as tx:
@@ -670,9 +681,11 @@ def recreate_machine(
     install_id: str,
     machine_id: str,
     why: str,
+    stopping: threading.Event | None = None,
 ) -> Machine:
     """Replace a machine nobody holds by a new one of the same id and template: new
-    container, new volume, new checkout (a machine whose processes could not be ended)."""
+    container, new volume, new checkout (a machine whose processes could not be ended).
+    ``stopping``: see :func:`provision`."""
     with unit_of_work(db) as tx:
         machine = get_machine(tx, machine_id)
         if machine.state != MachineState.leased:
@@ -684,7 +697,12 @@ def recreate_machine(
     access.close_machine(machine=machine, why="the machine is recreated")
     remove_resources(provider, machine)
     return provision(
-        db=db, provider=provider, settings=settings, install_id=install_id, machine_id=machine_id
+        db=db,
+        provider=provider,
+        settings=settings,
+        install_id=install_id,
+        machine_id=machine_id,
+        stopping=stopping,
     )
 
 
@@ -847,6 +865,7 @@ def submit(*, ctl: Controller, spec: MachineSpec, wait: bool) -> Machine:
             settings=ctl.settings,
             install_id=ctl.install_id,
             machine_id=machine.id,
+            stopping=ctl.stopping,
         )
 
     if wait:

@@ -547,6 +547,7 @@ def start_machines(
             install_id=ctl.install_id,
             machine_id=machine_id,
             reraise=True,
+            stopping=ctl.stopping,
         )
 
     with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fork") as threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from sqlmodel import select
 from controller.errors import EngineError
 from controller.providers.base import ContainerInfo, ImageInfo, VolumeInfo, VolumeSnapshot
 from controller.services import machines
-from controller.services.reconcile import STRAY_PAUSE_S, ReconcileReport
+from controller.services.reconcile import STRAY_PAUSE_S, ReconcileReport, fail_interrupted
 from controller.services.reconcile import reconcile as reconcile_engine
 from controller.services.runtime import DiskWatch
 from controller.store.db import make_engine, migrate, unit_of_work
@@ -335,3 +336,51 @@ def test_a_host_that_does_not_answer_is_skipped_not_lost(db: Engine) -> None:
     report = reconcile(db, fleet)  # type: ignore[arg-type]
     assert report.lost == ["m-gone"]
     assert state_of(db, "m-far") == MachineState.ready
+
+
+def test_a_provisioning_cut_short_by_the_stop_is_failed_by_the_next_start(
+    db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller closes its engines while its pool loop provisions: the machine must not
+    be failed with the engines' reason ("no engine for host"), only left to the next start,
+    which fails it as interrupted and removes what was made. The same error while the
+    controller runs fails it with that reason."""
+
+    def engine_gone(*_: object) -> None:
+        raise EngineError("no engine for host 'local': it is not registered")
+
+    monkeypatch.setattr(machines, "_build", engine_gone)
+    engine, stopping = FakeEngine(), threading.Event()
+    for machine_id in ("m-run", "m-stop"):
+        add_machine(db, machine_id, MachineState.provisioning)
+        engine.add(machine_id)  # what the build had made before the error
+
+    def provision(machine_id: str) -> None:
+        machines.provision(
+            db=db,
+            provider=engine,  # type: ignore[arg-type]
+            settings=None,  # type: ignore[arg-type]
+            install_id="me",
+            machine_id=machine_id,
+            stopping=stopping,
+        )
+
+    provision("m-run")
+    stopping.set()
+    provision("m-stop")
+    with unit_of_work(db) as tx:
+        running, stopped = tx.get(Machine, "m-run"), tx.get(Machine, "m-stop")
+        assert running is not None
+        assert stopped is not None
+        assert (running.state, stopped.state) == (MachineState.failed, MachineState.provisioning)
+        assert "not registered" in (running.reason or "")
+    assert list(engine.containers) == [machines.container_name("m-stop")]  # left as it was
+
+    assert fail_interrupted(db=db, provider=engine) == ["m-stop"]  # type: ignore[arg-type]
+    with unit_of_work(db) as tx:
+        stopped = tx.get(Machine, "m-stop")
+        assert stopped is not None
+        assert stopped.state == MachineState.failed
+        assert stopped.reason == "controller restarted while provisioning"
+    assert engine.containers == {}
+    assert engine.volumes == {}
