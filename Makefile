@@ -62,5 +62,6 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-clean: stop
+clean:  # the demo's controller and machines, then .demo/
+	@if [ -x $(BIN)/python ]; then $(BIN)/python scripts/demo.py --clean; fi
 	rm -rf .demo

@@ -6,12 +6,15 @@ and prints where the API, its docs and the run's page in the gallery are.
 
 Everything lives in .demo/ (SQLite database, keys, evidence, the sample repo, the log);
 the controller keeps running after the demo so you can use the API, the docs and the
-gallery. `make stop` stops it.
+gallery. `make stop` stops it; its machines live on, as machines do, until `make clean`
+(``--clean``) removes them with .demo/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -20,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import docker
+import docker.errors
 import httpx
 from rich.console import Console
 
@@ -28,12 +33,17 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from make_repo import SAMPLE_CHANGE_STAGES, make_sample_repo  # noqa: E402
 
+from controller.providers.disks import unmount_under  # noqa: E402
+
 DEMO = ROOT / ".demo"
 DATA = DEMO / "data"
 PIDFILE = DEMO / "controller.pid"
 LOG = DEMO / "controller.log"
 PORT = int(os.environ.get("SHOPFLOOR_DEMO_PORT", "8765"))
 URL = f"http://127.0.0.1:{PORT}"
+DEMO_LABEL = f"shopfloor.demo={hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
+"""On everything this checkout's demo controller makes: `make clean` removes that, and
+never another checkout's machines."""
 console = Console()
 
 
@@ -52,6 +62,26 @@ def stop() -> None:
     console.print(f"stopped the demo controller (pid {pid})")
 
 
+def clean() -> None:
+    """Stop the controller and remove what its machines left: containers, volumes, snapshot
+    images, and the disks mounted under .demo/ (which `rm -rf` could not remove)."""
+    stop()
+    engine = docker.from_env()
+    mine = {"label": DEMO_LABEL}
+    containers = engine.containers.list(all=True, filters=mine)
+    for container in containers:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+    for volume in engine.volumes.list(filters=mine):
+        with contextlib.suppress(docker.errors.NotFound):
+            volume.remove(force=True)
+    for image in engine.images.list(filters=mine):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            engine.images.remove(image.id, force=True)
+    unmount_under(DATA)
+    console.print(f"removed the demo's {len(containers)} machine(s)")
+
+
 def shopfloor(*args: str) -> str:
     env = {**os.environ, "SHOPFLOOR_DATA_DIR": str(DATA)}
     done = subprocess.run(
@@ -66,7 +96,7 @@ def shopfloor(*args: str) -> str:
 
 def start_controller() -> None:
     DEMO.mkdir(exist_ok=True)
-    env = {**os.environ, "SHOPFLOOR_DATA_DIR": str(DATA)}
+    env = {**os.environ, "SHOPFLOOR_DATA_DIR": str(DATA), "SHOPFLOOR_EXTRA_LABELS": DEMO_LABEL}
     with LOG.open("ab") as log:
         process = subprocess.Popen(
             [
@@ -127,7 +157,12 @@ def put_change_through_the_factory(client: httpx.Client, repo: Path) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stop", action="store_true", help="stop the demo controller")
-    if parser.parse_args().stop:
+    parser.add_argument("--clean", action="store_true", help="stop it and remove its machines")
+    args = parser.parse_args()
+    if args.clean:
+        clean()
+        return
+    if args.stop:
         stop()
         return
     stop()
