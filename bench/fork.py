@@ -128,15 +128,21 @@ def raw_fork(engine: docker.DockerClient, container: str, volume: str) -> float:
     try:
         image = engine.api.commit(container, repository="bench-raw-fork", tag=name, pause=False)
         engine.volumes.create(name=name, labels=labels)
+        # The copy lands on /workspace: the image declares it a volume (the machine's was
+        # mounted there), and left unmounted it would become an anonymous volume that
+        # `remove=True` leaves behind.
         engine.containers.run(
             image["Id"],
-            ["bash", "-c", "cp -a /from/. /to/"],
+            ["bash", "-c", "cp -a /from/. /workspace/"],
             entrypoint=[],
             user="root",
             remove=True,
             labels=labels,
             network_mode="none",
-            volumes={volume: {"bind": "/from", "mode": "ro"}, name: {"bind": "/to", "mode": "rw"}},
+            volumes={
+                volume: {"bind": "/from", "mode": "ro"},
+                name: {"bind": "/workspace", "mode": "rw"},
+            },
             cap_drop=["ALL"],
             cap_add=["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID"],
         )
