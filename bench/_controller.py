@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +17,9 @@ from typing import Any
 import docker
 import httpx
 
+from controller.errors import EngineError
 from controller.providers.disks import unmount_under
+from controller.providers.docker import DockerProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOPFLOOR = str(ROOT / ".venv" / "bin" / "shopfloor")
@@ -244,17 +246,10 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 
 def _remove_leftovers() -> None:
     """Remove what this run made; the stopping controller may be removing some of it too."""
-    import docker
-    import docker.errors
-
-    engine = docker.from_env()
-    mine = {"label": f"{BENCH_LABEL}={BENCH_RUN}"}
-    for container in engine.containers.list(all=True, filters=mine):
-        with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True)
-    for volume in engine.volumes.list(filters=mine):
-        with contextlib.suppress(docker.errors.NotFound):
-            volume.remove(force=True)
-    for image in engine.images.list(filters=mine):  # snapshots' images
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            engine.images.remove(image.id, force=True)
+    engine = DockerProvider(None)
+    try:
+        engine.remove_labelled({BENCH_LABEL: BENCH_RUN})
+    except EngineError as exc:  # the figures are taken: say what is left, do not fail them
+        print(f"bench cleanup: {exc.message}", file=sys.stderr)
+    finally:
+        engine.close()

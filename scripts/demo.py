@@ -13,7 +13,6 @@ gallery. `make stop` stops it; its machines live on, as machines do, until `make
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import signal
@@ -23,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
 import httpx
 from rich.console import Console
 
@@ -34,6 +31,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from make_repo import SAMPLE_CHANGE_STAGES, make_sample_repo  # noqa: E402
 
 from controller.providers.disks import unmount_under  # noqa: E402
+from controller.providers.docker import DockerProvider  # noqa: E402
 
 DEMO = ROOT / ".demo"
 DATA = DEMO / "data"
@@ -41,9 +39,10 @@ PIDFILE = DEMO / "controller.pid"
 LOG = DEMO / "controller.log"
 PORT = int(os.environ.get("SHOPFLOOR_DEMO_PORT", "8765"))
 URL = f"http://127.0.0.1:{PORT}"
-DEMO_LABEL = f"shopfloor.demo={hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
-"""On everything this checkout's demo controller makes: `make clean` removes that, and
-never another checkout's machines."""
+DEMO_LABEL = "shopfloor.demo"
+DEMO_ID = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+"""``DEMO_LABEL=DEMO_ID`` is on everything this checkout's demo controller makes: `make
+clean` removes that, and never another checkout's machines."""
 console = Console()
 
 
@@ -66,20 +65,13 @@ def clean() -> None:
     """Stop the controller and remove what its machines left: containers, volumes, snapshot
     images, and the disks mounted under .demo/ (which `rm -rf` could not remove)."""
     stop()
-    engine = docker.from_env()
-    mine = {"label": DEMO_LABEL}
-    containers = engine.containers.list(all=True, filters=mine)
-    for container in containers:
-        with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True)
-    for volume in engine.volumes.list(filters=mine):
-        with contextlib.suppress(docker.errors.NotFound):
-            volume.remove(force=True)
-    for image in engine.images.list(filters=mine):
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            engine.images.remove(image.id, force=True)
+    engine = DockerProvider(None)
+    try:
+        machines = engine.remove_labelled({DEMO_LABEL: DEMO_ID})
+    finally:
+        engine.close()
     unmount_under(DATA)
-    console.print(f"removed the demo's {len(containers)} machine(s)")
+    console.print(f"removed the demo's {machines} machine(s)")
 
 
 def shopfloor(*args: str) -> str:
@@ -96,7 +88,11 @@ def shopfloor(*args: str) -> str:
 
 def start_controller() -> None:
     DEMO.mkdir(exist_ok=True)
-    env = {**os.environ, "SHOPFLOOR_DATA_DIR": str(DATA), "SHOPFLOOR_EXTRA_LABELS": DEMO_LABEL}
+    env = {
+        **os.environ,
+        "SHOPFLOOR_DATA_DIR": str(DATA),
+        "SHOPFLOOR_EXTRA_LABELS": f"{DEMO_LABEL}={DEMO_ID}",
+    }
     with LOG.open("ab") as log:
         process = subprocess.Popen(
             [

@@ -667,6 +667,18 @@ class DockerProvider:
         with _engine_errors(f"stop {name_or_id}"):
             self.client.containers.get(name_or_id).stop(timeout=timeout_s)
 
+    def remove_labelled(self, labels: dict[str, str]) -> int:
+        """Remove every container, volume and image carrying ``labels``: what a test run, a
+        bench or the demo made, when it ends. Answers how many containers there were."""
+        containers = self.list_containers(labels)
+        for container in containers:
+            self.remove_container(container.id)
+        for volume in self.list_volumes(labels):
+            self.remove_volume(volume.name)
+        for image in self.list_images(labels):  # snapshots' images
+            self.remove_image(image.id)
+        return len(containers)
+
     def remove_container(self, name_or_id: str) -> None:
         name = name_or_id
         try:

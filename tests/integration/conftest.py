@@ -35,13 +35,7 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerProvide
     engine = DockerProvider(os.environ.get("SHOPFLOOR_DOCKER_HOST"))
     engine.ping()  # no engine is a failure, not a skip
     yield engine
-    labels = {TEST_LABEL: TEST_RUN_ID}
-    for container in engine.list_containers(labels):
-        engine.remove_container(container.id)
-    for volume in engine.list_volumes(labels):
-        engine.remove_volume(volume.name)
-    for image in engine.list_images(labels):  # snapshots' images
-        engine.remove_image(image.id)
+    engine.remove_labelled({TEST_LABEL: TEST_RUN_ID})
     engine.close()
     unmount_under(tmp_path_factory.getbasetemp())
 
