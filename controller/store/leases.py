@@ -67,10 +67,11 @@ _MACHINE_AND_POLICY = Sql(
 )
 _FENCE_OFF = Sql("UPDATE machines SET fence = fence + 1, updated_at = :now WHERE id = :machine_id")
 _DUE_LEASES = Sql("SELECT id FROM leases WHERE state = 'active' AND expires_at <= :now")
+_UNHELD = "NOT EXISTS (SELECT 1 FROM leases l WHERE l.machine_id = m.id AND l.state = 'active')"
+"""No active lease holds the machine ``m``."""
 _ORPHANS = Sql(
     f"SELECT m.id, {_RESET} FROM machines m LEFT JOIN pools p ON p.name = m.pool "
-    "WHERE m.state = 'leased' AND m.updated_at < :settled_before AND NOT EXISTS "
-    "(SELECT 1 FROM leases l WHERE l.machine_id = m.id AND l.state = 'active')"
+    f"WHERE m.state = 'leased' AND m.updated_at < :settled_before AND {_UNHELD}"
 )
 STATE_AND_FENCE = Sql("SELECT state, fence, reserved_for FROM machines WHERE id = :machine_id")
 """A machine's state, fence and the token it is reserved for (an agent's fork)."""
@@ -82,17 +83,14 @@ ACCESS = Sql(
 )
 """What a command's check needs, in one read: the machine's state and fence and its active
 lease's fence, owner, secret hash and claim (NULLs when it has none)."""
-_UNHELD = (
-    "NOT EXISTS (SELECT 1 FROM leases l WHERE l.machine_id = machines.id AND l.state = 'active')"
-)
-"""No active lease holds the machine (``machines``: the row at hand)."""
 _COMING_BACK = Sql(
-    f"SELECT state, container_name, {_UNHELD} AS unheld FROM machines WHERE id = :machine_id"
+    f"SELECT m.state, m.container_name, {_UNHELD} AS unheld FROM machines m "
+    "WHERE m.id = :machine_id"
 )
 _SETTLE = Sql(
-    "UPDATE machines SET state = :state, reason = :reason, updated_at = :now, "
-    "ready_at = CASE WHEN :becomes_ready THEN COALESCE(ready_at, :now) ELSE ready_at END "
-    f"WHERE id = :machine_id AND state = 'leased' AND {_UNHELD}"
+    "UPDATE machines AS m SET state = :state, reason = :reason, updated_at = :now, "
+    "ready_at = CASE WHEN :becomes_ready THEN COALESCE(m.ready_at, :now) ELSE m.ready_at END "
+    f"WHERE m.id = :machine_id AND m.state = 'leased' AND {_UNHELD}"
 )
 _FILTERS = ("pool", "id", "repo")
 """Columns a target may filter on; only these names ever reach the SQL text."""

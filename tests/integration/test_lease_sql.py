@@ -194,7 +194,10 @@ def test_a_machine_comes_back_only_once_no_lease_holds_it(ctl: Controller) -> No
             "container_name": "c-0",
             "unheld": True,
         }
+        later = before + timedelta(hours=1)
+        assert [row["id"] for row in rows.orphans(tx, settled_before=later)] == ["m-0"]
         assert rows.settle(tx, "m-0", MachineState.ready, also=(handed_over,))
+        assert rows.orphans(tx, settled_before=later) == []
         assert not rows.settle(tx, "m-0", MachineState.failed, "late")  # back already
     with transaction(ctl.db) as tx:
         assert rows.settle(tx, "m-1", MachineState.failed, "never leased") is False
