@@ -591,6 +591,9 @@ class DockerProvider:
             if scratch and self.disks is not None:
                 self.disks.remove(_container_disk(spec.name))
             raise
+        finally:
+            if self.disks is not None:  # the spares this machine's disks were: made again now
+                self.disks.refill_spares()
 
     def _run_container(self, spec: ContainerSpec, *, with_scratch: bool) -> ContainerInfo:
         mounts = [Mount(target="/workspace", source=spec.workspace_volume, type="volume")]

@@ -214,6 +214,9 @@ def test_a_spare_disk_is_made_ahead_and_taken(tmp_path: Path) -> None:
         assert mounted(str(tmp_path / "disks" / "volume-x" / "mnt"))  # the spare, renamed
         assert data.stat().st_uid == 1000
         assert store.owners() == ["volume-x"]  # spares are nobody's
+        # Not made beside the engine's work for the machine that took it: when asked.
+        assert not spare.exists() and not store._filling
+        store.refill_spares()
         wait_for(lambda: mounted(str(spare / "mnt")))  # the next one
         assert store.usage("volume-x") is not None
     finally:
@@ -221,6 +224,23 @@ def test_a_spare_disk_is_made_ahead_and_taken(tmp_path: Path) -> None:
         wait_for(lambda: store._filling == set())
         store.close()
     assert not mounted(str(tmp_path / "disks"))
+
+
+def test_a_machine_takes_the_spares_and_they_are_made_again_once_it_started(
+    disk_client: TestClient, disk_settings: Settings
+) -> None:
+    disks = disk_settings.data_dir / "disks"
+    spares = [disks / f".spare-{size}" / "mnt" for size in (WORKSPACE, SCRATCH)]
+    wait_for(lambda: all(mounted(str(spare)) for spare in spares))
+    made = {spare: spare.parent.stat().st_ino for spare in spares}
+    machine = disk_client.post("/api/v1/machines?wait=true", json={}).json()
+    assert machine["state"] == "ready", machine
+    wait_for(lambda: all(mounted(str(spare)) for spare in spares))
+    assert all(spare.parent.stat().st_ino != made[spare] for spare in spares)  # new ones
+    owners = disk_owners(disk_settings)
+    assert owners == sorted(
+        [f"container-shopfloor-{machine['id']}", f"volume-shopfloor-ws-{machine['id']}"]
+    )
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float = 10) -> None:
