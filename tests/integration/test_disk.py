@@ -215,7 +215,8 @@ def test_a_spare_disk_is_made_ahead_and_taken(tmp_path: Path) -> None:
         assert data.stat().st_uid == 1000
         assert store.owners() == ["volume-x"]  # spares are nobody's
         # Not made beside the engine's work for the machine that took it: when asked.
-        assert not spare.exists() and not store._filling
+        assert not spare.exists()
+        assert not store._filling
         store.refill_spares()
         wait_for(lambda: mounted(str(spare / "mnt")))  # the next one
         assert store.usage("volume-x") is not None
