@@ -31,6 +31,7 @@ from controller.providers.base import (
 )
 from controller.providers.disks import DiskDir, DiskStore
 from controller.providers.netns import connect_in_namespace
+from controller.providers.procdirs import FirstProcess, ProcessDirs
 
 log = logging.getLogger(__name__)
 LOCAL_ENGINE_URL = "http+docker://localhost"
@@ -209,6 +210,8 @@ class DockerProvider:
         self.local = not remote and on_unix_socket
         """Whether the engine runs on this host (it may use /proc and mounts of this host)."""
         self._data_root: str | None = None
+        self._process_dirs = ProcessDirs()
+        """The machines' first processes, kept open for the channels (see procdirs.py)."""
         self.disks: DiskStore | None = None
         if disks is not None:
             if not self.local:
@@ -220,6 +223,7 @@ class DockerProvider:
     def close(self) -> None:
         if self.disks is not None:
             self.disks.close()
+        self._process_dirs.close()
         self.client.close()
 
     def ping(self) -> None:
@@ -692,6 +696,7 @@ class DockerProvider:
             pass
         except ENGINE_FAILURES as exc:
             raise EngineError(f"cannot remove {name_or_id}: {exc}") from exc
+        self._process_dirs.forget(name)
         if self.disks is not None:
             self.disks.remove(_container_disk(name))
 
@@ -736,36 +741,42 @@ class DockerProvider:
         if not self.local:  # the machine runs on another host
             return None
         try:
-            state = self.api.inspect_container(name_or_id)["State"]
-            pid = int(state["Pid"] or 0)
-            if not pid:
-                return None
-            # A machine that just started may not listen yet (its sshd starts with it).
-            started = _parse_time(state.get("StartedAt"))
-            just_started = started is not None and datetime.now(UTC) - started < JUST_STARTED
-            wait_s = min(timeout_s, LISTENER_WAIT_S) if just_started else 0.0
-            return connect_in_namespace(pid, port, timeout_s=timeout_s, wait_s=wait_s)
+            with self._process_dirs.entered(name_or_id, self._first_process(name_or_id)) as proc:
+                if proc is None:
+                    return None
+                # A machine that just started may not listen yet (its sshd starts with it).
+                started = proc.started_at
+                just_started = started is not None and datetime.now(UTC) - started < JUST_STARTED
+                wait_s = min(timeout_s, LISTENER_WAIT_S) if just_started else 0.0
+                return connect_in_namespace(proc.path, port, timeout_s=timeout_s, wait_s=wait_s)
         except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
             log.debug("no direct connection to %s:%d: %s", name_or_id, port, exc)
             return None
+
+    def _first_process(self, name_or_id: str) -> FirstProcess:
+        def ask_the_engine() -> tuple[int, datetime | None]:
+            state = self.api.inspect_container(name_or_id)["State"]
+            return int(state["Pid"] or 0), _parse_time(state.get("StartedAt"))
+
+        return ask_the_engine
 
     def connect_unix(self, name_or_id: str, path: str, *, timeout_s: float) -> socket.socket | None:
         if not self.local or not path.startswith("/"):
             return None
         try:
-            pid = int(self.api.inspect_container(name_or_id)["State"]["Pid"] or 0)
-            if not pid:
-                return None
-            # The machine's root as its processes see it: /proc/<pid>/root (root on the
-            # host only; a folder of the machine's root that its user cannot enter).
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(timeout_s)
-                sock.connect(f"/proc/{pid}/root{path}")
-            except OSError:
-                sock.close()
-                raise
-            return sock
+            with self._process_dirs.entered(name_or_id, self._first_process(name_or_id)) as proc:
+                if proc is None:
+                    return None
+                # The machine's root as its processes see it: /proc/<pid>/root (root on the
+                # host only; a folder of the machine's root that its user cannot enter).
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(timeout_s)
+                    sock.connect(f"{proc.path}/root{path}")
+                except OSError:
+                    sock.close()
+                    raise
+                return sock
         except (docker.errors.DockerException, OSError, KeyError, ValueError) as exc:
             log.debug("no connection to %s in %s: %s", path, name_or_id, exc)
             return None

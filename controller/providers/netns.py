@@ -23,9 +23,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def connect_in_namespace(
-    pid: int, port: int, *, timeout_s: float, wait_s: float = 0.0
+    proc: str, port: int, *, timeout_s: float, wait_s: float = 0.0
 ) -> socket.socket:
-    """Connect to 127.0.0.1:``port`` as seen by process ``pid``, waiting up to ``wait_s``
+    """Connect to 127.0.0.1:``port`` as seen by the process of the /proc folder ``proc``, waiting up to ``wait_s``
     for a listener; raises OSError when the namespace cannot be entered or nothing listens
     there."""
     made: list[socket.socket] = []
@@ -33,11 +33,11 @@ def connect_in_namespace(
 
     def enter_and_connect() -> None:
         try:
-            made.append(_connect_from_thread(pid, port, timeout_s, wait_s))
+            made.append(_connect_from_thread(proc, port, timeout_s, wait_s))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             failed.append(exc)
 
-    worker = threading.Thread(target=enter_and_connect, name=f"netns-{pid}", daemon=True)
+    worker = threading.Thread(target=enter_and_connect, name="netns", daemon=True)
     worker.start()
     worker.join()
     if failed:
@@ -45,15 +45,17 @@ def connect_in_namespace(
     return made[0]
 
 
-def _connect_from_thread(pid: int, port: int, timeout_s: float, wait_s: float) -> socket.socket:
+def _connect_from_thread(proc: str, port: int, timeout_s: float, wait_s: float) -> socket.socket:
     setns = getattr(_libc, "setns", None)
     if setns is None:
         raise OSError(errno.ENOSYS, "this system has no setns: not Linux")
-    namespace = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    namespace = os.open(f"{proc}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if setns(namespace, CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
-            raise OSError(code, f"cannot enter the network namespace of {pid}: {os.strerror(code)}")
+            raise OSError(
+                code, f"cannot enter the network namespace of {proc}: {os.strerror(code)}"
+            )
     finally:
         os.close(namespace)
     give_up = time.monotonic() + wait_s
