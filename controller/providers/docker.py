@@ -31,7 +31,7 @@ from controller.providers.base import (
 )
 from controller.providers.disks import DiskDir, DiskStore
 from controller.providers.netns import connect_in_namespace
-from controller.providers.procdirs import FirstProcess, ProcessDirs
+from controller.providers.procdirs import AskEngine, FirstProcess, ProcessDirs
 
 log = logging.getLogger(__name__)
 LOCAL_ENGINE_URL = "http+docker://localhost"
@@ -753,10 +753,12 @@ class DockerProvider:
             log.debug("no direct connection to %s:%d: %s", name_or_id, port, exc)
             return None
 
-    def _first_process(self, name_or_id: str) -> FirstProcess:
-        def ask_the_engine() -> tuple[int, datetime | None]:
-            state = self.api.inspect_container(name_or_id)["State"]
-            return int(state["Pid"] or 0), _parse_time(state.get("StartedAt"))
+    def _first_process(self, name_or_id: str) -> AskEngine:
+        def ask_the_engine() -> FirstProcess:
+            found = self.api.inspect_container(name_or_id)
+            state = found["State"]
+            pid = int(state["Pid"] or 0) if state.get("Running") else 0
+            return FirstProcess(pid, str(found["Id"]), _parse_time(state.get("StartedAt")))
 
         return ask_the_engine
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from controller.providers.procdirs import FirstProcess, ProcessDirs
+from controller.providers.procdirs import AskEngine, FirstProcess, ProcessDirs
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+
+
+CONTAINER_ID = "c" * 64
 
 
 class Engine:
@@ -22,17 +24,33 @@ class Engine:
         self.pid = 0
         self.asked = 0
 
-    def first_process(self) -> FirstProcess:
-        def ask() -> tuple[int, datetime | None]:
+    def first_process(self) -> AskEngine:
+        def ask() -> FirstProcess:
             self.asked += 1
-            return self.pid, None
+            return FirstProcess(self.pid, CONTAINER_ID, None)
 
         return ask
 
 
+class Cgroups:
+    """Stands for the cgroup check (tests/integration/test_procdirs.py checks the real one)."""
+
+    def __init__(self) -> None:
+        self.answer = True
+
+    def __call__(self, folder_fd: int, container_id: str) -> bool:
+        assert os.readlink(f"/proc/self/fd/{folder_fd}").startswith("/proc/")
+        return self.answer and container_id == CONTAINER_ID
+
+
 @pytest.fixture
-def dirs() -> Iterator[ProcessDirs]:
-    kept = ProcessDirs(limit=2)
+def cgroups() -> Cgroups:
+    return Cgroups()
+
+
+@pytest.fixture
+def dirs(cgroups: Cgroups) -> Iterator[ProcessDirs]:
+    kept = ProcessDirs(limit=2, belongs=cgroups)
     yield kept
     kept.close()
 
@@ -141,3 +159,20 @@ def test_a_folder_in_use_stays_open_when_forgotten_and_the_oldest_go_past_the_li
         for process in processes:
             process.kill()
             process.wait()
+
+
+def test_a_pid_that_is_not_the_containers_is_not_used_nor_kept(
+    dirs: ProcessDirs, cgroups: Cgroups
+) -> None:
+    """The engine's pid may be late (another machine's process by now): refused, and the
+    engine asked again next time."""
+    engine, process = Engine(), sleeper()
+    try:
+        engine.pid, cgroups.answer = process.pid, False
+        assert cmdline_of(dirs, engine) is None
+        cgroups.answer = True
+        assert cmdline_of(dirs, engine) == b"sleep\x0060\x00"
+        assert engine.asked == 2
+    finally:
+        process.kill()
+        process.wait()
