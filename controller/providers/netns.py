@@ -25,9 +25,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def connect_in_namespace(
     proc: str, port: int, *, timeout_s: float, wait_s: float = 0.0
 ) -> socket.socket:
-    """Connect to 127.0.0.1:``port`` as seen by the process of the /proc folder ``proc``, waiting up to ``wait_s``
-    for a listener; raises OSError when the namespace cannot be entered or nothing listens
-    there."""
+    """Connect to 127.0.0.1:``port`` as seen by the process of the /proc folder ``proc``,
+    waiting up to ``wait_s`` for a listener; raises OSError when the namespace cannot be
+    entered or nothing listens there."""
     made: list[socket.socket] = []
     failed: list[BaseException] = []
 
