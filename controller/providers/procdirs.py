@@ -122,7 +122,7 @@ class ProcessDirs:
         opened = os.open(f"/proc/{first.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if not self._belongs(opened, first.container_id):
             os.close(opened)
-            log.info("pid %d is not (or no longer) %s's: no direct way in", first.pid, container)
+            log.debug("pid %d is not (or no longer) %s's: no direct way in", first.pid, container)
             return None
         fresh = ProcessDir(opened, first.started_at, users=1)
         with self._guard:
