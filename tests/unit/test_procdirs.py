@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,8 +56,14 @@ def dirs(cgroups: Cgroups) -> Iterator[ProcessDirs]:
     kept.close()
 
 
-def sleeper() -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["sleep", "60"])
+def sleeper(seconds: str = "60") -> subprocess.Popen[bytes]:
+    """``sleep``, once it runs as itself (a child just forked shows no command line yet)."""
+    process = subprocess.Popen(["sleep", seconds])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{process.pid}/cmdline").read_bytes() != f"sleep\0{seconds}\0".encode():
+        assert time.monotonic() < deadline, "sleep did not start"
+        time.sleep(0.001)
+    return process
 
 
 def cmdline_of(dirs: ProcessDirs, engine: Engine, container: str = "m") -> bytes | None:
@@ -82,7 +89,7 @@ def test_a_process_gone_makes_it_ask_again(dirs: ProcessDirs) -> None:
     cmdline_of(dirs, engine)
     first.kill()
     first.wait()
-    second = subprocess.Popen(["sleep", "61"])
+    second = sleeper("61")
     try:
         engine.pid = second.pid
         assert cmdline_of(dirs, engine) == b"sleep\x0061\x00"
@@ -125,7 +132,7 @@ def same_pid(pid: int) -> subprocess.Popen[bytes]:
     """A new process with ``pid`` (another process may take it first: a few tries)."""
     for _ in range(20):
         NS_LAST_PID.write_text(str(pid - 1))
-        process = subprocess.Popen(["sleep", "62"])
+        process = sleeper("62")
         if process.pid == pid:
             return process
         process.kill()
