@@ -6,7 +6,7 @@ import logging
 import re
 import socket
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +31,7 @@ from controller.providers.base import (
 )
 from controller.providers.disks import DiskDir, DiskStore
 from controller.providers.netns import connect_in_namespace
-from controller.providers.procdirs import AskEngine, FirstProcess, ProcessDirs
+from controller.providers.procdirs import FirstProcess, ProcessDir, ProcessDirs
 
 log = logging.getLogger(__name__)
 LOCAL_ENGINE_URL = "http+docker://localhost"
@@ -741,7 +741,7 @@ class DockerProvider:
         if not self.local:  # the machine runs on another host
             return None
         try:
-            with self._process_dirs.entered(name_or_id, self._first_process(name_or_id)) as proc:
+            with self._first_process_dir(name_or_id) as proc:
                 if proc is None:
                     return None
                 # A machine that just started may not listen yet (its sshd starts with it).
@@ -753,20 +753,23 @@ class DockerProvider:
             log.debug("no direct connection to %s:%d: %s", name_or_id, port, exc)
             return None
 
-    def _first_process(self, name_or_id: str) -> AskEngine:
+    def _first_process_dir(self, name_or_id: str) -> AbstractContextManager[ProcessDir | None]:
+        """The /proc folder of the machine's first process (see procdirs.py); the engine is
+        asked for its pid only when none is kept."""
+
         def ask_the_engine() -> FirstProcess:
             found = self.api.inspect_container(name_or_id)
             state = found["State"]
             pid = int(state["Pid"] or 0) if state.get("Running") else 0
             return FirstProcess(pid, str(found["Id"]), _parse_time(state.get("StartedAt")))
 
-        return ask_the_engine
+        return self._process_dirs.entered(name_or_id, ask_the_engine)
 
     def connect_unix(self, name_or_id: str, path: str, *, timeout_s: float) -> socket.socket | None:
         if not self.local or not path.startswith("/"):
             return None
         try:
-            with self._process_dirs.entered(name_or_id, self._first_process(name_or_id)) as proc:
+            with self._first_process_dir(name_or_id) as proc:
                 if proc is None:
                     return None
                 # The machine's root as its processes see it: /proc/<pid>/root (root on the

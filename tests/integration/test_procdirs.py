@@ -85,7 +85,7 @@ def test_a_restarted_container_is_reached_through_its_new_process(
         first = os.readlink(f"{proc.path}/ns/net")
     a.restart(timeout=0)
     a.reload()
-    with dirs.entered(name, provider._first_process(name)) as proc:
+    with provider._first_process_dir(name) as proc:
         assert proc is not None
         assert os.readlink(f"{proc.path}/ns/net") != first
         assert os.readlink(f"{proc.path}/ns/net") == os.readlink(f"/proc/{pid_of(a)}/ns/net")
